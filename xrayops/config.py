@@ -1,0 +1,47 @@
+"""Runtime configuration. Every field is settable as an env var XRAYOPS_<FIELD>."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="XRAYOPS_", env_file=".env", extra="ignore")
+
+    # Where things live (embedded default).
+    data_dir: Path = Path("data")
+    output_dir: Path = Path("outputs")
+    dvc_remote_url: str = Field(
+        default="", description="DVC default remote; empty means <output_dir>/dvc-remote"
+    )
+    s3_endpoint_url: str = Field(default="", description="S3-compatible endpoint for DVC remotes")
+    mlflow_tracking_uri: str = Field(default="", description="empty means sqlite under output_dir")
+    registered_model_name: str = "xrayops-region"
+
+    # De-identification: keyed HMAC for pseudonyms. Override in any real deployment.
+    deid_key: SecretStr = SecretStr("xrayops-dev-key-change-me")
+
+    # Compute.
+    device: str = "auto"  # auto | cpu | cuda
+    num_workers: int = 0
+    seed: int = 0
+
+    # Serving.
+    serve_host: str = "127.0.0.1"
+    serve_http_port: int = 8080
+    serve_grpc_port: int = 8081
+    inference_log_path: Path | None = None
+
+    # Monitoring thresholds.
+    drift_share_threshold: float = 0.5
+    label_noise_threshold: float = 0.15
+    ood_rate_threshold: float = 0.2
+
+    log_level: str = "INFO"
+    log_json: bool = False
+
+
+def get_settings(**overrides) -> Settings:
+    return Settings(**overrides)

@@ -1,0 +1,140 @@
+"""Typed, versioned contracts between stages (DESIGN.md, "Contracts between stages").
+
+Every stage reads and writes these models; nothing crosses a stage boundary untyped.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CONTRACT_VERSION = "1"
+
+
+class PreprocessingSpec(BaseModel):
+    """Exact parameters that turn a decoded DICOM into a model tensor.
+
+    Stored with the dataset (data/preprocessing.json) and inside every model bundle;
+    serving calls the same `xrayops.dicom.pixels.preprocess` with it.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str = CONTRACT_VERSION
+    size: int = 64  # output is size x size
+    apply_modality_lut: bool = True
+    apply_voi_lut: bool = True
+    # Robust window when the file has neither a VOI LUT nor window centre/width.
+    percentile_window: tuple[float, float] = (0.5, 99.5)
+    invert_monochrome1: bool = True
+    remove_border: bool = True
+    border_threshold: float = 0.92  # fraction of full scale treated as "burnt-in white border"
+    keep_aspect: bool = True  # paper 001: padding beat plain resizing
+    pad_value: float = 0.0
+    output_dtype: Literal["uint8", "uint16"] = "uint8"
+    multiframe: Literal["first", "middle", "reject"] = "middle"
+
+
+class ManifestRow(BaseModel):
+    """One row of data/manifest.parquet: one image. Never carries PHI."""
+
+    image_id: str  # HMAC pseudonym of SOPInstanceUID
+    study_id: str  # HMAC pseudonym of StudyInstanceUID
+    patient_id: str  # HMAC pseudonym of PatientID
+    source_sha256: str
+    source_name: str  # file name relative to the source root (synthetic names carry no PHI)
+    modality: str = ""
+    photometric_interpretation: str = ""
+    transfer_syntax: str = ""
+    bits_stored: int = 0
+    body_part_raw: str = ""  # raw BodyPartExamined free text
+    region: str = "unknown"  # normalised from the raw tags, or "unknown"
+    view_position: str = ""
+    laterality: str = ""
+    manufacturer: str = ""
+    pixel_spacing: float | None = None
+    original_rows: int = 0
+    original_cols: int = 0
+    shard: str = ""  # shard file name under data/shards/, empty if quarantined
+    shard_index: int = -1
+    status: Literal["ok", "quarantined"] = "ok"
+    reason: str = ""
+    split: Literal["train", "val", "test", ""] = ""
+    # Image statistics of the preprocessed pixels, for drift monitoring.
+    pixel_mean: float | None = None
+    pixel_std: float | None = None
+
+
+class DatasetVersion(BaseModel):
+    path: str
+    md5: str  # DVC content hash of the tracked directory
+    remote: str
+    n_files: int = 0
+
+
+class Lineage(BaseModel):
+    dataset_md5: str = ""
+    git_commit: str = ""
+    pipeline_run: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class ModelBundleMeta(BaseModel):
+    """bundle.json, next to weights.pt inside a model bundle directory."""
+
+    version: str = CONTRACT_VERSION
+    name: str = "xrayops-region"
+    arch: str = "resnet18"
+    ssl_method: str = "simclr"
+    embedding_dim: int = 512
+    classes: list[str]
+    preprocessing: PreprocessingSpec
+    temperature: float = 1.0
+    ood_threshold: float | None = None
+    confidence_threshold: float = 0.9  # for label_disagreement
+    lineage: Lineage = Field(default_factory=Lineage)
+    weights_sha256: str = ""
+    created_at: datetime | None = None
+
+
+class RegionPrediction(BaseModel):
+    region: str
+    confidence: float
+    probabilities: dict[str, float]
+
+
+class InferenceResponse(BaseModel):
+    """What hospital IT get back for one image."""
+
+    region: str
+    confidence: float
+    probabilities: dict[str, float]
+    orientation_deg: float | None = None
+    ood_score: float | None = None
+    ood: bool | None = None
+    dicom_region: str = "unknown"  # normalised from the file's own BodyPartExamined
+    label_disagreement: bool = False
+    model_name: str = ""
+    model_version: str = ""
+
+
+class InferenceLogRecord(BaseModel):
+    """Written by serving, read by monitoring (one per predicted image)."""
+
+    timestamp: datetime
+    request_id: str
+    model_name: str
+    model_version: str
+    image_id: str = ""  # pseudonym; never the raw UID
+    manufacturer: str = ""
+    photometric_interpretation: str = ""
+    pixel_spacing: float | None = None
+    pixel_mean: float
+    pixel_std: float
+    region: str
+    confidence: float
+    dicom_region: str = "unknown"
+    label_disagreement: bool = False
+    ood_score: float | None = None
+    embedding: list[float] = Field(default_factory=list)
