@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     # De-identification: keyed HMAC for pseudonyms. Override in any real deployment.
     deid_key: SecretStr = SecretStr("xrayops-dev-key-change-me")
 
+    # Container image every KFP component and the KServe pods run (built from infra/).
+    image: str = "ghcr.io/xrayops/xrayops:0.1.0"
+
     # Compute.
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0

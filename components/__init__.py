@@ -1,0 +1,24 @@
+"""KFP components: one thin @dsl.component per stage; each body calls the xrayops core.
+
+All components run the one xrayops image (XRAYOPS_IMAGE, built from infra/). It already
+holds kfp and xrayops, so the compiled YAML installs nothing at run time.
+"""
+from components.evaluate import evaluate_op
+from components.finetune import finetune_op
+from components.ingest import ingest_op
+from components.monitor import monitor_op
+from components.pretrain import pretrain_op
+from components.register import register_op
+from components.synth import synth_op
+from components.version import version_dataset_op
+
+__all__ = [
+    "synth_op",
+    "ingest_op",
+    "version_dataset_op",
+    "pretrain_op",
+    "finetune_op",
+    "evaluate_op",
+    "register_op",
+    "monitor_op",
+]

@@ -1,0 +1,29 @@
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+from components._image import xrayops_component
+
+
+@xrayops_component
+def evaluate_op(
+    dataset: Input[Dataset], bundle: Input[Model], dicom: Input[Dataset], metrics: Output[Metrics], report: Output[HTML]
+) -> float:
+    """Held-out evaluation: metrics.json, confusion matrix, HTML report. Returns accuracy."""
+    import shutil
+    from pathlib import Path
+
+    import pandas as pd
+
+    from xrayops.evaluate.report import evaluate_bundle
+
+    truth_csv = Path(dicom.path) / "truth.csv"
+    truth = None
+    if truth_csv.exists():  # synthetic data carries its true labels
+        frame = pd.read_csv(truth_csv)
+        truth = dict(zip(frame["file"], frame["true_region"]))
+    out = Path(report.path).parent / "evaluation"
+    result = evaluate_bundle(Path(bundle.path), Path(dataset.path), out, split="test", truth=truth)
+    for name, value in result.metrics.items():
+        if isinstance(value, (int, float)):
+            metrics.log_metric(name, float(value))
+    shutil.copyfile(result.html_path, report.path)
+    return float(result.metrics["accuracy"])

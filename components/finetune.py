@@ -1,0 +1,23 @@
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components._image import xrayops_component
+
+
+@xrayops_component
+def finetune_op(
+    dataset: Input[Dataset], backbone: Input[Model], dataset_md5: str, epochs: int, seed: int, pipeline_run: str, bundle: Output[Model]
+):
+    """Linear region head on the frozen backbone (paper 000) -> model bundle."""
+    from pathlib import Path
+
+    from xrayops.contracts import Lineage
+    from xrayops.train.finetune import FinetuneConfig, finetune
+
+    lineage = Lineage(dataset_md5=dataset_md5, pipeline_run=pipeline_run)
+    finetune(
+        Path(dataset.path),
+        Path(backbone.path) / "backbone.pt",
+        Path(bundle.path),
+        FinetuneConfig(epochs=epochs, seed=seed),
+        lineage=lineage,
+    )

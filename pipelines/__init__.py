@@ -1,0 +1,1 @@
+"""KFP pipeline definitions and how they compile and run (kfp.local or a cluster)."""

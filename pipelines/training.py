@@ -1,0 +1,96 @@
+"""The whole loop as one KFP pipeline: synth -> ingest -> version -> pretrain -> finetune
+-> evaluate -> register, plus a drift check of a shifted batch against the training data."""
+
+from kfp import dsl, kubernetes
+
+from components import (
+    evaluate_op,
+    finetune_op,
+    ingest_op,
+    monitor_op,
+    pretrain_op,
+    register_op,
+    synth_op,
+    version_dataset_op,
+)
+
+PIPELINE_NAME = "xrayops-training"
+
+
+def _on_gpu_pool(task: dsl.PipelineTask, node_pool: str, gpu_count: int) -> None:
+    """Schedule a training task on the GPU node pool (node selector, toleration, GPU limit)."""
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpu_count)
+    kubernetes.add_node_selector(task, label_key="xrayops.io/pool", label_value=node_pool)
+    kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+
+
+def build_pipeline(gpu: bool = False, gpu_node_pool: str = "gpu", gpu_count: int = 1):
+    """Return the pipeline function; `gpu` adds GPU node-pool scheduling to the training steps."""
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="xrayops: DICOM to registered, monitored region model")
+    def training_pipeline(
+        n_images: int = 700,
+        seed: int = 0,
+        synth_size: int = 160,
+        image_size: int = 64,
+        mislabel_rate: float = 0.05,
+        ood_rate: float = 0.03,
+        drift_images: int = 200,
+        drift_seed: int = 1,
+        drift_shift: float = 0.8,
+        pretrain_epochs: int = 8,
+        batch_size: int = 128,
+        finetune_epochs: int = 60,
+        ingest_workers: int = 1,
+        dvc_remote_url: str = "",
+        s3_endpoint_url: str = "",
+        mlflow_tracking_uri: str = "",
+        model_name: str = "xrayops-region",
+        alias: str = "champion",
+    ):
+        data = synth_op(
+            n=n_images, seed=seed, size=synth_size, mislabel_rate=mislabel_rate, shift=0.0, ood_rate=ood_rate
+        ).set_display_name("synth")
+        ingested = ingest_op(dicom=data.outputs["dicom"], image_size=image_size, workers=ingest_workers).set_display_name(
+            "ingest"
+        )
+        version = version_dataset_op(
+            dataset=ingested.outputs["dataset"], remote_url=dvc_remote_url, s3_endpoint_url=s3_endpoint_url
+        ).set_display_name("version")
+        pre = pretrain_op(
+            dataset=ingested.outputs["dataset"], epochs=pretrain_epochs, batch_size=batch_size, seed=seed
+        ).set_display_name("pretrain")
+        head = finetune_op(
+            dataset=ingested.outputs["dataset"],
+            backbone=pre.outputs["backbone"],
+            dataset_md5=version.outputs["md5"],
+            epochs=finetune_epochs,
+            seed=seed,
+            pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        ).set_display_name("finetune")
+        evaluation = evaluate_op(
+            dataset=ingested.outputs["dataset"], bundle=head.outputs["bundle"], dicom=data.outputs["dicom"]
+        ).set_display_name("evaluate")
+        register_op(
+            bundle=head.outputs["bundle"],
+            tracking_uri=mlflow_tracking_uri,
+            model_name=model_name,
+            alias=alias,
+            dataset_md5=version.outputs["md5"],
+            accuracy=evaluation.outputs["Output"],
+            pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        ).set_display_name("register")
+
+        shifted = synth_op(
+            n=drift_images, seed=drift_seed, size=synth_size, mislabel_rate=mislabel_rate, shift=drift_shift, ood_rate=ood_rate
+        ).set_display_name("synth-shifted")
+        current = ingest_op(
+            dicom=shifted.outputs["dicom"], image_size=image_size, workers=ingest_workers
+        ).set_display_name("ingest-shifted")
+        monitor_op(reference=ingested.outputs["dataset"], current=current.outputs["dataset"]).set_display_name("monitor")
+
+        if gpu:
+            for task in (pre, head):
+                _on_gpu_pool(task, gpu_node_pool, gpu_count)
+
+    return training_pipeline
