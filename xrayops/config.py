@@ -46,5 +46,15 @@ class Settings(BaseSettings):
     log_json: bool = False
 
 
+    def tracking_uri(self) -> str:
+        """MLflow tracking URI: the configured server, else sqlite under output_dir (embedded default)."""
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{(self.output_dir / 'mlflow' / 'mlflow.db').resolve()}"
+
+    def dvc_remote(self) -> str:
+        return self.dvc_remote_url or str((self.output_dir / "dvc-remote").resolve())
+
+
 def get_settings(**overrides) -> Settings:
     return Settings(**overrides)

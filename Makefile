@@ -1,0 +1,27 @@
+# The two commands of the README. Both create .venv when missing and (re)install when
+# pyproject.toml changed, so they work on a fresh machine with nothing installed by hand.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.xrayops-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test install clean lint
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/xrayops demo --out outputs/demo
+
+test: $(STAMP)
+	$(PY) -m pip install -q --no-deps -e .
+	XRAYOPS_PROGRESS=0 $(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,62 @@
+"""Classification heads on a backbone, plus their calibration and out-of-domain score."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def linear_head(embedding_dim: int, n_classes: int) -> nn.Linear:
+    # paper 000, linear evaluation: a single fully connected layer on the frozen backbone.
+    return nn.Linear(embedding_dim, n_classes)
+
+
+class RegionClassifier(nn.Module):
+    """Backbone + linear head. Input: float (batch, 1, S, S) in [0, 1]; output: logits."""
+
+    def __init__(self, backbone: nn.Module, embedding_dim: int, n_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = linear_head(embedding_dim, n_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.backbone(x)
+        return self.head(embedding), embedding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising NLL of softmax(logits / T).
+
+    Fitted on held-out (validation) logits; it changes confidences, never the argmax.
+    Optimised in log T so T stays positive.
+    """
+    if len(logits) == 0:
+        raise ValueError("fit_temperature needs at least one labelled example")
+    logits = logits.detach().float().cpu()
+    labels = labels.detach().long().cpu()
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    # Bounded: perfectly separated logits push T towards 0 without limit.
+    return min(max(float(log_t.exp()), 1e-3), 1e3)
+
+
+def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Out-of-domain score: the free energy -T * logsumexp(logits / T) (Liu et al. 2020).
+
+    Higher means more out-of-domain: in-domain images get large logits and so low energy.
+    """
+    return -temperature * torch.logsumexp(logits.float() / temperature, dim=-1)
