@@ -1,0 +1,256 @@
+"""Read DICOM files and decode one frame of pixels, falling back across decoder backends.
+
+Every failure is a `DicomError` with a short machine `reason` (written to the manifest and
+quarantine.csv) and a human `detail`. Details never quote tag values, so they carry no PHI.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder, pixel_array
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGExtended12Bit,
+)
+
+try:  # python-gdcm is a declared dependency; the guard keeps decode usable without it.
+    import gdcm
+except ImportError:  # pragma: no cover - exercised only in broken installs
+    gdcm = None
+
+# Largest file we read and largest frame we decode. 1 GiB and 100 Mpx are well above real
+# radiographs (a 4664x3064 mammogram is 14 Mpx) and keep one bad file from exhausting memory.
+MAX_FILE_BYTES = 1 << 30
+MAX_FRAME_PIXELS = 100_000_000
+
+# pylibjpeg first, then GDCM (paper 001 read its DICOMs with GDCM), then the rest.
+PLUGIN_ORDER = ("pylibjpeg", "gdcm", "pillow", "pydicom")
+
+# Photometric interpretations decode_pixels returns. YBR_FULL(_422) arrives converted to RGB by
+# pydicom; the JPEG 2000 decoders return YBR_ICT/YBR_RCT as RGB.
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
+
+FramePolicy = Literal["first", "middle", "reject"]
+
+
+class DicomError(Exception):
+    """A file that cannot become an image, with a short `reason` code and a human `detail`."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def read_dicom(source: Path | str | bytes) -> Dataset:
+    """Parse a DICOM file (Part 10, or raw without preamble and file meta) into a Dataset.
+
+    Raises DicomError: not_dicom, too_large, truncated, read_failed, unreadable.
+    """
+    data = _read_bytes(source)
+    if len(data) > MAX_FILE_BYTES:
+        raise DicomError("too_large", f"file is {len(data)} bytes, limit {MAX_FILE_BYTES}")
+    has_preamble = data[128:132] == b"DICM"
+    if not has_preamble and not _looks_like_raw_dicom(data):
+        raise DicomError("not_dicom", "no DICM preamble and no DICOM tag at the start of the file")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+        except InvalidDicomError as exc:
+            raise DicomError("not_dicom", "pydicom rejected the file header") from exc
+        except EOFError as exc:
+            raise DicomError("truncated", "file ends inside its header") from exc
+        except Exception as exc:  # pydicom raises many types on corrupt headers
+            raise DicomError("read_failed", f"pydicom could not parse the file ({type(exc).__name__})") from exc
+    if any("End of file" in str(w.message) for w in caught) or _has_short_element(ds):
+        raise DicomError("truncated", "file ends before its last element is complete")
+    if len(ds) == 0:
+        raise DicomError("not_dicom", "no data elements")
+    _ensure_transfer_syntax(ds)
+    return ds
+
+
+def decode_pixels(
+    ds: Dataset, frame_policy: FramePolicy = "middle", max_pixels: int = MAX_FRAME_PIXELS
+) -> np.ndarray:
+    """Decode one frame: 2-D for monochrome and palette (LUT indices), (rows, cols, 3) for RGB.
+
+    Tries each available backend in PLUGIN_ORDER, then GDCM directly for 12-bit JPEG Extended
+    (pydicom's GDCM plugin refuses it, GDCM itself decodes it). Multi-frame files give the
+    first or middle frame, or are rejected, by `frame_policy`.
+
+    Raises DicomError: no_pixel_data, invalid_pixel_module, unsupported_photometric,
+    multiframe_rejected, too_large, unsupported_transfer_syntax, truncated, decode_failed.
+    """
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise DicomError("no_pixel_data", "the dataset has no Pixel Data element")
+    rows, cols, spp = _image_geometry(ds)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric not in MONOCHROME + COLOUR:
+        raise DicomError("unsupported_photometric", f"photometric interpretation {photometric or 'missing'!r}")
+    if rows * cols > max_pixels:
+        raise DicomError("too_large", f"{rows}x{cols} frame exceeds {max_pixels} pixels")
+    index = frame_index(ds, frame_policy)
+    arr = _decode_with_fallback(ds, index)
+    expected = (rows, cols) if spp == 1 else (rows, cols, spp)
+    if arr.shape != expected:
+        raise DicomError("decode_failed", f"decoded shape {arr.shape}, expected {expected}")
+    return arr
+
+
+def frame_index(ds: Dataset, frame_policy: FramePolicy) -> int | None:
+    """Which frame to decode: None for single-frame data, else per the spec's policy."""
+    try:
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        n_frames = 1
+    if n_frames <= 1:
+        return None
+    if frame_policy == "reject":
+        raise DicomError("multiframe_rejected", f"{n_frames} frames and the spec rejects multi-frame")
+    return 0 if frame_policy == "first" else n_frames // 2
+
+
+def _read_bytes(source: Path | str | bytes) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    path = Path(source)
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise DicomError("too_large", f"file is {size} bytes, limit {MAX_FILE_BYTES}")
+        return path.read_bytes()
+    except OSError as exc:
+        raise DicomError("unreadable", f"cannot read file ({type(exc).__name__})") from exc
+
+
+def _looks_like_raw_dicom(data: bytes) -> bool:
+    """A preamble-less file is DICOM if it opens with a group 0002 or 0008 tag (either byte order)."""
+    if len(data) < 8:
+        return False
+    little = int.from_bytes(data[0:2], "little")
+    big = int.from_bytes(data[0:2], "big")
+    return little in (0x0002, 0x0008) or big in (0x0002, 0x0008)
+
+
+def _has_short_element(ds: Dataset) -> bool:
+    """pydicom silently keeps a value cut off by end of file; its raw length gives it away."""
+    for tag in ds.keys():
+        elem = ds.get_item(tag)
+        if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF or elem.value is None:
+            continue
+        if len(elem.value) < elem.length:
+            return True
+    return False
+
+
+def _ensure_transfer_syntax(ds: Dataset) -> None:
+    """Raw files carry no file meta: record the encoding pydicom parsed them with."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return
+    implicit, little = ds.original_encoding
+    if implicit:
+        tsyntax = ImplicitVRLittleEndian
+    else:
+        tsyntax = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    if meta is None:
+        meta = FileMetaDataset()
+        ds.file_meta = meta
+    meta.TransferSyntaxUID = tsyntax
+
+
+def _image_geometry(ds: Dataset) -> tuple[int, int, int]:
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        spp = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise DicomError("invalid_pixel_module", "Rows, Columns or Bits Allocated missing or invalid") from exc
+    if rows <= 0 or cols <= 0 or bits <= 0 or spp not in (1, 3):
+        raise DicomError("invalid_pixel_module", f"rows={rows} cols={cols} bits={bits} samples={spp}")
+    return rows, cols, spp
+
+
+def _decode_with_fallback(ds: Dataset, index: int | None) -> np.ndarray:
+    tsyntax = UID(str(ds.file_meta.TransferSyntaxUID))
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError as exc:
+        raise DicomError("unsupported_transfer_syntax", f"no decoder for {tsyntax.name}") from exc
+    if decoder.is_native:
+        plugins: list[str] = [""]
+    else:
+        available = decoder.available_plugins
+        plugins = [p for p in PLUGIN_ORDER if p in available] + [p for p in available if p not in PLUGIN_ORDER]
+    failures: list[str] = []
+    for plugin in plugins:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return pixel_array(ds, index=index, decoding_plugin=plugin)
+        except Exception as exc:  # each backend raises its own types; try the next one
+            if "less than expected" in str(exc):
+                raise DicomError("truncated", "pixel data is shorter than rows x columns x frames") from exc
+            failures.append(f"{plugin or 'native'}: {_last_line(exc)}")
+    if tsyntax == JPEGExtended12Bit and int(ds.get("SamplesPerPixel") or 1) == 1:
+        try:
+            return decode_with_gdcm(ds, index or 0)
+        except Exception as exc:
+            failures.append(f"gdcm-direct: {_last_line(exc)}")
+    if not plugins:
+        failures.append(f"no decoder plugin installed for {tsyntax.name}")
+    raise DicomError("decode_failed", "; ".join(failures)[:500])
+
+
+def _last_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:200]
+
+
+def decode_with_gdcm(ds: Dataset, index: int = 0) -> np.ndarray:
+    """Decode one encapsulated grayscale frame with GDCM itself, bypassing pydicom's plugin checks."""
+    if gdcm is None:
+        raise RuntimeError("python-gdcm is not installed")
+    from pydicom.encaps import get_frame
+
+    rows, cols, _ = _image_geometry(ds)
+    bits_allocated, bits_stored = int(ds.BitsAllocated), int(ds.BitsStored)
+    signed = int(ds.get("PixelRepresentation") or 0)
+    n_frames = int(ds.get("NumberOfFrames") or 1)
+    fragment = gdcm.Fragment()
+    fragment.SetByteStringValue(get_frame(ds.PixelData, index, number_of_frames=n_frames))
+    fragments = gdcm.SequenceOfFragments.New()
+    fragments.AddFragment(fragment)
+    element = gdcm.DataElement(gdcm.Tag(0x7FE0, 0x0010))
+    element.SetValue(fragments.__ref__())
+    image = gdcm.Image()
+    image.SetNumberOfDimensions(2)
+    image.SetDimensions((cols, rows, 1))
+    image.SetDataElement(element)
+    pi_type = gdcm.PhotometricInterpretation.GetPIType(str(ds.PhotometricInterpretation))
+    image.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(pi_type))
+    ts_type = gdcm.TransferSyntax.GetTSType(str(ds.file_meta.TransferSyntaxUID))
+    image.SetTransferSyntax(gdcm.TransferSyntax(ts_type))
+    image.SetPixelFormat(gdcm.PixelFormat(1, bits_allocated, bits_stored, bits_stored - 1, signed))
+    buffer = image.GetBuffer()
+    if buffer is None:
+        raise RuntimeError("GDCM returned no pixels")
+    dtype = np.dtype(f"{'i' if signed else 'u'}{bits_allocated // 8}")
+    raw = buffer.encode("utf-8", "surrogateescape")  # GDCM hands back char* as str
+    if len(raw) < rows * cols * dtype.itemsize:
+        raise RuntimeError("GDCM returned fewer bytes than the frame needs")
+    return np.frombuffer(raw, dtype=dtype, count=rows * cols).reshape(rows, cols).copy()

@@ -1,0 +1,10 @@
+"""MLflow model registry for bundles: register with lineage, resolve by alias or version."""
+from xrayops.registry.mlflow_registry import (
+    RegisteredModel,
+    RegistryError,
+    parse_model_ref,
+    register_bundle,
+    resolve_bundle,
+)
+
+__all__ = ["RegisteredModel", "RegistryError", "parse_model_ref", "register_bundle", "resolve_bundle"]
