@@ -98,3 +98,14 @@ def make_data_dir(
     manifest.to_parquet(data_dir / "manifest.parquet", index=False)
     (data_dir / "preprocessing.json").write_text(PreprocessingSpec(size=size).model_dump_json(indent=2))
     return TinyData(data_dir=data_dir, truth=truth, manifest=manifest)
+
+
+def random_backbone(path: Path, arch: str = "resnet18", seed: int = 0) -> Path:
+    """A randomly initialised backbone.pt (no pretraining), for fast fine-tuning tests."""
+    import torch
+
+    from xrayops.models.backbone import build_backbone, save_backbone
+
+    torch.manual_seed(seed)
+    backbone, _ = build_backbone(arch)
+    return save_backbone(Path(path), backbone, arch, "simclr")

@@ -12,11 +12,12 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xrayops.contracts import InferenceLogRecord
+from xrayops.contracts import InferenceLogRecord, InferenceResponse
 
 PART_PREFIX = "part-"
 
@@ -42,6 +43,40 @@ LOG_SCHEMA = pa.schema(
         ("embedding", pa.list_(pa.float32())),
     ]
 )
+
+
+def records_for_arrays(
+    responses: list[InferenceResponse],
+    arrays: list[np.ndarray] | np.ndarray,
+    embeddings: np.ndarray,
+    request_id: str,
+    timestamp: datetime | None = None,
+) -> list[InferenceLogRecord]:
+    """Log records for images that arrived already preprocessed: there is no DICOM header,
+    so no image id, manufacturer or tag label, only the pixels' statistics and the answer."""
+    from xrayops.dicom.pixels import image_statistics
+
+    timestamp = timestamp or datetime.now(timezone.utc)
+    records = []
+    for response, array, embedding in zip(responses, arrays, embeddings):
+        pixel_mean, pixel_std = image_statistics(array)
+        records.append(
+            InferenceLogRecord(
+                timestamp=timestamp,
+                request_id=request_id,
+                model_name=response.model_name,
+                model_version=response.model_version,
+                pixel_mean=pixel_mean,
+                pixel_std=pixel_std,
+                region=response.region,
+                confidence=response.confidence,
+                dicom_region=response.dicom_region,
+                label_disagreement=response.label_disagreement,
+                ood_score=response.ood_score,
+                embedding=[float(v) for v in embedding],
+            )
+        )
+    return records
 
 
 def records_to_table(records: list[InferenceLogRecord]) -> pa.Table:

@@ -144,7 +144,7 @@ def gauge_templates(dist: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     cut six real ones out of its images; we draw them.
     """
     disc = _disc(dist, radius)
-    ring = disc - _disc(dist, 0.75 * radius)
+    ring = disc - _disc(dist, 0.55 * radius)
     return torch.stack([disc, ring, ring + _disc(dist, 0.2 * radius)])
 
 

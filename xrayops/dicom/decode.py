@@ -6,7 +6,10 @@ quarantine.csv) and a human `detail`. Details never quote tag values, so they ca
 from __future__ import annotations
 
 import io
+import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -65,8 +68,7 @@ def read_dicom(source: Path | str | bytes) -> Dataset:
     has_preamble = data[128:132] == b"DICM"
     if not has_preamble and not _looks_like_raw_dicom(data):
         raise DicomError("not_dicom", "no DICM preamble and no DICOM tag at the start of the file")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with quiet_pydicom() as caught:
         try:
             ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
         except InvalidDicomError as exc:
@@ -75,12 +77,27 @@ def read_dicom(source: Path | str | bytes) -> Dataset:
             raise DicomError("truncated", "file ends inside its header") from exc
         except Exception as exc:  # pydicom raises many types on corrupt headers
             raise DicomError("read_failed", f"pydicom could not parse the file ({type(exc).__name__})") from exc
-    if any("End of file" in str(w.message) for w in caught) or _has_short_element(ds):
-        raise DicomError("truncated", "file ends before its last element is complete")
-    if len(ds) == 0:
-        raise DicomError("not_dicom", "no data elements")
+        if any("End of file" in str(w.message) for w in caught) or _has_short_element(ds):
+            raise DicomError("truncated", "file ends before its last element is complete")
+        if len(ds) == 0:
+            raise DicomError("not_dicom", "no data elements")
+        _convert_elements(ds)
     _ensure_transfer_syntax(ds)
     return ds
+
+
+@contextmanager
+def quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
+    """Collect pydicom's warnings and mute its logger: both can quote tag values (PHI)."""
+    logger = logging.getLogger("pydicom")
+    was_disabled = logger.disabled
+    logger.disabled = True
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
+    finally:
+        logger.disabled = was_disabled
 
 
 def decode_pixels(
@@ -157,6 +174,23 @@ def _has_short_element(ds: Dataset) -> bool:
     return False
 
 
+def _convert_elements(ds: Dataset) -> None:
+    """Parse every element now, while pydicom is quiet; drop the ones that cannot be parsed.
+
+    pydicom converts raw elements on first access, which would otherwise warn (quoting values)
+    wherever a tag is later read. A malformed element is not worth losing the image for.
+    """
+    for tag in list(ds.keys()):
+        try:
+            elem = ds[tag]
+        except Exception:
+            del ds[tag]
+            continue
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _convert_elements(item)
+
+
 def _ensure_transfer_syntax(ds: Dataset) -> None:
     """Raw files carry no file meta: record the encoding pydicom parsed them with."""
     meta = getattr(ds, "file_meta", None)
@@ -199,8 +233,7 @@ def _decode_with_fallback(ds: Dataset, index: int | None) -> np.ndarray:
     failures: list[str] = []
     for plugin in plugins:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with quiet_pydicom():
                 return pixel_array(ds, index=index, decoding_plugin=plugin)
         except Exception as exc:  # each backend raises its own types; try the next one
             if "less than expected" in str(exc):

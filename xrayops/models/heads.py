@@ -51,7 +51,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 
     optimizer.step(closure)
     # Bounded: perfectly separated logits push T towards 0 without limit.
-    return min(max(float(log_t.exp()), 1e-3), 1e3)
+    return min(max(float(log_t.detach().exp()), 1e-3), 1e3)
 
 
 def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -237,7 +237,7 @@ def local_path(model_ref: str) -> Path:
 def resolve_bundle(model_ref: str | Path, tracking_uri: str | None = None, dest: str | Path | None = None) -> Path:
     """The local bundle folder for a registry reference, a local path or a file:// URI.
 
-    Registry references are downloaded to `dest/<name>/<version>` and checked: the weights
+    Registry references are downloaded under `dest/<name>/<version>/` and checked: the weights
     must hash to the sha256 recorded both in bundle.json and on the model version.
     Local bundles are returned in place, after the same weights check.
     """
@@ -270,13 +270,14 @@ def resolve_bundle(model_ref: str | Path, tracking_uri: str | None = None, dest:
     if target.exists():
         shutil.rmtree(target)  # never mix files of an earlier download into this one
     target.mkdir(parents=True)
-    download_artifacts(artifact_uri=version.source, dst_path=str(target), tracking_uri=tracking_uri)
-    meta = check_bundle(target)
+    # A folder URI lands as dst_path/<folder name>; the returned path is where the files are.
+    bundle_dir = Path(download_artifacts(artifact_uri=version.source, dst_path=str(target), tracking_uri=tracking_uri))
+    meta = check_bundle(bundle_dir)
     recorded = version.tags.get(TAG_BUNDLE_SHA256, "")
     if recorded and recorded != meta.weights_sha256:
         raise RegistryError(
             f"{ref} (version {version.version}) records weights sha256 {recorded} but the downloaded "
             f"bundle has {meta.weights_sha256}"
         )
-    log.info("resolved bundle", ref=ref, version=version.version, path=str(target))
-    return target
+    log.info("resolved bundle", ref=ref, version=version.version, path=str(bundle_dir))
+    return bundle_dir

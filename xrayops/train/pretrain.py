@@ -96,6 +96,20 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint
 
 
+def train_step(model, optimizer, scheduler, view_a: torch.Tensor, view_b: torch.Tensor, cuda: bool) -> torch.Tensor:
+    """One optimisation step on a batch of view pairs; bf16 autocast and channels_last on CUDA."""
+    if cuda:
+        view_a = view_a.contiguous(memory_format=torch.channels_last)
+        view_b = view_b.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+        loss = model.loss(view_a, view_b)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
 def pretrain(data_dir: Path, out_dir: Path, cfg: PretrainConfig | None = None, progress: bool = True) -> PretrainResult:
     """Pretrain a backbone on every ok image of `data_dir`; write out_dir/backbone.pt.
 
@@ -125,15 +139,18 @@ def pretrain(data_dir: Path, out_dir: Path, cfg: PretrainConfig | None = None, p
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
 
-    step, losses, epoch_sum, epoch_count = 0, [], 0.0, 0
+    step, losses, epoch_sum = 0, [], 0.0  # epoch_sum: loss summed over this epoch's steps so far
     if checkpoint_path.exists():
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a damaged file
+            raise PretrainError(f"cannot read {checkpoint_path} ({exc}); delete it to start over") from exc
         _check_resumable(saved, cfg, n, checkpoint_path)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         step, losses = saved["step"], list(saved["losses"])
-        epoch_sum, epoch_count = saved["epoch_loss_sum"], saved["epoch_loss_count"]
+        epoch_sum = saved["epoch_loss_sum"]
         set_rng_state(saved["rng"])
         log.info("pretrain.resume", step=step, of=total_steps)
     resumed_from = step
@@ -142,7 +159,7 @@ def pretrain(data_dir: Path, out_dir: Path, cfg: PretrainConfig | None = None, p
         _save_checkpoint(checkpoint_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "step": step, "epoch": step // steps_per_epoch, "losses": losses, "epoch_loss_sum": epoch_sum,
-            "epoch_loss_count": epoch_count, "rng": rng_state(), "config": cfg.model_dump(), "images": n,
+            "rng": rng_state(), "config": cfg.model_dump(), "images": n,
         })
 
     views = TwoViews(make_pretrain_transform(dataset.size, PRETRAIN_AUG.model_copy(update={"full_rotation": cfg.full_rotation})))
@@ -158,32 +175,24 @@ def pretrain(data_dir: Path, out_dir: Path, cfg: PretrainConfig | None = None, p
         for images, _ in loader:
             images = images.to(device, non_blocking=True)
             view_a, view_b = views(images, step_generator(device, cfg.seed, step))
-            if cuda:
-                view_a = view_a.contiguous(memory_format=torch.channels_last)
-                view_b = view_b.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = model.loss(view_a, view_b)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            running += loss.detach()
+            running += train_step(model, optimizer, scheduler, view_a, view_b, cuda)
             step += 1
-            if step % cfg.checkpoint_every_steps == 0 or step >= stop_at:
-                epoch_sum, epoch_count = epoch_sum + float(running), epoch_count + len(running.shape) * 0 + _count(running, step, steps_per_epoch, epoch_count, epoch_sum)
+            if step % steps_per_epoch == 0:  # epoch complete
+                epoch_sum += float(running)
+                running.zero_()
+                mean = epoch_sum / steps_per_epoch
+                if not torch.isfinite(torch.tensor(mean)):
+                    raise PretrainError(f"loss is {mean} in epoch {epoch}: training diverged (try a lower lr)")
+                losses.append(mean)
+                epoch_sum = 0.0
+                log.info("pretrain.epoch", epoch=epoch, loss=round(mean, 4), step=step)
+                checkpoint()
+            elif step % cfg.checkpoint_every_steps == 0 or step >= stop_at:
+                epoch_sum += float(running)
                 running.zero_()
                 checkpoint()
             if step >= stop_at:
                 break
-        if step % steps_per_epoch == 0 and step > 0 and step // steps_per_epoch == epoch + 1:
-            epoch_sum += float(running)
-            mean = epoch_sum / steps_per_epoch
-            if not torch.isfinite(torch.tensor(mean)):
-                raise PretrainError(f"loss is {mean} after epoch {epoch}: training diverged (lower lr?)")
-            losses.append(mean)
-            epoch_sum, epoch_count = 0.0, 0
-            log.info("pretrain.epoch", epoch=epoch, loss=round(mean, 4), step=step)
-            checkpoint()
 
     backbone_path = save_backbone(out_dir / "backbone.pt", model.backbone, cfg.arch, cfg.method)
     return PretrainResult(

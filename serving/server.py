@@ -1,0 +1,375 @@
+"""Run the predictor with kserve's ModelServer, bound to one address (127.0.0.1 by default).
+
+kserve 0.21 has no bind-address option: `RESTServer.__init__` builds
+`uvicorn.Config(host="0.0.0.0")` (kserve/protocol/rest/server.py) and `GRPCServer.start`
+listens on `"[::]:<port>"` (kserve/protocol/grpc/server.py), so a plain ModelServer is
+reachable from every interface. `LoopbackModelServer` swaps in the two servers with the
+host as a parameter (single worker, which is all the embedded default needs); the data
+plane, routes, error handlers and signal handling are kserve's.
+
+Two more narrow fixes live here:
+  - `XrayDataPlane.decode_inference_request`: kserve 0.21's `InferRequest.from_bytes`
+    re-encodes binary BYTES inputs as UTF-8 text, which fails (HTTP 500) on binary DICOM.
+    Binary-extension requests are parsed here with the raw bytes kept.
+  - `XrayDataPlane.model_metadata` reports the served version (the v2 `versions` field),
+    and `GET /v2/models/{name}/bundle` returns version, lineage and preprocessing spec.
+
+`python -m serving.server --bundle DIR ...` runs a server; `start_server_process` /
+`running_server` run one in a subprocess for tests and the demo and stop it by PID.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+from fastapi import FastAPI
+from grpc import aio
+from kserve import InferInput, InferRequest, ModelServer
+from kserve.protocol.infer_type import RequestedOutput
+from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
+from kserve.errors import InvalidInput
+from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+from kserve.protocol.grpc.server import GRPCServer
+from kserve.protocol.grpc.servicer import InferenceServicer
+from kserve.protocol.rest.server import RESTServer
+
+from serving.model import XrayModel
+from xrayops.bundle import read_bundle_meta
+from xrayops.logs import get_logger
+
+log = get_logger(__name__)
+
+# Radiographs are often tens of MB each; kserve's default gRPC limit is 8 MiB.
+MAX_GRPC_MESSAGE_BYTES = 256 * 1024 * 1024
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def infer_request_from_binary(body: bytes, json_length: int, model_name: str) -> InferRequest:
+    """A v2 request in the binary data extension (JSON header, then raw tensors), with
+    binary inputs kept as raw bytes."""
+    try:
+        header = orjson.loads(body[:json_length])
+        inputs, raw = [], []
+        offset = json_length
+        for spec in header["inputs"]:
+            parameters = spec.get("parameters") or {}
+            tensor = InferInput(
+                name=spec["name"], shape=list(spec["shape"]), datatype=spec["datatype"], parameters=parameters
+            )
+            if spec.get("data") is not None:
+                tensor.data = spec["data"]
+                raw.append(None)
+            elif "binary_data_size" in parameters:
+                size = int(parameters["binary_data_size"])
+                chunk = body[offset : offset + size]
+                if len(chunk) != size:
+                    raise InvalidInput(f"input '{tensor.name}' declares {size} bytes but the body holds {len(chunk)}")
+                raw.append(chunk)
+                offset += size
+            else:
+                raise InvalidInput(f"input '{tensor.name}' has neither 'data' nor 'binary_data_size'")
+            inputs.append(tensor)
+        outputs = [RequestedOutput(o["name"], o.get("parameters")) for o in header.get("outputs") or []]
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the request's JSON header is not valid JSON: {exc}") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, InvalidInput):
+            raise
+        raise InvalidInput(f"malformed v2 request header: {exc!r}") from exc
+    return InferRequest(
+        model_name=model_name,
+        infer_inputs=inputs,
+        request_id=header.get("id"),
+        raw_inputs=raw,
+        parameters=header.get("parameters"),
+        request_outputs=outputs or None,
+    )
+
+
+class XrayDataPlane(DataPlane):
+    def decode_inference_request(self, body, headers, model_name):
+        if isinstance(body, bytes):
+            json_length = headers.get("inference-header-content-length")
+            if json_length is None or not json_length.isdigit():
+                raise InvalidInput("binary v2 request without a valid 'inference-header-content-length' header")
+            return infer_request_from_binary(body, int(json_length), model_name)
+        return super().decode_inference_request(body, headers, model_name)
+
+    async def model_metadata(self, model_name: str) -> dict:
+        metadata = await super().model_metadata(model_name)
+        model = self.get_model_from_registry(model_name)
+        if isinstance(model, XrayModel):
+            metadata["versions"] = [model.version]
+            metadata["platform"] = "pytorch"
+        return metadata
+
+
+class LoopbackRESTServer(RESTServer):
+    """kserve's REST server listening on `host`, plus the bundle metadata route."""
+
+    def __init__(self, host: str, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.config.host = host  # RESTServer.__init__ hard-codes "0.0.0.0"
+
+    def _register_endpoints(self, app: FastAPI) -> None:
+        super()._register_endpoints(app)
+        dataplane = self.dataplane
+
+        async def bundle_metadata(model_name: str) -> dict:
+            model = dataplane.get_model_from_registry(model_name)  # ModelNotFound -> 404
+            return model.bundle_info() if isinstance(model, XrayModel) else {"name": model_name}
+
+        app.add_api_route("/v2/models/{model_name}/bundle", bundle_metadata, methods=["GET"])
+
+
+class LoopbackGRPCServer(GRPCServer):
+    """kserve's gRPC server listening on `host` instead of "[::]". `start` is GRPCServer.start
+    with the listen address changed."""
+
+    def __init__(self, host: str, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._host = host
+
+    async def start(self, max_workers: int) -> None:
+        servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
+            options=[
+                ("grpc.max_send_message_length", self._kwargs["grpc_max_send_message_length"]),
+                ("grpc.max_receive_message_length", self._kwargs["grpc_max_receive_message_length"]),
+            ],
+        )
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        listen_addr = f"{host}:{self._port}"
+        if self._server.add_insecure_port(listen_addr) == 0:
+            raise OSError(f"gRPC server cannot listen on {listen_addr}")
+        log.info("gRPC server listening", address=listen_addr)
+        await self._server.start()
+        await self._server.wait_for_termination()
+
+
+class LoopbackModelServer(ModelServer):
+    """kserve's ModelServer with a bind address (one worker)."""
+
+    def __init__(self, host: str = "127.0.0.1", **kwargs) -> None:
+        super().__init__(workers=1, **kwargs)
+        self.host = host
+        self.dataplane = XrayDataPlane(model_registry=self.registered_models)
+
+    def start(self, models: list) -> None:
+        self._register_and_check_atleast_one_model_is_ready(models)
+        self._rest_server = LoopbackRESTServer(
+            self.host,
+            FASTAPI_APP_IMPORT_STRING,
+            self.dataplane,
+            self.model_repository_extension,
+            self.http_port,
+            access_log_format=self.access_log_format,
+            workers=1,
+            grace_period=self.grace_period,
+            event_loop=self.event_loop,
+            timeout_keep_alive=self.timeout_keep_alive,
+        )
+        self.servers.append(self._rest_server.start())
+        if self.enable_grpc:
+            self._grpc_server = LoopbackGRPCServer(
+                self.host,
+                self.grpc_port,
+                self.dataplane,
+                self.model_repository_extension,
+                kwargs={
+                    "grpc_max_send_message_length": MAX_GRPC_MESSAGE_BYTES,
+                    "grpc_max_receive_message_length": MAX_GRPC_MESSAGE_BYTES,
+                },
+                grace_period=self.grace_period,
+            )
+            self.servers.append(self._grpc_server.start(self.max_threads))
+        self.setup_event_loop()
+        self.register_signal_handler()
+        asyncio.run(self._serve())
+
+
+def serve(
+    bundle_dir: str | Path,
+    host: str = "127.0.0.1",
+    http_port: int = 8080,
+    grpc_port: int | None = 8081,
+    log_path: str | Path | None = None,
+    model_name: str | None = None,
+    model_version: str | None = None,
+    device: str = "cpu",
+) -> None:
+    """Serve a bundle until SIGTERM/SIGINT. `grpc_port=None` serves REST only.
+
+    Raises RuntimeError, before anything listens, when the bundle fails verification.
+    """
+    name = model_name or read_bundle_meta(Path(bundle_dir)).name
+    model = XrayModel(name, bundle_dir, log_path=log_path, version=model_version, device=device)
+    if not model.load():
+        raise RuntimeError(f"model {name} is not ready: {model.load_error}")
+    server = LoopbackModelServer(
+        host=host, http_port=http_port, grpc_port=grpc_port or 0, enable_grpc=grpc_port is not None, grace_period=5
+    )
+    log.info("serving", model=name, version=model.version, host=host, http_port=http_port, grpc_port=grpc_port)
+    server.start([model])
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A server started by `start_server_process`; `stop()` ends it by PID."""
+
+    process: subprocess.Popen
+    url: str
+    grpc_address: str | None
+    model_name: str
+    output_path: Path
+    stopped: bool = field(default=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output_tail(self, n_chars: int = 4000) -> str:
+        try:
+            return self.output_path.read_text(errors="replace")[-n_chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL if it has not exited within `timeout`; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.stopped = True
+        return self.process.returncode
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_server_process(
+    bundle_dir: str | Path,
+    host: str = "127.0.0.1",
+    http_port: int | None = None,
+    grpc_port: int | None = None,
+    enable_grpc: bool = True,
+    log_path: str | Path | None = None,
+    model_name: str | None = None,
+    model_version: str | None = None,
+    output_path: str | Path | None = None,
+    startup_timeout: float = 180.0,
+) -> ServerProcess:
+    """Start `python -m serving.server` and return once the model answers ready.
+
+    Free ports are picked when none are given. Server output goes to `output_path` (a temp
+    file by default). Raises RuntimeError with the server's output if it exits or is not
+    ready within `startup_timeout` seconds.
+    """
+    name = model_name or read_bundle_meta(Path(bundle_dir)).name
+    http_port = http_port or free_port(host)
+    grpc_port = (grpc_port or free_port(host)) if enable_grpc else None
+    if output_path is None:
+        handle, path = tempfile.mkstemp(prefix="xrayops-serve-", suffix=".log")
+        os.close(handle)
+        output_path = path
+    output_path = Path(output_path)
+    cmd = [sys.executable, "-m", "serving.server", "--bundle", str(bundle_dir), "--host", host,
+           "--http-port", str(http_port), "--model-name", name]
+    cmd += ["--grpc-port", str(grpc_port)] if grpc_port else ["--no-grpc"]
+    if log_path is not None:
+        cmd += ["--log-path", str(log_path)]
+    if model_version:
+        cmd += ["--model-version", model_version]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(output_path, "wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url_host = f"[{host}]" if ":" in host else host
+    server = ServerProcess(
+        process=process,
+        url=f"http://{url_host}:{http_port}",
+        grpc_address=f"{url_host}:{grpc_port}" if grpc_port else None,
+        model_name=name,
+        output_path=output_path,
+    )
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode}:\n{server.output_tail()}")
+        if _http_ok(f"{server.url}/v2/health/ready") and _http_ok(f"{server.url}/v2/models/{name}/ready"):
+            return server
+        time.sleep(0.3)
+    server.stop()
+    raise RuntimeError(f"server not ready within {startup_timeout:.0f}s:\n{server.output_tail()}")
+
+
+@contextmanager
+def running_server(bundle_dir: str | Path, **kwargs) -> Iterator[str]:
+    """`start_server_process` as a context manager yielding the base URL; the server is
+    stopped by PID on exit."""
+    server = start_server_process(bundle_dir, **kwargs)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", required=True, type=Path, help="model bundle folder")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address")
+    parser.add_argument("--http-port", type=int, default=8080)
+    parser.add_argument("--grpc-port", type=int, default=8081)
+    parser.add_argument("--no-grpc", action="store_true", help="serve REST only")
+    parser.add_argument("--log-path", type=Path, default=None, help="inference log folder")
+    parser.add_argument("--model-name", default=None, help="served name (default: the bundle's)")
+    parser.add_argument("--model-version", default=None, help="served version (default: weights hash)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    from xrayops.config import get_settings
+
+    log_path = args.log_path or get_settings().inference_log_path
+    try:
+        serve(
+            args.bundle, host=args.host, http_port=args.http_port, grpc_port=None if args.no_grpc else args.grpc_port,
+            log_path=log_path, model_name=args.model_name, model_version=args.model_version, device=args.device,
+        )
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Model bundles: round trip, sha256 verification, clear errors for broken bundles."""
+import json
+
+import pytest
+import torch
+
+from xrayops.bundle import BundleError, BundleIntegrityError, file_sha256, load_bundle, save_bundle
+from xrayops.contracts import Lineage, ModelBundleMeta, PreprocessingSpec
+from xrayops.models import RegionClassifier, build_backbone
+from xrayops.regions import REGIONS
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = RegionClassifier(*build_backbone(), n_classes=len(REGIONS)).eval()
+    meta = ModelBundleMeta(
+        classes=list(REGIONS), preprocessing=PreprocessingSpec(size=32), temperature=1.7, ood_threshold=-3.0,
+        lineage=Lineage(dataset_md5="abc", metrics={"val_accuracy": 0.9}),
+    )
+    written = save_bundle(tmp_path / "bundle", model, meta)
+    return tmp_path / "bundle", model, written
+
+
+def test_round_trip_gives_the_same_model_and_meta(saved):
+    bundle_dir, model, written = saved
+    assert written.weights_sha256 == file_sha256(bundle_dir / "weights.pt")
+    assert written.created_at is not None
+    loaded = load_bundle(bundle_dir)
+    assert loaded.meta == written
+    assert loaded.meta.temperature == 1.7 and loaded.meta.lineage.dataset_md5 == "abc"
+    assert not loaded.model.training
+    x = torch.rand(2, 1, 32, 32)
+    assert torch.equal(loaded.model(x), model(x))
+
+
+def test_tampered_weights_are_refused(saved):
+    bundle_dir, _, _ = saved
+    data = bytearray((bundle_dir / "weights.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle_dir / "weights.pt").write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match="sha256"):
+        load_bundle(bundle_dir)
+
+
+def test_missing_and_corrupt_bundles_say_what_is_wrong(saved, tmp_path):
+    bundle_dir, _, written = saved
+    with pytest.raises(BundleError, match="bundle.json is missing"):
+        load_bundle(tmp_path / "nowhere")
+    meta_path = bundle_dir / "bundle.json"
+    meta_path.write_text("{not json")
+    with pytest.raises(BundleError, match="corrupt"):
+        load_bundle(bundle_dir)
+    meta_path.write_text(json.dumps({**json.loads(written.model_dump_json()), "arch": "resnet50", "embedding_dim": 2048}))
+    with pytest.raises(BundleError, match="cannot load .* as a resnet50"):
+        load_bundle(bundle_dir)
+    meta_path.write_text(written.model_dump_json())
+    (bundle_dir / "weights.pt").unlink()
+    with pytest.raises(BundleError, match="weights.pt is missing"):
+        load_bundle(bundle_dir)

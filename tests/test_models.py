@@ -1,0 +1,123 @@
+"""Backbones, heads, SimCLR objective, temperature scaling and the out-of-domain score."""
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from xrayops.evaluate.metrics import expected_calibration_error
+from xrayops.models import (
+    RegionClassifier,
+    SimCLRModel,
+    build_backbone,
+    build_ssl_model,
+    energy_score,
+    fit_temperature,
+    load_backbone,
+    save_backbone,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("arch,dim", [("resnet18", 512), ("resnet50", 2048)])
+def test_backbone_embeds_grey_images(arch, dim):
+    backbone, embedding_dim = build_backbone(arch)
+    assert embedding_dim == dim
+    assert backbone.conv1.in_channels == 1
+    assert backbone.eval()(torch.rand(2, 1, 32, 32)).shape == (2, dim)
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(ValueError, match="unknown backbone arch 'vit'"):
+        build_backbone("vit")
+    backbone, dim = build_backbone()
+    with pytest.raises(ValueError, match="unknown SSL method 'byol'"):
+        build_ssl_model("byol", backbone, dim)
+
+
+def test_classifier_logits_are_head_of_embedding():
+    torch.manual_seed(0)
+    model = RegionClassifier(*build_backbone(), n_classes=14).eval()
+    x = torch.rand(3, 1, 32, 32)
+    logits, embedding = model.forward_with_embedding(x)
+    assert logits.shape == (3, 14) and embedding.shape == (3, 512)
+    assert torch.allclose(model(x), logits) and torch.allclose(model.embed(x), embedding)
+    assert torch.allclose(model.head(embedding), logits)
+
+
+def test_backbone_file_round_trip(tmp_path):
+    backbone, _ = build_backbone()
+    path = save_backbone(tmp_path / "backbone.pt", backbone, "resnet18", "simclr")
+    loaded, dim, info = load_backbone(path)
+    x = torch.rand(2, 1, 32, 32)
+    assert dim == 512 and info == {"arch": "resnet18", "ssl_method": "simclr", "in_chans": 1}
+    assert torch.equal(backbone.eval()(x), loaded.eval()(x))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a backbone.pt"):
+        load_backbone(tmp_path / "junk.pt")
+
+
+def nt_xent_by_hand(z_a: torch.Tensor, z_b: torch.Tensor, tau: float) -> float:
+    """NT-Xent written out: each of the 2N views must pick its partner among the 2N-1 others."""
+    z = F.normalize(torch.cat([z_a, z_b]), dim=1).double()
+    n = len(z_a)
+    sim = z @ z.T / tau
+    total = 0.0
+    for i in range(2 * n):
+        partner = (i + n) % (2 * n)
+        others = torch.cat([sim[i, :i], sim[i, i + 1 :]])
+        total += -(sim[i, partner] - torch.logsumexp(others, 0))
+    return float(total / (2 * n))
+
+
+def test_nt_xent_value_matches_the_formula():
+    torch.manual_seed(0)
+    model = SimCLRModel(*build_backbone(), temperature=0.5)
+    z_a, z_b = torch.randn(6, 128), torch.randn(6, 128)
+    assert model.criterion(z_a, z_b).item() == pytest.approx(nt_xent_by_hand(z_a, z_b, 0.5), rel=1e-5)
+
+
+def test_nt_xent_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = SimCLRModel(*build_backbone(), hidden_dim=128, out_dim=32)
+    view_a, view_b = torch.rand(16, 1, 32, 32), torch.rand(16, 1, 32, 32)
+    view_b = 0.8 * view_a + 0.2 * view_b  # related pairs
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = model.loss(view_a, view_b)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def miscalibrated_example(scale: float = 4.0, n: int = 3000):
+    """Labels drawn from softmax(true_logits); the model reports scale * true_logits (overconfident)."""
+    generator = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(n, 5, generator=generator) * 1.5
+    labels = torch.multinomial(torch.softmax(true_logits, 1), 1, generator=generator).squeeze(1)
+    return scale * true_logits, labels
+
+
+def test_temperature_scaling_recovers_the_overconfidence():
+    logits, labels = miscalibrated_example(scale=4.0)
+    temperature = fit_temperature(logits, labels)
+    assert temperature == pytest.approx(4.0, rel=0.1)
+    nll_before = F.cross_entropy(logits, labels).item()
+    nll_after = F.cross_entropy(logits / temperature, labels).item()
+    ece_before = expected_calibration_error(labels.numpy(), torch.softmax(logits, 1).numpy())
+    ece_after = expected_calibration_error(labels.numpy(), torch.softmax(logits / temperature, 1).numpy())
+    assert nll_after < nll_before - 0.3
+    assert ece_after < 0.03 < ece_before
+    with pytest.raises(ValueError):
+        fit_temperature(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
+
+
+def test_energy_score_is_higher_for_flat_logits():
+    peaked = torch.tensor([[10.0, 0.0, 0.0]])
+    flat = torch.tensor([[0.1, 0.0, 0.05]])
+    assert energy_score(flat) > energy_score(peaked)
+    assert energy_score(peaked).item() == pytest.approx(-np.log(np.exp(10) + 2), rel=1e-6)
+    assert energy_score(peaked, 2.0).item() == pytest.approx(-2 * np.log(np.exp(5) + 2), rel=1e-6)

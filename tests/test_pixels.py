@@ -1,0 +1,235 @@
+"""The shared pixel pipeline: windowing against pydicom, inversion, border removal, resizing."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dicom_factory import make_dataset, ramp, to_bytes
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from xrayops.contracts import PreprocessingSpec
+from xrayops.dicom.contact_sheet import LABEL_HEIGHT, contact_sheet
+from xrayops.dicom.decode import decode_pixels, read_dicom
+from xrayops.dicom.pixels import (
+    apply_window,
+    image_statistics,
+    invert_monochrome1,
+    percentile_window,
+    preprocess,
+    remove_border,
+    resize_with_padding,
+    to_grayscale,
+    to_output_dtype,
+)
+
+SAMPLES = Path(os.environ.get("XRAYOPS_DICOM_SAMPLES", "/work/shared/dicom-samples"))
+needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"real DICOM samples not present at {SAMPLES}")
+SPEC = PreprocessingSpec()
+
+
+def test_window_centre_width_follows_the_dicom_linear_function():
+    pixels = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    ds = make_dataset(pixels, WindowCenter=2048, WindowWidth=1024)
+    out = apply_window(pixels, ds, SPEC)
+    assert out.dtype == np.float32
+    assert out[pixels <= 1535].max() == 0.0
+    assert out[pixels > 2560].min() == 1.0
+    inside = (pixels > 1600) & (pixels < 2500)
+    # PS3.3 C.11.2.1.2: ((x - (c - 0.5)) / (w - 1) + 0.5), on 0..1
+    expected = ((pixels[inside] - 2047.5) / 1023 + 0.5).astype(np.float32)
+    np.testing.assert_allclose(out[inside], expected, atol=1e-5)
+
+
+def test_rescale_is_applied_before_the_window():
+    pixels = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    # stored 0..4095 -> HU -1024..3071; a window of 40/400 sits on stored 864..1264
+    ds = make_dataset(pixels, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400)
+    out = apply_window(pixels, ds, SPEC)
+    assert out[pixels < 860].max() == 0.0 and out[pixels > 1270].min() == 1.0
+    assert 0.45 < out[pixels == 1064].item() < 0.55
+
+
+def test_voi_lut_sequence_is_scaled_by_its_own_range():
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    ds = make_dataset(pixels)
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 16]  # nominal 16 bit, but entries only reach 1000
+    item.LUTData = [min(1000, 4 * v) for v in range(256)]
+    ds.VOILUTSequence = [item]
+    out = apply_window(pixels, ds, SPEC)
+    np.testing.assert_allclose(out.ravel(), np.minimum(1000, 4 * np.arange(256)) / 1000, atol=1e-6)
+
+
+def test_no_voi_gives_the_percentile_window():
+    pixels = ramp(64, 64)
+    out = apply_window(pixels, make_dataset(pixels), SPEC)
+    low, high = np.percentile(pixels, SPEC.percentile_window)
+    assert out.min() == 0.0 and out.max() == 1.0
+    assert np.mean(out == 0.0) == pytest.approx(np.mean(pixels <= low), abs=0.01)
+    assert np.mean(out == 1.0) == pytest.approx(np.mean(pixels >= high), abs=0.01)
+
+
+def test_window_that_misses_the_data_falls_back_to_percentiles():
+    pixels = ramp(64, 64) + 30000  # window below the data: every pixel would be white
+    ds = make_dataset(pixels.astype(np.uint16), bits_stored=16, WindowCenter=100, WindowWidth=50)
+    out = apply_window(pixels, ds, SPEC)
+    assert 0.3 < out.mean() < 0.7
+
+
+def test_constant_image_becomes_zeros_not_nan():
+    out = percentile_window(np.full((10, 10), 7, dtype=np.uint16), 0.5, 99.5)
+    assert np.all(out == 0.0)
+
+
+def test_monochrome1_is_inverted():
+    pixels = ramp(32, 32)
+    spec = PreprocessingSpec(size=32, remove_border=False)
+    mono2 = preprocess(read_dicom(to_bytes(make_dataset(pixels, photometric="MONOCHROME2"))), spec)
+    mono1 = preprocess(read_dicom(to_bytes(make_dataset(pixels, photometric="MONOCHROME1"))), spec)
+    np.testing.assert_allclose(mono1.astype(int), 255 - mono2.astype(int), atol=1)
+    assert mono2[0, 0] < 10 and mono1[0, 0] > 245
+    keep = PreprocessingSpec(size=32, remove_border=False, invert_monochrome1=False)
+    np.testing.assert_array_equal(preprocess(read_dicom(to_bytes(make_dataset(pixels, photometric="MONOCHROME1"))), keep), mono2)
+    np.testing.assert_allclose(invert_monochrome1(np.array([0.0, 0.25, 1.0])), [1.0, 0.75, 0.0])
+
+
+@needs_samples
+def test_real_monochrome1_chest_shows_bright_spine_and_dark_lungs():
+    ds = read_dicom(SAMPLES / "radiographs" / "dwv__gdcm-CR-MONO1-10-chest.dcm")
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+
+    def spine_and_lungs(a):
+        h, w = a.shape
+        band = a[int(h * 0.3) : int(h * 0.6)].astype(float)
+        return band[:, int(w * 0.45) : int(w * 0.55)].mean(), band[:, int(w * 0.2) : int(w * 0.3)].mean()
+
+    raw_spine, raw_lung = spine_and_lungs(decode_pixels(ds))
+    out_spine, out_lung = spine_and_lungs(preprocess(ds, SPEC))
+    assert raw_spine < raw_lung  # MONOCHROME1 stores bone as low values
+    assert out_spine > out_lung + 40  # after inversion bone is bright
+
+
+def test_remove_border_crops_a_bright_frame():
+    image = np.full((100, 80), 1.0, dtype=np.float32)
+    image[10:90, 5:70] = 0.3
+    cropped = remove_border(image, 0.92)
+    assert cropped.shape == (80, 65)
+    assert cropped.max() == pytest.approx(0.3)
+
+
+def test_remove_border_trims_rotated_capture_wedges():
+    yy, xx = np.mgrid[0:120, 0:120]
+    # a square rotated 45 degrees inside a white canvas: the corners are white wedges
+    image = np.where(np.abs(xx - 60) + np.abs(yy - 60) < 60, 0.4, 1.0).astype(np.float32)
+    cropped = remove_border(image, 0.92)
+    assert cropped.shape[0] < 100 and cropped.shape[1] < 100
+    assert (cropped >= 0.92).mean() < (image >= 0.92).mean()
+
+
+def test_remove_border_keeps_content_and_all_bright_images():
+    image = np.full((50, 50), 0.2, dtype=np.float32)
+    image[25, :] = 1.0  # a bright line inside the image is content
+    assert remove_border(image, 0.92).shape == (50, 50)
+    bright = np.ones((50, 50), dtype=np.float32)
+    assert remove_border(bright, 0.92).shape == (50, 50)
+
+
+def test_resize_with_padding_keeps_aspect_and_centres():
+    image = np.ones((100, 50), dtype=np.float32)
+    out = resize_with_padding(image, 64, keep_aspect=True, pad_value=0.0)
+    assert out.shape == (64, 64)
+    assert np.all(out[:, 16:48] == pytest.approx(1.0)) and np.all(out[:, :16] == 0.0) and np.all(out[:, 48:] == 0.0)
+    stretched = resize_with_padding(image, 64, keep_aspect=False)
+    assert np.all(stretched == pytest.approx(1.0))
+
+
+def test_output_dtype_scaling():
+    image = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
+    np.testing.assert_array_equal(to_output_dtype(image, "uint8"), [[0, 128, 255]])
+    np.testing.assert_array_equal(to_output_dtype(image, "uint16"), [[0, 32768, 65535]])
+
+
+@pytest.mark.parametrize("size, dtype", [(64, "uint8"), (32, "uint16")])
+def test_preprocess_returns_spec_size_and_dtype(size, dtype):
+    ds = read_dicom(to_bytes(make_dataset(ramp(48, 40))))
+    out = preprocess(ds, PreprocessingSpec(size=size, output_dtype=dtype))
+    assert out.shape == (size, size) and out.dtype == np.dtype(dtype)
+
+
+def test_rgb_becomes_luminance():
+    rgb = np.zeros((20, 30, 3), dtype=np.uint8)
+    rgb[..., 1] = 200  # pure green
+    ds = make_dataset(rgb, photometric="RGB")
+    gray = to_grayscale(decode_pixels(read_dicom(to_bytes(ds))), ds)
+    assert gray.shape == (20, 30)
+    np.testing.assert_allclose(gray, 0.587 * 200, rtol=1e-5)
+    assert preprocess(read_dicom(to_bytes(ds)), SPEC).shape == (64, 64)
+
+
+def test_image_statistics_in_unit_range():
+    mean, std = image_statistics(np.array([[0, 255]], dtype=np.uint8))
+    assert mean == pytest.approx(0.5) and std == pytest.approx(0.5)
+    mean16, _ = image_statistics(np.array([[0, 65535]], dtype=np.uint16))
+    assert mean16 == pytest.approx(0.5)
+
+
+# Real files with a VOI LUT Sequence, a window, a Modality LUT Sequence, or none of them.
+REFERENCE_CASES = [
+    "radiographs/fodicom__GH133.dcm",  # three VOI LUT sequences
+    "radiographs/fodicom__CR-ModalitySequenceLUT.dcm",  # Modality LUT Sequence
+    "radiographs/dwv__gdcm-CR-MONO1-10-chest.dcm",  # window centre/width
+    "other/pydicom-data-git__vlut_04.dcm",  # VOI LUT Sequence
+    "other/pydicom-data-git__mlut_18.dcm",  # Modality LUT, signed
+    "other/orthanc__1.2.840.10008.1.2.4.51.dcm",  # window, 12-bit JPEG Extended via GDCM
+]
+
+
+@needs_samples
+@pytest.mark.parametrize("name", REFERENCE_CASES)
+@pytest.mark.filterwarnings("ignore:Applying a VOI LUT on a float")  # pydicom's own reference path
+def test_windowing_matches_pydicom_reference(name):
+    ds = read_dicom(SAMPLES / name)
+    stored = decode_pixels(ds)
+    reference = apply_voi_lut(apply_modality_lut(stored, ds), ds).astype(np.float64)
+    ours = apply_window(stored, ds, SPEC).astype(np.float64)
+    assert ours.shape == reference.shape and np.isfinite(ours).all()
+    assert 0.0 <= ours.min() and ours.max() <= 1.0
+    # no VOI: ours is the percentile window of the modality output, clipped only at the tails
+    assert np.corrcoef(ours.ravel(), reference.ravel())[0, 1] > 0.999
+
+
+@needs_samples
+def test_palette_colour_sample_becomes_grayscale():
+    ds = read_dicom(SAMPLES / "other" / "pydicom-data-git__gdcm-US-ALOKA-16_big.dcm")
+    out = preprocess(ds, SPEC)
+    assert out.shape == (64, 64) and 10 < out.mean() < 200
+
+
+def test_contact_sheet_has_the_grid_size(tmp_path):
+    arrays = [np.full((16, 16), v, dtype=np.uint8) for v in (0, 64, 128, 192, 255)]
+    path = contact_sheet(arrays, [f"tile {i}" for i in range(5)], tmp_path / "sheet.png", columns=3, scale=2)
+    with Image.open(path) as sheet:
+        assert sheet.size == (3 * 32, 2 * (32 + LABEL_HEIGHT))
+        assert sheet.getpixel((40, 5)) == 64  # second tile's pixels
+
+
+@needs_samples
+def test_contact_sheet_of_real_radiographs(tmp_path):
+    names = [
+        "dwv__gdcm-CR-MONO1-10-chest.dcm",
+        "orthanc__KarstenHilbertRF.dcm",
+        "wg04__XA1_JPLY.dcm",
+        "wg04__RG3_JPLY.dcm",
+        "pydicom-data-git__RG3_J2KI.dcm",
+        "covid-chest-imaging-database__1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888.dcm",
+    ]
+    arrays = [preprocess(read_dicom(SAMPLES / "radiographs" / n), SPEC) for n in names]
+    for array in arrays:
+        assert array.shape == (64, 64) and array.std() > 10
+    path = contact_sheet(arrays, [n.split("__")[-1][:12] for n in names], tmp_path / "radiographs.png", columns=3)
+    with Image.open(path) as sheet:
+        assert sheet.size == (3 * 128, 2 * (128 + LABEL_HEIGHT))

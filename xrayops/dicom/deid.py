@@ -1,0 +1,94 @@
+"""De-identification: keyed pseudonyms and an allow-list of non-PHI metadata.
+
+PHI never leaves ingestion (DESIGN.md). Nothing here copies a tag by default: `safe_metadata`
+returns only the named technical fields, and identifiers only as keyed HMAC pseudonyms, so
+without the key a pseudonym cannot be linked back to a UID or patient ID.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+# 16 hex digits = 64 bits: collision odds about n^2 / 2^65, negligible for millions of images.
+PSEUDONYM_HEX_DIGITS = 16
+MAX_TEXT_CHARS = 64
+
+
+def pseudonymize(value: str, key: bytes | str, prefix: str = "") -> str:
+    """Stable keyed pseudonym `prefix + hex`; the prefix also separates namespaces (img-/stu-/pat-)."""
+    key_bytes = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+    message = f"{prefix}\x00{value}".encode()
+    digest = hmac.new(key_bytes, message, hashlib.sha256).hexdigest()
+    return f"{prefix}{digest[:PSEUDONYM_HEX_DIGITS]}"
+
+
+def safe_metadata(ds: Dataset, key: bytes | str) -> dict:
+    """The ManifestRow fields a Dataset may contribute, with identifiers pseudonymised.
+
+    image_id/study_id/patient_id are "" when the file lacks the UID. A file without a Patient ID
+    gets its study pseudonym as patient, so its images still share one split.
+    """
+    sop_uid = _text(ds, "SOPInstanceUID")
+    study_uid = _text(ds, "StudyInstanceUID")
+    patient = _text(ds, "PatientID")
+    transfer_syntax = ""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "")
+    return {
+        "image_id": pseudonymize(sop_uid, key, "img-") if sop_uid else "",
+        "study_id": pseudonymize(study_uid, key, "stu-") if study_uid else "",
+        "patient_id": (
+            pseudonymize(patient, key, "pat-")
+            if patient
+            else (pseudonymize(study_uid, key, "pat-") if study_uid else "")
+        ),
+        "modality": _text(ds, "Modality"),
+        "photometric_interpretation": _text(ds, "PhotometricInterpretation"),
+        "transfer_syntax": transfer_syntax[:MAX_TEXT_CHARS],
+        "bits_stored": _int(ds, "BitsStored"),
+        "body_part_raw": _text(ds, "BodyPartExamined"),
+        "view_position": _text(ds, "ViewPosition"),
+        "laterality": _text(ds, "ImageLaterality") or _text(ds, "Laterality"),
+        "manufacturer": _text(ds, "Manufacturer"),
+        "pixel_spacing": pixel_spacing_mm(ds),
+        "original_rows": _int(ds, "Rows"),
+        "original_cols": _int(ds, "Columns"),
+    }
+
+
+def pixel_spacing_mm(ds: Dataset) -> float | None:
+    """Row spacing in mm from PixelSpacing, else ImagerPixelSpacing (projection radiographs)."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            value = ds.get(keyword)
+            first = value[0] if isinstance(value, (MultiValue, list, tuple)) else value
+            spacing = float(first)
+        except (TypeError, ValueError, IndexError):
+            continue
+        if math.isfinite(spacing) and spacing > 0:
+            return spacing
+    return None
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword, "")
+    except Exception:  # a malformed element must not stop ingestion of the rest
+        return ""
+    if value is None:
+        return ""
+    if isinstance(value, (MultiValue, list, tuple)):
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip()[:MAX_TEXT_CHARS]
+
+
+def _int(ds: Dataset, keyword: str) -> int:
+    try:
+        return int(ds.get(keyword) or 0)
+    except (TypeError, ValueError):
+        return 0

@@ -1,0 +1,158 @@
+"""Predictions from a loaded model bundle: region, calibrated confidence, out-of-domain score,
+and whether the image's own PACS tag disagrees with a confident prediction (paper 000: such
+disagreements found the wrong labels)."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+from pydicom.dataset import Dataset
+
+from xrayops.bundle import LoadedBundle
+from xrayops.contracts import InferenceLogRecord, InferenceResponse
+from xrayops.data.dataset import to_unit_float
+from xrayops.models.heads import energy_score
+from xrayops.regions import UNKNOWN
+
+
+class InferenceInputError(ValueError):
+    """An input image that cannot be predicted, with its position in the request."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"input {index}: {reason}")
+        self.index = index
+        self.reason = reason
+
+
+def model_version(bundle: LoadedBundle) -> str:
+    """Content-addressed version: the first 12 hex digits of the weights' sha256."""
+    return bundle.meta.weights_sha256[:12]
+
+
+def validate_array(index: int, array: np.ndarray, size: int) -> np.ndarray:
+    array = np.asarray(array)
+    if array.shape != (size, size):
+        raise InferenceInputError(index, f"expected a preprocessed ({size}, {size}) image, got shape {array.shape}")
+    if array.dtype not in (np.uint8, np.uint16) and array.dtype.kind != "f":
+        raise InferenceInputError(index, f"pixel dtype {array.dtype} is not uint8, uint16 or float")
+    if array.dtype.kind == "f" and not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
+        raise InferenceInputError(index, "float pixels must be finite and within [0, 1]")
+    return array
+
+
+def label_disagreement(dicom_region: str, region: str, confidence: float, threshold: float) -> bool:
+    """The file's own region tag is known, differs from the prediction, and the model is confident."""
+    return dicom_region != UNKNOWN and dicom_region != region and confidence >= threshold
+
+
+@torch.inference_mode()
+def predict_arrays(
+    bundle: LoadedBundle,
+    arrays: list[np.ndarray],
+    dicom_regions: list[str] | None = None,
+    batch_size: int = 64,
+    version: str | None = None,
+) -> tuple[list[InferenceResponse], np.ndarray]:
+    """Predict preprocessed images (spec size, uint8/uint16 or float in [0, 1]).
+
+    `dicom_regions` are the images' normalised PACS regions (or "unknown"), for the
+    label_disagreement flag. Returns the responses and the embeddings (n, embedding_dim).
+    """
+    meta = bundle.meta
+    if dicom_regions is not None and len(dicom_regions) != len(arrays):
+        raise ValueError(f"{len(arrays)} images but {len(dicom_regions)} dicom_regions")
+    size = meta.preprocessing.size
+    images = [to_unit_float(validate_array(i, a, size)) for i, a in enumerate(arrays)]
+    logits, embeddings = [], []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack(images[start : start + batch_size]).unsqueeze(1).to(bundle.device)
+        batch_logits, batch_embeddings = bundle.model.forward_with_embedding(batch)
+        logits.append(batch_logits.float().cpu())
+        embeddings.append(batch_embeddings.float().cpu())
+    if not images:
+        return [], np.zeros((0, meta.embedding_dim), dtype=np.float32)
+    logits_t = torch.cat(logits)
+    probabilities = torch.softmax(logits_t / meta.temperature, dim=1).numpy()
+    scores = energy_score(logits_t, meta.temperature).numpy()
+    version = version if version is not None else model_version(bundle)
+
+    responses = []
+    for i, probs in enumerate(probabilities):
+        best = int(probs.argmax())
+        region, confidence = meta.classes[best], float(probs[best])
+        dicom_region = (dicom_regions[i] if dicom_regions else UNKNOWN) or UNKNOWN
+        if dicom_region not in meta.classes:
+            dicom_region = UNKNOWN
+        score = float(scores[i])
+        responses.append(
+            InferenceResponse(
+                region=region,
+                confidence=confidence,
+                probabilities={c: float(p) for c, p in zip(meta.classes, probs)},
+                ood_score=score,
+                ood=None if meta.ood_threshold is None else score > meta.ood_threshold,
+                dicom_region=dicom_region,
+                label_disagreement=label_disagreement(dicom_region, region, confidence, meta.confidence_threshold),
+                model_name=meta.name,
+                model_version=version,
+            )
+        )
+    return responses, torch.cat(embeddings).numpy()
+
+
+def predict_datasets(
+    bundle: LoadedBundle,
+    datasets: list[Dataset],
+    request_id: str,
+    key: str | None = None,
+    version: str | None = None,
+) -> tuple[list[InferenceResponse], list[InferenceLogRecord]]:
+    """Preprocess DICOM datasets exactly as ingestion did (the bundle's spec), predict, and
+    build one log record per image for monitoring. `key` pseudonymises ids (default: settings).
+
+    Raises InferenceInputError naming the first image that cannot be decoded.
+    """
+    from xrayops.dicom.decode import DicomError
+    from xrayops.dicom.deid import safe_metadata
+    from xrayops.dicom.labels import region_from_dataset
+    from xrayops.dicom.pixels import image_statistics, preprocess
+
+    if key is None:
+        from xrayops.config import get_settings
+
+        key = get_settings().deid_key.get_secret_value()
+    arrays, regions, metadata = [], [], []
+    for i, ds in enumerate(datasets):
+        try:
+            arrays.append(preprocess(ds, bundle.meta.preprocessing))
+        except DicomError as exc:
+            raise InferenceInputError(i, f"{exc.reason}: {exc.detail}") from exc
+        regions.append(region_from_dataset(ds)[1])
+        metadata.append(safe_metadata(ds, key))
+    responses, embeddings = predict_arrays(bundle, arrays, regions, version=version)
+    now = datetime.now(timezone.utc)
+    records = []
+    for response, array, embedding, meta in zip(responses, arrays, embeddings, metadata):
+        pixel_mean, pixel_std = image_statistics(array)
+        records.append(
+            InferenceLogRecord(
+                timestamp=now,
+                request_id=request_id,
+                model_name=response.model_name,
+                model_version=response.model_version,
+                image_id=str(meta.get("image_id", "")),
+                manufacturer=str(meta.get("manufacturer", "")),
+                photometric_interpretation=str(meta.get("photometric_interpretation", "")),
+                pixel_spacing=meta.get("pixel_spacing"),
+                pixel_mean=pixel_mean,
+                pixel_std=pixel_std,
+                region=response.region,
+                confidence=response.confidence,
+                dicom_region=response.dicom_region,
+                label_disagreement=response.label_disagreement,
+                ood_score=response.ood_score,
+                embedding=[float(v) for v in embedding],
+            )
+        )
+    return responses, records

@@ -1,0 +1,63 @@
+"""One monitoring pass: a current window (inference log or manifest) against the training
+manifest, giving the drift report, the online rates and the retrain decision."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from pydantic import BaseModel
+
+from xrayops.config import Settings, get_settings
+from xrayops.contracts import ModelBundleMeta
+from xrayops.inference_log import read_log
+from xrayops.monitor.decision import RetrainDecision, decide_retrain, label_noise_rate, ood_rate
+from xrayops.monitor.drift import DriftResult, drift_report, is_inference_log
+
+RESULT_NAME = "monitor.json"
+# Without the served bundle at hand, judge tags against the bundle default for "confident".
+DEFAULT_MIN_CONFIDENCE = ModelBundleMeta.model_fields["confidence_threshold"].default
+
+
+class MonitorResult(BaseModel):
+    drift: DriftResult
+    label_noise_rate: float | None = None
+    ood_rate: float | None = None
+    decision: RetrainDecision
+    result_path: Path
+
+
+def read_window(path: str | Path) -> pd.DataFrame:
+    """An inference log folder, or a manifest / log parquet file."""
+    path = Path(path)
+    if path.is_dir():
+        return read_log(path)
+    if path.is_file():
+        return pd.read_parquet(path)
+    raise FileNotFoundError(f"no inference log or manifest at {path}")
+
+
+def monitor_window(
+    reference: str | Path,
+    current: str | Path,
+    out_dir: str | Path,
+    settings: Settings | None = None,
+    bundle_meta: ModelBundleMeta | None = None,
+) -> MonitorResult:
+    """Drift of `current` against the `reference` manifest, plus the label-noise and OOD
+    rates when `current` is an inference log, and the retrain decision; also written to
+    `out_dir/monitor.json`. `bundle_meta` (the served bundle) supplies the confidence and
+    OOD thresholds; without it the OOD rate is not measured."""
+    settings = settings or get_settings()
+    ref_df, cur_df = read_window(reference), read_window(current)
+    drift = drift_report(ref_df, cur_df, out_dir)
+    noise = ood = None
+    if is_inference_log(cur_df):
+        min_confidence = bundle_meta.confidence_threshold if bundle_meta else DEFAULT_MIN_CONFIDENCE
+        noise = label_noise_rate(cur_df, min_confidence)
+        if bundle_meta is not None and bundle_meta.ood_threshold is not None:
+            ood = ood_rate(cur_df, bundle_meta.ood_threshold)
+    decision = decide_retrain(drift, label_noise_rate=noise, ood_rate=ood, settings=settings)
+    result_path = Path(out_dir) / RESULT_NAME
+    result = MonitorResult(drift=drift, label_noise_rate=noise, ood_rate=ood, decision=decision, result_path=result_path)
+    result_path.write_text(result.model_dump_json(indent=2))
+    return result
