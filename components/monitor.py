@@ -14,15 +14,13 @@ def monitor_op(
     from collections import namedtuple
     from pathlib import Path
 
-    from xrayops.config import get_settings
-    from xrayops.data.manifest import read_manifest
-    from xrayops.monitor import decide_retrain, drift_report
+    from xrayops.monitor import monitor_window
 
-    ref = read_manifest(Path(reference.path) / "manifest.parquet")
-    cur = read_manifest(Path(current.path) / "manifest.parquet")
-    out = Path(report.path).parent / "drift"
-    drift = drift_report(ref[ref.status == "ok"], cur[cur.status == "ok"], out)
-    decision = decide_retrain(drift, label_noise_rate=None, ood_rate=None, settings=get_settings())
-    shutil.copyfile(drift.html_path, report.path)
-    report.metadata.update({"retrain": decision.retrain, "reasons": decision.reasons})
-    return namedtuple("MonitorOut", ["retrain", "drift_share"])(decision.retrain, drift.drift_share)
+    result = monitor_window(
+        Path(reference.path) / "manifest.parquet",
+        Path(current.path) / "manifest.parquet",
+        Path(report.path).parent / "monitor",
+    )
+    shutil.copyfile(result.drift.html_path, report.path)
+    report.metadata.update({"retrain": result.decision.retrain, "reasons": result.decision.reasons})
+    return namedtuple("MonitorOut", ["retrain", "drift_share"])(result.decision.retrain, result.drift.drift_share)

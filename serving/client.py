@@ -27,9 +27,22 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
+def _param_text(value) -> str:
+    """A v2 parameter may arrive as a plain value or as an InferParameter-like object."""
+    if value is None:
+        return ""
+    for attr in ("string_param", "value"):
+        if hasattr(value, attr):
+            return str(getattr(value, attr))
+    return str(value)
+
+
 def parse_infer_response(response: InferResponse) -> list[InferenceResponse]:
     out = {o.name: o.as_numpy() for o in response.outputs}
     probs = out["probabilities"]
+    # kserve's InferResponse.from_bytes drops model_version; the server repeats it in parameters.
+    params = response.parameters or {}
+    version = response.model_version or _param_text(params.get("model_version")) or ""
     results = []
     for i in range(probs.shape[0]):
         results.append(
@@ -42,7 +55,7 @@ def parse_infer_response(response: InferResponse) -> list[InferenceResponse]:
                 dicom_region=_text(out["dicom_region"][i]) if "dicom_region" in out else "unknown",
                 label_disagreement=bool(out["label_disagreement"][i]) if "label_disagreement" in out else False,
                 model_name=response.model_name or "",
-                model_version=response.model_version or "",
+                model_version=version,
             )
         )
     return results

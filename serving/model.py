@@ -19,6 +19,7 @@ from xrayops.bundle import BundleError, LoadedBundle, load_bundle
 from xrayops.inference import InferenceInputError, model_version, predict_arrays, predict_datasets
 from xrayops.inference_log import append_records, records_for_arrays
 from xrayops.logs import get_logger
+from xrayops.train.runtime import resolve_device
 
 log = get_logger(__name__)
 
@@ -30,7 +31,7 @@ class XrayModel(Model):
         bundle_dir: str | Path,
         log_path: str | Path | None = None,
         version: str | None = None,
-        device: str = "cpu",
+        device: str = "auto",
     ) -> None:
         super().__init__(name)
         self.bundle_dir = Path(bundle_dir)
@@ -43,10 +44,10 @@ class XrayModel(Model):
     def load(self) -> bool:
         """Load and verify the bundle; on any failure stay not-ready and keep the reason."""
         try:
-            bundle = load_bundle(self.bundle_dir, device=self.device)
+            bundle = load_bundle(self.bundle_dir, device=resolve_device(self.device))
             if self.log_path is not None:
                 self.log_path.mkdir(parents=True, exist_ok=True)
-        except (BundleError, OSError) as exc:
+        except (BundleError, RuntimeError, OSError) as exc:  # RuntimeError: CUDA asked for, none present
             self.bundle, self.ready, self.load_error = None, False, str(exc)
             log.error("model not ready", model=self.name, bundle=str(self.bundle_dir), error=self.load_error)
             return False
@@ -107,7 +108,9 @@ class XrayModel(Model):
                 responses, embeddings = predict_arrays(self.bundle, list(decoded.pixels), version=self.version)
                 records = records_for_arrays(responses, decoded.pixels, embeddings, decoded.request_id)
             else:
-                responses, records = predict_datasets(self.bundle, decoded.datasets, decoded.request_id, version=self.version)
+                responses, records = predict_datasets(
+                    self.bundle, decoded.datasets, decoded.request_id, version=self.version
+                )
         except InferenceInputError as exc:
             raise InvalidInput(f"image {exc.index} cannot be predicted: {exc.reason}") from exc
         if self.log_path is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import struct
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -112,7 +113,7 @@ def decode_v2(request: InferRequest, size: int, request_id: str) -> DecodedReque
     tensor = request.inputs[0]
     try:
         values = tensor.as_numpy()
-    except (ValueError, TypeError) as exc:  # data that does not fit the declared shape or type
+    except (ValueError, TypeError, struct.error) as exc:  # data that does not fit its declared shape or type
         raise InvalidInput(f"input '{tensor.name}' cannot be read as {tensor.datatype} {tensor.shape}: {exc}") from exc
     if tensor.name == INPUT_DICOM:
         if tensor.datatype != "BYTES":
@@ -148,16 +149,13 @@ def decode_v1(body, request_id: str) -> DecodedRequest:
 def encode_v2(
     responses: list[InferenceResponse], classes: list[str], model_name: str, version: str, decoded: DecodedRequest
 ) -> InferResponse:
-    n = len(responses)
+    probabilities = [[r.probabilities[c] for c in classes] for r in responses]
+    ood_scores = [np.nan if r.ood_score is None else r.ood_score for r in responses]
     columns = [
         ("region", "BYTES", np.array([r.region for r in responses], dtype=np.object_)),
         ("confidence", "FP32", np.array([r.confidence for r in responses], dtype=np.float32)),
-        (
-            "probabilities",
-            "FP32",
-            np.array([[r.probabilities[c] for c in classes] for r in responses], dtype=np.float32).reshape(n, len(classes)),
-        ),
-        ("ood_score", "FP32", np.array([np.nan if r.ood_score is None else r.ood_score for r in responses], dtype=np.float32)),
+        ("probabilities", "FP32", np.array(probabilities, dtype=np.float32).reshape(len(responses), len(classes))),
+        ("ood_score", "FP32", np.array(ood_scores, dtype=np.float32)),
     ]
     if responses and responses[0].ood is not None:
         columns.append(("ood", "BOOL", np.array([bool(r.ood) for r in responses], dtype=bool)))

@@ -86,11 +86,11 @@ def infer_request_from_binary(body: bytes, json_length: int, model_name: str) ->
                 raise InvalidInput(f"input '{tensor.name}' has neither 'data' nor 'binary_data_size'")
             inputs.append(tensor)
         outputs = [RequestedOutput(o["name"], o.get("parameters")) for o in header.get("outputs") or []]
+    except InvalidInput:
+        raise
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"the request's JSON header is not valid JSON: {exc}") from exc
-    except (KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, InvalidInput):
-            raise
+    except (KeyError, TypeError, ValueError) as exc:  # a field missing or of the wrong kind
         raise InvalidInput(f"malformed v2 request header: {exc!r}") from exc
     return InferRequest(
         model_name=model_name,
@@ -215,7 +215,7 @@ def serve(
     log_path: str | Path | None = None,
     model_name: str | None = None,
     model_version: str | None = None,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> None:
     """Serve a bundle until SIGTERM/SIGINT. `grpc_port=None` serves REST only.
 
@@ -247,6 +247,7 @@ class ServerProcess:
     grpc_address: str | None
     model_name: str
     output_path: Path
+    owns_output: bool = False  # a temp file we created: removed on stop
     stopped: bool = field(default=False)
 
     @property
@@ -268,6 +269,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.owns_output:
+            self.output_path.unlink(missing_ok=True)
         self.stopped = True
         return self.process.returncode
 
@@ -301,7 +304,8 @@ def start_server_process(
     name = model_name or read_bundle_meta(Path(bundle_dir)).name
     http_port = http_port or free_port(host)
     grpc_port = (grpc_port or free_port(host)) if enable_grpc else None
-    if output_path is None:
+    owns_output = output_path is None
+    if owns_output:
         handle, path = tempfile.mkstemp(prefix="xrayops-serve-", suffix=".log")
         os.close(handle)
         output_path = path
@@ -323,16 +327,22 @@ def start_server_process(
         grpc_address=f"{url_host}:{grpc_port}" if grpc_port else None,
         model_name=name,
         output_path=output_path,
+        owns_output=owns_output,
     )
     deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with code {process.returncode}:\n{server.output_tail()}")
+            break
         if _http_ok(f"{server.url}/v2/health/ready") and _http_ok(f"{server.url}/v2/models/{name}/ready"):
             return server
         time.sleep(0.3)
+    problem = (
+        f"server exited with code {process.returncode}" if process.poll() is not None
+        else f"server not ready within {startup_timeout:.0f}s"
+    )
+    output = server.output_tail()
     server.stop()
-    raise RuntimeError(f"server not ready within {startup_timeout:.0f}s:\n{server.output_tail()}")
+    raise RuntimeError(f"{problem}:\n{output}")
 
 
 @contextmanager
@@ -356,15 +366,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-path", type=Path, default=None, help="inference log folder")
     parser.add_argument("--model-name", default=None, help="served name (default: the bundle's)")
     parser.add_argument("--model-version", default=None, help="served version (default: weights hash)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda (default: XRAYOPS_DEVICE)")
     args = parser.parse_args(argv)
     from xrayops.config import get_settings
 
-    log_path = args.log_path or get_settings().inference_log_path
+    settings = get_settings()
+    log_path = args.log_path or settings.inference_log_path
     try:
         serve(
             args.bundle, host=args.host, http_port=args.http_port, grpc_port=None if args.no_grpc else args.grpc_port,
-            log_path=log_path, model_name=args.model_name, model_version=args.model_version, device=args.device,
+            log_path=log_path, model_name=args.model_name, model_version=args.model_version,
+            device=args.device or settings.device,
         )
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,17 @@ def make_dataset(
     phi: bool = True,
     **tags: object,
 ) -> Dataset:
-    """A native (uncompressed) Explicit VR Little Endian dataset; `tags` are set last."""
+    """A native (uncompressed) Explicit VR Little Endian dataset; `tags` are set last.
+
+    Free text such as "Knie re" breaks the CS rules just like real PACS data; pydicom's
+    validation warnings about it are silenced here.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _make_dataset(pixels, photometric, bits_stored, body_part, patient_id, sop_uid, study_uid, phi, tags)
+
+
+def _make_dataset(pixels, photometric, bits_stored, body_part, patient_id, sop_uid, study_uid, phi, tags) -> Dataset:
     if pixels is None:
         pixels = ramp(bits=bits_stored)
     meta = FileMetaDataset()

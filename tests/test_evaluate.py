@@ -50,13 +50,15 @@ def test_metrics_against_tags_and_truth(setup, tmp_path):
     assert m["pacs_label_error_rate"] == pytest.approx(np.mean(rows["region"].to_numpy()[both] != true[both]))
     assert m["pacs_label_error_rate"] > 0  # mislabel_rate 0.2
     assert m["ood_detection_rate"] == pytest.approx(np.mean([r.ood for r in responses[:2]]))
-    assert result.headline["pacs_accuracy"] == m["vs_pacs"]["accuracy"]
-    assert result.headline["truth_chance_uniform"] == pytest.approx(1 / 14)
+    # Flat scalars on top for lineage/MLflow: unprefixed vs the tags, truth_* vs the truth.
+    assert m["accuracy"] == m["vs_pacs"]["accuracy"] and m["truth_accuracy"] == m["vs_truth"]["accuracy"]
+    assert m["truth_chance_uniform"] == pytest.approx(1 / 14)
+    assert m["chance_accuracy"] == max(m["chance_uniform"], m["chance_majority"])
 
     assert json.loads(result.metrics_path.read_text()) == json.loads(json.dumps(m))
     assert result.confusion_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result.truth_confusion_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    page = result.report_html.read_text()
+    page = result.html_path.read_text()
     assert page.count("data:image/png;base64,") == 2 and "vs true regions" in page and "pelvis_hip" in page
 
 
@@ -64,7 +66,7 @@ def test_without_truth_only_tags_are_scored(setup, tmp_path):
     tiny, bundle_dir = setup
     result = evaluate_bundle(bundle_dir, tiny.data_dir, tmp_path, "val")
     assert "vs_truth" not in result.metrics and result.truth_confusion_png is None
-    assert result.metrics["split"] == "val" and result.report_html.exists()
+    assert result.metrics["split"] == "val" and result.html_path.exists()
 
 
 def test_refuses_data_preprocessed_differently(setup, tmp_path):

@@ -86,7 +86,8 @@ def test_same_distribution_shows_little_drift_and_no_retrain(tmp_path):
 def test_shifted_window_drifts_and_triggers_retrain_naming_the_columns(tmp_path):
     rng = np.random.default_rng(2)
     reference = manifest_frame(400, rng)
-    current = log_frame(manifest_frame(200, rng, mean_shift=0.1, std_shift=0.05, manufacturers=("ACME", "Initech")), rng)
+    shifted = manifest_frame(200, rng, mean_shift=0.1, std_shift=0.05, manufacturers=("ACME", "Initech"))
+    current = log_frame(shifted, rng)
     drift = drift_report(reference, current, tmp_path)
     assert {"pixel_mean", "pixel_std", "manufacturer"} <= set(drift.drifted_columns)
     assert drift.drift_share >= 0.5

@@ -13,7 +13,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from xrayops.contracts import PreprocessingSpec
 from xrayops.dicom.contact_sheet import LABEL_HEIGHT, contact_sheet
-from xrayops.dicom.decode import decode_pixels, read_dicom
+from xrayops.dicom.decode import DicomError, decode_pixels, read_dicom
 from xrayops.dicom.pixels import (
     apply_window,
     image_statistics,
@@ -168,6 +168,13 @@ def test_rgb_becomes_luminance():
     assert gray.shape == (20, 30)
     np.testing.assert_allclose(gray, 0.587 * 200, rtol=1e-5)
     assert preprocess(read_dicom(to_bytes(ds)), SPEC).shape == (64, 64)
+
+
+def test_palette_without_its_lut_is_a_dicom_error():
+    ds = make_dataset(ramp(bits=8), photometric="PALETTE COLOR", bits_stored=8)
+    with pytest.raises(DicomError) as info:
+        preprocess(read_dicom(to_bytes(ds)), SPEC)
+    assert info.value.reason == "unsupported_photometric"
 
 
 def test_image_statistics_in_unit_range():

@@ -67,7 +67,9 @@ def bundle_dir(tmp_path_factory) -> Path:
         classes=list(REGIONS), preprocessing=PreprocessingSpec(size=SIZE), ood_threshold=0.0,
         # Random weights are never confident; a low bar lets the disagreement flag show.
         confidence_threshold=0.0,
-        lineage=Lineage(dataset_md5="abc.dir", git_commit="deadbeef", pipeline_run="test-run", metrics={"accuracy": 0.5}),
+        lineage=Lineage(
+            dataset_md5="abc.dir", git_commit="deadbeef", pipeline_run="test-run", metrics={"accuracy": 0.5}
+        ),
     )
     path = tmp_path_factory.mktemp("bundle") / "bundle"
     save_bundle(path, model, meta)
@@ -109,7 +111,8 @@ def dicom_request(blobs: list[bytes], binary: bool) -> InferRequest:
         tensor.set_data_from_numpy(np.array(blobs, dtype=np.object_), binary_data=True)
     else:
         tensor.data = [base64.b64encode(b).decode() for b in blobs]
-    return InferRequest(model_name="xray-test", infer_inputs=[tensor], request_id="req-binary" if binary else "req-json")
+    request_id = "req-binary" if binary else "req-json"
+    return InferRequest(model_name="xray-test", infer_inputs=[tensor], request_id=request_id)
 
 
 def outputs_of(response) -> dict[str, np.ndarray]:
@@ -151,15 +154,45 @@ def test_not_dicom_is_a_400_with_a_message(server):
 @pytest.mark.parametrize(
     "body, message",
     [
-        ({"inputs": [{"name": "pixels", "shape": [1, SIZE - 1, SIZE], "datatype": "FP32", "data": [0.5] * SIZE * (SIZE - 1)}]},
-         "must have shape [N, 32, 32]"),
-        ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["AAAA"]}]}, "expected one input named"),
+        (
+            {"inputs": [{"name": "pixels", "shape": [1, SIZE - 1, SIZE], "datatype": "FP32",
+                         "data": [0.5] * SIZE * (SIZE - 1)}]},
+            "must have shape [N, 32, 32]",
+        ),
+        (
+            {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["AAAA"]}]},
+            "expected one input named",
+        ),
         ({"inputs": [{"name": "dicom", "shape": [0], "datatype": "BYTES", "data": []}]}, "no images"),
         ({"inputs": [{"name": "dicom", "shape": [1], "datatype": "BYTES", "data": ["***"]}]}, "not valid base64"),
     ],
 )
 def test_bad_v2_requests_are_400s(server, body, message):
     response = httpx.post(f"{server.url}/v2/models/{server.model_name}/infer", json=body, timeout=60)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+def binary_body(declared_size: int, payload: bytes) -> tuple[bytes, dict]:
+    header = json.dumps({"inputs": [{"name": "dicom", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": declared_size}}]}).encode()
+    headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))}
+    return header + payload, headers
+
+
+@pytest.mark.parametrize(
+    "body_and_headers, message",
+    [
+        (binary_body(100, b"\x04\x00\x00\x00abcd"), "declares 100 bytes but the body holds 8"),
+        # The element claims 255 bytes but only 4 follow.
+        (binary_body(8, b"\xff\x00\x00\x00abcd"), "cannot be read as BYTES"),
+        ((b"\x00\x01 not json", {"content-type": "application/octet-stream"}), "inference-header-content-length"),
+    ],
+)
+def test_malformed_binary_requests_are_400s(server, body_and_headers, message):
+    body, headers = body_and_headers
+    url = f"{server.url}/v2/models/{server.model_name}/infer"
+    response = httpx.post(url, content=body, headers=headers, timeout=60)
     assert response.status_code == 400
     assert message in response.json()["error"]
 
@@ -195,7 +228,8 @@ def test_v2_pixels_input(server):
     pixels = np.random.default_rng(0).random((2, SIZE, SIZE)).astype(np.float32)
     tensor = InferInput(name="pixels", shape=[2, SIZE, SIZE], datatype="FP32")
     tensor.set_data_from_numpy(pixels, binary_data=True)
-    out = outputs_of(infer_v2(server, InferRequest(model_name="xray-test", infer_inputs=[tensor], request_id="req-pixels")))
+    request = InferRequest(model_name="xray-test", infer_inputs=[tensor], request_id="req-pixels")
+    out = outputs_of(infer_v2(server, request))
     assert out["probabilities"].shape == (2, len(REGIONS))
     assert [r.decode() if isinstance(r, bytes) else r for r in out["dicom_region"]] == ["unknown", "unknown"]
 
@@ -250,7 +284,8 @@ def plain_ip(ip: str) -> str:
 
 def test_sockets_are_bound_to_loopback_only(server):
     process = psutil.Process(server.pid)
-    connections = process.net_connections("inet") if hasattr(process, "net_connections") else process.connections("inet")
+    # psutil renamed connections() to net_connections() in 6.0.
+    connections = (process.net_connections if hasattr(process, "net_connections") else process.connections)("inet")
     listening = [c.laddr for c in connections if c.status == psutil.CONN_LISTEN]
     http_port = int(server.url.rsplit(":", 1)[1])
     grpc_port = int(server.grpc_address.rsplit(":", 1)[1])
@@ -280,6 +315,9 @@ def test_tampered_bundle_never_becomes_ready(bundle_dir, tmp_path):
     assert model.ready is False and "sha256" in model.load_error
     with pytest.raises(RuntimeError, match="not ready: .*sha256"):
         serve(tampered, http_port=1, grpc_port=None)
+    # The real entry point exits with a message instead of serving.
+    with pytest.raises(RuntimeError, match="exited with code 2(.|\n)*sha256"):
+        start_server_process(tampered, enable_grpc=False)
 
 
 def test_dicom_bytes_accepts_raw_and_base64(dicoms):

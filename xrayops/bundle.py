@@ -48,9 +48,8 @@ def save_bundle(bundle_dir: Path, model: RegionClassifier, meta: ModelBundleMeta
     bundle_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save(state, bundle_dir / WEIGHTS)
-    meta = meta.model_copy(
-        update={"weights_sha256": file_sha256(bundle_dir / WEIGHTS), "created_at": meta.created_at or datetime.now(timezone.utc)}
-    )
+    created_at = meta.created_at or datetime.now(timezone.utc)
+    meta = meta.model_copy(update={"weights_sha256": file_sha256(bundle_dir / WEIGHTS), "created_at": created_at})
     (bundle_dir / META).write_text(meta.model_dump_json(indent=2))
     return meta
 
@@ -74,7 +73,9 @@ def load_bundle(bundle_dir: Path, device: str | torch.device = "cpu") -> LoadedB
         raise BundleError(f"not a model bundle: {weights} is missing")
     actual = file_sha256(weights)
     if actual != meta.weights_sha256:
-        raise BundleIntegrityError(f"{weights} has sha256 {actual}, but {bundle_dir / META} records {meta.weights_sha256!r}")
+        raise BundleIntegrityError(
+            f"{weights} has sha256 {actual}, but {bundle_dir / META} records {meta.weights_sha256!r}"
+        )
     try:
         backbone, embedding_dim = build_backbone(meta.arch)
         if embedding_dim != meta.embedding_dim:
@@ -82,6 +83,8 @@ def load_bundle(bundle_dir: Path, device: str | torch.device = "cpu") -> LoadedB
         model = RegionClassifier(backbone, embedding_dim, len(meta.classes))
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     except Exception as exc:  # unknown arch, wrong shapes, damaged file
-        raise BundleError(f"cannot load {weights} as a {meta.arch} RegionClassifier with {len(meta.classes)} classes: {exc}") from exc
+        raise BundleError(
+            f"cannot load {weights} as a {meta.arch} RegionClassifier with {len(meta.classes)} classes: {exc}"
+        ) from exc
     device = torch.device(device)
     return LoadedBundle(model=model.to(device).eval(), meta=meta, device=device)

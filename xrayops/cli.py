@@ -223,11 +223,14 @@ def monitor(
         "outputs/inference-log"
     ),
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("outputs/monitor"),
+    bundle: Annotated[Optional[Path], typer.Option(help="Served bundle: its confidence and OOD thresholds.")] = None,
 ) -> None:
     """Evidently drift report of the current window against the reference, and the retrain decision."""
-    from xrayops.demo import monitor_window
+    from xrayops.bundle import load_bundle
+    from xrayops.monitor import monitor_window
 
-    result = monitor_window(reference, current, out, get_settings())
+    meta = load_bundle(bundle).meta if bundle else None
+    result = monitor_window(reference, current, out, get_settings(), bundle_meta=meta)
     _print_json(result)
 
 

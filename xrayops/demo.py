@@ -187,13 +187,17 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
         )
 
     def do_monitor():
-        result = monitor_window(data_dir / "manifest.parquet", state["log_path"], out / "monitor", settings)
+        from xrayops.bundle import load_bundle
+
+        meta = load_bundle(state["bundle"]).meta
+        result = monitor_window(data_dir / "manifest.parquet", state["log_path"], out / "monitor", settings, bundle_meta=meta)
         state["decision"] = result
         return (
             {"drift_report": result.drift.html_path},
             {
                 "drift_share": round(result.drift.drift_share, 3),
                 "label_noise_rate": result.label_noise_rate,
+                "ood_rate": result.ood_rate,
                 "retrain": result.decision.retrain,
                 "reasons": result.decision.reasons,
             },

@@ -33,7 +33,9 @@ def model_version(bundle: LoadedBundle) -> str:
 def validate_array(index: int, array: np.ndarray, size: int) -> np.ndarray:
     array = np.asarray(array)
     if array.shape != (size, size):
-        raise InferenceInputError(index, f"expected a preprocessed ({size}, {size}) image, got shape {array.shape}")
+        raise InferenceInputError(
+            index, f"expected a preprocessed ({size}, {size}) image, got shape {array.shape}"
+        )
     if array.dtype not in (np.uint8, np.uint16) and array.dtype.kind != "f":
         raise InferenceInputError(index, f"pixel dtype {array.dtype} is not uint8, uint16 or float")
     if array.dtype.kind == "f" and not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):

@@ -95,10 +95,10 @@ def ingest(
     for stale in shards_dir.glob(SHARD_GLOB):  # a previous, larger run must not leave shards behind
         stale.unlink()
     with ShardWriter(shards_dir, shard_size) as writer:
-        for i, row in enumerate(rows):
-            if row.status == "ok":
-                shard, index = writer.add(pixels[i])
-                rows[i] = row.model_copy(update={"shard": shard, "shard_index": index})
+        for i, image in enumerate(pixels):
+            if image is not None:  # only ok rows keep their pixels
+                shard, index = writer.add(image)
+                rows[i] = rows[i].model_copy(update={"shard": shard, "shard_index": index})
 
     manifest_path = write_manifest(rows, data_dir / "manifest.parquet")
     preprocessing_path = data_dir / "preprocessing.json"
@@ -192,7 +192,7 @@ def _process_all(
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         yield from pool.map(
-            process_file, paths, names, repeat(spec), repeat(key), repeat(synonyms), chunksize=4
+            process_file, paths, names, repeat(spec), repeat(key), repeat(synonyms)
         )
 
 

@@ -118,7 +118,8 @@ def sample_geometry(n: int, params: AugmentParams, device, generator=None) -> to
 
 def warp(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
     """Resample (batch, 1, H, W) through (batch, 2, 3) matrices to (batch, 1, size, size)."""
-    grid = F.affine_grid(theta.to(images.dtype), [images.shape[0], images.shape[1], size, size], align_corners=False)
+    shape = [images.shape[0], images.shape[1], size, size]
+    grid = F.affine_grid(theta.to(images.dtype), shape, align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -160,7 +161,8 @@ def add_gauges(images: torch.Tensor, params: AugmentParams, generator=None) -> t
     for slot in range(2):
         cx = torch.rand(n, 1, 1, device=device, generator=generator) * width
         cy = torch.rand(n, 1, 1, device=device, generator=generator) * height
-        radius = GAUGE_RADIUS * min(height, width) * _uniform(params.gauge_scale, n, device, generator).view(n, 1, 1)
+        scale = _uniform(params.gauge_scale, n, device, generator).view(n, 1, 1)
+        radius = GAUGE_RADIUS * min(height, width) * scale
         opacity = _uniform(params.gauge_opacity, n, device, generator).view(n, 1, 1)
         kind = torch.randint(3, (n,), device=device, generator=generator)
         dist = ((xs - cx) ** 2 + (ys - cy) ** 2).sqrt()
@@ -173,7 +175,7 @@ def add_gauges(images: torch.Tensor, params: AugmentParams, generator=None) -> t
 class BatchAugment(nn.Module):
     """Gauges -> random resized crop + affine (one resampling) -> brightness/contrast.
 
-    Call with a float tensor (1, H, W) or (batch, 1, H, W) in [0, 1]; returns the same layout
+    Call with a square float tensor (1, S, S) or (batch, 1, S, S) in [0, 1]; returns the same layout
     at `size` x `size`. Pass a `torch.Generator` on the tensor's device for reproducible views.
     """
 
@@ -185,8 +187,11 @@ class BatchAugment(nn.Module):
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         single = images.dim() == 3
         batch = images.unsqueeze(0) if single else images
-        if batch.dim() != 4 or batch.shape[1] != 1 or not batch.is_floating_point():
-            raise ValueError(f"expected a float tensor (1, H, W) or (B, 1, H, W), got {tuple(images.shape)} {images.dtype}")
+        square = batch.dim() == 4 and batch.shape[1] == 1 and batch.shape[2] == batch.shape[3]
+        if not square or not batch.is_floating_point():
+            raise ValueError(
+                f"expected a float tensor (1, S, S) or (B, 1, S, S), got {tuple(images.shape)} {images.dtype}"
+            )
         batch = add_gauges(batch, self.params, generator)
         theta = sample_geometry(batch.shape[0], self.params, batch.device, generator)
         batch = jitter(warp(batch, theta, self.size), self.params, generator)
@@ -207,5 +212,7 @@ class TwoViews:
     def __init__(self, transform: BatchAugment) -> None:
         self.transform = transform
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transform(images, generator), self.transform(images, generator)

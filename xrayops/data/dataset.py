@@ -29,7 +29,9 @@ def read_preprocessing(data_dir: Path) -> PreprocessingSpec:
     return PreprocessingSpec.model_validate_json(path.read_text())
 
 
-def read_ok_rows(data_dir: Path, split: str | Sequence[str] | None = None, labelled_only: bool = False) -> pd.DataFrame:
+def read_ok_rows(
+    data_dir: Path, split: str | Sequence[str] | None = None, labelled_only: bool = False
+) -> pd.DataFrame:
     """Manifest rows with status "ok" (optionally one split or several), plus a `label` column."""
     path = Path(data_dir) / "manifest.parquet"
     if not path.is_file():
@@ -60,7 +62,9 @@ def load_images(data_dir: Path, rows: pd.DataFrame) -> np.ndarray:
         array = np.load(path, mmap_mode="r")
         index = group["shard_index"].to_numpy()
         if array.ndim != 3 or index.min() < 0 or index.max() >= len(array):
-            raise DatasetError(f"shard {path} has shape {array.shape}; manifest asks for rows {index.min()}..{index.max()}")
+            raise DatasetError(
+                f"shard {path} has shape {array.shape}; manifest asks for rows {index.min()}..{index.max()}"
+            )
         parts.append(np.asarray(array[index]))
         order.append(group.index.to_numpy())
     if not parts:

@@ -238,7 +238,8 @@ def _decode_with_fallback(ds: Dataset, index: int | None) -> np.ndarray:
         except Exception as exc:  # each backend raises its own types; try the next one
             if "less than expected" in str(exc):
                 raise DicomError("truncated", "pixel data is shorter than rows x columns x frames") from exc
-            failures.append(f"{plugin or 'native'}: {_last_line(exc)}")
+            message = _last_line(exc)  # pydicom already prefixes its plugin's name
+            failures.append(message if plugin and message.startswith(plugin) else f"{plugin or 'native'}: {message}")
     if tsyntax == JPEGExtended12Bit and int(ds.get("SamplesPerPixel") or 1) == 1:
         try:
             return decode_with_gdcm(ds, index or 0)

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from xrayops.contracts import PreprocessingSpec
-from xrayops.dicom.decode import decode_pixels
+from xrayops.dicom.decode import DicomError, decode_pixels
 
 # An edge row/column is border when at least half of it is at or above the border threshold;
 # rotated captures leave white wedges, so "whole row white" would miss them (paper 000, Cleaning).
@@ -53,7 +53,10 @@ def photometric(ds: Dataset) -> str:
 def to_grayscale(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     """Colour (RGB, or palette indices through the palette LUT) to luminance; gray passes through."""
     if photometric(ds) == "PALETTE COLOR" and arr.ndim == 2:
-        arr = apply_color_lut(arr, ds)
+        try:
+            arr = apply_color_lut(arr, ds)
+        except Exception as exc:  # missing or malformed palette LUT descriptors/data
+            raise DicomError("unsupported_photometric", "palette colour LUT could not be applied") from exc
     if arr.ndim == 3:
         return arr[..., :3].astype(np.float32) @ LUMA
     return arr

@@ -21,7 +21,10 @@ from xrayops.data.dataset import DatasetError, load_images, read_ok_rows, read_p
 from xrayops.evaluate.metrics import classification_metrics
 from xrayops.inference import predict_arrays
 
-SCALAR_KEYS = ("n", "accuracy", "balanced_accuracy", "macro_f1", "cohen_kappa", "mcc", "ece", "nll", "chance_uniform", "chance_majority")
+SCALAR_KEYS = (
+    "n", "accuracy", "balanced_accuracy", "macro_f1", "cohen_kappa", "mcc", "ece", "nll",
+    "chance_uniform", "chance_majority",
+)
 
 
 class EvaluationResult(BaseModel):
@@ -53,7 +56,8 @@ def plot_confusion(cm: list[list[int]], classes: list[str], title: str, path: Pa
     ax.set_title(title)
     for (i, j), count in np.ndenumerate(cm_a):
         if count:
-            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > cm_a.max() / 2 else "black")
+            colour = "white" if count > cm_a.max() / 2 else "black"
+            ax.text(j, i, str(count), ha="center", va="center", color=colour)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
@@ -83,7 +87,8 @@ def evaluate_predictions(rows, responses, classes: list[str], truth: dict[str, s
         out_of_domain = known & ~in_domain
         metrics["n_truth_known"] = int(known.sum())
         if in_domain.any():
-            metrics["vs_truth"] = classification_metrics(true[in_domain], predicted[in_domain], classes, probs[in_domain])
+            scores = classification_metrics(true[in_domain], predicted[in_domain], classes, probs[in_domain])
+            metrics["vs_truth"] = scores
             metrics.update(scalar_metrics(metrics["vs_truth"], "truth_"))
             metrics["ood_false_alarm_rate"] = float(ood[in_domain].mean())
         if out_of_domain.any():
@@ -125,13 +130,12 @@ def render_report(metrics: dict, meta_name: str, split: str, images: list[Path])
     sources = [k for k in ("vs_pacs", "vs_truth") if k in metrics]
     titles = {"vs_pacs": "vs PACS tags", "vs_truth": "vs true regions"}
     summary = _table(
-        ["metric", *(titles[s] for s in sources)], [[k, *(_fmt(metrics[s].get(k)) for s in sources)] for k in SCALAR_KEYS]
+        ["metric", *(titles[s] for s in sources)],
+        [[k, *(_fmt(metrics[s].get(k)) for s in sources)] for k in SCALAR_KEYS],
     )
     scored = set(SCALAR_KEYS) | {"chance_accuracy"}
-    other = _table(
-        ["quantity", "value"],
-        [[k, _fmt(v)] for k, v in metrics.items() if not isinstance(v, dict) and k.removeprefix("truth_") not in scored],
-    )
+    rest = {k: v for k, v in metrics.items() if not isinstance(v, dict) and k.removeprefix("truth_") not in scored}
+    other = _table(["quantity", "value"], [[k, _fmt(v)] for k, v in rest.items()])
     classes = metrics[sources[0]]["classes"] if sources else []
     per_class_rows = []
     for c in classes:
@@ -146,16 +150,19 @@ def render_report(metrics: dict, meta_name: str, split: str, images: list[Path])
     )
     style = (
         "body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:60rem;color:#222}"
-        "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .7rem;text-align:right}"
+        "table{border-collapse:collapse;margin:1rem 0}"
+        "td,th{border:1px solid #ccc;padding:.3rem .7rem;text-align:right}"
         "th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}figure{display:inline-block;margin:1rem}"
         "img{max-width:28rem}"
     )
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>xrayops evaluation</title><style>{style}</style></head><body>"
+        "<!doctype html><html><head><meta charset='utf-8'><title>xrayops evaluation</title>"
+        f"<style>{style}</style></head><body>"
         f"<h1>{html.escape(meta_name)}: evaluation on split “{html.escape(split)}”</h1>"
-        f"<p>Chance levels: uniform guessing and always answering the most frequent class.</p>"
-        f"<h2>Summary</h2>{summary}<h2>Detection and labels</h2>{other}<h2>Per class (accuracy = recall)</h2>{per_class}"
-        f"<h2>Confusion matrices</h2>{figures}</body></html>"
+        "<p>Chance levels: uniform guessing (chance_uniform) and always answering the most frequent "
+        "class (chance_majority).</p>"
+        f"<h2>Summary</h2>{summary}<h2>Detection and labels</h2>{other}"
+        f"<h2>Per class (accuracy = recall)</h2>{per_class}<h2>Confusion matrices</h2>{figures}</body></html>"
     )
 
 
@@ -171,7 +178,8 @@ def evaluate_bundle(
     spec = read_preprocessing(data_dir)
     if spec != bundle.meta.preprocessing:
         raise DatasetError(
-            f"{data_dir} was preprocessed with {spec.model_dump()} but the model expects {bundle.meta.preprocessing.model_dump()}"
+            f"{data_dir} was preprocessed with {spec.model_dump()}, "
+            f"but the model expects {bundle.meta.preprocessing.model_dump()}"
         )
     rows = read_ok_rows(data_dir, split)
     if rows.empty:
@@ -181,24 +189,27 @@ def evaluate_bundle(
     classes = list(bundle.meta.classes)
     metrics = {"split": split, "model": bundle.meta.name, "weights_sha256": bundle.meta.weights_sha256}
     metrics.update(evaluate_predictions(rows, responses, classes, truth))
+    scored = [k for k in ("vs_pacs", "vs_truth") if k in metrics]
+    if not scored:
+        raise DatasetError(f"split {split!r} of {data_dir} has no PACS region labels and no truth: nothing to score")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=2))
-    scored = [k for k in ("vs_pacs", "vs_truth") if k in metrics]
-    if not scored:
-        raise DatasetError(f"split {split!r} of {data_dir} has no PACS region labels and no truth: nothing to score")
-    names = {"vs_pacs": ("confusion_matrix.png", "PACS tag"), "vs_truth": ("confusion_matrix_truth.png", "true region")}
-    pngs = [
-        plot_confusion(metrics[k]["confusion_matrix"], classes, f"{split}: predicted vs {names[k][1]}", out_dir / names[k][0], names[k][1])
-        for k in scored
-    ]
-    confusion_png = pngs[0]
-    truth_png = out_dir / names["vs_truth"][0] if "vs_truth" in metrics else None
+    pngs = {}
+    figures = {"vs_pacs": ("confusion_matrix.png", "PACS tag"), "vs_truth": ("confusion_matrix_truth.png", "true region")}
+    for key, (file_name, against) in figures.items():
+        if key in metrics:
+            title = f"{split}: predicted vs {against}"
+            pngs[key] = plot_confusion(metrics[key]["confusion_matrix"], classes, title, out_dir / file_name, against)
     html_path = out_dir / "report.html"
-    html_path.write_text(render_report(metrics, bundle.meta.name, split, pngs))
+    html_path.write_text(render_report(metrics, bundle.meta.name, split, list(pngs.values())))
     return EvaluationResult(
-        split=split, metrics=metrics, metrics_path=metrics_path, confusion_png=confusion_png,
-        truth_confusion_png=truth_png, html_path=html_path,
+        split=split,
+        metrics=metrics,
+        metrics_path=metrics_path,
+        confusion_png=pngs.get("vs_pacs", pngs.get("vs_truth")),
+        truth_confusion_png=pngs.get("vs_truth"),
+        html_path=html_path,
     )

@@ -144,5 +144,7 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, out_dir: str | 
         html_path=html_path,
         json_path=json_path,
     )
-    log.info("drift report", drift_share=round(result.drift_share, 3), drifted=result.drifted_columns, html=str(html_path))
+    log.info(
+        "drift report", drift_share=round(result.drift_share, 3), drifted=result.drifted_columns, html=str(html_path)
+    )
     return result

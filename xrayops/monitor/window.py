@@ -58,6 +58,8 @@ def monitor_window(
             ood = ood_rate(cur_df, bundle_meta.ood_threshold)
     decision = decide_retrain(drift, label_noise_rate=noise, ood_rate=ood, settings=settings)
     result_path = Path(out_dir) / RESULT_NAME
-    result = MonitorResult(drift=drift, label_noise_rate=noise, ood_rate=ood, decision=decision, result_path=result_path)
+    result = MonitorResult(
+        drift=drift, label_noise_rate=noise, ood_rate=ood, decision=decision, result_path=result_path
+    )
     result_path.write_text(result.model_dump_json(indent=2))
     return result

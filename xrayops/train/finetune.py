@@ -8,6 +8,7 @@ out-of-domain threshold is set there.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,7 +49,9 @@ class FinetuneConfig(BaseModel):
 
 
 @torch.inference_mode()
-def embed_images(backbone: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+def embed_images(
+    backbone: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
     """Embeddings (n, D) of stored images (n, S, S) through the frozen backbone, in eval mode."""
     backbone.eval()
     chunks = [
@@ -65,7 +68,7 @@ def train_linear_head(
     val_y: torch.Tensor,
     head: nn.Linear,
     cfg: FinetuneConfig,
-    embed_batch=None,
+    embed_batch: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> tuple[nn.Linear, float, int]:
     """Train `head` with cross-entropy; keep the epoch with the best validation accuracy.
 
@@ -112,7 +115,9 @@ def finetune(
     try:
         val = ImageDataset(data_dir, "val", labelled_only=True)
     except DatasetError as exc:
-        raise DatasetError(f"{exc}: the linear head needs validation images for model selection and calibration") from exc
+        raise DatasetError(
+            f"{exc}: the linear head needs validation images for model selection and calibration"
+        ) from exc
 
     backbone, embedding_dim, info = load_backbone(backbone_path, device)
     for parameter in backbone.parameters():
@@ -129,7 +134,9 @@ def finetune(
             with torch.no_grad():
                 return backbone(augment(images, step_generator(device, cfg.seed, step))).float().cpu()
 
-        head, val_accuracy, best_epoch = train_linear_head(None, train.labels, val_x, val.labels, head, cfg, embed_batch)
+        head, val_accuracy, best_epoch = train_linear_head(
+            None, train.labels, val_x, val.labels, head, cfg, embed_batch
+        )
     else:
         train_x = embed_images(backbone, train.images, device, cfg.batch_size)
         head, val_accuracy, best_epoch = train_linear_head(train_x, train.labels, val_x, val.labels, head, cfg)
@@ -139,10 +146,12 @@ def finetune(
     temperature = fit_temperature(val_logits, val.labels)
     ood_threshold = float(np.percentile(energy_score(val_logits, temperature).numpy(), cfg.ood_percentile))
     val_nll = float(F.cross_entropy(val_logits / temperature, val.labels))
-    log.info("finetune.done", val_accuracy=round(val_accuracy, 4), epoch=best_epoch, temperature=round(temperature, 3))
+    log.info("finetune.done", val_accuracy=round(val_accuracy, 4), epoch=best_epoch, temperature=temperature)
 
     lineage = (lineage or Lineage()).model_copy(deep=True)
-    lineage.metrics.update({"val_accuracy": val_accuracy, "val_nll_calibrated": val_nll, "train_images": float(len(train))})
+    lineage.metrics.update(
+        {"val_accuracy": val_accuracy, "val_nll_calibrated": val_nll, "train_images": float(len(train))}
+    )
     meta = ModelBundleMeta(
         name=cfg.name,
         arch=info["arch"],

@@ -83,11 +83,14 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
 
 def _check_resumable(saved: dict, cfg: PretrainConfig, n_images: int, path: Path) -> None:
     current = cfg.model_dump()
-    changed = [f"{k}: {saved['config'][k]!r} -> {current[k]!r}" for k in TRAJECTORY_FIELDS if saved["config"].get(k) != current[k]]
+    before = saved["config"]
+    changed = [f"{k}: {before.get(k)!r} -> {current[k]!r}" for k in TRAJECTORY_FIELDS if before.get(k) != current[k]]
     if saved["images"] != n_images:
         changed.append(f"images: {saved['images']} -> {n_images}")
     if changed:
-        raise PretrainError(f"{path} was written by a different run ({'; '.join(changed)}); delete it or use another out_dir")
+        raise PretrainError(
+            f"{path} was written by a different run ({'; '.join(changed)}); delete it or use another out_dir"
+        )
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -96,7 +99,9 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint
 
 
-def train_step(model, optimizer, scheduler, view_a: torch.Tensor, view_b: torch.Tensor, cuda: bool) -> torch.Tensor:
+def train_step(
+    model: torch.nn.Module, optimizer, scheduler, view_a: torch.Tensor, view_b: torch.Tensor, cuda: bool
+) -> torch.Tensor:
     """One optimisation step on a batch of view pairs; bf16 autocast and channels_last on CUDA."""
     if cuda:
         view_a = view_a.contiguous(memory_format=torch.channels_last)
@@ -110,7 +115,9 @@ def train_step(model, optimizer, scheduler, view_a: torch.Tensor, view_b: torch.
     return loss.detach()
 
 
-def pretrain(data_dir: Path, out_dir: Path, cfg: PretrainConfig | None = None, progress: bool = True) -> PretrainResult:
+def pretrain(
+    data_dir: Path, out_dir: Path, cfg: PretrainConfig | None = None, progress: bool = True
+) -> PretrainResult:
     """Pretrain a backbone on every ok image of `data_dir`; write out_dir/backbone.pt.
 
     Resumes from out_dir/checkpoint.pt when one exists (same config), reproducing the
@@ -133,7 +140,9 @@ def pretrain(data_dir: Path, out_dir: Path, cfg: PretrainConfig | None = None, p
     total_steps = cfg.epochs * steps_per_epoch
 
     backbone, embedding_dim = build_backbone(cfg.arch)
-    model = build_ssl_model(cfg.method, backbone, embedding_dim, cfg.proj_hidden_dim, cfg.proj_out_dim, cfg.temperature)
+    model = build_ssl_model(
+        cfg.method, backbone, embedding_dim, cfg.proj_hidden_dim, cfg.proj_out_dim, cfg.temperature
+    )
     cuda = device.type == "cuda"
     model = model.to(device, memory_format=torch.channels_last) if cuda else model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -162,7 +171,8 @@ def pretrain(data_dir: Path, out_dir: Path, cfg: PretrainConfig | None = None, p
             "rng": rng_state(), "config": cfg.model_dump(), "images": n,
         })
 
-    views = TwoViews(make_pretrain_transform(dataset.size, PRETRAIN_AUG.model_copy(update={"full_rotation": cfg.full_rotation})))
+    params = PRETRAIN_AUG.model_copy(update={"full_rotation": cfg.full_rotation})
+    views = TwoViews(make_pretrain_transform(dataset.size, params))
     stop_at = min(total_steps, cfg.max_steps or total_steps)
     epochs = range(step // steps_per_epoch, cfg.epochs)
     model.train()
@@ -196,6 +206,12 @@ def pretrain(data_dir: Path, out_dir: Path, cfg: PretrainConfig | None = None, p
 
     backbone_path = save_backbone(out_dir / "backbone.pt", model.backbone, cfg.arch, cfg.method)
     return PretrainResult(
-        backbone_path=backbone_path, checkpoint_path=checkpoint_path, losses=losses, steps=step,
-        epochs_completed=len(losses), images=n, resumed_from_step=resumed_from, seconds=time.perf_counter() - started,
+        backbone_path=backbone_path,
+        checkpoint_path=checkpoint_path,
+        losses=losses,
+        steps=step,
+        epochs_completed=len(losses),
+        images=n,
+        resumed_from_step=resumed_from,
+        seconds=time.perf_counter() - started,
     )

@@ -1,0 +1,97 @@
+"""De-identification: keyed pseudonyms, the metadata allow-list, and no PHI in any ingest output."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pytest
+import structlog
+from dicom_factory import FAKE_PHI, make_dataset, write
+from pydicom.uid import generate_uid
+
+from xrayops.contracts import ManifestRow, PreprocessingSpec
+from xrayops.data.manifest import read_manifest
+from xrayops.dicom.deid import pseudonymize, safe_metadata
+from xrayops.ingest import ingest
+
+KEY = "test-key-not-secret"
+
+
+def test_pseudonym_is_stable_keyed_and_namespaced():
+    a = pseudonymize("1.2.3.4", KEY, "img-")
+    assert a == pseudonymize("1.2.3.4", KEY, "img-")
+    assert a.startswith("img-") and len(a) == 4 + 16
+    int(a[4:], 16)  # hex
+    assert a != pseudonymize("1.2.3.4", "another-key", "img-")
+    assert a[4:] != pseudonymize("1.2.3.4", KEY, "stu-")[4:]
+    assert pseudonymize("1.2.3.4", KEY.encode(), "img-") == a
+    assert pseudonymize("1.2.3.5", KEY, "img-") != a
+
+
+def test_safe_metadata_is_an_allow_list_of_manifest_fields():
+    ds = make_dataset(body_part="HANDGELENK " + "x" * 80, ImageLaterality="L")
+    meta = safe_metadata(ds, KEY)
+    assert set(meta) <= set(ManifestRow.model_fields)
+    assert meta["image_id"] == pseudonymize(ds.SOPInstanceUID, KEY, "img-")
+    assert meta["study_id"] == pseudonymize(ds.StudyInstanceUID, KEY, "stu-")
+    assert meta["patient_id"] == pseudonymize(FAKE_PHI["PatientID"], KEY, "pat-")
+    assert meta["pixel_spacing"] == pytest.approx(0.143)  # from ImagerPixelSpacing
+    assert meta["laterality"] == "L" and meta["modality"] == "CR" and meta["view_position"] == "PA"
+    assert len(meta["body_part_raw"]) == 64
+    assert (meta["original_rows"], meta["original_cols"], meta["bits_stored"]) == (48, 40, 12)
+    text = repr(meta)
+    for value in [*FAKE_PHI.values(), ds.SOPInstanceUID, ds.StudyInstanceUID]:
+        assert value not in text
+
+
+def test_patient_without_id_falls_back_to_the_study():
+    ds = make_dataset(patient_id="")
+    assert safe_metadata(ds, KEY)["patient_id"] == pseudonymize(ds.StudyInstanceUID, KEY, "pat-")
+
+
+def test_pixel_spacing_prefers_pixel_spacing_and_ignores_garbage():
+    ds = make_dataset(PixelSpacing=[0.2, 0.2])
+    assert safe_metadata(ds, KEY)["pixel_spacing"] == pytest.approx(0.2)
+    ds = make_dataset()
+    del ds.ImagerPixelSpacing
+    assert safe_metadata(ds, KEY)["pixel_spacing"] is None
+
+
+def test_no_phi_in_any_ingest_output_or_log(tmp_path, caplog, capfd):
+    """Fake PHI goes in; not one of those strings (or the raw UIDs) comes out anywhere."""
+    source = tmp_path / "export"
+    uids = []
+    for i, part in enumerate(["HAND", "Knie re", "ZZZ-UNMAPPED"]):
+        sop, study = generate_uid(), generate_uid()
+        uids += [sop, study]
+        write(source / f"img{i}.dcm", make_dataset(body_part=part, sop_uid=sop, study_uid=study))
+    broken = make_dataset(sop_uid=generate_uid())  # PHI-bearing file that gets quarantined
+    uids.append(broken.SOPInstanceUID)
+    del broken.PixelData
+    write(source / "nopixels.dcm", broken)
+    write(source / "copy.dcm", make_dataset(sop_uid=uids[0], study_uid=uids[1]))  # duplicate
+
+    data_dir = tmp_path / "data"
+    caplog.set_level(logging.DEBUG)
+    with structlog.testing.capture_logs() as events, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = ingest(source, data_dir, PreprocessingSpec(size=16), KEY)
+    assert summary.n_ok == 3 and summary.reasons == {"duplicate_sop_instance_uid": 1, "no_pixel_data": 1}
+
+    secrets = [*FAKE_PHI.values(), *uids]
+    outputs = [p for p in data_dir.rglob("*") if p.is_file()]
+    assert {p.name for p in outputs} >= {"manifest.parquet", "quarantine.csv", "unmapped_body_parts.csv"}
+    for path in outputs:
+        blob = path.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in blob, f"{secret!r} leaked into {path.name}"
+    # the parquet is compressed: check its decoded cells as well
+    cells = " ".join(read_manifest(summary.manifest_path).astype(str).to_numpy().ravel())
+    log_text = repr(events) + caplog.text + "".join(capfd.readouterr()) + repr([str(w.message) for w in caught])
+    assert "ZZZ-UNMAPPED" in (data_dir / "unmapped_body_parts.csv").read_text()  # body part text is kept
+    assert any(e.get("reason") == "no_pixel_data" for e in events)  # the logs did record the run
+    for secret in secrets:
+        assert secret not in cells
+        assert secret not in log_text
+    assert np.load(summary.shards_dir / "shard-00000.npy").shape == (3, 16, 16)

