@@ -12,13 +12,15 @@ def ingest_op(dicom: Input[Dataset], image_size: int, workers: int, dataset: Out
     from xrayops.contracts import PreprocessingSpec
     from xrayops.ingest import ingest
 
+    settings = get_settings()
     source = Path(dicom.path)
     source = source / "dicom" if (source / "dicom").is_dir() else source
     summary = ingest(
         source,
         Path(dataset.path),
         PreprocessingSpec(size=image_size),
-        key=get_settings().deid_key.get_secret_value(),
+        key=settings.deid_key.get_secret_value(),
         workers=workers,
+        synonyms_path=settings.body_part_synonyms,
     )
     dataset.metadata.update({"n_ok": summary.n_ok, "n_quarantined": summary.n_quarantined})

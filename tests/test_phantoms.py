@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 
 from xrayops.data.phantoms import (
-                                   OOD_KINDS,
-                                   Canvas,
-                                   Tube,
-                                   draw_out_of_domain,
-                                   draw_region,
-                                   shell_profile,
-                                  )
+    OOD_KINDS,
+    Canvas,
+    Tube,
+    draw_out_of_domain,
+    draw_region,
+    shell_profile,
+)
 from xrayops.regions import REGIONS
 
 

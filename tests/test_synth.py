@@ -8,12 +8,12 @@ import pandas as pd
 import pydicom
 import pytest
 from pydicom.uid import (
-                         ComputedRadiographyImageStorage,
-                         DigitalXRayImageStorageForPresentation,
-                         ExplicitVRLittleEndian,
-                         JPEG2000Lossless,
-                         RLELossless,
-                        )
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+)
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
@@ -21,12 +21,12 @@ from sklearn.preprocessing import StandardScaler
 
 from xrayops.data.phantoms import OOD_KINDS, draw_region
 from xrayops.data.synth import (
-                                BODY_PART_VOCABULARY,
-                                TRUTH_COLUMNS,
-                                VENDORS,
-                                synthesize,
-                                to_stored,
-                               )
+    BODY_PART_VOCABULARY,
+    TRUTH_COLUMNS,
+    VENDORS,
+    synthesize,
+    to_stored,
+)
 from xrayops.regions import REGIONS, UNKNOWN
 
 

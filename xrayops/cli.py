@@ -75,7 +75,12 @@ def ingest(
     if not source.exists():
         _fail(f"source folder {source} does not exist")
     summary = run_ingest(
-        source, data_dir or settings.data_dir, PreprocessingSpec(size=size), settings.deid_key.get_secret_value(), workers
+        source,
+        data_dir or settings.data_dir,
+        PreprocessingSpec(size=size),
+        settings.deid_key.get_secret_value(),
+        workers,
+        synonyms_path=settings.body_part_synonyms,
     )
     _print_json(summary)
 

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     # Container image every KFP component and the KServe pods run (built from infra/).
     image: str = "ghcr.io/xrayops/xrayops:0.1.0"
 
+    # A site's own BodyPartExamined synonyms (JSON/YAML), merged over the built-in table.
+    body_part_synonyms: Path | None = None
+
     # Compute.
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0

@@ -112,7 +112,7 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
     def do_ingest():
         result = ingest(
             state["train"].dicom_dir, data_dir, PreprocessingSpec(size=cfg.image_size),
-            settings.deid_key.get_secret_value(), workers=cfg.workers,
+            settings.deid_key.get_secret_value(), workers=cfg.workers, synonyms_path=settings.body_part_synonyms,
         )
         return (
             {"dataset": data_dir, "manifest": data_dir / "manifest.parquet"},

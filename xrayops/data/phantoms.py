@@ -312,12 +312,12 @@ def _hand_model(cv: Canvas, rng: np.random.Generator, body: Body, forearm_to: fl
     spread = rng.uniform(0.6, 1.3)
     # (metacarpal base, ray angle, [metacarpal, proximal, middle, distal], radii)
     rays = [
-            ((-0.18, 0.32), -42.0 * spread, [0.22, 0.2, 0.13], [0.043, 0.037, 0.03]),  # thumb
-            ((-0.095, 0.22), -10.0 * spread, [0.36, 0.24, 0.14, 0.1], [0.036, 0.034, 0.029, 0.024]),
-            ((-0.02, 0.21), -2.0 * spread, [0.35, 0.27, 0.16, 0.11], [0.037, 0.035, 0.03, 0.024]),
-            ((0.055, 0.22), 6.0 * spread, [0.33, 0.25, 0.15, 0.1], [0.035, 0.032, 0.028, 0.023]),
-            ((0.13, 0.25), 14.0 * spread, [0.29, 0.2, 0.11, 0.09], [0.032, 0.029, 0.024, 0.022]),
-           ]
+        ((-0.18, 0.32), -42.0 * spread, [0.22, 0.2, 0.13], [0.043, 0.037, 0.03]),  # thumb
+        ((-0.095, 0.22), -10.0 * spread, [0.36, 0.24, 0.14, 0.1], [0.036, 0.034, 0.029, 0.024]),
+        ((-0.02, 0.21), -2.0 * spread, [0.35, 0.27, 0.16, 0.11], [0.037, 0.035, 0.03, 0.024]),
+        ((0.055, 0.22), 6.0 * spread, [0.33, 0.25, 0.15, 0.1], [0.035, 0.032, 0.028, 0.023]),
+        ((0.13, 0.25), 14.0 * spread, [0.29, 0.2, 0.11, 0.09], [0.032, 0.029, 0.024, 0.022]),
+    ]
     tissue: list[Part] = [Blob((-0.01, 0.05), 0.31 * ts, 0.32),
                           Tube((0.0, 0.45), (0.0, forearm_to), 0.27 * ts, 0.32 * ts)]
     tips = []
@@ -357,12 +357,12 @@ def _draw_foot(cv: Canvas, rng: np.random.Generator, body: Body) -> None:
     cv.frame_on((0.02, 0.16), 0.9)
     splay = rng.uniform(0.7, 1.3)
     rays = [  # (metatarsal base, angle, [metatarsal, phalanges...], radii, soft-tissue girth)
-            ((-0.17, 0.12), -8.0 * splay, [0.36, 0.17, 0.13], [0.056, 0.046, 0.04], 0.095),  # hallux
-            ((-0.07, 0.1), -3.0 * splay, [0.46, 0.1, 0.055, 0.045], [0.036, 0.027, 0.023, 0.02], 0.06),
-            ((0.02, 0.11), 2.0 * splay, [0.43, 0.09, 0.05, 0.042], [0.034, 0.026, 0.022, 0.019], 0.058),
-            ((0.1, 0.14), 8.0 * splay, [0.4, 0.08, 0.045, 0.04], [0.033, 0.025, 0.021, 0.018], 0.055),
-            ((0.18, 0.18), 14.0 * splay, [0.37, 0.075, 0.04, 0.036], [0.037, 0.024, 0.02, 0.017], 0.052),
-           ]
+        ((-0.17, 0.12), -8.0 * splay, [0.36, 0.17, 0.13], [0.056, 0.046, 0.04], 0.095),  # hallux
+        ((-0.07, 0.1), -3.0 * splay, [0.46, 0.1, 0.055, 0.045], [0.036, 0.027, 0.023, 0.02], 0.06),
+        ((0.02, 0.11), 2.0 * splay, [0.43, 0.09, 0.05, 0.042], [0.034, 0.026, 0.022, 0.019], 0.058),
+        ((0.1, 0.14), 8.0 * splay, [0.4, 0.08, 0.045, 0.04], [0.033, 0.025, 0.021, 0.018], 0.055),
+        ((0.18, 0.18), 14.0 * splay, [0.37, 0.075, 0.04, 0.036], [0.037, 0.024, 0.02, 0.017], 0.052),
+    ]
     tissue: list[Part] = [Tube((0.05, 0.8), (-0.1, -0.2), 0.2 * ts, 0.19 * ts),  # medial column
                           Tube((0.1, 0.8), (0.2, -0.12), 0.18 * ts, 0.15 * ts),  # lateral column
                           Blob((0.03, -0.14), 0.34 * ts, 0.2)]
@@ -653,21 +653,21 @@ def _draw_lumbar_spine(cv: Canvas, rng: np.random.Generator, body: Body) -> None
 
 
 _DRAW: dict[str, Callable[[Canvas, np.random.Generator, Body], None]] = {
-                                                                         "clavicle": _draw_clavicle,
-                                                                         "shoulder": _draw_shoulder,
-                                                                         "skull": _draw_skull,
-                                                                         "rib": _draw_rib,
-                                                                         "elbow": _draw_elbow,
-                                                                         "knee": _draw_knee,
-                                                                         "wrist": _draw_wrist,
-                                                                         "hand": _draw_hand,
-                                                                         "foot": _draw_foot,
-                                                                         "ankle": _draw_ankle,
-                                                                         "pelvis_hip": _draw_pelvis_hip,
-                                                                         "cervical_spine": _draw_cervical_spine,
-                                                                         "thoracic_spine": _draw_thoracic_spine,
-                                                                         "lumbar_spine": _draw_lumbar_spine,
-                                                                        }
+    "clavicle": _draw_clavicle,
+    "shoulder": _draw_shoulder,
+    "skull": _draw_skull,
+    "rib": _draw_rib,
+    "elbow": _draw_elbow,
+    "knee": _draw_knee,
+    "wrist": _draw_wrist,
+    "hand": _draw_hand,
+    "foot": _draw_foot,
+    "ankle": _draw_ankle,
+    "pelvis_hip": _draw_pelvis_hip,
+    "cervical_spine": _draw_cervical_spine,
+    "thoracic_spine": _draw_thoracic_spine,
+    "lumbar_spine": _draw_lumbar_spine,
+}
 assert tuple(_DRAW) == REGIONS
 
 
@@ -827,11 +827,11 @@ def _test_pattern(rng: np.random.Generator, size: int, angle_deg: float) -> np.n
 
 
 _OOD: dict[str, Callable[[np.random.Generator, int, float], np.ndarray]] = {
-                                                                            "soft_tissue": _soft_tissue,
-                                                                            "paper_form": _paper_form,
-                                                                            "test_pattern": _test_pattern,
-                                                                            "unknown_object": _unknown_object,
-                                                                           }
+    "soft_tissue": _soft_tissue,
+    "paper_form": _paper_form,
+    "test_pattern": _test_pattern,
+    "unknown_object": _unknown_object,
+}
 assert tuple(_OOD) == OOD_KINDS
 
 

@@ -26,14 +26,14 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels.encoders import RLELosslessEncoder
 from pydicom.uid import (
-                         ComputedRadiographyImageStorage,
-                         DigitalXRayImageStorageForPresentation,
-                         ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian,
-                         JPEG2000Lossless,
-                         RLELossless,
-                         generate_uid,
-                        )
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
 from scipy.ndimage import gaussian_filter, zoom
 
 from xrayops.data.phantoms import OOD_KINDS, bitmap_font, draw_out_of_domain, draw_region
@@ -46,173 +46,173 @@ log = get_logger(__name__)
 # --- site vocabulary ------------------------------------------------------------------------------
 # paper 001: one site's BodyPartExamined had 187 distinct values: languages, case, accents, typos.
 BODY_PART_VOCABULARY: dict[str, dict[str, tuple[str, ...]]] = {
-                                                               "clavicle": {
-                                                                            "en": ("CLAVICLE", "Clavicle", "CLAV", "CLAVICEL"),
-                                                                            "de": ("CLAVICULA", "Clavicula", "Klavikula", "SCHLUESSELBEIN", "Schlüsselbein"),
-                                                                            "es": ("CLAVICULA", "CLAVÍCULA"),
-                                                                            "fr": ("CLAVICULE",),
-                                                                            "it": ("CLAVICOLA",),
-                                                                            "nl": ("SLEUTELBEEN", "CLAVICULA"),
-                                                                            "pt": ("CLAVÍCULA", "CLAVICULA"),
-                                                                           },
-                                                               "shoulder": {
-                                                                            "en": ("SHOULDER", "Shoulder", "SHLDR", "SHOULDR"),
-                                                                            "de": ("SCHULTER", "Schulter", "SCHULTERGELENK"),
-                                                                            "es": ("HOMBRO", "Hombro"),
-                                                                            "fr": ("EPAULE", "ÉPAULE"),
-                                                                            "it": ("SPALLA",),
-                                                                            "nl": ("SCHOUDER",),
-                                                                            "pt": ("OMBRO",),
-                                                                           },
-                                                               "skull": {
-                                                                         "en": ("SKULL", "Skull", "HEAD", "SKUL"),
-                                                                         "de": ("SCHAEDEL", "Schaedel", "Schädel", "KOPF"),
-                                                                         "es": ("CRANEO", "CRÁNEO"),
-                                                                         "fr": ("CRANE", "CRÂNE"),
-                                                                         "it": ("CRANIO",),
-                                                                         "nl": ("SCHEDEL",),
-                                                                         "pt": ("CRÂNIO", "CRANIO"),
-                                                                        },
-                                                               "rib": {
-                                                                       "en": ("RIBS", "RIB", "Rib cage", "RIBBS"),
-                                                                       "de": ("RIPPEN", "THORAX RIPPEN", "Rippen"),
-                                                                       "es": ("COSTILLAS", "PARRILLA COSTAL"),
-                                                                       "fr": ("COTES", "CÔTES", "GRIL COSTAL"),
-                                                                       "it": ("COSTOLE", "COSTE"),
-                                                                       "nl": ("RIBBEN",),
-                                                                       "pt": ("COSTELAS", "GRADE COSTAL"),
-                                                                      },
-                                                               "elbow": {
-                                                                         "en": ("ELBOW", "Elbow", "ELBW"),
-                                                                         "de": ("ELLBOGEN", "Ellenbogen", "ELLENBOGEN", "ELLBOGENGELENK"),
-                                                                         "es": ("CODO", "Codo"),
-                                                                         "fr": ("COUDE",),
-                                                                         "it": ("GOMITO",),
-                                                                         "nl": ("ELLEBOOG",),
-                                                                         "pt": ("COTOVELO",),
-                                                                        },
-                                                               "knee": {
-                                                                        "en": ("KNEE", "Knee", "KNE"),
-                                                                        "de": ("KNIE", "Knie", "KNIEGELENK"),
-                                                                        "es": ("RODILLA", "Rodilla"),
-                                                                        "fr": ("GENOU", "GENOUX"),
-                                                                        "it": ("GINOCCHIO",),
-                                                                        "nl": ("KNIE",),
-                                                                        "pt": ("JOELHO",),
-                                                                       },
-                                                               "wrist": {
-                                                                         "en": ("WRIST", "Wrist", "WRST"),
-                                                                         "de": ("HANDGELENK", "Handgelenk", "HAND GELENK", "HGL"),
-                                                                         "es": ("MUÑECA", "MUNECA"),
-                                                                         "fr": ("POIGNET",),
-                                                                         "it": ("POLSO",),
-                                                                         "nl": ("POLS",),
-                                                                         "pt": ("PUNHO",),
-                                                                        },
-                                                               "hand": {
-                                                                        "en": ("HAND", "Hand", "HND"),
-                                                                        "de": ("HAND", "Hand", "HAND GANZ"),
-                                                                        "es": ("MANO", "Mano"),
-                                                                        "fr": ("MAIN",),
-                                                                        "it": ("MANO",),
-                                                                        "nl": ("HAND", "HANDEN"),
-                                                                        "pt": ("MÃO", "MAO"),
-                                                                       },
-                                                               "foot": {
-                                                                        "en": ("FOOT", "Foot", "FOOOT"),
-                                                                        "de": ("FUSS", "Fuß", "VORFUSS"),
-                                                                        "es": ("PIE", "Pie"),
-                                                                        "fr": ("PIED",),
-                                                                        "it": ("PIEDE",),
-                                                                        "nl": ("VOET",),
-                                                                        "pt": ("PÉ", "PE"),
-                                                                       },
-                                                               "ankle": {
-                                                                         "en": ("ANKLE", "Ankle", "ANKEL"),
-                                                                         "de": ("SPRUNGGELENK", "OSG", "Sprunggelenk", "OBERES SPRUNGG"),
-                                                                         "es": ("TOBILLO", "Tobillo"),
-                                                                         "fr": ("CHEVILLE",),
-                                                                         "it": ("CAVIGLIA",),
-                                                                         "nl": ("ENKEL",),
-                                                                         "pt": ("TORNOZELO",),
-                                                                        },
-                                                               "pelvis_hip": {
-                                                                              "en": ("PELVIS", "HIP", "Hip", "HIPS", "PELVIS/HIP"),
-                                                                              "de": ("BECKEN", "Becken", "HUEFTE", "Hüfte"),
-                                                                              "es": ("PELVIS", "CADERA", "Cadera"),
-                                                                              "fr": ("BASSIN", "HANCHE"),
-                                                                              "it": ("BACINO", "ANCA"),
-                                                                              "nl": ("BEKKEN", "HEUP"),
-                                                                              "pt": ("BACIA", "QUADRIL"),
-                                                                             },
-                                                               "cervical_spine": {
-                                                                                  "en": ("C-SPINE", "CSPINE", "C SPINE", "CERVICAL SPINE", "C-SPNE"),
-                                                                                  "de": ("HWS", "Hws", "HALSWIRBELSAEULE", "Halswirbelsäule"),
-                                                                                  "es": ("COLUMNA CERVICAL", "COL CERVICAL"),
-                                                                                  "fr": ("RACHIS CERVICAL",),
-                                                                                  "it": ("RACHIDE CERVICALE", "COLONNA CERVICALE"),
-                                                                                  "nl": ("CERVICALE WERVELKOLOM", "CWK"),
-                                                                                  "pt": ("COLUNA CERVICAL",),
-                                                                                 },
-                                                               "thoracic_spine": {
-                                                                                  "en": ("T-SPINE", "T SPINE", "TSPINE", "THORACIC SPINE", "DORSAL SPINE"),
-                                                                                  "de": ("BWS", "Bws", "BRUSTWIRBELSAEULE", "Brustwirbelsäule"),
-                                                                                  "es": ("COLUMNA DORSAL", "COLUMNA TORACICA"),
-                                                                                  "fr": ("RACHIS DORSAL",),
-                                                                                  "it": ("RACHIDE DORSALE", "COLONNA DORSALE"),
-                                                                                  "nl": ("THORACALE WERVELKOLOM", "TWK"),
-                                                                                  "pt": ("COLUNA TORÁCICA", "COLUNA DORSAL"),
-                                                                                 },
-                                                               "lumbar_spine": {
-                                                                                "en": ("L-SPINE", "LSPINE", "L SPINE", "LUMBAR SPINE", "L-SPIEN"),
-                                                                                "de": ("LWS", "Lws", "LENDENWIRBELSAEULE", "Lendenwirbelsäule"),
-                                                                                "es": ("COLUMNA LUMBAR", "COL LUMBAR"),
-                                                                                "fr": ("RACHIS LOMBAIRE",),
-                                                                                "it": ("RACHIDE LOMBARE", "COLONNA LOMBARE"),
-                                                                                "nl": ("LUMBALE WERVELKOLOM", "LWK"),
-                                                                                "pt": ("COLUNA LOMBAR",),
-                                                                               },
-                                                              }
+    "clavicle": {
+        "en": ("CLAVICLE", "Clavicle", "CLAV", "CLAVICEL"),
+        "de": ("CLAVICULA", "Clavicula", "Klavikula", "SCHLUESSELBEIN", "Schlüsselbein"),
+        "es": ("CLAVICULA", "CLAVÍCULA"),
+        "fr": ("CLAVICULE",),
+        "it": ("CLAVICOLA",),
+        "nl": ("SLEUTELBEEN", "CLAVICULA"),
+        "pt": ("CLAVÍCULA", "CLAVICULA"),
+    },
+    "shoulder": {
+        "en": ("SHOULDER", "Shoulder", "SHLDR", "SHOULDR"),
+        "de": ("SCHULTER", "Schulter", "SCHULTERGELENK"),
+        "es": ("HOMBRO", "Hombro"),
+        "fr": ("EPAULE", "ÉPAULE"),
+        "it": ("SPALLA",),
+        "nl": ("SCHOUDER",),
+        "pt": ("OMBRO",),
+    },
+    "skull": {
+        "en": ("SKULL", "Skull", "HEAD", "SKUL"),
+        "de": ("SCHAEDEL", "Schaedel", "Schädel", "KOPF"),
+        "es": ("CRANEO", "CRÁNEO"),
+        "fr": ("CRANE", "CRÂNE"),
+        "it": ("CRANIO",),
+        "nl": ("SCHEDEL",),
+        "pt": ("CRÂNIO", "CRANIO"),
+    },
+    "rib": {
+        "en": ("RIBS", "RIB", "Rib cage", "RIBBS"),
+        "de": ("RIPPEN", "THORAX RIPPEN", "Rippen"),
+        "es": ("COSTILLAS", "PARRILLA COSTAL"),
+        "fr": ("COTES", "CÔTES", "GRIL COSTAL"),
+        "it": ("COSTOLE", "COSTE"),
+        "nl": ("RIBBEN",),
+        "pt": ("COSTELAS", "GRADE COSTAL"),
+    },
+    "elbow": {
+        "en": ("ELBOW", "Elbow", "ELBW"),
+        "de": ("ELLBOGEN", "Ellenbogen", "ELLENBOGEN", "ELLBOGENGELENK"),
+        "es": ("CODO", "Codo"),
+        "fr": ("COUDE",),
+        "it": ("GOMITO",),
+        "nl": ("ELLEBOOG",),
+        "pt": ("COTOVELO",),
+    },
+    "knee": {
+        "en": ("KNEE", "Knee", "KNE"),
+        "de": ("KNIE", "Knie", "KNIEGELENK"),
+        "es": ("RODILLA", "Rodilla"),
+        "fr": ("GENOU", "GENOUX"),
+        "it": ("GINOCCHIO",),
+        "nl": ("KNIE",),
+        "pt": ("JOELHO",),
+    },
+    "wrist": {
+        "en": ("WRIST", "Wrist", "WRST"),
+        "de": ("HANDGELENK", "Handgelenk", "HAND GELENK", "HGL"),
+        "es": ("MUÑECA", "MUNECA"),
+        "fr": ("POIGNET",),
+        "it": ("POLSO",),
+        "nl": ("POLS",),
+        "pt": ("PUNHO",),
+    },
+    "hand": {
+        "en": ("HAND", "Hand", "HND"),
+        "de": ("HAND", "Hand", "HAND GANZ"),
+        "es": ("MANO", "Mano"),
+        "fr": ("MAIN",),
+        "it": ("MANO",),
+        "nl": ("HAND", "HANDEN"),
+        "pt": ("MÃO", "MAO"),
+    },
+    "foot": {
+        "en": ("FOOT", "Foot", "FOOOT"),
+        "de": ("FUSS", "Fuß", "VORFUSS"),
+        "es": ("PIE", "Pie"),
+        "fr": ("PIED",),
+        "it": ("PIEDE",),
+        "nl": ("VOET",),
+        "pt": ("PÉ", "PE"),
+    },
+    "ankle": {
+        "en": ("ANKLE", "Ankle", "ANKEL"),
+        "de": ("SPRUNGGELENK", "OSG", "Sprunggelenk", "OBERES SPRUNGG"),
+        "es": ("TOBILLO", "Tobillo"),
+        "fr": ("CHEVILLE",),
+        "it": ("CAVIGLIA",),
+        "nl": ("ENKEL",),
+        "pt": ("TORNOZELO",),
+    },
+    "pelvis_hip": {
+        "en": ("PELVIS", "HIP", "Hip", "HIPS", "PELVIS/HIP"),
+        "de": ("BECKEN", "Becken", "HUEFTE", "Hüfte"),
+        "es": ("PELVIS", "CADERA", "Cadera"),
+        "fr": ("BASSIN", "HANCHE"),
+        "it": ("BACINO", "ANCA"),
+        "nl": ("BEKKEN", "HEUP"),
+        "pt": ("BACIA", "QUADRIL"),
+    },
+    "cervical_spine": {
+        "en": ("C-SPINE", "CSPINE", "C SPINE", "CERVICAL SPINE", "C-SPNE"),
+        "de": ("HWS", "Hws", "HALSWIRBELSAEULE", "Halswirbelsäule"),
+        "es": ("COLUMNA CERVICAL", "COL CERVICAL"),
+        "fr": ("RACHIS CERVICAL",),
+        "it": ("RACHIDE CERVICALE", "COLONNA CERVICALE"),
+        "nl": ("CERVICALE WERVELKOLOM", "CWK"),
+        "pt": ("COLUNA CERVICAL",),
+    },
+    "thoracic_spine": {
+        "en": ("T-SPINE", "T SPINE", "TSPINE", "THORACIC SPINE", "DORSAL SPINE"),
+        "de": ("BWS", "Bws", "BRUSTWIRBELSAEULE", "Brustwirbelsäule"),
+        "es": ("COLUMNA DORSAL", "COLUMNA TORACICA"),
+        "fr": ("RACHIS DORSAL",),
+        "it": ("RACHIDE DORSALE", "COLONNA DORSALE"),
+        "nl": ("THORACALE WERVELKOLOM", "TWK"),
+        "pt": ("COLUNA TORÁCICA", "COLUNA DORSAL"),
+    },
+    "lumbar_spine": {
+        "en": ("L-SPINE", "LSPINE", "L SPINE", "LUMBAR SPINE", "L-SPIEN"),
+        "de": ("LWS", "Lws", "LENDENWIRBELSAEULE", "Lendenwirbelsäule"),
+        "es": ("COLUMNA LUMBAR", "COL LUMBAR"),
+        "fr": ("RACHIS LOMBAIRE",),
+        "it": ("RACHIDE LOMBARE", "COLONNA LOMBARE"),
+        "nl": ("LUMBALE WERVELKOLOM", "LWK"),
+        "pt": ("COLUNA LOMBAR",),
+    },
+}
 # Tags a PACS carries on images that show none of the 14 regions.
 NON_REGION_TAGS: tuple[str, ...] = ("ABDOMEN", "Abdomen", "CHEST", "THORAX", "OTHER", "UNKNOWN", "SONSTIGE",
                                     "OTRO", "AUTRE", "ALTRO", "OVERIG", "OUTRO", "SCAN", "DOKUMENT")
 _GENERIC_DESCRIPTIONS = ("Skelett", "TRAUMA", "Kontrolle", "RX CONTROL", "XR OUTSIDE FILMS", "Röntgen", "Radiographie")
 _PAIRED = frozenset({"clavicle", "shoulder", "elbow", "knee", "wrist", "hand", "foot", "ankle", "pelvis_hip"})
 _SIDE_SUFFIX: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # (left, right) suffixes per language
-                                                                    "en": ((" L", " LEFT", " LT"), (" R", " RIGHT", " RT")),
-                                                                    "de": ((" li", " links", " LI"), (" re", " rechts", " RE")),
-                                                                    "es": ((" izq", " IZQ"), (" der", " DCHA")),
-                                                                    "fr": ((" G", " gauche"), (" D", " droit")),
-                                                                    "it": ((" sx", " SX"), (" dx", " DX")),
-                                                                    "nl": ((" links", " L"), (" rechts", " R")),
-                                                                    "pt": ((" esq", " ESQ"), (" dir", " DIR")),
-                                                                   }
+    "en": ((" L", " LEFT", " LT"), (" R", " RIGHT", " RT")),
+    "de": ((" li", " links", " LI"), (" re", " rechts", " RE")),
+    "es": ((" izq", " IZQ"), (" der", " DCHA")),
+    "fr": ((" G", " gauche"), (" D", " droit")),
+    "it": ((" sx", " SX"), (" dx", " DX")),
+    "nl": ((" links", " L"), (" rechts", " R")),
+    "pt": ((" esq", " ESQ"), (" dir", " DIR")),
+}
 _DESCRIPTION_TEMPLATES: dict[str, tuple[str, ...]] = {
-                                                      "en": ("XR {t}", "{t} 2 VIEWS", "DX {t}"),
-                                                      "de": ("Röntgen {t}", "RÖ {t} in 2 Ebenen", "{t} ap/seitl."),
-                                                      "es": ("RX {t}", "Radiografía de {t}"),
-                                                      "fr": ("Radiographie {t}", "RX {t}"),
-                                                      "it": ("RX {t}", "Radiografia {t}"),
-                                                      "nl": ("Röntgen {t}", "X-{t}"),
-                                                      "pt": ("RX {t}", "Radiografia de {t}"),
-                                                     }
+    "en": ("XR {t}", "{t} 2 VIEWS", "DX {t}"),
+    "de": ("Röntgen {t}", "RÖ {t} in 2 Ebenen", "{t} ap/seitl."),
+    "es": ("RX {t}", "Radiografía de {t}"),
+    "fr": ("Radiographie {t}", "RX {t}"),
+    "it": ("RX {t}", "Radiografia {t}"),
+    "nl": ("Röntgen {t}", "X-{t}"),
+    "pt": ("RX {t}", "Radiografia de {t}"),
+}
 # paper 000 label audit: wrong tags cluster in spine levels, clavicle/shoulder and hand/wrist.
 _CONFUSIONS: dict[str, tuple[str, ...]] = {
-                                           "clavicle": ("shoulder", "rib"),
-                                           "shoulder": ("clavicle", "elbow"),
-                                           "skull": ("cervical_spine",),
-                                           "rib": ("thoracic_spine", "clavicle"),
-                                           "elbow": ("wrist", "shoulder"),
-                                           "knee": ("ankle", "pelvis_hip"),
-                                           "wrist": ("hand", "elbow"),
-                                           "hand": ("wrist", "foot"),
-                                           "foot": ("ankle", "hand"),
-                                           "ankle": ("foot", "knee"),
-                                           "pelvis_hip": ("lumbar_spine", "knee"),
-                                           "cervical_spine": ("thoracic_spine", "skull"),
-                                           "thoracic_spine": ("cervical_spine", "lumbar_spine", "rib"),
-                                           "lumbar_spine": ("thoracic_spine", "pelvis_hip"),
-                                          }
+    "clavicle": ("shoulder", "rib"),
+    "shoulder": ("clavicle", "elbow"),
+    "skull": ("cervical_spine",),
+    "rib": ("thoracic_spine", "clavicle"),
+    "elbow": ("wrist", "shoulder"),
+    "knee": ("ankle", "pelvis_hip"),
+    "wrist": ("hand", "elbow"),
+    "hand": ("wrist", "foot"),
+    "foot": ("ankle", "hand"),
+    "ankle": ("foot", "knee"),
+    "pelvis_hip": ("lumbar_spine", "knee"),
+    "cervical_spine": ("thoracic_spine", "skull"),
+    "thoracic_spine": ("cervical_spine", "lumbar_spine", "rib"),
+    "lumbar_spine": ("thoracic_spine", "pelvis_hip"),
+}
 _PLAUSIBLE_CONFUSION_P = 0.75
 
 # --- fake PHI (no real persons; small built-in lists) ----------------------------------------------
@@ -246,13 +246,13 @@ class Vendor:
 
 
 VENDORS: dict[str, Vendor] = {
-                              "A": Vendor("A", "Nordlicht Medical", (("NL-DR 4343", DigitalXRayImageStorageForPresentation),
-                                                                     ("NL-CR Digitizer 35", ComputedRadiographyImageStorage)),
-                                          (0.65, 1.5), (0.003, 0.015), (240.0, 430.0), 1.0, 0.0),
-                              # The shifted site: another vendor, harder tone curve, noisier, coarser detector.
-                              "B": Vendor("B", "Meridian Imaging Systems", (("Meridian FlatPanel 2430", DigitalXRayImageStorageForPresentation),),
-                                          (1.3, 2.2), (0.02, 0.04), (300.0, 430.0), 0.75, 0.8),
-                             }
+    "A": Vendor("A", "Nordlicht Medical", (("NL-DR 4343", DigitalXRayImageStorageForPresentation),
+                                           ("NL-CR Digitizer 35", ComputedRadiographyImageStorage)),
+                (0.65, 1.5), (0.003, 0.015), (240.0, 430.0), 1.0, 0.0),
+    # The shifted site: another vendor, harder tone curve, noisier, coarser detector.
+    "B": Vendor("B", "Meridian Imaging Systems", (("Meridian FlatPanel 2430", DigitalXRayImageStorageForPresentation),),
+                (1.3, 2.2), (0.02, 0.04), (300.0, 430.0), 0.75, 0.8),
+}
 TRANSFER_SYNTAXES: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, JPEG2000Lossless)
 PHOTOMETRICS: tuple[str, ...] = ("MONOCHROME1", "MONOCHROME2")
 BITS_STORED: tuple[int, ...] = (8, 12, 16)
@@ -271,11 +271,11 @@ _PORTRAIT_P = 0.3
 _EMPTY_TAG_P = 0.1
 
 TRUTH_COLUMNS: tuple[str, ...] = (
-                                  "file", "sop_instance_uid", "study_instance_uid", "patient_id", "patient_name", "true_region", "tag_text",
-                                  "study_description", "tag_region", "mislabeled", "angle_deg", "mirrored", "photometric", "bits_stored",
-                                  "transfer_syntax", "sop_class", "modality", "manufacturer", "vendor", "rows", "cols", "pixel_spacing_mm", "ood",
-                                  "ood_kind", "has_gauge", "n_gauges", "has_border", "has_marker", "marker_text", "collimated",
-                                 )
+    "file", "sop_instance_uid", "study_instance_uid", "patient_id", "patient_name", "true_region", "tag_text",
+    "study_description", "tag_region", "mislabeled", "angle_deg", "mirrored", "photometric", "bits_stored",
+    "transfer_syntax", "sop_class", "modality", "manufacturer", "vendor", "rows", "cols", "pixel_spacing_mm", "ood",
+    "ood_kind", "has_gauge", "n_gauges", "has_border", "has_marker", "marker_text", "collimated",
+)
 
 
 class SynthSummary(BaseModel):
@@ -333,7 +333,7 @@ class ImagePlan:
 def _patients_and_sizes(n: int, rng: np.random.Generator) -> list[tuple[Patient, list[int]]]:
     """Patients with 1-3 studies of 1-2 images each, until n images exist."""
     out: list[tuple[Patient, list[int]]] = []
-    total, k = 0, 0
+    total = 0
     used_ids: set[str] = set()
     while total < n:
         sex = "F" if rng.random() < 0.5 else "M"
@@ -351,7 +351,6 @@ def _patients_and_sizes(n: int, rng: np.random.Generator) -> list[tuple[Patient,
             sizes.append(m)
             total += m
         out.append((Patient(pid, name, sex, birth), sizes))
-        k += 1
     return out
 
 
@@ -430,7 +429,7 @@ def plan_images(n: int, seed: int, mislabel_rate: float, shift: float, ood_rate:
     """Decide everything about every image except its pixels. Pure and deterministic in `seed`."""
     root = np.random.SeedSequence(seed)
     rng_people, rng_ood, rng_region, rng_label, rng_vendor, rng_format, rng_site = (
-                                                                                    np.random.default_rng(s) for s in root.spawn(7))
+        np.random.default_rng(s) for s in root.spawn(7))
     patients = _patients_and_sizes(n, rng_people)
     owners = [p for p, sizes in patients for _ in sizes]
     sizes = [m for _, s in patients for m in s]
@@ -462,12 +461,12 @@ def plan_images(n: int, seed: int, mislabel_rate: float, shift: float, ood_rate:
         vendor = VENDORS["B" if rng_vendor.random() < shift else "A"]
         model, sop_class = vendor.models[int(rng_vendor.integers(0, len(vendor.models)))]
         studies.append(Study(
-                             index=k, patient=owners[k], n_images=sizes[k], region=region, ood_kind=ood_kind, label_region=label,
-                             tag_text=tag, description=description, left=left, vendor=vendor.name, model=model, sop_class=sop_class,
-                             study_date=date(2019, 1, 1) + timedelta(days=int(rng_site.integers(0, 6 * 365))),
-                             institution=str(rng_site.choice(_INSTITUTIONS)), physician=str(rng_site.choice(_PHYSICIANS)),
-                             accession=f"A{int(rng_site.integers(10_000_000, 99_999_999))}",
-                            ))
+            index=k, patient=owners[k], n_images=sizes[k], region=region, ood_kind=ood_kind, label_region=label,
+            tag_text=tag, description=description, left=left, vendor=vendor.name, model=model, sop_class=sop_class,
+            study_date=date(2019, 1, 1) + timedelta(days=int(rng_site.integers(0, 6 * 365))),
+            institution=str(rng_site.choice(_INSTITUTIONS)), physician=str(rng_site.choice(_PHYSICIANS)),
+            accession=f"A{int(rng_site.integers(10_000_000, 99_999_999))}",
+        ))
 
     # angles: one per stratum of the circle, shuffled, so even small n spans [0, 360)
     strata = rng_format.permutation(n)
@@ -528,7 +527,7 @@ def _sigmoid_tone(img: np.ndarray, slope: float, mid: float) -> np.ndarray:
 
 
 def _low_pass(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Wide Gaussian blur, computed on a 4x coarser grid (the result is smooth anyway)."""
+    """Wide Gaussian blur, computed on a grid of about 64 pixels (the result is smooth anyway)."""
     k = max(1, min(img.shape) // 64)
     rows, cols = img.shape
     small = img[: rows // k * k, : cols // k * k].reshape(rows // k, k, cols // k, k).mean(axis=(1, 3))
@@ -676,8 +675,8 @@ def build_dataset(plan: ImagePlan, rendered: Rendered, stored: np.ndarray, seed_
     ds.FrameOfReferenceUID = _uid(seed_key, "frame", plan.index)
     ds.Modality = "DX" if is_dx else "CR"
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = study.study_date.strftime("%Y%m%d")
-    minutes = int(rng.integers(7 * 60, 20 * 60))
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = f"{minutes // 60:02d}{minutes % 60:02d}{int(rng.integers(0, 60)):02d}"
+    minutes, seconds = int(rng.integers(7 * 60, 20 * 60)), int(rng.integers(0, 60))
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = f"{minutes // 60:02d}{minutes % 60:02d}{seconds:02d}"
     ds.AccessionNumber = study.accession
     ds.StudyID = study.accession[-6:]
     ds.SeriesNumber = plan.index % 1000 + 1
@@ -780,18 +779,18 @@ def synthesize(out_dir: Path, n: int, seed: int = 0, mislabel_rate: float = 0.0,
         ds.save_as(dicom_dir / name, enforce_file_format=True)
         denoted = tag_region(study)
         rows.append({
-                     "file": name, "sop_instance_uid": ds.SOPInstanceUID, "study_instance_uid": ds.StudyInstanceUID,
-                     "patient_id": study.patient.patient_id, "patient_name": study.patient.name, "true_region": study.region,
-                     "tag_text": study.tag_text, "study_description": study.description, "tag_region": denoted,
-                     "mislabeled": study.region != UNKNOWN and denoted != study.region, "angle_deg": f"{plan.angle_deg:.3f}",
-                     "mirrored": rendered.mirrored, "photometric": plan.photometric, "bits_stored": plan.bits_stored,
-                     "transfer_syntax": plan.transfer_syntax, "sop_class": study.sop_class, "modality": ds.Modality,
-                     "manufacturer": ds.Manufacturer, "vendor": study.vendor, "rows": stored.shape[0], "cols": stored.shape[1],
-                     "pixel_spacing_mm": f"{rendered.pixel_spacing_mm:.4f}", "ood": study.region == UNKNOWN,
-                     "ood_kind": study.ood_kind, "has_gauge": rendered.n_gauges > 0, "n_gauges": rendered.n_gauges,
-                     "has_border": rendered.has_border, "has_marker": bool(rendered.marker_text),
-                     "marker_text": rendered.marker_text, "collimated": rendered.collimated,
-                    })
+            "file": name, "sop_instance_uid": ds.SOPInstanceUID, "study_instance_uid": ds.StudyInstanceUID,
+            "patient_id": study.patient.patient_id, "patient_name": study.patient.name, "true_region": study.region,
+            "tag_text": study.tag_text, "study_description": study.description, "tag_region": denoted,
+            "mislabeled": study.region != UNKNOWN and denoted != study.region, "angle_deg": f"{plan.angle_deg:.3f}",
+            "mirrored": rendered.mirrored, "photometric": plan.photometric, "bits_stored": plan.bits_stored,
+            "transfer_syntax": plan.transfer_syntax, "sop_class": study.sop_class, "modality": ds.Modality,
+            "manufacturer": ds.Manufacturer, "vendor": study.vendor, "rows": stored.shape[0], "cols": stored.shape[1],
+            "pixel_spacing_mm": f"{rendered.pixel_spacing_mm:.4f}", "ood": study.region == UNKNOWN,
+            "ood_kind": study.ood_kind, "has_gauge": rendered.n_gauges > 0, "n_gauges": rendered.n_gauges,
+            "has_border": rendered.has_border, "has_marker": bool(rendered.marker_text),
+            "marker_text": rendered.marker_text, "collimated": rendered.collimated,
+        })
 
     truth_path = out_dir / "truth.csv"
     with truth_path.open("w", newline="", encoding="utf-8") as f:
@@ -802,10 +801,10 @@ def synthesize(out_dir: Path, n: int, seed: int = 0, mislabel_rate: float = 0.0,
     for row in rows:
         counts[row["true_region"]] += 1
     summary = SynthSummary(
-                           out_dir=out_dir, dicom_dir=dicom_dir, truth_path=truth_path, n_files=len(rows), counts=counts,
-                           n_mislabeled=sum(r["mislabeled"] for r in rows), n_ood=sum(r["ood"] for r in rows),
-                           n_patients=len({r["patient_id"] for r in rows}),
-                          )
+        out_dir=out_dir, dicom_dir=dicom_dir, truth_path=truth_path, n_files=len(rows), counts=counts,
+        n_mislabeled=sum(r["mislabeled"] for r in rows), n_ood=sum(r["ood"] for r in rows),
+        n_patients=len({r["patient_id"] for r in rows}),
+    )
     log.info("synth.done", out_dir=str(out_dir), n_files=summary.n_files, n_mislabeled=summary.n_mislabeled,
              n_ood=summary.n_ood, n_patients=summary.n_patients, seed=seed, shift=shift)
     return summary
