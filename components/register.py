@@ -10,9 +10,11 @@ def register_op(
     """Register the bundle in MLflow with its lineage; returns the model URI (models:/name/version)."""
     from pathlib import Path
 
+    from xrayops.config import get_settings
     from xrayops.contracts import Lineage
     from xrayops.registry import register_bundle
 
     lineage = Lineage(dataset_md5=dataset_md5, pipeline_run=pipeline_run, metrics={"accuracy": accuracy})
+    tracking_uri = tracking_uri or get_settings().tracking_uri()
     registered = register_bundle(Path(bundle.path), tracking_uri, model_name, lineage, alias=alias)
     return registered.model_uri

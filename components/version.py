@@ -15,8 +15,12 @@ def version_dataset_op(
     from collections import namedtuple
     from pathlib import Path
 
+    from xrayops.config import get_settings
     from xrayops.versioning import version_dataset
 
+    settings = get_settings()
+    remote_url = remote_url or settings.dvc_remote()
+    s3_endpoint_url = s3_endpoint_url or settings.s3_endpoint_url
     repo = Path(tempfile.mkdtemp(prefix="xrayops-dvc-"))
     shutil.copytree(dataset.path, repo / "data")
     version = version_dataset(repo, Path("data"), remote_url=remote_url, endpoint_url=s3_endpoint_url)

@@ -41,7 +41,9 @@ class Settings(BaseSettings):
     inference_log_path: Path | None = None
 
     # Monitoring thresholds.
-    drift_share_threshold: float = 0.5
+    # Share of monitored columns (acquisition metadata, image statistics, tag mix) drifting at once;
+    # a third already means the input population changed (a new vendor moves spacing and maker).
+    drift_share_threshold: float = 0.3
     label_noise_threshold: float = 0.15
     ood_rate_threshold: float = 0.2
 
