@@ -71,17 +71,23 @@ def test_kfp_local_runs_the_whole_graph(tmp_path):
         dvc_remote_url=str(tmp_path / "remote"),
         mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
     )
-    outputs = {p.parent.name: p for p in root.rglob("*") if p.is_file()}
-    run_dirs = {p.name.split("-")[0] for p in root.iterdir()} if root.exists() else set()
-    assert run_dirs, "kfp.local wrote no run folder"
-    manifest = next(root.rglob("manifest.parquet"))
-    assert manifest.stat().st_size > 0
-    assert next(root.rglob("weights.pt")).stat().st_size > 1_000_000
-    assert (tmp_path / "remote").is_dir() and any((tmp_path / "remote").rglob("*"))
-    metrics = next(p for p in root.rglob("metrics") if p.is_file())
-    assert "accuracy" in json.loads(metrics.read_text()) or metrics.read_text()
+    (run,) = list(root.iterdir())  # one run folder, one sub-folder per task
+    tasks = {p.name: json.loads((p / "executor_output.json").read_text()) for p in run.iterdir()}
+    assert set(tasks) == {
+        "synth-op", "synth-op-2", "ingest-op", "ingest-op-2", "version-dataset-op",
+        "pretrain-op", "finetune-op", "evaluate-op", "register-op", "monitor-op",
+    }
+    assert (run / "ingest-op" / "dataset" / "manifest.parquet").stat().st_size > 0
+    assert (run / "finetune-op" / "bundle" / "weights.pt").stat().st_size > 1_000_000
+    md5 = tasks["version-dataset-op"]["parameterValues"]["md5"]
+    assert md5.endswith(".dir") and any((tmp_path / "remote").rglob(md5.removesuffix(".dir")[2:] + "*"))
+    metrics = tasks["evaluate-op"]["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["n"] > 0
+    assert tasks["register-op"]["parameterValues"]["Output"] == "models:/xrayops-region/1"
+    # The shifted batch comes from another vendor: the monitor step must call for retraining.
+    assert tasks["monitor-op"]["parameterValues"]["retrain"] is True
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert client.get_model_version_by_alias("xrayops-region", "champion").version == "1"
-    assert outputs
+    version = client.get_model_version_by_alias("xrayops-region", "champion")
+    assert client.get_run(version.run_id).data.tags["xrayops.dataset_md5"] == md5
