@@ -36,6 +36,18 @@ def test_round_trip_gives_the_same_model_and_meta(saved):
     assert torch.equal(loaded.model(x), model(x))
 
 
+def test_rotation_average_travels_with_the_bundle(tmp_path):
+    torch.manual_seed(0)
+    model = RegionClassifier(*build_backbone(), n_classes=len(REGIONS), rotation_average=True).eval()
+    meta = ModelBundleMeta(classes=list(REGIONS), preprocessing=PreprocessingSpec(size=32))  # field left at False
+    assert save_bundle(tmp_path, model, meta).rotation_average is True  # taken from the model
+    loaded = load_bundle(tmp_path)
+    assert loaded.model.rotation_average and loaded.meta.rotation_average
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(torch.rot90(x, 2, (-2, -1))), loaded.model(x), atol=1e-4)
+
+
 def test_tampered_weights_are_refused(saved):
     bundle_dir, _, _ = saved
     data = bytearray((bundle_dir / "weights.pt").read_bytes())

@@ -12,6 +12,7 @@ from xrayops.models import (
     build_ssl_model,
     energy_score,
     fit_temperature,
+    fold_standardization,
     load_backbone,
     save_backbone,
 )
@@ -43,6 +44,22 @@ def test_classifier_logits_are_head_of_embedding():
     assert logits.shape == (3, 14) and embedding.shape == (3, 512)
     assert torch.allclose(model(x), logits) and torch.allclose(model.embed(x), embedding)
     assert torch.allclose(model.head(embedding), logits)
+
+
+def test_rotation_averaged_embedding_ignores_right_angle_turns():
+    torch.manual_seed(0)
+    backbone, dim = build_backbone()
+    plain = RegionClassifier(backbone, dim, 14).eval()
+    averaged = RegionClassifier(backbone, dim, 14, rotation_average=True).eval()
+    averaged.head = plain.head
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        expected = torch.stack([backbone(torch.rot90(x, k, (-2, -1))) for k in range(4)]).mean(0)
+        assert torch.allclose(averaged.embed(x), expected, atol=1e-5)
+        assert torch.allclose(averaged.embed(torch.rot90(x, 1, (-2, -1))), averaged.embed(x), atol=1e-5)
+        assert not torch.allclose(plain.embed(torch.rot90(x, 1, (-2, -1))), plain.embed(x), atol=1e-3)
+        logits, embedding = averaged.forward_with_embedding(x)
+        assert torch.allclose(logits, plain.head(embedding)) and torch.allclose(averaged(x), logits)
 
 
 def test_backbone_file_round_trip(tmp_path):
@@ -113,6 +130,17 @@ def test_temperature_scaling_recovers_the_overconfidence():
     assert ece_after < 0.03 < ece_before
     with pytest.raises(ValueError):
         fit_temperature(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
+
+
+def test_folded_standardisation_is_one_equivalent_linear_layer():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 3)
+    x = torch.randn(5, 8) * 4 + 2
+    mean, std = x.mean(0), x.std(0)
+    folded = fold_standardization(head, mean, std)
+    assert isinstance(folded, torch.nn.Linear) and folded.weight.shape == (3, 8)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), head((x - mean) / std), atol=1e-5)
 
 
 def test_energy_score_is_higher_for_flat_logits():

@@ -14,6 +14,7 @@ from xrayops.models.backbone import load_backbone
 from xrayops.regions import REGIONS
 from xrayops.train import FinetuneConfig, PretrainConfig, PretrainError, finetune, pretrain
 from xrayops.train.pretrain import epoch_batches
+from xrayops.train.runtime import available_cores, configure_threads, resolve_device
 
 torch.set_num_threads(1)
 
@@ -54,6 +55,19 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path):
         pretrain(tiny.data_dir, tmp_path / "b", cfg, progress=False)
 
 
+def test_threads_never_oversubscribe_and_devices_resolve():
+    before = torch.get_num_threads()
+    threads = configure_threads(num_workers=available_cores())  # workers take every core
+    assert threads == torch.get_num_threads() == 1
+    torch.set_num_threads(before)
+    assert configure_threads(0) <= min(before, available_cores())
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
 def test_epoch_batches_are_seeded_and_full():
     first = epoch_batches(10, 4, seed=1, epoch=0)
     assert first == epoch_batches(10, 4, seed=1, epoch=0) != epoch_batches(10, 4, seed=1, epoch=1)
@@ -80,6 +94,11 @@ def test_finetune_bundle_is_calibrated_and_documented(tiny, tmp_path):
     responses, _ = predict_arrays(bundle, list(val.images.numpy()))
     flagged = np.mean([r.ood for r in responses])
     assert flagged <= 0.05 + 1 / len(val)
+    # The embedding averages the four right-angle turns, so turning an image changes nothing.
+    assert meta.rotation_average
+    turned, _ = predict_arrays(bundle, [np.rot90(a).copy() for a in val.images.numpy()])
+    for a, b in zip(responses, turned):
+        assert np.allclose(list(a.probabilities.values()), list(b.probabilities.values()), atol=1e-4)
 
 
 def test_augmented_finetune_trains_too(tiny, tmp_path):

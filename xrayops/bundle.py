@@ -48,8 +48,13 @@ def save_bundle(bundle_dir: Path, model: RegionClassifier, meta: ModelBundleMeta
     bundle_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save(state, bundle_dir / WEIGHTS)
-    created_at = meta.created_at or datetime.now(timezone.utc)
-    meta = meta.model_copy(update={"weights_sha256": file_sha256(bundle_dir / WEIGHTS), "created_at": created_at})
+    meta = meta.model_copy(
+        update={
+            "weights_sha256": file_sha256(bundle_dir / WEIGHTS),
+            "created_at": meta.created_at or datetime.now(timezone.utc),
+            "rotation_average": model.rotation_average,  # how the weights must be used
+        }
+    )
     (bundle_dir / META).write_text(meta.model_dump_json(indent=2))
     return meta
 
@@ -80,7 +85,7 @@ def load_bundle(bundle_dir: Path, device: str | torch.device = "cpu") -> LoadedB
         backbone, embedding_dim = build_backbone(meta.arch)
         if embedding_dim != meta.embedding_dim:
             raise ValueError(f"{meta.arch} embeds to {embedding_dim} dims, bundle.json says {meta.embedding_dim}")
-        model = RegionClassifier(backbone, embedding_dim, len(meta.classes))
+        model = RegionClassifier(backbone, embedding_dim, len(meta.classes), meta.rotation_average)
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     except Exception as exc:  # unknown arch, wrong shapes, damaged file
         raise BundleError(

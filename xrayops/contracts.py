@@ -93,6 +93,9 @@ class ModelBundleMeta(BaseModel):
     temperature: float = 1.0
     ood_threshold: float | None = None
     confidence_threshold: float = 0.9  # for label_disagreement
+    # The embedding is the mean over the four right-angle rotations of the image
+    # (xrayops.models.heads.RegionClassifier), so the region does not depend on orientation.
+    rotation_average: bool = False
     lineage: Lineage = Field(default_factory=Lineage)
     weights_sha256: str = ""
     created_at: datetime | None = None

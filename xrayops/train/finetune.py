@@ -1,9 +1,10 @@
 """Linear evaluation (paper 000): a linear head on the FROZEN pretrained backbone.
 
 The backbone stays frozen so that the training and validation images can later be
-re-checked for wrong PACS labels by the same embedding (paper 000, section 4.4). After
-training, the head is calibrated on the validation split (temperature scaling) and an
-out-of-domain threshold is set there.
+re-checked for wrong PACS labels by the same embedding (paper 000, section 4.4). The head
+trains on standardised embeddings and the scaling is then folded into its weights, so the
+bundle still holds one linear layer. It is selected by validation accuracy, calibrated on
+the validation split (temperature scaling), and an out-of-domain threshold is set there.
 """
 from __future__ import annotations
 
@@ -24,7 +25,13 @@ from xrayops.data.augment import make_linear_transform
 from xrayops.data.dataset import DatasetError, ImageDataset, read_preprocessing, to_unit_float
 from xrayops.logs import get_logger
 from xrayops.models.backbone import load_backbone
-from xrayops.models.heads import RegionClassifier, energy_score, fit_temperature
+from xrayops.models.heads import (
+    RegionClassifier,
+    energy_score,
+    fit_temperature,
+    fold_standardization,
+    linear_head,
+)
 from xrayops.progress import track
 from xrayops.regions import REGIONS
 from xrayops.train.runtime import configure_threads, resolve_device, seed_everything, step_generator
@@ -35,7 +42,7 @@ log = get_logger(__name__)
 class FinetuneConfig(BaseModel):
     epochs: int = Field(50, ge=1)
     lr: float = 5e-2  # paper 000, linear evaluation: Adam, lr 5e-2, cosine schedule, no weight decay
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(64, ge=1)  # not in paper 000; small batches give small datasets more steps
     seed: int = 0
     # Paper 000, Table 1 "Training" column. Off by default: then embeddings are computed
     # once and the head trains in seconds on a CPU.
@@ -45,20 +52,40 @@ class FinetuneConfig(BaseModel):
     # i.e. about 5 % of in-domain validation images are flagged (the false-alarm rate).
     ood_percentile: float = Field(95.0, gt=0, lt=100)
     confidence_threshold: float = Field(0.9, ge=0, le=1)  # for label_disagreement
+    # Embed each image as the mean over its four right-angle rotations (RegionClassifier):
+    # our images come at any angle, where paper 000 straightened them while cleaning. On
+    # 1,400 synthetic 64 px images after 12 SimCLR epochs it raised test accuracy from 0.28 to 0.42.
+    rotation_average: bool = True
     name: str = "xrayops-region"
 
 
 @torch.inference_mode()
 def embed_images(
-    backbone: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256
+    model: RegionClassifier, images: torch.Tensor, device: torch.device, batch_size: int = 256
 ) -> torch.Tensor:
     """Embeddings (n, D) of stored images (n, S, S) through the frozen backbone, in eval mode."""
-    backbone.eval()
+    model.eval()
     chunks = [
-        backbone(to_unit_float(images[i : i + batch_size]).unsqueeze(1).to(device)).float().cpu()
+        model.embed(to_unit_float(images[i : i + batch_size]).unsqueeze(1).to(device)).float().cpu()
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(chunks)
+
+
+def augmented_embedder(
+    model: RegionClassifier, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: torch.device, seed: int
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """(indices, step) -> standardised embeddings of those images, freshly augmented (paper 000,
+    Table 1, "Training" column); the draw depends only on (seed, step)."""
+    augment = make_linear_transform(int(images.shape[-1]))
+
+    @torch.no_grad()
+    def embed_batch(indices: torch.Tensor, step: int) -> torch.Tensor:
+        batch = to_unit_float(images[indices]).unsqueeze(1).to(device)
+        embedding = model.embed(augment(batch, step_generator(device, seed, step))).float().cpu()
+        return (embedding - mean) / std
+
+    return embed_batch
 
 
 def train_linear_head(
@@ -120,26 +147,26 @@ def finetune(
         ) from exc
 
     backbone, embedding_dim, info = load_backbone(backbone_path, device)
+    model = RegionClassifier(backbone, embedding_dim, len(REGIONS), cfg.rotation_average).to(device)
     for parameter in backbone.parameters():
         parameter.requires_grad_(False)
-    backbone.eval()  # frozen, batch-norm statistics included
+    model.eval()  # the backbone is frozen, batch-norm statistics included
 
-    val_x = embed_images(backbone, val.images, device, cfg.batch_size)
-    head = nn.Linear(embedding_dim, len(REGIONS))
-    if cfg.augment:
-        augment = make_linear_transform(train.size)
-
-        def embed_batch(indices: torch.Tensor, step: int) -> torch.Tensor:
-            images = to_unit_float(train.images[indices]).unsqueeze(1).to(device)
-            with torch.no_grad():
-                return backbone(augment(images, step_generator(device, cfg.seed, step))).float().cpu()
-
-        head, val_accuracy, best_epoch = train_linear_head(
-            None, train.labels, val_x, val.labels, head, cfg, embed_batch
-        )
-    else:
-        train_x = embed_images(backbone, train.images, device, cfg.batch_size)
-        head, val_accuracy, best_epoch = train_linear_head(train_x, train.labels, val_x, val.labels, head, cfg)
+    train_x = embed_images(model, train.images, device)
+    val_x = embed_images(model, val.images, device)
+    # The head trains on standardised embeddings; the scaling is folded into it afterwards.
+    mean, std = train_x.mean(0), train_x.std(0, correction=0).clamp_min(1e-6)
+    embed_batch = augmented_embedder(model, train.images, mean, std, device, cfg.seed) if cfg.augment else None
+    head, val_accuracy, best_epoch = train_linear_head(
+        None if cfg.augment else (train_x - mean) / std,
+        train.labels,
+        (val_x - mean) / std,
+        val.labels,
+        linear_head(embedding_dim, len(REGIONS)),
+        cfg,
+        embed_batch,
+    )
+    model.head = head = fold_standardization(head, mean, std)
 
     with torch.no_grad():
         val_logits = head(val_x)
@@ -165,7 +192,5 @@ def finetune(
         lineage=lineage,
         created_at=datetime.now(timezone.utc),
     )
-    model = RegionClassifier(backbone.cpu(), embedding_dim, len(REGIONS))
-    model.head.load_state_dict(head.state_dict())
-    save_bundle(Path(out_dir), model, meta)
+    save_bundle(Path(out_dir), model.cpu(), meta)
     return Path(out_dir)
