@@ -50,7 +50,7 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.rest.server import RESTServer
 
 from serving.model import XrayModel
-from xrayops.bundle import read_bundle_meta
+from xrayops.bundle_meta import read_bundle_meta
 from xrayops.logs import get_logger
 
 log = get_logger(__name__)

@@ -3,28 +3,29 @@
 does not match."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 
+from xrayops.bundle_meta import (  # re-exported: callers that load models import them from here
+    META,
+    WEIGHTS,
+    BundleError,
+    BundleIntegrityError,
+    file_sha256,
+    read_bundle_meta,
+    verify_bundle,
+)
 from xrayops.contracts import ModelBundleMeta
 from xrayops.models.backbone import build_backbone
 from xrayops.models.heads import RegionClassifier
 
-WEIGHTS = "weights.pt"
-META = "bundle.json"
-
-
-class BundleError(RuntimeError):
-    """The bundle directory is missing, incomplete or unreadable."""
-
-
-class BundleIntegrityError(BundleError):
-    """weights.pt does not match the sha256 recorded in bundle.json."""
+__all__ = [
+    "META", "WEIGHTS", "BundleError", "BundleIntegrityError", "LoadedBundle", "file_sha256",
+    "load_bundle", "read_bundle_meta", "save_bundle", "verify_bundle",
+]
 
 
 @dataclass
@@ -32,14 +33,6 @@ class LoadedBundle:
     model: RegionClassifier  # in eval mode, on `device`
     meta: ModelBundleMeta
     device: torch.device
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_bundle(bundle_dir: Path, model: RegionClassifier, meta: ModelBundleMeta) -> ModelBundleMeta:
@@ -59,28 +52,11 @@ def save_bundle(bundle_dir: Path, model: RegionClassifier, meta: ModelBundleMeta
     return meta
 
 
-def read_bundle_meta(bundle_dir: Path) -> ModelBundleMeta:
-    path = Path(bundle_dir) / META
-    if not path.is_file():
-        raise BundleError(f"not a model bundle: {path} is missing")
-    try:
-        return ModelBundleMeta.model_validate_json(path.read_text())
-    except (ValidationError, UnicodeDecodeError) as exc:
-        raise BundleError(f"corrupt {path}: {exc}") from exc
-
-
 def load_bundle(bundle_dir: Path, device: str | torch.device = "cpu") -> LoadedBundle:
     """Verify and load a bundle; the model comes back in eval mode on `device`."""
     bundle_dir = Path(bundle_dir)
-    meta = read_bundle_meta(bundle_dir)
+    meta = verify_bundle(bundle_dir)
     weights = bundle_dir / WEIGHTS
-    if not weights.is_file():
-        raise BundleError(f"not a model bundle: {weights} is missing")
-    actual = file_sha256(weights)
-    if actual != meta.weights_sha256:
-        raise BundleIntegrityError(
-            f"{weights} has sha256 {actual}, but {bundle_dir / META} records {meta.weights_sha256!r}"
-        )
     try:
         backbone, embedding_dim = build_backbone(meta.arch)
         if embedding_dim != meta.embedding_dim:

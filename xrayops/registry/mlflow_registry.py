@@ -7,7 +7,6 @@ model version's source is the concrete artifact URI of that folder, so any MLflo
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -16,13 +15,12 @@ from urllib.request import url2pathname
 
 from pydantic import BaseModel
 
+from xrayops.bundle_meta import BundleError, verify_bundle
 from xrayops.contracts import Lineage, ModelBundleMeta
 from xrayops.logs import get_logger
 
 log = get_logger(__name__)
 
-BUNDLE_META = "bundle.json"
-BUNDLE_WEIGHTS = "weights.pt"
 ARTIFACT_PATH = "bundle"  # artifact folder of the registration run
 
 TAG_DATASET_MD5 = "xrayops.dataset_md5"
@@ -62,33 +60,12 @@ def sqlite_artifact_root(tracking_uri: str) -> Path | None:
     return db_path.parent / "artifacts"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_bundle_meta(bundle_dir: Path) -> ModelBundleMeta:
-    meta_path = bundle_dir / BUNDLE_META
-    if not meta_path.is_file():
-        raise RegistryError(f"{bundle_dir} is not a model bundle: {BUNDLE_META} is missing")
-    return ModelBundleMeta.model_validate_json(meta_path.read_text())
-
-
 def check_bundle(bundle_dir: Path) -> ModelBundleMeta:
-    """The bundle's metadata, after checking that weights.pt matches its recorded sha256."""
-    meta = read_bundle_meta(bundle_dir)
-    weights = bundle_dir / BUNDLE_WEIGHTS
-    if not weights.is_file():
-        raise RegistryError(f"{bundle_dir} is not a model bundle: {BUNDLE_WEIGHTS} is missing")
-    actual = file_sha256(weights)
-    if actual != meta.weights_sha256:
-        raise RegistryError(
-            f"{weights}: sha256 {actual} does not match bundle.json weights_sha256 {meta.weights_sha256!r}"
-        )
-    return meta
+    """The bundle's metadata after the weights check, with bundle errors as RegistryError."""
+    try:
+        return verify_bundle(bundle_dir)
+    except BundleError as exc:
+        raise RegistryError(str(exc)) from exc
 
 
 def bundle_params(meta: ModelBundleMeta) -> dict[str, str]:
