@@ -236,18 +236,18 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
 
 
 def print_summary(summary: DemoSummary, console) -> None:
+    """A table of steps and their facts, then every artefact with its full path (never cut)."""
     from rich.table import Table
 
     table = Table(title=f"xrayops demo: outputs in {summary.out}")
     table.add_column("step")
     table.add_column("s", justify="right")
-    table.add_column("facts")
-    table.add_column("artefacts")
+    table.add_column("facts", overflow="fold")
     for s in summary.steps:
-        table.add_row(
-            s.name, f"{s.seconds:.0f}",
-            "\n".join(f"{k}={json.dumps(v, default=str)}" for k, v in s.facts.items()),
-            "\n".join(f"{k}: {v}" for k, v in s.artefacts.items()),
-        )
+        table.add_row(s.name, f"{s.seconds:.0f}", "\n".join(f"{k}={json.dumps(v, default=str)}" for k, v in s.facts.items()))
     console.print(table)
-    console.print(f"summary: {summary.out / 'summary.json'}")
+    console.print("artefacts:")
+    for s in summary.steps:
+        for key, path in s.artefacts.items():
+            console.print(f"  {s.name}.{key}: {path}", soft_wrap=True, highlight=False)
+    console.print(f"summary: {summary.out / 'summary.json'}", soft_wrap=True)
