@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xrayops-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean lint
+.PHONY: demo test install clean lint system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,3 +25,8 @@ test: $(STAMP)
 
 clean:
 	rm -rf outputs .pytest_cache
+
+# Optional Debian packages for the network-source tests (Orthanc + DICOMweb plugin, dcmtk's
+# storescu); without them those tests skip with a reason. Needs root; `make test` does not.
+system-deps:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y orthanc orthanc-dicomweb orthanc-gdcm dcmtk

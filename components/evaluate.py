@@ -13,17 +13,19 @@ def evaluate_op(
 
     import pandas as pd
 
+    from xrayops.data.dataset import read_truth_angles
     from xrayops.evaluate.report import evaluate_bundle
 
     truth_csv = Path(dicom.path) / "truth.csv"
-    truth = None
-    if truth_csv.exists():  # synthetic data carries its true labels
+    truth = angles = None
+    if truth_csv.exists():  # synthetic data carries its true labels and orientations
         frame = pd.read_csv(truth_csv)
         truth = dict(zip(frame["file"], frame["true_region"]))
+        angles = read_truth_angles(truth_csv)
     out = Path(report.path).parent / "evaluation"
-    result = evaluate_bundle(Path(bundle.path), Path(dataset.path), out, split="test", truth=truth)
+    result = evaluate_bundle(Path(bundle.path), Path(dataset.path), out, split="test", truth=truth, truth_angles=angles)
     for name, value in result.metrics.items():
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and value == value:  # KFP metrics refuse NaN
             metrics.log_metric(name, float(value))
     shutil.copyfile(result.html_path, report.path)
     return float(result.metrics["accuracy"])

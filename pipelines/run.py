@@ -8,9 +8,12 @@ from kfp import compiler, local
 from pipelines.training import build_pipeline
 
 
-def compile_pipeline(out: Path, gpu: bool = False, gpu_node_pool: str = "gpu") -> Path:
+def compile_pipeline(
+    out: Path, gpu: bool = False, gpu_node_pool: str = "gpu", gpu_count: int = 1, cluster: bool = False
+) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(gpu=gpu, gpu_node_pool=gpu_node_pool), package_path=str(out))
+    pipeline = build_pipeline(gpu=gpu, gpu_node_pool=gpu_node_pool, gpu_count=gpu_count, cluster=cluster)
+    compiler.Compiler().compile(pipeline, package_path=str(out))
     return out
 
 

@@ -24,8 +24,27 @@ def _on_gpu_pool(task: dsl.PipelineTask, node_pool: str, gpu_count: int) -> None
     kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
 
 
-def build_pipeline(gpu: bool = False, gpu_node_pool: str = "gpu", gpu_count: int = 1):
-    """Return the pipeline function; `gpu` adds GPU node-pool scheduling to the training steps."""
+# On a cluster every task reads the non-secret settings (XRAYOPS_*; infra/k8s/base) and the S3
+# credentials; only the ingest tasks, which pseudonymise, get the de-identification key.
+CLUSTER_CONFIG_MAP = "xrayops-config"
+CLUSTER_CONFIG_KEYS = ("XRAYOPS_S3_ENDPOINT_URL", "XRAYOPS_DVC_REMOTE_URL", "XRAYOPS_MLFLOW_TRACKING_URI", "AWS_DEFAULT_REGION")
+S3_SECRET, S3_SECRET_KEYS = "xrayops-s3", ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# Secret xrayops-deid holds the key under `key` (as infra/k8s/base/serving reads it).
+DEID_SECRET, DEID_SECRET_KEY = "xrayops-deid", "key"
+
+
+def _with_cluster_env(task: dsl.PipelineTask, deid: bool) -> None:
+    """Settings from the xrayops-config ConfigMap (keys an overlay leaves out stay unset) and
+    credentials from Secrets created out of band (docs/cluster.md); nothing secret in the YAML."""
+    kubernetes.use_config_map_as_env(task, CLUSTER_CONFIG_MAP, {k: k for k in CLUSTER_CONFIG_KEYS}, optional=True)
+    kubernetes.use_secret_as_env(task, S3_SECRET, {k: k for k in S3_SECRET_KEYS})
+    if deid:
+        kubernetes.use_secret_as_env(task, DEID_SECRET, {DEID_SECRET_KEY: "XRAYOPS_DEID_KEY"})
+
+
+def build_pipeline(gpu: bool = False, gpu_node_pool: str = "gpu", gpu_count: int = 1, cluster: bool = False):
+    """Return the pipeline function; `gpu` adds GPU node-pool scheduling to the training steps,
+    `cluster` wires the cluster's ConfigMap and Secrets into every task's environment."""
 
     @dsl.pipeline(name=PIPELINE_NAME, description="xrayops: DICOM to registered, monitored region model")
     def training_pipeline(
@@ -39,6 +58,7 @@ def build_pipeline(gpu: bool = False, gpu_node_pool: str = "gpu", gpu_count: int
         drift_seed: int = 1,
         drift_shift: float = 0.8,
         pretrain_epochs: int = 8,
+        ssl_method: str = "simclr",
         batch_size: int = 128,
         finetune_epochs: int = 60,
         ingest_workers: int = 1,
@@ -58,11 +78,13 @@ def build_pipeline(gpu: bool = False, gpu_node_pool: str = "gpu", gpu_count: int
             dataset=ingested.outputs["dataset"], remote_url=dvc_remote_url, s3_endpoint_url=s3_endpoint_url
         ).set_display_name("version")
         pre = pretrain_op(
-            dataset=ingested.outputs["dataset"], epochs=pretrain_epochs, batch_size=batch_size, seed=seed
+            dataset=ingested.outputs["dataset"], epochs=pretrain_epochs, batch_size=batch_size, seed=seed,
+            method=ssl_method,
         ).set_display_name("pretrain")
         head = finetune_op(
             dataset=ingested.outputs["dataset"],
             backbone=pre.outputs["backbone"],
+            dicom=data.outputs["dicom"],  # truth.csv angles train the orientation head (paper 004)
             dataset_md5=version.outputs["md5"],
             epochs=finetune_epochs,
             seed=seed,
@@ -71,7 +93,7 @@ def build_pipeline(gpu: bool = False, gpu_node_pool: str = "gpu", gpu_count: int
         evaluation = evaluate_op(
             dataset=ingested.outputs["dataset"], bundle=head.outputs["bundle"], dicom=data.outputs["dicom"]
         ).set_display_name("evaluate")
-        register_op(
+        registered = register_op(
             bundle=head.outputs["bundle"],
             tracking_uri=mlflow_tracking_uri,
             model_name=model_name,
@@ -87,10 +109,17 @@ def build_pipeline(gpu: bool = False, gpu_node_pool: str = "gpu", gpu_count: int
         current = ingest_op(
             dicom=shifted.outputs["dicom"], image_size=image_size, workers=ingest_workers
         ).set_display_name("ingest-shifted")
-        monitor_op(reference=ingested.outputs["dataset"], current=current.outputs["dataset"]).set_display_name("monitor")
+        drift = monitor_op(reference=ingested.outputs["dataset"], current=current.outputs["dataset"]).set_display_name(
+            "monitor"
+        )
 
         if gpu:
             for task in (pre, head):
                 _on_gpu_pool(task, gpu_node_pool, gpu_count)
+        if cluster:
+            for task in (data, version, pre, head, evaluation, registered, shifted, drift):
+                _with_cluster_env(task, deid=False)
+            for task in (ingested, current):
+                _with_cluster_env(task, deid=True)
 
     return training_pipeline

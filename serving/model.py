@@ -1,60 +1,100 @@
-"""The KServe predictor: a verified model bundle behind kserve's `Model` interface.
+"""The KServe predictor: one verified model bundle, or several averaged as an ensemble
+(`xrayops.ensemble`, paper 000), behind kserve's `Model` interface.
 
-preprocess parses the request (DICOM files or pixel tensors), predict runs
-`xrayops.inference` and appends one `InferenceLogRecord` per image to the inference log,
-and the answer goes back in the protocol it came in. Bad input raises kserve's
-`InvalidInput`, which the server turns into a 400 with the message.
+preprocess turns the request into an `ImageBatch`: DICOM goes through the transformer's
+decode (`serving.transformer.RequestDecoder`, the same code the cluster's transformer pod runs),
+pixel tensors are checked against the spec. predict queues the images on a micro-batcher
+(concurrent requests share one forward pass), adds Grad-CAM when asked, appends one
+`InferenceLogRecord` per image to the inference log, and answers in the protocol the request
+came in. Bad input raises kserve's `InvalidInput` (or a subclass with a more specific HTTP
+status, `serving.errors`), which the server turns into a 4xx with the message.
 """
 from __future__ import annotations
 
 import asyncio
-import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
-from kserve import InferRequest, Model
+import numpy as np
+import torch
+from kserve import Model
 from kserve.errors import InvalidInput
+from prometheus_client import Counter
 
-from serving.schema import DecodedRequest, decode_v1, decode_v2, encode_v1, encode_v2, input_types, output_types
+from serving.batcher import MicroBatcher
+from serving.schema import ImageBatch, ServedResponse, encode_v1, encode_v2, input_types, output_types
+from serving.transformer import DecodeLimits, RequestDecoder
 from xrayops.bundle import BundleError, LoadedBundle, load_bundle
-from xrayops.inference import InferenceInputError, model_version, predict_arrays, predict_datasets
+from xrayops.contracts import InferenceLogRecord
+from xrayops.data.dataset import to_unit_float
+from xrayops.ensemble import EnsembleError, check_members, ensemble_version, predict_ensemble
+from xrayops.gradcam import grad_cam, heatmap_png_base64
+from xrayops.inference import InferenceInputError, model_version, validate_array
 from xrayops.inference_log import append_records, records_for_arrays
 from xrayops.logs import get_logger
 from xrayops.train.runtime import resolve_device
 
 log = get_logger(__name__)
 
+IMAGES = Counter("xrayops_images_total", "Images predicted", ["model", "region"])
+LABEL_DISAGREEMENTS = Counter("xrayops_label_disagreements_total", "Confident predictions against the DICOM tag", ["model"])
+OOD_IMAGES = Counter("xrayops_ood_images_total", "Images flagged out of domain", ["model"])
+
 
 class XrayModel(Model):
     def __init__(
         self,
         name: str,
-        bundle_dir: str | Path,
+        bundle_dir: str | Path | Sequence[str | Path],
         log_path: str | Path | None = None,
         version: str | None = None,
         device: str = "auto",
+        limits: DecodeLimits | None = None,
+        deid_key: str | None = None,
+        max_batch_size: int = 32,
+        max_batch_latency_ms: float = 5.0,
     ) -> None:
         super().__init__(name)
-        self.bundle_dir = Path(bundle_dir)
+        dirs = [bundle_dir] if isinstance(bundle_dir, (str, Path)) else list(bundle_dir)
+        self.bundle_dirs = [Path(d) for d in dirs]
+        self.bundle_dir = self.bundle_dirs[0]
         self.log_path = Path(log_path) if log_path is not None else None
         self.device = device
-        self.version = version or ""  # default: the weights' content hash, set by load()
-        self.bundle: LoadedBundle | None = None
+        self.version = version or ""  # default: the weights' content hash (ensemble: over members), set by load()
+        self.limits = limits or DecodeLimits()
+        self.deid_key = deid_key
+        self.max_batch_size, self.max_batch_latency_s = max_batch_size, max_batch_latency_ms / 1000.0
+        self.members: list[LoadedBundle] = []
+        self.bundle: LoadedBundle | None = None  # the first member: its spec and classes are every member's
+        self.decoder: RequestDecoder | None = None
+        self.batcher: MicroBatcher | None = None
         self.load_error = ""
 
     def load(self) -> bool:
-        """Load and verify the bundle; on any failure stay not-ready and keep the reason."""
+        """Load and verify every member; on any failure stay not-ready and keep the reason."""
+        if not self.bundle_dirs:
+            self.ready, self.load_error = False, "no model bundle given"
+            return False
         try:
-            bundle = load_bundle(self.bundle_dir, device=resolve_device(self.device))
+            device = resolve_device(self.device)
+            members = [load_bundle(d, device=device) for d in self.bundle_dirs]
+            check_members([m.meta for m in members])
             if self.log_path is not None:
                 self.log_path.mkdir(parents=True, exist_ok=True)
-        except (BundleError, RuntimeError, OSError) as exc:  # RuntimeError: CUDA asked for, none present
-            self.bundle, self.ready, self.load_error = None, False, str(exc)
-            log.error("model not ready", model=self.name, bundle=str(self.bundle_dir), error=self.load_error)
+        except (BundleError, EnsembleError, RuntimeError, OSError) as exc:  # RuntimeError: CUDA asked for, none present
+            self.members, self.bundle, self.ready, self.load_error = [], None, False, str(exc)
+            log.error("model not ready", model=self.name, bundles=[str(d) for d in self.bundle_dirs], error=str(exc))
             return False
-        self.bundle, self.load_error = bundle, ""
-        self.version = self.version or model_version(bundle)
+        if self.deid_key is None:
+            from xrayops.config import get_settings
+
+            self.deid_key = get_settings().deid_key.get_secret_value()
+        self.members, self.bundle, self.load_error = members, members[0], ""
+        self.version = self.version or ensemble_version([model_version(m) for m in members])
+        self.decoder = RequestDecoder(self.bundle.meta.preprocessing, self.limits, self.deid_key)
+        self.batcher = MicroBatcher(self._predict_items, self.max_batch_size, self.max_batch_latency_s)
         self.ready = True
-        log.info("model ready", model=self.name, version=self.version, bundle=str(self.bundle_dir))
+        log.info("model ready", model=self.name, version=self.version, members=len(members))
         return True
 
     def start(self) -> None:
@@ -63,15 +103,24 @@ class XrayModel(Model):
 
     def stop(self) -> None:
         self.ready = False
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def member_info(self) -> list[dict]:
+        return [
+            {"version": model_version(m), "path": str(d), "bundle": m.meta.model_dump(mode="json")}
+            for m, d in zip(self.members, self.bundle_dirs)
+        ]
 
     def bundle_info(self) -> dict:
-        """Served version plus the bundle's metadata: lineage, classes, preprocessing spec."""
+        """Served version plus every member's metadata: lineage, classes, preprocessing spec."""
         meta = self.bundle.meta if self.bundle is not None else None
         return {
             "name": self.name,
             "version": self.version,
             "ready": self.ready,
             "bundle": meta.model_dump(mode="json") if meta is not None else None,
+            "members": self.member_info(),
         }
 
     def get_input_types(self) -> list[dict]:
@@ -81,38 +130,82 @@ class XrayModel(Model):
         if self.bundle is None:
             return []
         meta = self.bundle.meta
-        return output_types(len(meta.classes), with_ood_flag=meta.ood_threshold is not None)
+        return output_types(len(meta.classes), meta.ood_threshold is not None)
 
-    def preprocess(self, payload, headers: dict[str, str] | None = None) -> DecodedRequest:
-        headers = headers or {}
-        if isinstance(payload, InferRequest):
-            request_id = payload.id or headers.get("x-request-id") or uuid.uuid4().hex
-            return decode_v2(payload, self.bundle.meta.preprocessing.size, request_id)
-        return decode_v1(payload, headers.get("x-request-id") or uuid.uuid4().hex)
+    async def preprocess(self, payload, headers: dict[str, str] | None = None) -> ImageBatch:
+        # Decoding a large DICOM is CPU work: off the event loop, so health checks stay quick.
+        batch = await asyncio.get_running_loop().run_in_executor(None, self.decoder, payload, headers)
+        size = self.bundle.meta.preprocessing.size
+        try:
+            for i, array in enumerate(batch.pixels):
+                validate_array(i, array, size)
+        except InferenceInputError as exc:
+            raise InvalidInput(f"image {exc.index} cannot be predicted: {exc.reason}") from exc
+        return batch
 
     def validate(self, payload):
         # preprocess has already checked the request against this model's schema.
         return payload
 
-    async def predict(self, payload: DecodedRequest, headers: dict[str, str] | None = None, response_headers=None):
-        # Inference is CPU/GPU work: keep the event loop free for health checks meanwhile.
-        responses = await asyncio.get_running_loop().run_in_executor(None, self.infer, payload)
+    async def predict(self, payload: ImageBatch, headers: dict[str, str] | None = None, response_headers=None):
+        items = list(zip(payload.pixels, payload.dicom_regions))
+        answers = await self.batcher.submit(items)
+        responses = [ServedResponse(**r.model_dump()) for r, _ in answers]
+        embeddings = np.stack([e for _, e in answers])
+        loop = asyncio.get_running_loop()
+        if payload.gradcam:
+            responses = await loop.run_in_executor(None, self.add_gradcam, payload.pixels, responses)
+        await loop.run_in_executor(None, self.log_batch, payload, responses, embeddings)
+        self.count(responses)
         if payload.protocol == "v1":
             return encode_v1(responses)
         return encode_v2(responses, self.bundle.meta.classes, self.name, self.version, payload)
 
-    def infer(self, decoded: DecodedRequest):
-        """Predict a decoded request and log every image."""
-        try:
-            if decoded.pixels is not None:
-                responses, embeddings = predict_arrays(self.bundle, list(decoded.pixels), version=self.version)
-                records = records_for_arrays(responses, decoded.pixels, embeddings, decoded.request_id)
-            else:
-                responses, records = predict_datasets(
-                    self.bundle, decoded.datasets, decoded.request_id, version=self.version
-                )
-        except InferenceInputError as exc:
-            raise InvalidInput(f"image {exc.index} cannot be predicted: {exc.reason}") from exc
-        if self.log_path is not None:
-            append_records(self.log_path, records)
-        return responses
+    def _predict_items(self, items: list[tuple[np.ndarray, str]]) -> list:
+        """One forward pass (per member) over images from any number of requests."""
+        arrays = [a for a, _ in items]
+        regions = [r for _, r in items]
+        responses, embeddings = predict_ensemble(self.members, arrays, regions, self.name, self.version)
+        return list(zip(responses, embeddings))
+
+    def add_gradcam(self, pixels: list[np.ndarray], responses: list[ServedResponse]) -> list[ServedResponse]:
+        """Grad-CAM of the predicted class, averaged over members (each member's own backbone)."""
+        classes = self.bundle.meta.classes
+        targets = [classes.index(r.region) for r in responses]
+        maps = []
+        for member in self.members:
+            images = torch.stack([to_unit_float(p) for p in pixels]).unsqueeze(1).to(member.device)
+            maps.append(grad_cam(member.model, images, targets))
+        heatmaps = np.mean(maps, axis=0)
+        # Each member's map is scaled to [0, 1]; scale their mean again so the peak is 1.
+        peaks = heatmaps.reshape(len(heatmaps), -1).max(axis=1)
+        heatmaps = heatmaps / np.maximum(peaks, 1e-12)[:, None, None]
+        return [r.model_copy(update={"gradcam_png": heatmap_png_base64(h)}) for r, h in zip(responses, heatmaps)]
+
+    def log_batch(self, batch: ImageBatch, responses: list[ServedResponse], embeddings: np.ndarray) -> None:
+        if self.log_path is None:
+            return
+        records = records_for_arrays(responses, batch.pixels, embeddings, batch.request_id)
+        metas = batch.image_meta or [{}] * len(records)
+        records = [with_header_fields(r, m) for r, m in zip(records, metas)]
+        append_records(self.log_path, records)
+
+    def count(self, responses: list[ServedResponse]) -> None:
+        for r in responses:
+            IMAGES.labels(self.name, r.region).inc()
+            if r.label_disagreement:
+                LABEL_DISAGREEMENTS.labels(self.name).inc()
+            if r.ood:
+                OOD_IMAGES.labels(self.name).inc()
+
+
+def with_header_fields(record: InferenceLogRecord, meta: dict) -> InferenceLogRecord:
+    """The record plus the pseudonymised DICOM header fields the transformer extracted."""
+    update = {}
+    for key in ("image_id", "manufacturer", "photometric_interpretation"):
+        if meta.get(key):
+            update[key] = str(meta[key])
+    spacing = meta.get("pixel_spacing")
+    if isinstance(spacing, (int, float)) and not isinstance(spacing, bool):
+        update["pixel_spacing"] = float(spacing)
+    return record.model_copy(update=update) if update else record

@@ -1,54 +1,77 @@
 """The inference API on the wire: request decoding and response encoding for KServe v1
 `:predict` and the Open Inference Protocol v2 (REST and gRPC).
 
-v2 inputs (one of):
+v2 inputs, one of:
   - `dicom`  BYTES [N]: one DICOM file per element, raw bytes (binary data extension or
     gRPC) or base64 text (JSON);
-  - `pixels` FP32 [N, S, S]: images already preprocessed with the bundle's spec, in [0, 1].
-v1 body: `{"instances": [{"b64": "<base64 DICOM>"}, ...]}`.
+  - `pixels` FP32 [N, S, S]: images already preprocessed with the bundle's spec, in [0, 1];
+    optionally with `dicom_region` BYTES [N] (each image's tag region) and `image_meta`
+    BYTES [N] (JSON of pseudonymised log fields), which is what the DICOM transformer sends.
+v2 request parameter `gradcam: true` adds a Grad-CAM heatmap per image.
+v1 body: `{"instances": [{"b64": "<base64 DICOM>"}, ...], "parameters": {"gradcam": true}}`.
 
 v2 outputs, one row per image: `region` BYTES, `confidence` FP32, `probabilities` FP32 [N, C]
-(class order in the output's `classes` parameter), `ood_score` FP32, `ood` BOOL (only when
-the bundle has an OOD threshold), `dicom_region` BYTES, `label_disagreement` BOOL.
-v1 answer: `{"predictions": [InferenceResponse, ...]}`.
+(class order in the output's `classes` parameter), `orientation_deg` FP32 (only when the model
+predicts an angle), `ood_score` FP32, `ood` BOOL (only when the model has an OOD threshold),
+`dicom_region` BYTES, `label_disagreement` BOOL, `gradcam` BYTES (base64 PNG, on request).
+The model version is in `model_version` and repeated in the response parameters.
+v1 answer: `{"predictions": [ServedResponse, ...]}`.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse
 from kserve.errors import InvalidInput
-from pydicom.dataset import Dataset
 
 from xrayops.contracts import InferenceResponse
-from xrayops.dicom.decode import DicomError, read_dicom
+from xrayops.regions import UNKNOWN
 
 INPUT_DICOM = "dicom"
 INPUT_PIXELS = "pixels"
+INPUT_DICOM_REGION = "dicom_region"
+INPUT_IMAGE_META = "image_meta"
+PARAM_GRADCAM = "gradcam"
 # Bounds the memory one request can take; larger batches should be split by the client.
 MAX_IMAGES_PER_REQUEST = 256
 
 
+class ServedResponse(InferenceResponse):
+    """InferenceResponse (DESIGN.md contract 4) plus the Grad-CAM heatmap when asked for."""
+
+    gradcam_png: str | None = None  # base64 PNG, (S, S) 8-bit grey, bright = drove the prediction
+
+
 @dataclass
-class DecodedRequest:
-    """A request turned into model inputs: DICOM datasets or preprocessed pixel arrays."""
+class ImageBatch:
+    """A request turned into model inputs: preprocessed images plus what the log needs."""
 
     protocol: Literal["v1", "v2"]
     request_id: str
-    datasets: list[Dataset] = field(default_factory=list)
-    pixels: np.ndarray | None = None  # float32 (N, S, S)
+    pixels: list[np.ndarray]  # (S, S) each: uint8/uint16 from preprocess, or float32 in [0, 1]
+    dicom_regions: list[str]
+    image_meta: list[dict] = field(default_factory=list)  # pseudonymised log fields per image
+    gradcam: bool = False
     infer_request: InferRequest | None = None  # the v2 request, for requested outputs
+
+
+# decode_dicoms(blobs, input_name) -> [DecodedImage]; serving.transformer provides it.
+DicomDecoder = Callable[[list[bytes], str], list[Any]]
 
 
 def input_types(size: int) -> list[dict]:
     return [
         {"name": INPUT_DICOM, "datatype": "BYTES", "shape": [-1]},
         {"name": INPUT_PIXELS, "datatype": "FP32", "shape": [-1, size, size]},
+        {"name": INPUT_DICOM_REGION, "datatype": "BYTES", "shape": [-1]},
+        {"name": INPUT_IMAGE_META, "datatype": "BYTES", "shape": [-1]},
     ]
 
 
@@ -57,15 +80,42 @@ def output_types(n_classes: int, with_ood_flag: bool) -> list[dict]:
         {"name": "region", "datatype": "BYTES", "shape": [-1]},
         {"name": "confidence", "datatype": "FP32", "shape": [-1]},
         {"name": "probabilities", "datatype": "FP32", "shape": [-1, n_classes]},
-        {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
+        # Only when a member predicts orientation (paper 004); absent means None.
+        {"name": "orientation_deg", "datatype": "FP32", "shape": [-1]},
     ]
+    outputs.append({"name": "ood_score", "datatype": "FP32", "shape": [-1]})
     if with_ood_flag:
         outputs.append({"name": "ood", "datatype": "BOOL", "shape": [-1]})
     outputs += [
         {"name": "dicom_region", "datatype": "BYTES", "shape": [-1]},
         {"name": "label_disagreement", "datatype": "BOOL", "shape": [-1]},
+        {"name": "gradcam", "datatype": "BYTES", "shape": [-1]},
     ]
     return outputs
+
+
+def param_value(parameters, name: str):
+    """A request parameter as a plain value, whether it came as JSON or as a gRPC InferParameter."""
+    if not parameters or name not in parameters:
+        return None
+    value = parameters[name]
+    for attr in ("bool_param", "int64_param", "string_param"):
+        if hasattr(value, "HasField") and value.HasField(attr):
+            return getattr(value, attr)
+    return value
+
+
+def gradcam_requested(parameters) -> bool:
+    value = param_value(parameters, PARAM_GRADCAM)
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    if isinstance(value, int):
+        return bool(value)
+    raise InvalidInput(f"parameter '{PARAM_GRADCAM}' must be true or false, got {value!r}")
 
 
 def dicom_bytes(element: bytes | str, index: int) -> bytes:
@@ -84,20 +134,6 @@ def dicom_bytes(element: bytes | str, index: int) -> bytes:
     raise InvalidInput(f"input '{INPUT_DICOM}' element {index}: expected bytes, got {type(element).__name__}")
 
 
-def parse_dicoms(blobs: list[bytes], input_name: str) -> list[Dataset]:
-    """Parse every file; the first one that is not readable DICOM rejects the request."""
-    datasets = []
-    for i, blob in enumerate(blobs):
-        if not blob:
-            raise InvalidInput(f"input '{input_name}' element {i}: empty file")
-        try:
-            datasets.append(read_dicom(blob))
-        except DicomError as exc:
-            detail = f": {exc.detail}" if exc.detail else ""
-            raise InvalidInput(f"input '{input_name}' element {i} is not usable DICOM ({exc.reason}{detail})") from exc
-    return datasets
-
-
 def check_count(n: int) -> None:
     if n == 0:
         raise InvalidInput("the request holds no images")
@@ -105,35 +141,78 @@ def check_count(n: int) -> None:
         raise InvalidInput(f"the request holds {n} images; send at most {MAX_IMAGES_PER_REQUEST} per request")
 
 
-def decode_v2(request: InferRequest, size: int, request_id: str) -> DecodedRequest:
-    """A v2 request with exactly one input, `dicom` or `pixels`."""
-    names = [t.name for t in request.inputs]
-    if len(names) != 1 or names[0] not in (INPUT_DICOM, INPUT_PIXELS):
-        raise InvalidInput(f"expected one input named '{INPUT_DICOM}' (BYTES) or '{INPUT_PIXELS}' (FP32), got {names}")
-    tensor = request.inputs[0]
+def _tensor_values(tensor) -> np.ndarray:
     try:
-        values = tensor.as_numpy()
+        return tensor.as_numpy()
     except (ValueError, TypeError, struct.error) as exc:  # data that does not fit its declared shape or type
         raise InvalidInput(f"input '{tensor.name}' cannot be read as {tensor.datatype} {tensor.shape}: {exc}") from exc
+
+
+def _texts(tensor, n: int) -> list[str]:
+    if tensor.datatype != "BYTES":
+        raise InvalidInput(f"input '{tensor.name}' must be BYTES, got {tensor.datatype}")
+    values = list(_tensor_values(tensor).reshape(-1))
+    if len(values) != n:
+        raise InvalidInput(f"input '{tensor.name}' has {len(values)} elements for {n} images")
+    try:
+        return [v.decode() if isinstance(v, (bytes, bytearray)) else str(v) for v in values]
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"input '{tensor.name}' must be UTF-8 text") from exc
+
+
+def _image_meta(texts: list[str]) -> list[dict]:
+    metas = []
+    for i, text in enumerate(texts):
+        try:
+            meta = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"input '{INPUT_IMAGE_META}' element {i} is not JSON: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise InvalidInput(f"input '{INPUT_IMAGE_META}' element {i} must be a JSON object")
+        metas.append(meta)
+    return metas
+
+
+def decode_v2(request: InferRequest, size: int, request_id: str, decode_dicoms: DicomDecoder) -> ImageBatch:
+    """A v2 request: `dicom` alone, or `pixels` with optional `dicom_region` / `image_meta`."""
+    by_name = {t.name: t for t in request.inputs}
+    names = [t.name for t in request.inputs]
+    allowed = {INPUT_DICOM: {INPUT_DICOM}, INPUT_PIXELS: {INPUT_PIXELS, INPUT_DICOM_REGION, INPUT_IMAGE_META}}
+    main = [n for n in names if n in allowed]
+    if len(main) != 1 or len(set(names)) != len(names) or not set(names) <= allowed[main[0]]:
+        raise InvalidInput(
+            f"expected one input named '{INPUT_DICOM}' (BYTES), or '{INPUT_PIXELS}' (FP32) with optional "
+            f"'{INPUT_DICOM_REGION}' and '{INPUT_IMAGE_META}' (BYTES), got {names}"
+        )
+    gradcam = gradcam_requested(request.parameters)
+    tensor = by_name[main[0]]
     if tensor.name == INPUT_DICOM:
         if tensor.datatype != "BYTES":
             raise InvalidInput(f"input '{INPUT_DICOM}' must be BYTES, got {tensor.datatype}")
-        elements = list(values.reshape(-1))
+        elements = list(_tensor_values(tensor).reshape(-1))
         check_count(len(elements))
-        datasets = parse_dicoms([dicom_bytes(e, i) for i, e in enumerate(elements)], INPUT_DICOM)
-        return DecodedRequest("v2", request_id, datasets=datasets, infer_request=request)
+        images = decode_dicoms([dicom_bytes(e, i) for i, e in enumerate(elements)], INPUT_DICOM)
+        return ImageBatch(
+            "v2", request_id, [d.pixels for d in images], [d.dicom_region for d in images],
+            [d.meta for d in images], gradcam, request,
+        )
     if tensor.datatype != "FP32":
         raise InvalidInput(f"input '{INPUT_PIXELS}' must be FP32, got {tensor.datatype}")
+    values = _tensor_values(tensor)
     if values.ndim != 3 or values.shape[1:] != (size, size):
         raise InvalidInput(f"input '{INPUT_PIXELS}' must have shape [N, {size}, {size}], got {list(values.shape)}")
-    check_count(values.shape[0])
+    n = values.shape[0]
+    check_count(n)
     if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
         raise InvalidInput(f"input '{INPUT_PIXELS}' must be preprocessed pixels within [0, 1]")
-    return DecodedRequest("v2", request_id, pixels=values.astype(np.float32), infer_request=request)
+    regions = _texts(by_name[INPUT_DICOM_REGION], n) if INPUT_DICOM_REGION in by_name else [UNKNOWN] * n
+    metas = _image_meta(_texts(by_name[INPUT_IMAGE_META], n)) if INPUT_IMAGE_META in by_name else [{}] * n
+    pixels = values.astype(np.float32)
+    return ImageBatch("v2", request_id, list(pixels), regions, metas, gradcam, request)
 
 
-def decode_v1(body, request_id: str) -> DecodedRequest:
-    """A v1 body `{"instances": [{"b64": ...}, ...]}`."""
+def decode_v1(body, request_id: str, decode_dicoms: DicomDecoder) -> ImageBatch:
+    """A v1 body `{"instances": [{"b64": ...}, ...], "parameters": {...}}`."""
     if not isinstance(body, dict) or not isinstance(body.get("instances"), list):
         raise InvalidInput('expected a JSON body {"instances": [{"b64": "<base64 DICOM>"}, ...]}')
     instances = body["instances"]
@@ -143,11 +222,22 @@ def decode_v1(body, request_id: str) -> DecodedRequest:
         if not isinstance(instance, dict) or not isinstance(instance.get("b64"), str):
             raise InvalidInput(f'instance {i}: expected {{"b64": "<base64 DICOM>"}}')
         blobs.append(dicom_bytes(instance["b64"], i))
-    return DecodedRequest("v1", request_id, datasets=parse_dicoms(blobs, "instances"))
+    parameters = body.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise InvalidInput('"parameters" must be a JSON object')
+    images = decode_dicoms(blobs, "instances")
+    return ImageBatch(
+        "v1", request_id, [d.pixels for d in images], [d.dicom_region for d in images], [d.meta for d in images],
+        gradcam_requested(parameters),
+    )
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
 def encode_v2(
-    responses: list[InferenceResponse], classes: list[str], model_name: str, version: str, decoded: DecodedRequest
+    responses: list[ServedResponse], classes: list[str], model_name: str, version: str, batch: ImageBatch
 ) -> InferResponse:
     probabilities = [[r.probabilities[c] for c in classes] for r in responses]
     ood_scores = [np.nan if r.ood_score is None else r.ood_score for r in responses]
@@ -155,14 +245,19 @@ def encode_v2(
         ("region", "BYTES", np.array([r.region for r in responses], dtype=np.object_)),
         ("confidence", "FP32", np.array([r.confidence for r in responses], dtype=np.float32)),
         ("probabilities", "FP32", np.array(probabilities, dtype=np.float32).reshape(len(responses), len(classes))),
-        ("ood_score", "FP32", np.array(ood_scores, dtype=np.float32)),
     ]
+    if any(r.orientation_deg is not None for r in responses):
+        angles = [np.nan if r.orientation_deg is None else r.orientation_deg for r in responses]
+        columns.append(("orientation_deg", "FP32", np.array(angles, dtype=np.float32)))
+    columns.append(("ood_score", "FP32", np.array(ood_scores, dtype=np.float32)))
     if responses and responses[0].ood is not None:
         columns.append(("ood", "BOOL", np.array([bool(r.ood) for r in responses], dtype=bool)))
     columns += [
         ("dicom_region", "BYTES", np.array([r.dicom_region for r in responses], dtype=np.object_)),
         ("label_disagreement", "BOOL", np.array([r.label_disagreement for r in responses], dtype=bool)),
     ]
+    if any(r.gradcam_png is not None for r in responses):
+        columns.append(("gradcam", "BYTES", np.array([r.gradcam_png or "" for r in responses], dtype=np.object_)))
     outputs = []
     for name, datatype, values in columns:
         output = InferOutput(
@@ -172,9 +267,9 @@ def encode_v2(
         # As plain lists: kserve 0.21's gRPC encoder cannot take numpy data for raw-input requests.
         output.set_data_from_numpy(values, binary_data=False)
         outputs.append(output)
-    request = decoded.infer_request
+    request = batch.infer_request
     return InferResponse(
-        response_id=decoded.request_id,
+        response_id=batch.request_id,
         model_name=model_name,
         model_version=version,
         infer_outputs=outputs,
@@ -187,3 +282,39 @@ def encode_v2(
 
 def encode_v1(responses: list[InferenceResponse]) -> dict:
     return {"predictions": [r.model_dump(mode="json") for r in responses]}
+
+
+def parse_infer_response(response: InferResponse) -> list[ServedResponse]:
+    """A v2 response (REST or gRPC, as kserve's clients return it) back into ServedResponses."""
+    out = {o.name: o.as_numpy() for o in response.outputs}
+    probs = out["probabilities"]
+    classes = None
+    for o in response.outputs:
+        if o.name == "probabilities" and o.parameters:
+            classes = str(param_value(o.parameters, "classes") or "").split(",") or None
+    if not classes or len(classes) != probs.shape[1]:
+        from xrayops.regions import REGIONS
+
+        classes = list(REGIONS)
+    params = response.parameters or {}
+    version = response.model_version or str(param_value(params, "model_version") or "")
+    results = []
+    for i in range(probs.shape[0]):
+        angle = float(out["orientation_deg"][i]) if "orientation_deg" in out else float("nan")
+        gradcam = _text(out["gradcam"][i]) if "gradcam" in out else ""
+        results.append(
+            ServedResponse(
+                region=_text(out["region"][i]),
+                confidence=float(out["confidence"][i]),
+                probabilities={name: float(p) for name, p in zip(classes, probs[i])},
+                orientation_deg=None if np.isnan(angle) else angle,
+                ood_score=float(out["ood_score"][i]) if "ood_score" in out else None,
+                ood=bool(out["ood"][i]) if "ood" in out else None,
+                dicom_region=_text(out["dicom_region"][i]) if "dicom_region" in out else UNKNOWN,
+                label_disagreement=bool(out["label_disagreement"][i]) if "label_disagreement" in out else False,
+                model_name=response.model_name or "",
+                model_version=version,
+                gradcam_png=gradcam or None,
+            )
+        )
+    return results

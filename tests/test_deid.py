@@ -7,13 +7,14 @@ import warnings
 import numpy as np
 import pytest
 import structlog
-from dicom_factory import FAKE_PHI, make_dataset, write
+from dicom_factory import FAKE_PHI, make_dataset, ramp, write
 from pydicom.uid import generate_uid
 
 from xrayops.contracts import ManifestRow, PreprocessingSpec
 from xrayops.data.manifest import read_manifest
 from xrayops.dicom.deid import pseudonymize, safe_metadata
-from xrayops.ingest import ingest
+from xrayops.ingest import default_journal_dir, ingest, write_contact_sheet
+from xrayops.versioning import version_dataset
 
 KEY = "test-key-not-secret"
 
@@ -59,35 +60,49 @@ def test_pixel_spacing_prefers_pixel_spacing_and_ignores_garbage():
 
 
 def test_no_phi_in_any_ingest_output_or_log(tmp_path, caplog, capfd):
-    """Fake PHI goes in; not one of those strings (or the raw UIDs) comes out anywhere."""
+    """Fake PHI goes in; not one of those strings (or the raw UIDs) comes out anywhere: manifest,
+    shards, reports, journal, logs, the DVC-tracked files, the DVC remote and the contact sheet."""
     source = tmp_path / "export"
     uids = []
     for i, part in enumerate(["HAND", "Knie re", "ZZZ-UNMAPPED"]):
         sop, study = generate_uid(), generate_uid()
         uids += [sop, study]
-        write(source / f"img{i}.dcm", make_dataset(body_part=part, sop_uid=sop, study_uid=study))
+        # PACS exports name folders and files by UID: the names must not carry them out either
+        write(source / study / f"{sop}.dcm", make_dataset(ramp(48 + i, 40), body_part=part, sop_uid=sop,
+                                                           study_uid=study, BurnedInAnnotation="YES"))  # fmt: skip
     broken = make_dataset(sop_uid=generate_uid())  # PHI-bearing file that gets quarantined
     uids.append(broken.SOPInstanceUID)
     del broken.PixelData
     write(source / "nopixels.dcm", broken)
-    write(source / "copy.dcm", make_dataset(sop_uid=uids[0], study_uid=uids[1]))  # duplicate
+    write(source / "copy.dcm", make_dataset(ramp(60, 40), sop_uid=uids[0], study_uid=uids[1]))  # duplicate UID
 
     data_dir = tmp_path / "data"
     caplog.set_level(logging.DEBUG)
     with structlog.testing.capture_logs() as events, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = ingest(source, data_dir, PreprocessingSpec(size=16), KEY)
+        frame = read_manifest(summary.manifest_path)
+        sheet = write_contact_sheet(data_dir, tmp_path / "sheet.png")
+        version = version_dataset(tmp_path, data_dir, remote_url=str(tmp_path / "remote"))
     assert summary.n_ok == 3 and summary.reasons == {"duplicate_sop_instance_uid": 1, "no_pixel_data": 1}
+    assert set(frame[frame.status == "ok"].burned_in_annotation) == {"YES"}  # carried, for filtering
+    assert version.n_files >= 5
 
     secrets = [*FAKE_PHI.values(), *uids]
-    outputs = [p for p in data_dir.rglob("*") if p.is_file()]
-    assert {p.name for p in outputs} >= {"manifest.parquet", "quarantine.csv", "unmapped_body_parts.csv"}
+    # the dates again in the other common spellings
+    secrets += ["1945-03-17", "2024-02-29", "17.03.1945", "29.02.2024"]
+    outputs = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(source)]
+    names = {p.name for p in outputs}
+    assert names >= {"manifest.parquet", "quarantine.csv", "unmapped_body_parts.csv", "data.dvc", "sheet.png"}
+    assert any(p.is_relative_to(tmp_path / "remote") for p in outputs)
+    assert any(p.is_relative_to(default_journal_dir(data_dir)) for p in outputs)
     for path in outputs:
         blob = path.read_bytes()
         for secret in secrets:
-            assert secret.encode() not in blob, f"{secret!r} leaked into {path.name}"
+            assert secret.encode() not in blob, f"{secret!r} leaked into {path}"
+            assert secret not in str(path.relative_to(tmp_path)), f"{secret!r} in the name {path}"
     # the parquet is compressed: check its decoded cells as well
-    cells = " ".join(read_manifest(summary.manifest_path).astype(str).to_numpy().ravel())
+    cells = " ".join(frame.astype(str).to_numpy().ravel())
     log_text = repr(events) + caplog.text + "".join(capfd.readouterr()) + repr([str(w.message) for w in caught])
     assert "ZZZ-UNMAPPED" in (data_dir / "unmapped_body_parts.csv").read_text()  # body part text is kept
     assert any(e.get("reason") == "no_pixel_data" for e in events)  # the logs did record the run
@@ -95,3 +110,4 @@ def test_no_phi_in_any_ingest_output_or_log(tmp_path, caplog, capfd):
         assert secret not in cells
         assert secret not in log_text
     assert np.load(summary.shards_dir / "shard-00000.npy").shape == (3, 16, 16)
+    assert sheet.exists()

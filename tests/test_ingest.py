@@ -16,6 +16,7 @@ from xrayops.contracts import PreprocessingSpec
 from xrayops.data.manifest import read_manifest
 from xrayops.data.shards import load_shards
 from xrayops.dicom.decode import read_dicom
+from xrayops.dicom.deid import public_source_name
 from xrayops.dicom.pixels import preprocess
 from xrayops.ingest import find_dicom_files, ingest
 
@@ -29,16 +30,17 @@ SPEC = PreprocessingSpec(size=16)
 def export(tmp_path) -> Path:
     """A small messy PACS export: good files, a raw file, junk, a duplicate and non-image files."""
     root = tmp_path / "export"
-    hand = make_dataset(body_part="HAND", patient_id="P1")
+    hand = make_dataset(ramp(48, 40), body_part="HAND", patient_id="P1")
     write(root / "a" / "hand.dcm", hand)
     write(root / "a" / "knee.dcm", make_dataset(255 - ramp(bits=8), photometric="MONOCHROME1", bits_stored=8,
                                                 body_part="Knie re", patient_id="P1"))  # fmt: skip
-    write(root / "b" / "1.2.826.0.1.3680043.2.1125.5", make_dataset(body_part="LWS", patient_id="P2"))
-    write(root / "b" / "raw_no_meta", make_dataset(body_part="Schädel", patient_id="P3"), part10=False)
-    write(root / "b" / "copy_of_hand.dcm", make_dataset(body_part="HAND", sop_uid=hand.SOPInstanceUID))
+    # every image has its own pixels: equal pixels under another UID are a duplicate (test below)
+    write(root / "b" / "1.2.826.0.1.3680043.2.1125.5", make_dataset(ramp(50, 40), body_part="LWS", patient_id="P2"))
+    write(root / "b" / "raw_no_meta", make_dataset(ramp(52, 40), body_part="Schädel", patient_id="P3"), part10=False)
+    write(root / "b" / "copy_of_hand.dcm", make_dataset(ramp(54, 40), body_part="HAND", sop_uid=hand.SOPInstanceUID))
     (root / "c").mkdir(parents=True)
     (root / "c" / "notes.dcm").write_text("not an image\n" * 50)
-    good = to_bytes(make_dataset(body_part="HAND", patient_id="P4"))
+    good = to_bytes(make_dataset(ramp(56, 40), body_part="HAND", patient_id="P4"))
     (root / "c" / "truncated.dcm").write_bytes(good[: len(good) - 700])
     no_pixels = make_dataset(body_part="HAND", patient_id="P5")
     del no_pixels.PixelData
@@ -46,7 +48,7 @@ def export(tmp_path) -> Path:
     write(root / "c" / "blank.dcm", make_dataset(np.full((20, 20), 300, np.uint16), body_part="HAND"))
     frames = np.stack([ramp(), ramp()[::-1], ramp()[:, ::-1]])
     write(root / "c" / "cine.dcm", make_dataset(frames, body_part="ZZZ", patient_id="P6"))
-    (root / "DICOMDIR").write_bytes(to_bytes(make_dataset()))  # an index, skipped
+    (root / "DICOMDIR").write_bytes(to_bytes(make_dataset()))  # named DICOMDIR but no records: quarantined
     (root / "README.txt").write_text("export notes")
     (root / ".hidden.dcm").write_text("editor swap file")
     return root
@@ -56,32 +58,38 @@ def files_under(directory: Path) -> dict[str, bytes]:
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_find_dicom_files_skips_dicomdir_hidden_and_foreign_suffixes(export):
+def test_find_dicom_files_skips_hidden_and_foreign_suffixes(export):
     names = [p.relative_to(export).as_posix() for p in find_dicom_files(export)]
     assert names == sorted(names)
     assert "b/1.2.826.0.1.3680043.2.1125.5" in names and "b/raw_no_meta" in names
-    assert not {"DICOMDIR", "README.txt", ".hidden.dcm"} & set(names)
-    assert len(names) == 10
+    assert not {"README.txt", ".hidden.dcm"} & set(names)
+    assert "DICOMDIR" in names  # not a readable index: listed so that it is quarantined, not lost
+    assert len(names) == 11
 
 
 def test_every_file_gets_one_row_and_bad_ones_are_quarantined(export, tmp_path):
     data_dir = tmp_path / "data"
     summary = ingest(export, data_dir, SPEC, KEY)
     frame = read_manifest(summary.manifest_path)
-    assert len(frame) == summary.n_files == 10
+    assert len(frame) == summary.n_files == 11
     reasons = dict(zip(frame.source_name, frame.reason))
+    assert reasons["DICOMDIR"] == "invalid_dicomdir"
     assert reasons["c/notes.dcm"] == "not_dicom"
     assert reasons["c/truncated.dcm"] == "truncated"
     assert reasons["c/nopixels.dcm"] == "no_pixel_data"
     assert reasons["c/blank.dcm"] == "blank_image"
     assert reasons["b/copy_of_hand.dcm"] == "duplicate_sop_instance_uid"
-    assert summary.reasons == {"blank_image": 1, "duplicate_sop_instance_uid": 1, "no_pixel_data": 1,
-                               "not_dicom": 1, "truncated": 1}  # fmt: skip
+    assert summary.reasons == {"blank_image": 1, "duplicate_sop_instance_uid": 1, "invalid_dicomdir": 1,
+                               "no_pixel_data": 1, "not_dicom": 1, "truncated": 1}  # fmt: skip
     ok = frame[frame.status == "ok"].set_index("source_name")
-    assert sorted(ok.index) == ["a/hand.dcm", "a/knee.dcm", "b/1.2.826.0.1.3680043.2.1125.5", "b/raw_no_meta",
-                                "c/cine.dcm"]  # fmt: skip
-    assert dict(ok.region) == {"a/hand.dcm": "hand", "a/knee.dcm": "knee", "b/1.2.826.0.1.3680043.2.1125.5":
-                               "lumbar_spine", "b/raw_no_meta": "skull", "c/cine.dcm": "unknown"}  # fmt: skip
+    uid_name = public_source_name("b/1.2.826.0.1.3680043.2.1125.5", KEY)  # the UID in the name is pseudonymised
+    assert uid_name.startswith("b/uid-") and "1.2.826" not in " ".join(frame.source_name)
+    assert sorted(ok.index) == sorted(["a/hand.dcm", "a/knee.dcm", uid_name, "b/raw_no_meta", "c/cine.dcm"])
+    assert dict(ok.region) == {"a/hand.dcm": "hand", "a/knee.dcm": "knee", uid_name: "lumbar_spine",
+                               "b/raw_no_meta": "skull", "c/cine.dcm": "unknown"}  # fmt: skip
+    assert (ok.quality_flags == "tiny").all()  # 48x40 test images are thumbnails
+    assert ok.loc["c/cine.dcm", "frame"] == 1  # middle of 3 frames
+    assert ok.pixel_sha256.str.len().eq(64).all() and ok.pixel_sha256.is_unique
     assert ok.loc["a/hand.dcm", "split"] == ok.loc["a/knee.dcm", "split"]  # one patient, one split
     quarantined = frame[frame.status == "quarantined"]
     assert (quarantined.shard == "").all() and (quarantined.shard_index == -1).all() and (quarantined.split == "").all()
@@ -89,7 +97,8 @@ def test_every_file_gets_one_row_and_bad_ones_are_quarantined(export, tmp_path):
     shards = load_shards(data_dir)
     for name, entry in ok.iterrows():
         stored = shards[entry.shard][entry.shard_index]
-        expected = preprocess(read_dicom(export / name), SPEC)
+        source = export / ("b/1.2.826.0.1.3680043.2.1125.5" if name == uid_name else name)
+        expected = preprocess(read_dicom(source), SPEC)
         np.testing.assert_array_equal(stored, expected)
         assert entry.pixel_mean == pytest.approx(expected.mean() / 255)
 
@@ -124,18 +133,18 @@ def test_reingest_replaces_stale_shards(export, tmp_path):
 
 
 def test_an_unexpected_error_costs_one_row_not_the_run(export, tmp_path, monkeypatch):
-    real_preprocess = ingest_module.preprocess
+    real_preprocess = ingest_module.preprocess_array
 
-    def flaky(ds, spec):
+    def flaky(arr, ds, spec):
         if str(ds.get("BodyPartExamined")) == "LWS":
             raise RuntimeError("boom")
-        return real_preprocess(ds, spec)
+        return real_preprocess(arr, ds, spec)
 
-    monkeypatch.setattr(ingest_module, "preprocess", flaky)
+    monkeypatch.setattr(ingest_module, "preprocess_array", flaky)
     summary = ingest(export, tmp_path / "data", SPEC, KEY)
     frame = read_manifest(summary.manifest_path).set_index("source_name")
-    assert frame.loc["b/1.2.826.0.1.3680043.2.1125.5", "reason"] == "internal_error"
-    assert summary.n_ok == 4 and summary.n_files == 10
+    assert frame.loc[public_source_name("b/1.2.826.0.1.3680043.2.1125.5", KEY), "reason"] == "internal_error"
+    assert summary.n_ok == 4 and summary.n_files == 11
 
 
 def test_missing_source_folder_is_a_clear_error(tmp_path):
@@ -155,21 +164,23 @@ def test_site_synonyms_change_the_regions(export, tmp_path):
 KNOWN_REASONS = {
     "not_dicom", "truncated", "read_failed", "unreadable", "no_pixel_data", "invalid_pixel_module",
     "unsupported_photometric", "unsupported_transfer_syntax", "multiframe_rejected", "too_large",
-    "decode_failed", "blank_image", "duplicate_sop_instance_uid", "duplicate_file",
+    "decode_failed", "blank_image", "duplicate_sop_instance_uid", "duplicate_file", "duplicate_pixels",
+    "invalid_dicomdir", "missing_file",
 }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def real_ingest(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("real") / "data"
-    summary = ingest(SAMPLES, data_dir, PreprocessingSpec(), KEY, workers=2)
+    # full resolution: the pixel hashes then prove bit-exact decoding across syntaxes (test below)
+    summary = ingest(SAMPLES, data_dir, PreprocessingSpec(reduce_early=False), KEY, workers=2)
     return summary, read_manifest(summary.manifest_path).set_index("source_name"), load_shards(data_dir)
 
 
 @needs_samples
 def test_every_real_sample_is_decoded_or_quarantined_with_a_reason(real_ingest):
     summary, frame, shards = real_ingest
-    dicom_files = sorted(p.relative_to(SAMPLES).as_posix() for p in SAMPLES.rglob("*.dcm"))
+    dicom_files = sorted(public_source_name(p.relative_to(SAMPLES).as_posix(), KEY) for p in SAMPLES.rglob("*.dcm"))
     assert sorted(frame.index) == dicom_files  # one row per file, none dropped
     for name, entry in frame.iterrows():
         if entry.status == "ok":
@@ -178,7 +189,26 @@ def test_every_real_sample_is_decoded_or_quarantined_with_a_reason(real_ingest):
         else:
             assert entry.reason in KNOWN_REASONS, (name, entry.reason)
     assert summary.n_ok + summary.n_quarantined == len(dicom_files)
-    assert summary.n_ok >= 55
+    # Every file but the one broken codestream decodes; duplicates are found after decoding.
+    decoded = frame[(frame.status == "ok") | frame.reason.str.startswith("duplicate_")]
+    assert len(decoded) == len(dicom_files) - 1 and summary.reasons["decode_failed"] == 1
+    assert summary.n_ok >= 45
+
+
+@needs_samples
+def test_lossless_encodings_of_one_image_decode_to_identical_pixels(real_ingest):
+    """WG04 ships each image uncompressed and in every lossless syntax; all must decode bit-exactly,
+    so all but the first (in sorted order) are quarantined as duplicate pixels."""
+    _, frame, _ = real_ingest
+    for image, variants in {
+        "RG2": ["pylibjpeg-data__RG2_JLSL", "pylibjpeg-data__RG2_JPLL", "wg04__RG2_J2KR", "wg04__RG2_RLE", "wg04__RG2_UNC"],
+        "RG3": ["pydicom-data-git__RG3_J2KR", "wg04__RG3_JLSL", "wg04__RG3_JPLL", "wg04__RG3_RLE"],
+        "XA1": ["wg04__XA1_J2KR", "wg04__XA1_JLSL", "wg04__XA1_JPLL", "wg04__XA1_RLE", "wg04__XA1_UNC"],
+    }.items():
+        rows = frame.loc[[f"radiographs/{v}.dcm" for v in variants]]
+        assert rows.pixel_sha256.nunique() == 1, image
+        assert (rows.status == "ok").sum() == 1, image
+        assert set(rows.reason) - {""} == {"duplicate_pixels"}, image
 
 
 @needs_samples

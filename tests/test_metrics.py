@@ -65,3 +65,42 @@ def test_ece_by_hand():
     y_prob = np.array([[0.9, 0.1], [0.9, 0.1], [0.3, 0.7], [0.4, 0.6]])
     # Bin 0.9: 2 samples, accuracy 0.5 -> gap 0.4; bin 0.7: 1 correct -> 0.3; bin 0.6: wrong -> 0.6.
     assert expected_calibration_error(y_true, y_prob, n_bins=10) == pytest.approx((2 * 0.4 + 0.3 + 0.6) / 4)
+
+
+def test_auc_sensitivity_specificity_match_sklearn_and_have_bootstrap_intervals():
+    from xrayops.evaluate.metrics import binary_metrics, binary_metrics_with_ci, bootstrap_ci, roc_auc
+
+    rng = np.random.default_rng(0)
+    y = rng.random(200) < 0.3
+    score = np.clip(0.35 * y + rng.random(200) * 0.7, 0, 1).round(2)  # rounded: ties happen
+    assert roc_auc(y, score) == pytest.approx(skm.roc_auc_score(y, score))
+    m = binary_metrics(y, score, threshold=0.5)
+    predicted = score >= 0.5
+    assert m["sensitivity"] == pytest.approx(skm.recall_score(y, predicted))
+    assert m["specificity"] == pytest.approx(skm.recall_score(~y, ~predicted))
+    assert (m["n_positive"], m["n_negative"]) == (int(y.sum()), int((~y).sum()))
+    with_ci = binary_metrics_with_ci(y, score, n_boot=300)
+    for key in ("auc", "sensitivity", "specificity"):
+        low, high = with_ci[f"{key}_ci"]
+        assert low < with_ci[key] < high and high - low < 0.3, (key, low, high)
+    # The interval narrows with more data (about 1/sqrt(n)).
+    big_y, big_s = np.tile(y, 16), np.tile(score, 16)
+    wide = np.diff(bootstrap_ci(roc_auc, [y, score], n_boot=200))[0]
+    narrow = np.diff(bootstrap_ci(roc_auc, [big_y, big_s], n_boot=200))[0]
+    assert narrow < wide / 2.5
+    assert np.isnan(roc_auc([1, 1], [0.2, 0.3]))  # one class only: undefined, not a crash
+    with pytest.raises(ValueError):
+        binary_metrics([1, 0], [0.5])
+
+
+def test_orientation_error_wraps_around_the_circle():
+    from xrayops.evaluate.metrics import orientation_metrics
+
+    m = orientation_metrics([359.0, 10.0, 95.0, 180.0], [2.0, 10.0, 88.0, 0.0])
+    # errors: 3, 0, 7, 180
+    assert m["orientation_mae_deg"] == pytest.approx(190 / 4)
+    assert m["orientation_within_4deg"] == pytest.approx(0.5)
+    assert m["orientation_median_error_deg"] == pytest.approx(5.0)
+    assert m["orientation_quadrant_accuracy"] == pytest.approx(0.75)
+    with pytest.raises(ValueError):
+        orientation_metrics([], [])

@@ -37,6 +37,11 @@ def test_compiled_yaml_has_every_stage_on_one_image(tmp_path):
     # finetune consumes the DVC hash, so lineage is wired through the graph.
     finetune = next(t for t in tasks.values() if t["taskInfo"]["name"] == "finetune")
     assert finetune["inputs"]["parameters"]["dataset_md5"]["taskOutputParameter"]["producerTask"] == "version-dataset-op"
+    # The orientation head (paper 004) learns from the synthetic truth angles next to the DICOM.
+    assert finetune["inputs"]["artifacts"]["dicom"]["taskOutputArtifact"]["producerTask"] == "synth-op"
+    pretrain = next(t for t in tasks.values() if t["taskInfo"]["name"] == "pretrain")
+    assert pretrain["inputs"]["parameters"]["method"]["componentInputParameter"] == "ssl_method"
+    assert spec["root"]["inputDefinitions"]["parameters"]["ssl_method"]["defaultValue"] == "simclr"
 
 
 def test_gpu_flag_schedules_training_on_the_gpu_pool(tmp_path):

@@ -13,13 +13,15 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from xrayops.contracts import PreprocessingSpec
 from xrayops.dicom.contact_sheet import LABEL_HEIGHT, contact_sheet
-from xrayops.dicom.decode import DicomError, decode_pixels, read_dicom
+from xrayops.dicom.decode import DicomError, decode_frame, decode_j2k_reduced, decode_pixels, read_dicom
 from xrayops.dicom.pixels import (
     apply_window,
+    box_reduce,
     image_statistics,
     invert_monochrome1,
     percentile_window,
     preprocess,
+    preprocess_array,
     remove_border,
     resize_with_padding,
     to_grayscale,
@@ -184,31 +186,6 @@ def test_image_statistics_in_unit_range():
     assert mean16 == pytest.approx(0.5)
 
 
-# Real files with a VOI LUT Sequence, a window, a Modality LUT Sequence, or none of them.
-REFERENCE_CASES = [
-    "radiographs/fodicom__GH133.dcm",  # three VOI LUT sequences
-    "radiographs/fodicom__CR-ModalitySequenceLUT.dcm",  # Modality LUT Sequence
-    "radiographs/dwv__gdcm-CR-MONO1-10-chest.dcm",  # window centre/width
-    "other/pydicom-data-git__vlut_04.dcm",  # VOI LUT Sequence
-    "other/pydicom-data-git__mlut_18.dcm",  # Modality LUT, signed
-    "other/orthanc__1.2.840.10008.1.2.4.51.dcm",  # window, 12-bit JPEG Extended via GDCM
-]
-
-
-@needs_samples
-@pytest.mark.parametrize("name", REFERENCE_CASES)
-@pytest.mark.filterwarnings("ignore:Applying a VOI LUT on a float")  # pydicom's own reference path
-def test_windowing_matches_pydicom_reference(name):
-    ds = read_dicom(SAMPLES / name)
-    stored = decode_pixels(ds)
-    reference = apply_voi_lut(apply_modality_lut(stored, ds), ds).astype(np.float64)
-    ours = apply_window(stored, ds, SPEC).astype(np.float64)
-    assert ours.shape == reference.shape and np.isfinite(ours).all()
-    assert 0.0 <= ours.min() and ours.max() <= 1.0
-    # no VOI: ours is the percentile window of the modality output, clipped only at the tails
-    assert np.corrcoef(ours.ravel(), reference.ravel())[0, 1] > 0.999
-
-
 @needs_samples
 def test_palette_colour_sample_becomes_grayscale():
     ds = read_dicom(SAMPLES / "other" / "pydicom-data-git__gdcm-US-ALOKA-16_big.dcm")
@@ -240,3 +217,64 @@ def test_contact_sheet_of_real_radiographs(tmp_path):
     path = contact_sheet(arrays, [n.split("__")[-1][:12] for n in names], tmp_path / "radiographs.png", columns=3)
     with Image.open(path) as sheet:
         assert sheet.size == (3 * 128, 2 * (128 + LABEL_HEIGHT))
+
+
+# pydicom's reference cannot be computed (broken Modality LUT descriptor), or its window maps
+# every pixel to one value (ours then falls back to the percentile window).
+NO_REFERENCE = {
+    "other/dwv__leadtools-8BitsJpegLossyGrayScale.dcm", "other/dwv__leadtools-flowers-16-mono2-rle.dcm",
+    "radiographs/pylibjpeg-data__JPEG2KLossless_1s_1f_u_16_16.dcm",
+}  # fmt: skip
+
+
+@needs_samples
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_every_real_grayscale_sample_matches_pydicom_reference_and_the_early_reduction():
+    """Per file: our window vs pydicom's apply_modality_lut + apply_voi_lut at full resolution
+    (the same function where the file has a VOI, its percentile window where it has none), and
+    the production path (reduce_early, JPEG 2000 at reduced resolution) vs the full-resolution one."""
+    checked, failures = 0, []
+    for path in sorted(SAMPLES.rglob("*.dcm")):
+        name = path.relative_to(SAMPLES).as_posix()
+        ds = read_dicom(path)
+        try:
+            stored = decode_pixels(ds)
+        except DicomError:
+            continue  # the broken codestream; test_dicom_decode covers it
+        if not str(ds.PhotometricInterpretation).startswith("MONOCHROME") or name in NO_REFERENCE:
+            continue
+        reference = apply_voi_lut(apply_modality_lut(stored, ds), ds).astype(np.float64)
+        ours = apply_window(stored, ds, SPEC).astype(np.float64)
+        has_voi = "WindowCenter" in ds or "VOILUTSequence" in ds
+        corr = np.corrcoef(ours.ravel(), reference.ravel())[0, 1]
+        if not (0.0 <= ours.min() and ours.max() <= 1.0) or corr < (0.999 if has_voi else 0.98):
+            failures.append((name, "reference", round(corr, 4)))
+        if name.startswith("radiographs/"):
+            early = preprocess(ds, SPEC).astype(float)
+            full = preprocess_array(stored, ds, PreprocessingSpec(reduce_early=False)).astype(float)
+            # same picture; borders found on the smaller image may differ by a pixel row or column
+            if np.abs(early - full).mean() > 12 or np.corrcoef(early.ravel(), full.ravel())[0, 1] < 0.9:
+                failures.append((name, "reduce_early", round(float(np.abs(early - full).mean()), 2)))
+        checked += 1
+    assert checked >= 50 and failures == []
+
+
+@needs_samples
+@pytest.mark.parametrize("name", ["wg04__RG2_J2KI.dcm", "wg04__MG1_J2KI.dcm", "pylibjpeg-data__966_fixed.dcm"])
+def test_reduced_jpeg2000_decoding_is_exact_at_full_size_and_a_downsample_below(name):
+    ds = read_dicom(SAMPLES / "radiographs" / name)
+    full = decode_pixels(ds)
+    # 10- and 12-bit codestreams: Pillow scales samples to 16 bits; the decoder undoes it exactly
+    np.testing.assert_array_equal(decode_j2k_reduced(ds, None, 0), full)
+    reduced = decode_j2k_reduced(ds, None, 2)
+    assert reduced.shape == (-(-full.shape[0] // 4), -(-full.shape[1] // 4))
+    boxed = box_reduce(full, 4)[: reduced.shape[0], : reduced.shape[1]]
+    assert np.corrcoef(reduced.ravel(), boxed.ravel())[0, 1] > 0.99
+    assert abs(float(reduced.mean()) - float(full.mean())) < 0.01 * float(full.max())
+
+
+def test_reduced_decoding_does_not_apply_to_other_syntaxes_or_signed_data():
+    ds = read_dicom(to_bytes(make_dataset(ramp(64, 64))))
+    assert decode_j2k_reduced(ds, None, 2) is None  # native data: decoded whole, then box-averaged
+    out = decode_frame(ds, None, reduce=2)
+    assert out.shape == (64, 64)

@@ -1,4 +1,6 @@
 """Pretraining (SimCLR) and linear-head fine-tuning on a tiny learnable dataset."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +16,7 @@ from xrayops.models.backbone import load_backbone
 from xrayops.regions import REGIONS
 from xrayops.train import FinetuneConfig, PretrainConfig, PretrainError, finetune, pretrain
 from xrayops.train.pretrain import epoch_batches
-from xrayops.train.runtime import available_cores, configure_threads, resolve_device
+from xrayops.train.runtime import available_cores, configure_threads, resolve_device, shard_batch
 
 torch.set_num_threads(1)
 
@@ -53,6 +55,96 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path):
     (tmp_path / "b" / "checkpoint.pt").write_bytes(b"truncated")
     with pytest.raises(PretrainError, match="cannot read .*checkpoint.pt"):
         pretrain(tiny.data_dir, tmp_path / "b", cfg, progress=False)
+
+
+def test_byol_resume_restores_the_momentum_encoder(tiny, tmp_path):
+    cfg = PretrainConfig(method="byol", epochs=1, batch_size=48, proj_hidden_dim=64, proj_out_dim=16, tau_base=0.9)
+    straight = pretrain(tiny.data_dir, tmp_path / "a", cfg, progress=False)
+    pretrain(tiny.data_dir, tmp_path / "b", cfg.model_copy(update={"max_steps": 1}), progress=False)
+    resumed = pretrain(tiny.data_dir, tmp_path / "b", cfg, progress=False)
+    assert resumed.resumed_from_step == 1 and resumed.steps == straight.steps == 3 and resumed.method == "byol"
+    assert resumed.losses == pytest.approx(straight.losses, abs=1e-6) and -1 <= straight.losses[0] <= 1
+    a = torch.load(straight.checkpoint_path, weights_only=True)["model"]
+    b = torch.load(resumed.checkpoint_path, weights_only=True)["model"]
+    momentum_keys = [k for k in a if k.startswith("backbone_momentum.")]
+    assert momentum_keys
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    # The target network moved away from the online one (momentum < 1), but not by much.
+    key = "backbone_momentum.conv1.weight"
+    assert not torch.equal(a[key], a["backbone.conv1.weight"])
+    assert load_backbone(straight.backbone_path)[2]["ssl_method"] == "byol"
+
+
+def test_supcon_pretrains_on_the_region_tags(tiny, tmp_path):
+    cfg = PretrainConfig(method="supcon", epochs=1, batch_size=56, proj_hidden_dim=64, proj_out_dim=16)
+    result = pretrain(tiny.data_dir, tmp_path / "s", cfg, progress=False)
+    assert result.steps == 3 and np.isfinite(result.losses[0]) and result.losses[0] > 0
+    unlabelled = make_data_dir(tmp_path / "u", n_per_class=0, n_unknown=8)
+    with pytest.raises(PretrainError, match="SupCon needs region labels"):
+        pretrain(unlabelled.data_dir, tmp_path / "u-out", cfg, progress=False)
+
+
+def test_shards_split_every_global_batch_over_the_ranks():
+    batch = list(range(10))
+    shards = [shard_batch(batch, rank, 3) for rank in range(3)]
+    assert shards == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]  # equal sizes; the tail (9) is trimmed
+    assert sorted(sum(shards, [])) == batch[:9]
+    with pytest.raises(ValueError, match="cannot be split"):
+        shard_batch([1], 0, 2)
+
+
+DDP_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from torch import distributed as dist
+import importlib
+P = importlib.import_module("xrayops.train.pretrain")  # the module, not the function of that name
+torch.set_num_threads(1)
+data_dir, out, method = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+built = {}
+def spy(*args, **kwargs):  # keep this rank's model, to compare the ranks' weights afterwards
+    built["parts"] = original(*args, **kwargs)
+    return built["parts"]
+original, P.build_training = P.build_training, spy
+cfg = P.PretrainConfig(method=method, epochs=2, batch_size=16, proj_hidden_dim=32, proj_out_dim=8)
+result = P.pretrain(data_dir, out, cfg, progress=False)
+# Parameters only: batch-norm running statistics are per rank (DDP broadcasts rank 0's at each forward).
+total = sum(float(p.detach().double().sum()) for p in built["parts"][0].parameters())
+(out / f"rank{dist.get_rank()}.txt").write_text(f"{result.world_size} {result.steps} {result.losses} {total!r}")
+"""
+
+
+@pytest.mark.parametrize("method", ["simclr", "supcon"])
+def test_torchrun_ddp_on_cpu_gloo(tmp_path, method):
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    data = make_data_dir(tmp_path / "data", n_per_class=6, n_unknown=4, size=32)
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+        str(script), str(data.data_dir), str(out), method,
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "XRAYOPS_PROGRESS": "0"})
+    try:
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output[-3000:]
+    ranks = [(out / f"rank{r}.txt").read_text().split(" ", 2) for r in range(2)]
+    assert [r[0] for r in ranks] == ["2", "2"] and [r[1] for r in ranks] == ["2", "2"]
+    # Gradients are all-reduced, so both ranks end with the same weights, and the loss
+    # each rank reports is the mean over ranks.
+    assert ranks[0][2] == ranks[1][2]
+    assert (out / "backbone.pt").is_file() and (out / "checkpoint.pt").is_file()
 
 
 def test_threads_never_oversubscribe_and_devices_resolve():
@@ -115,3 +207,65 @@ def test_finetune_needs_a_validation_split(tiny, tmp_path):
     manifest.to_parquet(no_val.data_dir / "manifest.parquet")
     with pytest.raises(DatasetError, match="needs validation images"):
         finetune(no_val.data_dir, random_backbone(tmp_path / "b.pt"), tmp_path / "bundle", FinetuneConfig(epochs=1))
+
+
+def turned_data_dir(root, seed: int = 0):
+    """Tiny data whose images carry an off-centre mark (so orientation is defined), each stored
+    turned by a known multiple of 90 degrees (np.rot90: counter-clockwise on screen)."""
+    data = make_data_dir(root, n_per_class=20, n_unknown=0, size=32, seed=seed)
+    rng = np.random.default_rng(seed)
+    angles = {}
+    rows = data.manifest
+    for shard in sorted((data.data_dir / "shards").glob("*.npy")):
+        stack = np.load(shard)
+        for i in range(len(stack)):
+            stack[i, 2:7, 4:16] = 255  # the mark: top left when upright
+            k = int(rng.integers(4))
+            stack[i] = np.rot90(stack[i], k)
+            name = rows[(rows["shard"] == shard.name) & (rows["shard_index"] == i)]["source_name"].item()
+            angles[name] = 90.0 * k
+        np.save(shard, stack)
+    return data, angles
+
+
+def test_orientation_head_learns_known_angles_and_inference_reports_them(tmp_path):
+    data, angles = turned_data_dir(tmp_path / "data")
+    backbone = random_backbone(tmp_path / "backbone.pt")
+    cfg = FinetuneConfig(epochs=5, batch_size=64, orientation_epochs=40)
+    bundle = load_bundle(finetune(data.data_dir, backbone, tmp_path / "bundle", cfg, angles=angles))
+    assert bundle.meta.orientation and bundle.meta.orientation_source == "truth"
+    assert bundle.meta.lineage.metrics["val_orientation_mae_deg"] < 20
+    test = ImageDataset(data.data_dir, "test")
+    responses, _ = predict_arrays(bundle, list(test.images.numpy()))
+    true = np.array([angles[n] for n in test.rows["source_name"]])
+    estimate = np.array([r.orientation_deg for r in responses])
+    error = 180 - np.abs(180 - (estimate - true) % 360)
+    assert np.mean(error < 45) > 0.9, error  # the right quadrant almost always
+    # The region is rotation-averaged; the orientation turns with the image.
+    turned, _ = predict_arrays(bundle, [np.rot90(a).copy() for a in test.images.numpy()])
+    assert np.allclose([r.confidence for r in turned], [r.confidence for r in responses], atol=1e-4)
+    moved = np.array([r.orientation_deg for r in turned])
+    assert np.mean(180 - np.abs(180 - (moved - estimate - 90) % 360) < 45) > 0.9
+    # evaluate_bundle scores it against the known angles.
+    evaluation = evaluate_bundle(bundle_dir := tmp_path / "bundle", data.data_dir, tmp_path / "eval",
+                                 truth=data.truth, truth_angles=angles, gradcam_per_group=0)
+    assert evaluation.metrics["orientation_mae_deg"] == pytest.approx(float(error.mean()), abs=1e-3)
+    assert 0 <= evaluation.metrics["orientation_within_4deg"] <= 1 and not evaluation.gradcam_pngs
+    assert bundle_dir.exists()
+
+
+def test_bundles_without_orientation_still_load_and_report_none(tiny, tmp_path):
+    bundle_dir = finetune(tiny.data_dir, random_backbone(tmp_path / "b.pt"), tmp_path / "bundle", FinetuneConfig(epochs=2))
+    meta_path = bundle_dir / "bundle.json"
+    old = json.loads(meta_path.read_text())
+    for key in ("orientation", "orientation_source"):  # a bundle written before the orientation head
+        old.pop(key)
+    meta_path.write_text(json.dumps(old))
+    bundle = load_bundle(bundle_dir)
+    assert not bundle.meta.orientation and bundle.model.orientation_head is None
+    responses, _ = predict_arrays(bundle, [tiny_image(tiny)])
+    assert responses[0].orientation_deg is None
+
+
+def tiny_image(tiny):
+    return ImageDataset(tiny.data_dir, "test").images[0].numpy()

@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 pipeline_app = typer.Typer(help="Compile or run the KFP pipeline.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
+deploy_app = typer.Typer(help="Render or apply the Kubernetes manifests (infra/k8s overlays + compiled pipeline).", no_args_is_help=True)
+app.add_typer(deploy_app, name="deploy")
 console = Console(stderr=True)
 
 
@@ -62,27 +64,62 @@ def synth(
 
 @app.command()
 def ingest(
-    source: Annotated[Path, typer.Argument(help="Folder of DICOM files (searched recursively).")],
+    source: Annotated[Optional[Path], typer.Argument(help="Folder of DICOM files (recursive; DICOMDIRs followed). With --dicomweb: the landing folder.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Dataset folder (default XRAYOPS_DATA_DIR).")] = None,
     size: Annotated[int, typer.Option(help="Output image side (preprocessing spec).")] = 64,
     workers: Annotated[int, typer.Option(help="Decode processes.")] = 1,
+    output_dtype: Annotated[str, typer.Option(help="uint8 or uint16 pixels (preprocessing spec).")] = "uint8",
+    multiframe: Annotated[str, typer.Option(help="Multi-frame files: first | middle | all | reject.")] = "middle",
+    batch_size: Annotated[int, typer.Option(help="Files per journal part: a killed run redoes at most one batch.")] = 64,
+    dicomweb: Annotated[Optional[str], typer.Option(help="DICOMweb base URL: QIDO-RS search + WADO-RS retrieve into the landing folder first.")] = None,
+    study: Annotated[Optional[list[str]], typer.Option(help="With --dicomweb: only these Study Instance UIDs (repeat).")] = None,
+    contact_sheet: Annotated[Optional[Path], typer.Option(help="Also write a PNG grid of the processed images here.")] = None,
 ) -> None:
     """Decode, de-identify and preprocess DICOM into a manifest and pixel shards; failures are quarantined."""
     from xrayops.contracts import PreprocessingSpec
     from xrayops.ingest import ingest as run_ingest
+    from xrayops.ingest import write_contact_sheet
 
     settings = get_settings()
-    if not source.exists():
+    key = settings.deid_key.get_secret_value()
+    if dicomweb:
+        from xrayops.sources.dicomweb import fetch_dicomweb
+
+        source = source or settings.output_dir / "landing"
+        fetched = fetch_dicomweb(dicomweb, source, key, study_uids=study or [])
+        console.print(f"dicomweb: {fetched.n_fetched} fetched, {fetched.n_skipped} already landed, failures {fetched.failures}")
+    if source is None or not source.exists():
         _fail(f"source folder {source} does not exist")
+    try:
+        spec = PreprocessingSpec(size=size, output_dtype=output_dtype, multiframe=multiframe)
+    except ValueError as exc:  # pydantic's ValidationError names the bad option
+        _fail(f"invalid preprocessing option: {exc}")
     summary = run_ingest(
         source,
         data_dir or settings.data_dir,
-        PreprocessingSpec(size=size),
-        settings.deid_key.get_secret_value(),
+        spec,
+        key,
         workers,
         synonyms_path=settings.body_part_synonyms,
+        batch_size=batch_size,
     )
+    if contact_sheet is not None and summary.n_ok:
+        console.print(f"contact sheet: {write_contact_sheet(summary.data_dir, contact_sheet)}")
     _print_json(summary)
+
+
+@app.command()
+def listen(
+    out: Annotated[Path, typer.Option(help="Landing folder that `xrayops ingest` then reads.")] = Path("outputs/landing"),
+    port: Annotated[int, typer.Option(help="DICOM port to listen on.")] = 11112,
+    ae_title: Annotated[str, typer.Option(help="Our AE title; senders must call it.")] = "XRAYOPS",
+    host: Annotated[str, typer.Option(help="Bind address (0.0.0.0 to accept modalities on the network).")] = "127.0.0.1",
+) -> None:
+    """DICOM C-STORE listener (pynetdicom): every received instance lands in OUT, atomically, named by pseudonym."""
+    from xrayops.sources.listener import listen as run_listen
+
+    console.print(f"listening on {host}:{port} as {ae_title}, landing in {out}")
+    run_listen(out, port, ae_title, get_settings().deid_key.get_secret_value(), host=host)
 
 
 @app.command("version-dataset")
@@ -114,12 +151,19 @@ def pretrain(
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     arch: Annotated[str, typer.Option(help="resnet18 (paper 000) or resnet50.")] = "resnet18",
+    method: Annotated[str, typer.Option(help="simclr, byol or supcon (paper 000; supcon uses the region tags).")] = "simclr",
+    lr: Annotated[float, typer.Option(help="Adam learning rate (paper 000: 3e-4, cosine).")] = 3e-4,
 ) -> None:
-    """Self-supervised pretraining (SimCLR, paper 000) of the backbone; resumes from a checkpoint."""
+    """Pretraining (SimCLR, BYOL or SupCon; paper 000) of the backbone; resumes from a checkpoint.
+
+    Under `torchrun --nproc_per_node=N` it trains with DDP (one process per GPU, gloo on CPU).
+    """
     from xrayops.train.pretrain import PretrainConfig, pretrain as run_pretrain
 
     settings = get_settings()
-    cfg = PretrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, arch=arch, device=settings.device)
+    cfg = PretrainConfig(
+        epochs=epochs, batch_size=batch_size, seed=seed, arch=arch, device=settings.device, method=method, lr=lr
+    )
     _print_json(run_pretrain(data_dir or settings.data_dir, out, cfg))
 
 
@@ -130,14 +174,20 @@ def finetune(
     out: Annotated[Path, typer.Option(help="Bundle output folder.")] = Path("outputs/bundle"),
     epochs: Annotated[int, typer.Option(help="Epochs for the linear head.")] = 60,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    truth: Annotated[Optional[Path], typer.Option(help="truth.csv from synth: its angles train the orientation head.")] = None,
 ) -> None:
-    """Train the linear region head on the frozen backbone (paper 000) and write a model bundle."""
+    """Train the linear region head on the frozen backbone (paper 000) and write a model bundle.
+
+    With --truth, also the (cos, sin) orientation head of paper 004.
+    """
+    from xrayops.data.dataset import read_truth_angles
     from xrayops.train.finetune import FinetuneConfig, finetune as run_finetune
 
     settings = get_settings()
     if not backbone.exists():
         _fail(f"backbone {backbone} not found; run `xrayops pretrain` first")
-    bundle = run_finetune(data_dir or settings.data_dir, backbone, out, FinetuneConfig(epochs=epochs, seed=seed))
+    angles = read_truth_angles(truth) if truth else None
+    bundle = run_finetune(data_dir or settings.data_dir, backbone, out, FinetuneConfig(epochs=epochs, seed=seed), angles=angles)
     typer.echo(str(bundle))
 
 
@@ -148,13 +198,20 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("outputs/evaluation"),
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     truth: Annotated[Optional[Path], typer.Option(help="truth.csv from synth: also score against true labels.")] = None,
+    member: Annotated[Optional[list[Path]], typer.Option(help="Further bundles: evaluate the softmax-average ensemble (paper 000) beside its members.")] = None,
 ) -> None:
-    """Metrics, per-class accuracy, confusion matrix and an HTML report."""
+    """Metrics, per-class accuracy, confusion matrix, calibration, OOD AUROC, orientation, Grad-CAM and an HTML report."""
+    from xrayops.data.dataset import read_truth_angles
     from xrayops.data.truth import read_truth
-    from xrayops.evaluate.report import evaluate_bundle
+    from xrayops.evaluate.report import evaluate_bundle, evaluate_ensemble
 
     settings = get_settings()
-    result = evaluate_bundle(bundle, data_dir or settings.data_dir, out, split=split, truth=read_truth(truth) if truth else None)
+    regions = read_truth(truth) if truth else None
+    angles = read_truth_angles(truth) if truth else None
+    if member:
+        result = evaluate_ensemble([bundle, *member], data_dir or settings.data_dir, out, split, regions, angles)
+    else:
+        result = evaluate_bundle(bundle, data_dir or settings.data_dir, out, split=split, truth=regions, truth_angles=angles)
     _print_json(result)
 
 
@@ -183,26 +240,59 @@ def register(
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="Bundle folder, or registry ref models:/NAME@ALIAS or models:/NAME/VERSION.")] = (
-        "outputs/bundle"
-    ),
+    model: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--model", "--bundle",
+            help="Bundle folder, storage URI (file://) or registry ref models:/NAME@ALIAS or models:/NAME/VERSION; "
+            "repeat for a softmax-average ensemble (default: XRAYOPS_SERVE_MODELS, else outputs/bundle).",
+        ),
+    ] = None,
     host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,
-    http_port: Annotated[Optional[int], typer.Option(help="REST port.")] = None,
-    grpc_port: Annotated[Optional[int], typer.Option(help="gRPC port.")] = None,
+    # The underscore spellings are the ones the KServe controller appends to a transformer's args.
+    http_port: Annotated[Optional[int], typer.Option("--http-port", "--http_port", help="REST port.")] = None,
+    grpc_port: Annotated[Optional[int], typer.Option("--grpc-port", "--grpc_port", help="gRPC port.")] = None,
+    model_name: Annotated[
+        Optional[str], typer.Option("--model-name", "--model_name", help="Served model name (default: the bundle's).")
+    ] = None,
+    role: Annotated[str, typer.Option(help="predictor (also decodes DICOM) | transformer (cluster: DICOM -> pixels) | combiner (InferenceGraph).")] = (
+        "predictor"
+    ),
+    predictor_host: Annotated[
+        Optional[str],
+        typer.Option("--predictor-host", "--predictor_host", help="Transformer role: the predictor's host[:port]."),
+    ] = None,
+    predictor_protocol: Annotated[
+        str, typer.Option("--predictor-protocol", "--predictor_protocol", help="Transformer role: v2 (REST) or grpc-v2.")
+    ] = "v2",
 ) -> None:
-    """Serve the model with kserve's ModelServer (v1 and Open Inference Protocol v2)."""
+    """Serve the model with kserve's ModelServer (v1 and Open Inference Protocol v2, REST and gRPC)."""
     from serving.server import serve as run_serve
-    from xrayops.registry import resolve_bundle
+    from serving.server import serve_options
+    from xrayops.registry import RegistryError, resolve_bundle
 
     settings = get_settings()
-    bundle_dir = resolve_bundle(model, settings.tracking_uri(), settings.output_dir / "served-bundle")
-    run_serve(
-        bundle_dir,
-        host=host or settings.serve_host,
-        http_port=http_port or settings.serve_http_port,
-        grpc_port=grpc_port or settings.serve_grpc_port,
-        log_path=settings.inference_log_path or settings.output_dir / "inference-log",
-    )
+    refs = model or settings.serve_models or ["outputs/bundle"]
+    try:
+        bundle_dirs = [
+            resolve_bundle(ref, settings.tracking_uri(), settings.output_dir / "served-bundle" / str(i))
+            for i, ref in enumerate(refs)
+        ]
+        run_serve(
+            bundle_dirs,
+            host=host or settings.serve_host,
+            http_port=http_port or settings.serve_http_port,
+            grpc_port=grpc_port or settings.serve_grpc_port,
+            log_path=settings.inference_log_path or settings.output_dir / "inference-log",
+            model_name=model_name,
+            device=settings.device,
+            role=role,
+            predictor_host=predictor_host,
+            predictor_protocol=predictor_protocol,
+            **serve_options(settings),
+        )
+    except (RegistryError, RuntimeError) as exc:  # a bad bundle is refused before anything listens
+        _fail(str(exc))
 
 
 @app.command()
@@ -210,12 +300,20 @@ def predict(
     files: Annotated[list[Path], typer.Argument(help="DICOM files to classify.")],
     url: Annotated[str, typer.Option(help="Base URL of a running `xrayops serve`.")] = "http://127.0.0.1:8080",
     model_name: Annotated[Optional[str], typer.Option(help="Served model name.")] = None,
+    gradcam: Annotated[bool, typer.Option(help="Also return a Grad-CAM heatmap per image (base64 PNG).")] = False,
 ) -> None:
     """Send DICOM files to a running server (kserve's InferenceRESTClient, v2) and print the answers."""
+    import httpx
+
     from serving.client import predict_files
 
     settings = get_settings()
-    responses = predict_files(url, model_name or settings.registered_model_name, files)
+    try:
+        responses = predict_files(url, model_name or settings.registered_model_name, files, gradcam=gradcam)
+    except httpx.HTTPStatusError as exc:  # the server's 4xx message, not a traceback
+        _fail(f"{exc.response.status_code}: {exc.response.text}")
+    except (httpx.HTTPError, OSError) as exc:
+        _fail(f"cannot reach {url}: {exc}")
     typer.echo(json.dumps([r.model_dump() for r in responses], indent=2))
 
 
@@ -239,16 +337,125 @@ def monitor(
     _print_json(result)
 
 
+@app.command("audit-labels")
+def audit_labels_cmd(
+    backbone: Annotated[Path, typer.Option(help="Frozen backbone.pt (from pretrain).")] = Path("outputs/pretrain/backbone.pt"),
+    data_dir: Annotated[Optional[Path], typer.Option(help="Dataset folder (default XRAYOPS_DATA_DIR).")] = None,
+    out: Annotated[Path, typer.Option(help="Audit folder: label_issues.csv, label_audit.json, review worklist.")] = Path(
+        "outputs/label-audit"
+    ),
+    folds: Annotated[int, typer.Option(help="Cross-validation folds for the out-of-fold probabilities.")] = 5,
+    worklist_limit: Annotated[int, typer.Option(help="At most this many images on the review worklist (0: all).")] = 200,
+    truth: Annotated[Optional[Path], typer.Option(help="truth.csv from synth: also print precision/recall of the flags.")] = None,
+) -> None:
+    """Confident-learning (cleanlab) audit of the PACS region labels, and a radiologists' review worklist."""
+    import pandas as pd
+
+    from xrayops.monitor.label_audit import AuditConfig, audit_labels, flagged_vs_truth
+    from xrayops.monitor.worklist import write_worklist
+
+    settings = get_settings()
+    if not backbone.exists():
+        _fail(f"backbone {backbone} not found; run `xrayops pretrain` first")
+    data = data_dir or settings.data_dir
+    audit = audit_labels(data, backbone, out, AuditConfig(n_folds=folds, seed=settings.seed, device=settings.device))
+    scores = pd.read_parquet(audit.scores_path)
+    worklist = write_worklist(scores[scores["is_issue"]], data, out, limit=worklist_limit or None)
+    result = {"audit": audit.model_dump(mode="json"), "worklist": worklist.model_dump(mode="json")}
+    if truth is not None:
+        result["against_truth"] = flagged_vs_truth(scores, pd.read_csv(truth))
+    _print_json(result)
+
+
+@app.command("import-reviews")
+def import_reviews_cmd(
+    decisions: Annotated[Path, typer.Argument(help="Reviewer CSV: image_id, decision, corrected_region, reviewer, timestamp.")],
+    data_dir: Annotated[Optional[Path], typer.Option(help="Dataset folder whose manifest the reviews refer to.")] = None,
+) -> None:
+    """Feed radiologists' decisions back as timestamped label events in the Feast feature store."""
+    import pandas as pd
+
+    from xrayops.features import append_rows, manifest_rows, open_store, review_rows
+    from xrayops.features.store import store_data_dir
+    from xrayops.monitor.review import read_decisions
+
+    settings = get_settings()
+    manifest_path = (data_dir or settings.data_dir) / "manifest.parquet"
+    if not manifest_path.exists():
+        _fail(f"{manifest_path} not found; reviews must refer to an ingested dataset")
+    manifest = pd.read_parquet(manifest_path)
+    imported = read_decisions(decisions, dict(zip(manifest["image_id"].astype(str), manifest["region"].astype(str))))
+    store = open_store(settings)
+    tables = store_data_dir(store)
+    # The PACS tags as of the manifest's writing, so a training set has a label to fall back on.
+    known_at = pd.Timestamp(manifest_path.stat().st_mtime, unit="s", tz="UTC").to_pydatetime()
+    for view, rows in manifest_rows(manifest, known_at).items():
+        append_rows(tables, view, rows)
+    append_rows(tables, "reviewed_labels", review_rows(imported.events))
+    _print_json({"events": len(imported.events), "rejected": [r.model_dump() for r in imported.rejected],
+                 "feature_repo": str(tables.parent)})
+
+
+@app.command("retrain-trigger")
+def retrain_trigger_cmd(
+    monitor_result: Annotated[Path, typer.Option(help="monitor.json written by `xrayops monitor`.")] = Path(
+        "outputs/monitor/monitor.json"
+    ),
+    window_id: Annotated[Optional[str], typer.Option(help="Window identity for dedup (default: the file's mtime).")] = None,
+    model_version: Annotated[str, typer.Option(help="Serving champion's version.")] = "",
+    audit_log: Annotated[Path, typer.Option(help="JSONL audit log of trigger decisions.")] = Path("outputs/monitor/trigger.jsonl"),
+    pipeline_root: Annotated[Path, typer.Option(help="kfp.local pipeline root when no XRAYOPS_KFP_HOST is set.")] = Path(
+        "outputs/kfp-retrain"
+    ),
+) -> None:
+    """Decide on retraining from a monitoring window and launch the KFP training pipeline
+    (XRAYOPS_KFP_HOST: kfp.Client on the cluster; else kfp.local); cooldown and dedup apply."""
+    from datetime import datetime, timezone
+
+    from xrayops.monitor.trigger import AuditLog, TriggerPolicy, decide_and_launch, signals_from_monitor
+    from xrayops.monitor.window import MonitorResult
+
+    settings = get_settings()
+    if not monitor_result.exists():
+        _fail(f"{monitor_result} not found; run `xrayops monitor` first")
+    result = MonitorResult.model_validate_json(monitor_result.read_text())
+    window = window_id or datetime.fromtimestamp(monitor_result.stat().st_mtime, timezone.utc).isoformat()
+
+    def launch(arguments: dict) -> str:
+        if settings.kfp_host:
+            import kfp
+
+            from pipelines.run import compile_pipeline
+
+            package = compile_pipeline(settings.output_dir / "pipeline" / "xrayops-retrain.yaml", cluster=True)
+            run = kfp.Client(host=settings.kfp_host).create_run_from_pipeline_package(
+                str(package), arguments={}, run_name=f"retrain {arguments['trigger_window']}"
+            )
+            return run.run_id
+        from pipelines.run import run_local
+
+        return run_local(pipeline_root, dvc_remote_url=settings.dvc_remote(), s3_endpoint_url=settings.s3_endpoint_url,
+                         mlflow_tracking_uri=settings.tracking_uri())["pipeline_root"]
+
+    decision = decide_and_launch(signals_from_monitor(result, window, model_version), TriggerPolicy.from_settings(settings),
+                                 AuditLog(audit_log), launch)
+    _print_json(decision)
+
+
 @pipeline_app.command("compile")
 def pipeline_compile(
     out: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path("outputs/pipeline/xrayops-training.yaml"),
     gpu: Annotated[bool, typer.Option("--gpu", help="Schedule pretrain/finetune on the GPU node pool.")] = False,
     gpu_node_pool: Annotated[str, typer.Option(help="Value of the xrayops.io/pool node label.")] = "gpu",
+    gpu_count: Annotated[int, typer.Option(help="nvidia.com/gpu limit of each GPU task.")] = 1,
+    cluster: Annotated[
+        bool, typer.Option("--cluster", help="Tasks read xrayops-config and the xrayops-s3/xrayops-deid Secrets (cluster runs).")
+    ] = False,
 ) -> None:
     """Compile the training pipeline to KFP v2 YAML."""
     from pipelines.run import compile_pipeline
 
-    typer.echo(str(compile_pipeline(out, gpu=gpu, gpu_node_pool=gpu_node_pool)))
+    typer.echo(str(compile_pipeline(out, gpu=gpu, gpu_node_pool=gpu_node_pool, gpu_count=gpu_count, cluster=cluster)))
 
 
 @pipeline_app.command("run")
@@ -263,7 +470,7 @@ def pipeline_run(
     from pipelines.run import run_local
 
     if not local:
-        _fail("only --local runs are available from this command; compile the YAML and upload it to your KFP cluster")
+        _fail("only --local runs are available from this command; for a cluster use `xrayops pipeline submit --host URL`")
     settings = get_settings()
     result = run_local(
         root,
@@ -275,6 +482,112 @@ def pipeline_run(
         mlflow_tracking_uri=settings.tracking_uri(),
     )
     _print_json(result)
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    host: Annotated[str, typer.Option(envvar="KFP_HOST", help="KFP API endpoint, e.g. http://localhost:8080 (port-forward of ml-pipeline-ui).")],
+    package: Annotated[Optional[Path], typer.Option(help="Compiled pipeline YAML; default: compile it now (cluster mode).")] = None,
+    recurring: Annotated[Optional[str], typer.Option(help="Cron schedule: create a recurring run instead of one run (5 or 6 fields).")] = None,
+    experiment: Annotated[str, typer.Option(help="KFP experiment name.")] = "xrayops",
+    run_name: Annotated[Optional[str], typer.Option(help="Run (or recurring run) name.")] = None,
+    namespace: Annotated[Optional[str], typer.Option(help="Kubeflow profile namespace (multi-user KFP).")] = None,
+    service_account: Annotated[Optional[str], typer.Option(help="ServiceAccount the run's pods use.")] = None,
+    pipeline_root: Annotated[Optional[str], typer.Option(help="Artifact root, e.g. s3://xrayops-pipelines/root.")] = None,
+    param: Annotated[Optional[list[str]], typer.Option(help="Pipeline argument KEY=VALUE (repeatable).")] = None,
+    gpu: Annotated[bool, typer.Option("--gpu", help="When compiling: training steps on the GPU node pool.")] = False,
+    gpu_node_pool: Annotated[str, typer.Option(help="When compiling: xrayops.io/pool label of the GPU pool.")] = "gpu",
+    gpu_count: Annotated[int, typer.Option(help="When compiling: nvidia.com/gpu per GPU task.")] = 1,
+    token: Annotated[Optional[str], typer.Option(envvar="XRAYOPS_KFP_TOKEN", help="Bearer token for an authenticating KFP endpoint.")] = None,
+    if_retrain: Annotated[
+        Optional[Path], typer.Option(help="monitor.json of `xrayops monitor`: submit only if its decision is to retrain.")
+    ] = None,
+) -> None:
+    """Start a run (or, with --recurring, a recurring run) of the training pipeline on Kubeflow Pipelines."""
+    import tempfile
+
+    from pipelines.run import compile_pipeline
+    from pipelines.submit import SubmitError, parse_params, submit
+    from xrayops.monitor.window import MonitorResult
+
+    if if_retrain is not None:
+        if not if_retrain.is_file():
+            _fail(f"--if-retrain: no monitoring result at {if_retrain}")
+        decision = MonitorResult.model_validate_json(if_retrain.read_text()).decision
+        if not decision.retrain:
+            _print_json({"submitted": False, "retrain": False, "reasons": decision.reasons})
+            return
+    if package is not None and not package.is_file():
+        _fail(f"--package {package} does not exist")
+    try:
+        arguments = parse_params(param or [])
+        with tempfile.TemporaryDirectory(prefix="xrayops-submit-") as tmp:
+            if package is None:
+                package = compile_pipeline(
+                    Path(tmp) / "xrayops-training.yaml", gpu=gpu, gpu_node_pool=gpu_node_pool, gpu_count=gpu_count, cluster=True
+                )
+            result = submit(
+                host,
+                package,
+                arguments=arguments,
+                experiment=experiment,
+                run_name=run_name,
+                namespace=namespace,
+                service_account=service_account,
+                pipeline_root=pipeline_root,
+                recurring=recurring,
+                token=token,
+            )
+    except SubmitError as exc:
+        _fail(str(exc))
+    _print_json({"submitted": True, **result.model_dump(exclude_none=True)})
+
+
+_K8S_DIR_HELP = "Folder with base/ and overlays/ (kustomize)."
+
+
+def _render_manifests(overlay: str, k8s_dir: Path, image: Optional[str]) -> str:
+    from xrayops.deploy import DeployError, render
+
+    try:
+        return render(k8s_dir, overlay, default_image=get_settings().image, image=image)
+    except DeployError as exc:
+        _fail(str(exc))
+
+
+@deploy_app.command("render")
+def deploy_render(
+    overlay: Annotated[str, typer.Option(help="Overlay under infra/k8s/overlays: local or gpu-cloud.")],
+    k8s_dir: Annotated[Path, typer.Option(help=_K8S_DIR_HELP)] = Path("infra/k8s"),
+    image: Annotated[Optional[str], typer.Option(help="xrayops image name:tag (default: the overlay's).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the manifests here instead of stdout.")] = None,
+) -> None:
+    """Print the full manifests: `kubectl kustomize` of the overlay plus the compiled pipeline (ConfigMap xrayops-pipeline)."""
+    manifests = _render_manifests(overlay, k8s_dir, image)
+    if out is None:
+        typer.echo(manifests, nl=False)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(manifests)
+        typer.echo(str(out))
+
+
+@deploy_app.command("apply")
+def deploy_apply(
+    overlay: Annotated[str, typer.Option(help="Overlay under infra/k8s/overlays: local or gpu-cloud.")],
+    k8s_dir: Annotated[Path, typer.Option(help=_K8S_DIR_HELP)] = Path("infra/k8s"),
+    image: Annotated[Optional[str], typer.Option(help="xrayops image name:tag (default: the overlay's).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="kubectl's client-side dry run: validate, change nothing.")] = False,
+    server_dry_run: Annotated[bool, typer.Option("--server-dry-run", help="Server-side dry run (admission included).")] = False,
+) -> None:
+    """Render the overlay and `kubectl apply` it to the current kubectl context."""
+    from xrayops.deploy import DeployError, apply
+
+    manifests = _render_manifests(overlay, k8s_dir, image)
+    try:
+        typer.echo(apply(manifests, dry_run="server" if server_dry_run else "client" if dry_run else None), nl=False)
+    except DeployError as exc:
+        _fail(str(exc))
 
 
 @app.command()

@@ -39,6 +39,16 @@ class Settings(BaseSettings):
     serve_http_port: int = 8080
     serve_grpc_port: int = 8081
     inference_log_path: Path | None = None
+    # Largest REST body / gRPC message; gRPC never below 30 MB (an uncompressed radiograph is ~10-25 MB).
+    serve_max_request_mb: int = Field(default=64, ge=1, le=2047)
+    # Rejected from the DICOM header before decoding: 40 Mpx is above a 4664x3064 mammogram.
+    serve_max_image_pixels: int = Field(default=40_000_000, ge=1)
+    serve_max_frames: int = Field(default=1, ge=1, description="more frames (a cine) is rejected")
+    # Micro-batching across concurrent requests (serving.batcher).
+    serve_max_batch_size: int = Field(default=32, ge=1)
+    serve_max_batch_latency_ms: float = Field(default=5.0, ge=0)
+    # Ensemble members (paper 000: SimCLR, BYOL, SupCon) as bundle folders or models:/ refs; JSON list in env.
+    serve_models: list[str] = Field(default_factory=list)
 
     # Monitoring thresholds.
     # Share of monitored columns (acquisition metadata, image statistics, tag mix) drifting at once;
@@ -46,6 +56,23 @@ class Settings(BaseSettings):
     drift_share_threshold: float = 0.3
     label_noise_threshold: float = 0.15
     ood_rate_threshold: float = 0.2
+    # Retraining triggers (xrayops.monitor.trigger): a label-noise JUMP is the window's online rate
+    # minus the reference window's; cooldown and dedup keep one cause from launching a run storm.
+    label_noise_jump_threshold: float = 0.05
+    retrain_cooldown_hours: float = 24.0
+    kfp_host: str = Field(default="", description="KFP API endpoint for retraining runs; empty means kfp.local")
+    # Champion/challenger gate (xrayops.evaluate.gate): the challenger may be at most this much
+    # less accurate (lower bound of the paired-bootstrap CI of the difference) to be promoted.
+    gate_margin: float = 0.01
+    gate_bootstrap_samples: int = 2000
+    gate_confidence: float = 0.95
+    # Feature store (xrayops.features): Feast repo; sqlite online store by default, redis or postgres on a cluster.
+    feature_repo_dir: Path | None = None
+    feast_project: str = "xrayops"
+    feast_online_store: str = "sqlite"
+    feast_online_connection: str = ""
+    # Evidently workspace for monitoring snapshots shown by `evidently ui`; empty: <output_dir>/evidently.
+    evidently_workspace: Path | None = None
 
     log_level: str = "INFO"
     log_json: bool = False

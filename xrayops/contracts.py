@@ -33,7 +33,13 @@ class PreprocessingSpec(BaseModel):
     keep_aspect: bool = True  # paper 001: padding beat plain resizing
     pad_value: float = 0.0
     output_dtype: Literal["uint8", "uint16"] = "uint8"
-    multiframe: Literal["first", "middle", "reject"] = "middle"
+    # Multi-frame files: one frame (first/middle), every frame as its own image ("all"; single-image
+    # callers such as serving then use the middle one), or quarantine ("reject").
+    multiframe: Literal["first", "middle", "all", "reject"] = "middle"
+    # Work at ~2x the output size as early as possible: JPEG 2000 decoded at reduced resolution,
+    # other images box-averaged before windowing (xrayops.dicom.pixels.decode_for_spec). Faster
+    # by 3-10x on full-size radiographs; False gives full-resolution windowing.
+    reduce_early: bool = True
 
 
 class ManifestRow(BaseModel):
@@ -64,6 +70,11 @@ class ManifestRow(BaseModel):
     # Image statistics of the preprocessed pixels, for drift monitoring.
     pixel_mean: float | None = None
     pixel_std: float | None = None
+    # Added with issue 3 (older manifests read back with these defaults).
+    frame: int = 0  # frame of a multi-frame file this row holds (0 for single-frame files)
+    pixel_sha256: str = ""  # sha256 of the decoded frame: duplicate pixels under another SOP UID
+    quality_flags: str = ""  # comma-separated: tiny, extreme_aspect, low_contrast
+    burned_in_annotation: str = ""  # BurnedInAnnotation as found (YES/NO/""): text in the pixels may be PHI
 
 
 class DatasetVersion(BaseModel):
@@ -96,6 +107,11 @@ class ModelBundleMeta(BaseModel):
     # The embedding is the mean over the four right-angle rotations of the image
     # (xrayops.models.heads.RegionClassifier), so the region does not depend on orientation.
     rotation_average: bool = False
+    # Orientation head (paper 004): (cos, sin) regression on the upright (not rotation-averaged)
+    # embedding; `orientation_source` says where its labels came from ("truth" angles, or
+    # "upright" images turned by known amounts). Older bundles have none.
+    orientation: bool = False
+    orientation_source: str = ""
     lineage: Lineage = Field(default_factory=Lineage)
     weights_sha256: str = ""
     created_at: datetime | None = None

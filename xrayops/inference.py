@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from xrayops.bundle import LoadedBundle
 from xrayops.contracts import InferenceLogRecord, InferenceResponse
 from xrayops.data.dataset import to_unit_float
-from xrayops.models.heads import energy_score
+from xrayops.models.heads import energy_score, vector_to_angle
 from xrayops.regions import UNKNOWN
 
 
@@ -66,15 +66,18 @@ def predict_arrays(
         raise ValueError(f"{len(arrays)} images but {len(dicom_regions)} dicom_regions")
     size = meta.preprocessing.size
     images = [to_unit_float(validate_array(i, a, size)) for i, a in enumerate(arrays)]
-    logits, embeddings = [], []
+    logits, embeddings, orientations = [], [], []
     for start in range(0, len(images), batch_size):
         batch = torch.stack(images[start : start + batch_size]).unsqueeze(1).to(bundle.device)
-        batch_logits, batch_embeddings = bundle.model.forward_with_embedding(batch)
+        batch_logits, batch_embeddings, batch_orientation = bundle.model.forward_all(batch)
         logits.append(batch_logits.float().cpu())
         embeddings.append(batch_embeddings.float().cpu())
+        if batch_orientation is not None:
+            orientations.append(vector_to_angle(batch_orientation.float().cpu()))
     if not images:
         return [], np.zeros((0, meta.embedding_dim), dtype=np.float32)
     logits_t = torch.cat(logits)
+    angles = torch.cat(orientations).tolist() if orientations else [None] * len(images)
     probabilities = torch.softmax(logits_t / meta.temperature, dim=1).numpy()
     scores = energy_score(logits_t, meta.temperature).numpy()
     version = version if version is not None else model_version(bundle)
@@ -92,6 +95,7 @@ def predict_arrays(
                 region=region,
                 confidence=confidence,
                 probabilities={c: float(p) for c, p in zip(meta.classes, probs)},
+                orientation_deg=angles[i],
                 ood_score=score,
                 ood=None if meta.ood_threshold is None else score > meta.ood_threshold,
                 dicom_region=dicom_region,

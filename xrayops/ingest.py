@@ -4,40 +4,54 @@
     data_dir/shards/shard-NNNNN.npy    preprocessed pixels of the ok rows
     data_dir/preprocessing.json        the PreprocessingSpec used
     data_dir/quarantine.csv            quarantined files with reason and detail
-    data_dir/unmapped_body_parts.csv   BodyPartExamined values that map to no region
+    data_dir/unmapped_body_parts.csv   BodyPartExamined values that map to no region, with counts
 
-Every file gives exactly one row; a bad file is quarantined with a reason and the run goes on.
-Files are processed in sorted order and nothing time-dependent is written, so ingesting the same
-input twice gives byte-identical files. PHI stays here: rows, files and logs carry pseudonyms,
-file names and technical tags only.
+Every file gives exactly one row (one per frame with the "all" frame policy); a bad file is
+quarantined with a reason and the run goes on. Files are processed in sorted order and nothing
+time-dependent is written, so ingesting the same input twice gives byte-identical files.
+
+Re-runs are incremental and a killed run resumes: finished batches are recorded in a journal
+(xrayops.data.journal) next to the dataset, and only files not yet in it are decoded. The
+dataset files are then assembled from the journal, streaming pixels into shards, so memory
+holds one batch of images per worker plus the (small) manifest rows, whatever the dataset size.
+
+PHI stays here: rows, files and logs carry pseudonyms, file names (UIDs in them pseudonymised)
+and technical tags only.
 """
 from __future__ import annotations
 
 import hashlib
 import multiprocessing
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from itertools import repeat
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 from pydantic import BaseModel
 
 from xrayops.contracts import ManifestRow, PreprocessingSpec
-from xrayops.data.manifest import assign_split, write_manifest
+from xrayops.data.journal import Journal, JournalEntry, file_key, journal_fingerprint
+from xrayops.data.manifest import Deduplicator, assign_split, write_manifest
 from xrayops.data.shards import SHARD_GLOB, ShardWriter
-from xrayops.dicom.decode import MAX_FILE_BYTES, DicomError, read_dicom
-from xrayops.dicom.deid import pseudonymize, safe_metadata
+from xrayops.dicom.decode import MAX_FILE_BYTES, DicomError, check_pixel_module, frame_indices, quiet_pydicom, read_dicom
+from xrayops.dicom.deid import pseudonymize, public_source_name, safe_metadata
 from xrayops.dicom.labels import default_synonyms, load_synonyms, region_from_dataset, unmapped_report
-from xrayops.dicom.pixels import image_statistics, preprocess
+from xrayops.dicom.pixels import decode_for_spec, image_statistics, preprocess_array
 from xrayops.logs import get_logger
 from xrayops.progress import track
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 QUARANTINE_COLUMNS = ["source_name", "image_id", "reason", "detail"]
+JOURNAL_VERSION = "1"  # bump when process_file's output changes for the same input
+# Quality flags (kept rows, for filtering downstream). A radiograph's short side is >= 1000 px;
+# below 256 it is a thumbnail or a secondary capture. Long-leg and whole-spine stitches reach
+# about 1:3; beyond that it is a strip, a ruler or a cropped label.
+TINY_SIDE = 256
+EXTREME_ASPECT = 3.0
+LOW_CONTRAST_STD = 0.02  # std of the preprocessed image on [0, 1]
 
 log = get_logger(__name__)
 
@@ -48,9 +62,12 @@ class IngestSummary(BaseModel):
     n_files: int
     n_ok: int
     n_quarantined: int
-    reasons: dict[str, int]  # quarantine reason -> files
+    n_processed: int = 0  # files decoded in this run
+    n_reused: int = 0  # files taken from the journal of an earlier (or killed) run
+    reasons: dict[str, int]  # quarantine reason -> rows
     regions: dict[str, int]  # region -> ok images
     splits: dict[str, int]  # split -> ok images
+    quality_flags: dict[str, int] = {}  # flag -> ok images
     data_dir: Path
     manifest_path: Path
     shards_dir: Path
@@ -59,14 +76,10 @@ class IngestSummary(BaseModel):
     unmapped_path: Path
 
 
-@dataclass
-class FileResult:
-    """One file's row plus, for ok rows, its pixels. `from_uid`: image_id is a SOP Instance UID pseudonym."""
-
-    row: ManifestRow
-    pixels: np.ndarray | None
-    detail: str = ""
-    from_uid: bool = False
+def default_journal_dir(data_dir: Path) -> Path:
+    """Beside the dataset, not inside it, so DVC never tracks it: data/ -> .data.ingest-journal/."""
+    data_dir = Path(data_dir)
+    return data_dir.parent / f".{data_dir.name}.ingest-journal"
 
 
 def ingest(
@@ -77,44 +90,126 @@ def ingest(
     workers: int = 1,
     synonyms_path: Path | None = None,
     shard_size: int = 1024,
+    batch_size: int = 64,
+    journal_dir: Path | None = None,
+    part: tuple[int, int] | None = None,
 ) -> IngestSummary:
-    """Ingest every DICOM file under `source_dir` into `data_dir` (see module docstring)."""
+    """Ingest every DICOM file under `source_dir` into `data_dir` (see module docstring).
+
+    `part=(i, n)` ingests only the i-th of n contiguous slices of the sorted file list (the
+    fan-out of pipelines/ingestion.py; xrayops.data.merge joins the slices).
+    """
     source_dir, data_dir = Path(source_dir), Path(data_dir)
     if not source_dir.is_dir():
         raise FileNotFoundError(f"source folder {source_dir} does not exist")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     synonyms = load_synonyms(synonyms_path) if synonyms_path else dict(default_synonyms())
-    paths = find_dicom_files(source_dir, exclude=data_dir)
-    log.info("ingest.start", files=len(paths), workers=workers, size=spec.size)
+    journal_dir = Path(journal_dir) if journal_dir else default_journal_dir(data_dir)
+    paths = find_dicom_files(source_dir, exclude=[data_dir, journal_dir])
+    if part is not None:
+        paths = slice_for_part(paths, *part)
+    names = [public_source_name(p.relative_to(source_dir).as_posix(), key) for p in paths]
+    keys = [file_key(n, p) for n, p in zip(names, paths)]
 
-    names = [p.relative_to(source_dir).as_posix() for p in paths]
-    results = _process_all(paths, names, spec, key, synonyms, workers)
-    rows, pixels, details = _deduplicate_and_split(track(results, "ingest", total=len(paths)))
+    fingerprint = journal_fingerprint(
+        JOURNAL_VERSION, spec.model_dump_json(), pseudonymize("journal", key), sorted(synonyms.items())
+    )
+    journal = Journal(journal_dir, fingerprint)
+    todo = [(p, n, k) for p, n, k in zip(paths, names, keys) if k not in journal.done]
+    log.info("ingest.start", files=len(paths), to_process=len(todo), workers=workers, size=spec.size)
+    batch: list[tuple[str, list[JournalEntry]]] = []
+    for (_, _, k), entries in track(
+        _process_all(todo, spec, key, synonyms, workers), "ingest", total=len(todo)
+    ):
+        batch.append((k, entries))
+        if len(batch) >= batch_size:
+            journal.write_part(batch)
+            batch = []
+    if batch:
+        journal.write_part(batch)
+    return _assemble(journal, keys, data_dir, spec, synonyms, shard_size, n_processed=len(todo))
 
+
+def write_contact_sheet(data_dir: Path, path: Path, limit: int = 64, columns: int = 8) -> Path:
+    """A PNG grid of the first `limit` ok images of a dataset, captioned with their region.
+
+    For eyeballing what the pixel pipeline did (inversion, windowing, borders). Captions are
+    regions only, never names or ids.
+    """
+    from xrayops.data.manifest import read_manifest
+    from xrayops.data.shards import load_shards
+    from xrayops.dicom.contact_sheet import contact_sheet
+
+    frame = read_manifest(Path(data_dir) / "manifest.parquet")
+    ok = frame[frame.status == "ok"].head(limit)
+    if ok.empty:
+        raise ValueError(f"{data_dir} has no ok images for a contact sheet")
+    shards = load_shards(data_dir)
+    arrays = [np.asarray(shards[r.shard][r.shard_index]) for r in ok.itertuples()]
+    return contact_sheet(arrays, [str(r) for r in ok.region], path, columns=columns)
+
+
+def slice_for_part(items: list, index: int, n_parts: int) -> list:
+    """The index-th of n_parts contiguous, near-equal slices (sorted order kept across parts)."""
+    if not 0 <= index < n_parts:
+        raise ValueError(f"part index {index} is not in [0, {n_parts})")
+    bounds = [round(i * len(items) / n_parts) for i in range(n_parts + 1)]
+    return items[bounds[index] : bounds[index + 1]]
+
+
+def _assemble(
+    journal: Journal,
+    keys: list[str],
+    data_dir: Path,
+    spec: PreprocessingSpec,
+    synonyms: Mapping[str, str],
+    shard_size: int,
+    n_processed: int,
+) -> IngestSummary:
+    """Journal entries of `keys`, in order, to the dataset files: dedup, splits, shards, tables."""
     shards_dir = data_dir / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
     for stale in shards_dir.glob(SHARD_GLOB):  # a previous, larger run must not leave shards behind
         stale.unlink()
+    rows: list[ManifestRow] = []
+    details: list[str] = []
+    dedup = Deduplicator()
     with ShardWriter(shards_dir, shard_size) as writer:
-        for i, image in enumerate(pixels):
-            if image is not None:  # only ok rows keep their pixels
-                shard, index = writer.add(image)
-                rows[i] = rows[i].model_copy(update={"shard": shard, "shard_index": index})
+        for k in keys:
+            for entry in journal.read(k):
+                row, detail = entry.row, entry.detail
+                if row.status == "ok":
+                    reason = dedup.check(row.image_id, row.pixel_sha256, row.source_sha256)
+                    if reason:
+                        row, detail = _quarantined_row(row, reason), "an earlier file (in sorted order) holds the same image"
+                if row.status == "ok":
+                    shard, index = writer.add(entry.pixels)
+                    split = assign_split(row.patient_id or row.image_id)
+                    row = row.model_copy(update={"shard": shard, "shard_index": index, "split": split})
+                    log.debug("ingest.ok", file=row.source_name, image_id=row.image_id, region=row.region)
+                else:
+                    log.warning("ingest.quarantined", file=row.source_name, image_id=row.image_id, reason=row.reason)
+                rows.append(row)
+                details.append(detail)
 
     manifest_path = write_manifest(rows, data_dir / "manifest.parquet")
     preprocessing_path = data_dir / "preprocessing.json"
     preprocessing_path.write_text(spec.model_dump_json(indent=2) + "\n", encoding="utf-8")
     quarantine_path = _write_csv(_quarantine_table(rows, details), data_dir / "quarantine.csv")
-    ok_raw = [r.body_part_raw for r in rows if r.status == "ok"]
-    unmapped_path = _write_csv(unmapped_report(ok_raw, synonyms), data_dir / "unmapped_body_parts.csv")
-
     ok = [r for r in rows if r.status == "ok"]
+    unmapped_path = _write_csv(unmapped_report([r.body_part_raw for r in ok], synonyms), data_dir / "unmapped_body_parts.csv")
+    flags = Counter(flag for r in ok for flag in r.quality_flags.split(",") if flag)
     summary = IngestSummary(
-        n_files=len(rows),
+        n_files=len(keys),
         n_ok=len(ok),
         n_quarantined=len(rows) - len(ok),
+        n_processed=n_processed,
+        n_reused=len(keys) - n_processed,
         reasons=dict(sorted(Counter(r.reason for r in rows if r.status != "ok").items())),
         regions=dict(sorted(Counter(r.region for r in ok).items())),
         splits=dict(sorted(Counter(r.split for r in ok).items())),
+        quality_flags=dict(sorted(flags.items())),
         data_dir=data_dir,
         manifest_path=manifest_path,
         shards_dir=shards_dir,
@@ -122,107 +217,189 @@ def ingest(
         quarantine_path=quarantine_path,
         unmapped_path=unmapped_path,
     )
-    log.info("ingest.done", ok=summary.n_ok, quarantined=summary.n_quarantined, reasons=summary.reasons)
+    log.info("ingest.done", ok=summary.n_ok, quarantined=summary.n_quarantined, reasons=summary.reasons,
+             processed=n_processed, reused=summary.n_reused)  # fmt: skip
     return summary
 
 
-def find_dicom_files(source_dir: Path, exclude: Path | None = None) -> list[Path]:
-    """Candidate files, sorted: .dcm/.dicom/.dic or no extension (UID-style names count as none).
+def find_dicom_files(source_dir: Path, exclude: Path | list[Path] | None = None) -> list[Path]:
+    """Candidate files, sorted: .dcm/.dicom/.dic or no extension (UID-style names count as none),
+    plus every file a DICOMDIR references, whatever its name.
 
-    Skips DICOMDIR (an index, not an image), hidden files, and anything under `exclude`.
+    Hidden files and anything under `exclude` are skipped. A DICOMDIR is an index, not an image:
+    it is followed, and only listed itself (to be quarantined with a reason) when it cannot be read.
+    A referenced file that is absent is listed too, so it gets a "missing_file" row.
     """
-    excluded = exclude.resolve() if exclude is not None else None
-    found = []
+    excluded = [Path(e).resolve() for e in ([] if exclude is None else [exclude] if isinstance(exclude, Path) else exclude)]
+    source_dir = Path(source_dir)
+    found: set[Path] = set()
     for path in source_dir.rglob("*"):
-        if not path.is_file() or path.name.startswith(".") or path.name.upper() == "DICOMDIR":
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if any(path.resolve().is_relative_to(e) for e in excluded):
+            continue
+        if path.name.upper() == "DICOMDIR":
+            referenced = dicomdir_files(path)
+            found.update(referenced if referenced is not None else [path])
             continue
         suffix = path.suffix.lower()
         if suffix and suffix not in DICOM_SUFFIXES and not suffix[1:].isdigit():
             continue
-        if excluded is not None and path.resolve().is_relative_to(excluded):
-            continue
-        found.append(path)
+        found.add(path)
     return sorted(found, key=lambda p: p.relative_to(source_dir).as_posix())
+
+
+def dicomdir_files(dicomdir: Path) -> list[Path] | None:
+    """Files referenced by a DICOMDIR's directory records (Referenced File ID), or None if unreadable."""
+    try:
+        with quiet_pydicom():
+            ds = pydicom.dcmread(dicomdir, force=True)
+            records = ds.DirectoryRecordSequence
+    except Exception:
+        return None
+    files = []
+    for record in records:
+        file_id = record.get("ReferencedFileID")
+        if not file_id:
+            continue
+        components = [str(c) for c in file_id] if isinstance(file_id, (list, tuple, pydicom.multival.MultiValue)) else str(file_id).split("\\")
+        files.append(_resolve_case(dicomdir.parent, components))
+    return files
+
+
+def _resolve_case(root: Path, components: list[str]) -> Path:
+    """File IDs are upper case on the medium; a copy on a case-sensitive disk may be lower case."""
+    path = root
+    for component in components:
+        candidate = path / component
+        if not candidate.exists() and path.is_dir():
+            match = next((c for c in path.iterdir() if c.name.upper() == component.upper()), None)
+            candidate = match if match is not None else candidate
+        path = candidate
+    return path
 
 
 def process_file(
     path: Path, source_name: str, spec: PreprocessingSpec, key: str | bytes, synonyms: Mapping[str, str]
-) -> FileResult:
-    """One file to one row; never raises (a failure becomes a quarantined row)."""
+) -> list[JournalEntry]:
+    """One file to its entries (one per kept frame); never raises (a failure is one quarantined entry)."""
     try:
         data, sha = _read_and_hash(path)
+    except FileNotFoundError:
+        row = ManifestRow(image_id="", study_id="", patient_id="", source_sha256="", source_name=source_name)
+        return [_quarantine(row, "missing_file", "listed (e.g. in a DICOMDIR) but not on disk")]
     except OSError as exc:
         row = ManifestRow(image_id="", study_id="", patient_id="", source_sha256="", source_name=source_name)
-        return _quarantine(row, "unreadable", f"cannot read file ({type(exc).__name__})")
+        return [_quarantine(row, "unreadable", f"cannot read file ({type(exc).__name__})")]
     fallback_id = pseudonymize(sha, key, "img-")
     row = ManifestRow(image_id=fallback_id, study_id="", patient_id="", source_sha256=sha, source_name=source_name)
+    if path.name.upper() == "DICOMDIR":  # find_dicom_files lists one only when it cannot be followed
+        return [_quarantine(row, "invalid_dicomdir", "a DICOMDIR without readable directory records")]
     if data is None:
-        return _quarantine(row, "too_large", f"file exceeds {MAX_FILE_BYTES} bytes")
+        return [_quarantine(row, "too_large", f"file exceeds {MAX_FILE_BYTES} bytes")]
     try:
         ds = read_dicom(data)
+        del data  # the Dataset holds what it needs; do not keep a second copy of a large file
         meta = safe_metadata(ds, key)
-        from_uid = bool(meta["image_id"])
+        sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
         meta["image_id"] = meta["image_id"] or fallback_id
         _, region = region_from_dataset(ds, synonyms)
         row = row.model_copy(update={**meta, "region": region})
-        pixels = preprocess(ds, spec)
+        check_pixel_module(ds)  # no pixels is the reason, whatever the frame policy
+        indices = frame_indices(ds, spec.multiframe)
+        entries = []
+        for index in indices:
+            frame_row = row
+            if len(indices) > 1:  # "all": each frame is an image with its own id
+                frame_id = pseudonymize(f"{sop_uid or sha}#{index}", key, "img-")
+                frame_row = row.model_copy(update={"image_id": frame_id, "frame": index})
+            elif index is not None:
+                frame_row = row.model_copy(update={"frame": index})
+            entries.append(_process_frame(ds, index, frame_row, spec))
+        return entries
     except DicomError as exc:
-        return _quarantine(row, exc.reason, exc.detail)
+        return [_quarantine(row, exc.reason, exc.detail)]
     except Exception as exc:  # a bug or an exotic file must cost one row, not the run
-        return _quarantine(row, "internal_error", type(exc).__name__)
+        return [_quarantine(row, "internal_error", type(exc).__name__)]
+
+
+def _process_frame(ds: pydicom.Dataset, index: int | None, row: ManifestRow, spec: PreprocessingSpec) -> JournalEntry:
+    """Decode once, hash the decoded frame (duplicate pixels under another UID), preprocess, flag.
+
+    The hash is of the frame as decoded: with spec.reduce_early a JPEG 2000 frame is decoded at
+    reduced resolution, so its lossless copy in another syntax is not matched by pixels (by SOP
+    UID it still is). reduce_early=False compares full-resolution pixels across all syntaxes.
+    """
+    frame = decode_for_spec(ds, spec, index)  # the one decode (maybe at reduced resolution)
+    digest = hashlib.sha256(f"{frame.shape}{frame.dtype.str}".encode())
+    digest.update(np.ascontiguousarray(frame).data)
+    pixels = preprocess_array(frame, ds, spec)
+    del frame
     mean, std = image_statistics(pixels)
+    row = row.model_copy(update={"pixel_mean": mean, "pixel_std": std, "pixel_sha256": digest.hexdigest()})
     if not std > 0:
-        return _quarantine(row.model_copy(update={"pixel_mean": mean, "pixel_std": std}), "blank_image", "")
-    return FileResult(row.model_copy(update={"pixel_mean": mean, "pixel_std": std}), pixels, from_uid=from_uid)
+        return _quarantine(row, "blank_image", "every preprocessed pixel has the same value")
+    return JournalEntry(row.model_copy(update={"quality_flags": ",".join(quality_flags(row, std))}), "", pixels)
+
+
+def quality_flags(row: ManifestRow, std: float) -> list[str]:
+    """Flags for a kept image: tiny, extreme_aspect, low_contrast (thresholds above)."""
+    flags = []
+    short, long = sorted((row.original_rows, row.original_cols))
+    if short < TINY_SIDE:
+        flags.append("tiny")
+    if short > 0 and long / short > EXTREME_ASPECT:
+        flags.append("extreme_aspect")
+    if std < LOW_CONTRAST_STD:
+        flags.append("low_contrast")
+    return flags
+
+
+_WORKER_ARGS: tuple = ()
+
+
+def _init_worker(spec: PreprocessingSpec, key: str | bytes, synonyms: Mapping[str, str]) -> None:
+    global _WORKER_ARGS
+    _WORKER_ARGS = (spec, key, synonyms)
+
+
+def _worker_process(path: Path, name: str) -> list[JournalEntry]:
+    return process_file(path, name, *_WORKER_ARGS)
 
 
 def _process_all(
-    paths: list[Path],
-    names: list[str],
+    todo: list[tuple[Path, str, str]],
     spec: PreprocessingSpec,
     key: str | bytes,
     synonyms: Mapping[str, str],
     workers: int,
-) -> Iterator[FileResult]:
-    if workers <= 1 or len(paths) <= 1:
-        for path, name in zip(paths, names):
-            yield process_file(path, name, spec, key, synonyms)
+) -> Iterator[tuple[tuple[Path, str, str], list[JournalEntry]]]:
+    """(job, entries) in job order. At most 2 x workers files are in flight, so memory stays flat."""
+    if workers <= 1 or len(todo) <= 1:
+        for job in todo:
+            yield job, process_file(job[0], job[1], spec, key, synonyms)
         return
     # spawn: forking a parent that holds torch/BLAS threads can deadlock the children.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield from pool.map(
-            process_file, paths, names, repeat(spec), repeat(key), repeat(synonyms)
-        )
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(spec, key, dict(synonyms))) as pool:  # fmt: skip
+        pending: deque = deque()
+        for job in todo:
+            pending.append((job, pool.submit(_worker_process, job[0], job[1])))
+            if len(pending) >= 2 * workers:
+                done_job, future = pending.popleft()
+                yield done_job, future.result()
+        while pending:
+            done_job, future = pending.popleft()
+            yield done_job, future.result()
 
 
-def _deduplicate_and_split(
-    results: Iterator[FileResult],
-) -> tuple[list[ManifestRow], list[np.ndarray | None], list[str]]:
-    """Quarantine later ok copies of an image already seen; give ok rows their patient's split."""
-    rows, pixels, details = [], [], []
-    seen: set[str] = set()
-    for result in results:
-        row, detail = result.row, result.detail
-        if row.status == "ok" and row.image_id in seen:
-            reason = "duplicate_sop_instance_uid" if result.from_uid else "duplicate_file"
-            result = _quarantine(row, reason, "an earlier file (in sorted order) holds the same image")
-            row, detail = result.row, result.detail
-        if row.status == "ok":
-            seen.add(row.image_id)
-            row = row.model_copy(update={"split": assign_split(row.patient_id or row.image_id)})
-            log.debug("ingest.ok", file=row.source_name, image_id=row.image_id, region=row.region)
-        else:
-            log.warning("ingest.quarantined", file=row.source_name, image_id=row.image_id, reason=row.reason)
-        rows.append(row)
-        pixels.append(result.pixels)
-        details.append(detail)
-    return rows, pixels, details
+def _quarantined_row(row: ManifestRow, reason: str) -> ManifestRow:
+    return row.model_copy(update={"status": "quarantined", "reason": reason, "shard": "", "shard_index": -1, "split": ""})
 
 
-def _quarantine(row: ManifestRow, reason: str, detail: str) -> FileResult:
-    update = {"status": "quarantined", "reason": reason, "shard": "", "shard_index": -1, "split": ""}
-    return FileResult(row.model_copy(update=update), None, detail)
+def _quarantine(row: ManifestRow, reason: str, detail: str) -> JournalEntry:
+    return JournalEntry(_quarantined_row(row, reason), detail, None)
 
 
 def _read_and_hash(path: Path) -> tuple[bytes | None, str]:

@@ -78,6 +78,16 @@ def load_images(data_dir: Path, rows: pd.DataFrame) -> np.ndarray:
     return out
 
 
+def read_truth_angles(path: Path) -> dict[str, float]:
+    """Orientation labels from a synthetic truth.csv: file name (the manifest's source_name) ->
+    angle in degrees by which the anatomy is turned counter-clockwise on screen (paper 004)."""
+    frame = pd.read_csv(path)
+    if "angle_deg" not in frame.columns:
+        raise DatasetError(f"{path} has no angle_deg column: no orientation labels there")
+    frame = frame[pd.to_numeric(frame["angle_deg"], errors="coerce").notna()]
+    return dict(zip(frame["file"].astype(str), frame["angle_deg"].astype(float) % 360.0))
+
+
 _PIXEL_MAX = {torch.uint8: 255.0, torch.uint16: 65535.0}
 
 

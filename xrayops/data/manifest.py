@@ -26,8 +26,8 @@ def manifest_schema() -> pa.Schema:
 
 
 def write_manifest(rows: list[ManifestRow], path: Path) -> Path:
-    """Write rows sorted by (source_name, image_id) as parquet with the fixed schema."""
-    ordered = sorted(rows, key=lambda r: (r.source_name, r.image_id))
+    """Write rows sorted by (source_name, frame, image_id) as parquet with the fixed schema."""
+    ordered = sorted(rows, key=lambda r: (r.source_name, r.frame, r.image_id))
     table = pa.Table.from_pylist([r.model_dump() for r in ordered], schema=manifest_schema())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,9 +40,58 @@ def read_manifest(path: Path) -> pd.DataFrame:
     table = pq.read_table(path)
     schema = manifest_schema()
     missing = set(schema.names) - set(table.column_names)
-    if missing:
-        raise ValueError(f"{path}: manifest lacks columns {sorted(missing)}")
+    # Columns added after a dataset was written come back with their ManifestRow default, so an
+    # older DVC version still reads; a column without a default is a broken manifest.
+    required = {name for name in missing if ManifestRow.model_fields[name].is_required()}
+    if required:
+        raise ValueError(f"{path}: manifest lacks columns {sorted(required)}")
+    for name in sorted(missing):
+        default = ManifestRow.model_fields[name].default
+        table = table.append_column(schema.field(name), pa.array([default] * table.num_rows, schema.field(name).type))
     return table.select(schema.names).cast(schema).to_pandas()
+
+
+def merge_manifests(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate manifests of batches that ingested disjoint, sorted slices of one source.
+
+    Pure: shard names are prefixed by the caller; this only re-applies the dataset-wide rules
+    that a batch cannot see alone: an image already kept by an earlier batch (same SOP UID
+    pseudonym, or same decoded pixels) becomes a quarantined duplicate, as in a serial run.
+    """
+    if not frames:
+        return pd.DataFrame({name: pd.Series(dtype=object) for name in manifest_schema().names})
+    merged = pd.concat(frames, ignore_index=True).sort_values(["source_name", "frame", "image_id"], kind="stable")
+    records = merged.to_dict("records")
+    dedup = Deduplicator()
+    for record in records:
+        if record["status"] != "ok":
+            continue
+        reason = dedup.check(record["image_id"], record["pixel_sha256"], record["source_sha256"])
+        if reason:
+            record.update(status="quarantined", reason=reason, shard="", shard_index=-1, split="")
+    return pd.DataFrame.from_records(records, columns=manifest_schema().names).reset_index(drop=True)
+
+
+class Deduplicator:
+    """Remembers kept images; `check` names why a later image is a duplicate ("" when it is new).
+
+    Same file bytes: duplicate_file; same SOP Instance UID (pseudonym) with other bytes, e.g. a
+    re-export: duplicate_sop_instance_uid; same decoded pixels under another UID: duplicate_pixels.
+    """
+
+    def __init__(self) -> None:
+        self._ids: dict[str, str] = {}  # image_id -> source sha256
+        self._pixels: set[str] = set()
+
+    def check(self, image_id: str, pixel_sha256: str, source_sha256: str) -> str:
+        if image_id in self._ids:
+            return "duplicate_file" if self._ids[image_id] == source_sha256 else "duplicate_sop_instance_uid"
+        if pixel_sha256 and pixel_sha256 in self._pixels:
+            return "duplicate_pixels"
+        self._ids[image_id] = source_sha256
+        if pixel_sha256:
+            self._pixels.add(pixel_sha256)
+        return ""
 
 
 def assign_split(patient_id: str) -> str:

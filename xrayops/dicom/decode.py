@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -45,7 +46,12 @@ PLUGIN_ORDER = ("pylibjpeg", "gdcm", "pillow", "pydicom")
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
 
-FramePolicy = Literal["first", "middle", "reject"]
+J2K_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",  # JPEG 2000 lossless / lossy
+    "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",  # HTJ2K
+})  # fmt: skip
+
+FramePolicy = Literal["first", "middle", "all", "reject"]
 
 
 class DicomError(Exception):
@@ -107,11 +113,60 @@ def decode_pixels(
 
     Tries each available backend in PLUGIN_ORDER, then GDCM directly for 12-bit JPEG Extended
     (pydicom's GDCM plugin refuses it, GDCM itself decodes it). Multi-frame files give the
-    first or middle frame, or are rejected, by `frame_policy`.
+    first or middle frame, or are rejected, by `frame_policy` ("all" gives the middle frame
+    here; `frame_indices` lists every frame for callers that keep them all).
 
     Raises DicomError: no_pixel_data, invalid_pixel_module, unsupported_photometric,
     multiframe_rejected, too_large, unsupported_transfer_syntax, truncated, decode_failed.
     """
+    check_pixel_module(ds, max_pixels)  # a file without pixels fails as such, before the frame policy
+    return decode_frame(ds, frame_index(ds, frame_policy), max_pixels)
+
+
+def decode_frame(ds: Dataset, index: int | None, max_pixels: int = MAX_FRAME_PIXELS, reduce: int = 0) -> np.ndarray:
+    """Decode frame `index` (None: single-frame data) after the same checks as decode_pixels.
+
+    `reduce` > 0 asks for JPEG 2000 at 1/2^reduce resolution (shape ceil(rows/2^reduce), ...);
+    other syntaxes, or a codestream Pillow's OpenJPEG cannot reduce, are decoded whole.
+    """
+    rows, cols, spp = check_pixel_module(ds, max_pixels)
+    if reduce > 0:
+        reduced = decode_j2k_reduced(ds, index, reduce)
+        if reduced is not None:
+            return reduced
+    arr = _decode_with_fallback(ds, index)
+    expected = (rows, cols) if spp == 1 else (rows, cols, spp)
+    if arr.shape != expected:
+        raise DicomError("decode_failed", f"decoded shape {arr.shape}, expected {expected}")
+    return arr
+
+
+def number_of_frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def frame_index(ds: Dataset, frame_policy: FramePolicy) -> int | None:
+    """Which frame to decode: None for single-frame data, else per the spec's policy ("all": middle)."""
+    n_frames = number_of_frames(ds)
+    if n_frames <= 1:
+        return None
+    if frame_policy == "reject":
+        raise DicomError("multiframe_rejected", f"{n_frames} frames and the spec rejects multi-frame")
+    return 0 if frame_policy == "first" else n_frames // 2
+
+
+def frame_indices(ds: Dataset, frame_policy: FramePolicy) -> list[int | None]:
+    """Every frame an ingest run keeps: all of them for "all", else the one frame_index picks."""
+    if frame_policy == "all" and number_of_frames(ds) > 1:
+        return list(range(number_of_frames(ds)))
+    return [frame_index(ds, frame_policy)]
+
+
+def check_pixel_module(ds: Dataset, max_pixels: int = MAX_FRAME_PIXELS) -> tuple[int, int, int]:
+    """(rows, columns, samples) of a decodable pixel module, else the DicomError that says why."""
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise DicomError("no_pixel_data", "the dataset has no Pixel Data element")
     rows, cols, spp = _image_geometry(ds)
@@ -120,25 +175,7 @@ def decode_pixels(
         raise DicomError("unsupported_photometric", f"photometric interpretation {photometric or 'missing'!r}")
     if rows * cols > max_pixels:
         raise DicomError("too_large", f"{rows}x{cols} frame exceeds {max_pixels} pixels")
-    index = frame_index(ds, frame_policy)
-    arr = _decode_with_fallback(ds, index)
-    expected = (rows, cols) if spp == 1 else (rows, cols, spp)
-    if arr.shape != expected:
-        raise DicomError("decode_failed", f"decoded shape {arr.shape}, expected {expected}")
-    return arr
-
-
-def frame_index(ds: Dataset, frame_policy: FramePolicy) -> int | None:
-    """Which frame to decode: None for single-frame data, else per the spec's policy."""
-    try:
-        n_frames = int(ds.get("NumberOfFrames") or 1)
-    except (TypeError, ValueError):
-        n_frames = 1
-    if n_frames <= 1:
-        return None
-    if frame_policy == "reject":
-        raise DicomError("multiframe_rejected", f"{n_frames} frames and the spec rejects multi-frame")
-    return 0 if frame_policy == "first" else n_frames // 2
+    return rows, cols, spp
 
 
 def _read_bytes(source: Path | str | bytes) -> bytes:
@@ -205,6 +242,37 @@ def _ensure_transfer_syntax(ds: Dataset) -> None:
         meta = FileMetaDataset()
         ds.file_meta = meta
     meta.TransferSyntaxUID = tsyntax
+
+
+def decode_j2k_reduced(ds: Dataset, index: int | None, reduce: int) -> np.ndarray | None:
+    """A grayscale unsigned JPEG 2000 frame decoded at 1/2^reduce resolution by Pillow (OpenJPEG's
+    resolution reduction skips the finest wavelet levels), or None when that path does not apply."""
+    tsyntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if tsyntax not in J2K_SYNTAXES or int(ds.get("SamplesPerPixel") or 1) != 1 or int(ds.get("PixelRepresentation") or 0):
+        return None
+    rows, cols, _ = _image_geometry(ds)
+    try:
+        from pydicom.encaps import get_frame
+
+        codestream = get_frame(ds.PixelData, index or 0, number_of_frames=number_of_frames(ds))
+        # A raw codestream opens with SOC then SIZ; Ssiz of the first component (byte 42) holds
+        # precision - 1 and the sign bit. Pillow scales samples up to its mode's bit depth.
+        if codestream[:4] != b"\xff\x4f\xff\x51" or codestream[42] & 0x80:
+            return None
+        precision = (codestream[42] & 0x7F) + 1
+        with quiet_pydicom(), Image.open(io.BytesIO(codestream)) as image:
+            image.reduce = reduce
+            image.load()
+            depth = {"L": 8, "I;16": 16}.get(image.mode)
+            if depth is None or precision > depth:
+                return None
+            arr = np.asarray(image) >> (depth - precision)  # Pillow shifted left; exact inverse
+    except Exception:  # too many levels, a codestream Pillow rejects...: the full decoders try
+        return None
+    step = 1 << reduce
+    if arr.shape != (-(-rows // step), -(-cols // step)):
+        return None
+    return arr
 
 
 def _image_geometry(ds: Dataset) -> tuple[int, int, int]:

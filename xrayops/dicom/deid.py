@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import re
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -58,6 +59,9 @@ def safe_metadata(ds: Dataset, key: bytes | str) -> dict:
         "pixel_spacing": pixel_spacing_mm(ds),
         "original_rows": _int(ds, "Rows"),
         "original_cols": _int(ds, "Columns"),
+        # Carried as found: "YES" means text burnt into the pixels (possible PHI) that no tag-level
+        # profile removes (PS3.15 E.3.1, Clean Pixel Data option); downstream users filter on it.
+        "burned_in_annotation": _text(ds, "BurnedInAnnotation").upper()[:3],
     }
 
 
@@ -92,3 +96,18 @@ def _int(ds: Dataset, keyword: str) -> int:
         return int(ds.get(keyword) or 0)
     except (TypeError, ValueError):
         return 0
+
+
+# A DICOM UID inside a file or folder name (PACS exports name files by SOP Instance UID).
+_UID_IN_NAME = re.compile(r"(?<![0-9])[0-9]+(?:\.[0-9]+){3,}(?![0-9])")
+
+
+def public_source_name(relative: str, key: bytes | str) -> str:
+    """A source path safe for the manifest: every UID in it becomes a keyed pseudonym.
+
+    PACS exports name files and folders by SOP/Study Instance UID; those UIDs must not reach the
+    manifest. Other names are kept so a person can find a quarantined file; an export whose
+    folder names hold patient names must be renamed (or landed by `xrayops listen`/DICOMweb,
+    which name files by pseudonym) before ingestion.
+    """
+    return _UID_IN_NAME.sub(lambda m: pseudonymize(m.group(0), key, "uid-"), relative)

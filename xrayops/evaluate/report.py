@@ -1,5 +1,9 @@
-"""Evaluate a model bundle on one split of an ingested dataset: metrics.json,
-confusion_matrix.png and a self-contained report.html.
+"""Evaluate a model bundle (or an ensemble of bundles) on one split of an ingested dataset:
+metrics.json, confusion_matrix.png, Grad-CAM overlays and a self-contained report.html.
+
+Beside the classification metrics (paper 000; kappa and MCC as papers 002/003 report them):
+ECE before and after temperature scaling, out-of-domain AUROC against the truth's `unknown`
+images, and orientation MAE / share within +-4 deg (paper 004) where angles are known.
 
 Accuracy is measured against the PACS tags (noisy, what a hospital has) and, when a truth
 table is given (the synthetic sidecar), against the true regions too; the gap between the
@@ -18,11 +22,13 @@ from pydantic import BaseModel
 
 from xrayops.bundle import load_bundle
 from xrayops.data.dataset import DatasetError, load_images, read_ok_rows, read_preprocessing
-from xrayops.evaluate.metrics import classification_metrics
+from xrayops.evaluate.metrics import classification_metrics, expected_calibration_error, orientation_metrics, roc_auc
+from xrayops.evaluate.ensemble_eval import ensemble_responses
+from xrayops.evaluate.gradcam_figures import gradcam_figures
 from xrayops.inference import predict_arrays
 
 SCALAR_KEYS = (
-    "n", "accuracy", "balanced_accuracy", "macro_f1", "cohen_kappa", "mcc", "ece", "nll",
+    "n", "accuracy", "balanced_accuracy", "macro_f1", "cohen_kappa", "mcc", "ece", "ece_uncalibrated", "nll",
     "chance_uniform", "chance_majority",
 )
 
@@ -37,6 +43,7 @@ class EvaluationResult(BaseModel):
     confusion_png: Path
     truth_confusion_png: Path | None = None
     html_path: Path
+    gradcam_pngs: list[Path] = []
 
 
 def plot_confusion(cm: list[list[int]], classes: list[str], title: str, path: Path, ylabel: str = "label") -> Path:
@@ -63,10 +70,40 @@ def plot_confusion(cm: list[list[int]], classes: list[str], title: str, path: Pa
     return path
 
 
-def evaluate_predictions(rows, responses, classes: list[str], truth: dict[str, str] | None) -> dict:
-    """Metrics of predictions against the PACS tags and, optionally, the true regions."""
+def uncalibrated(probs: np.ndarray, temperature: float | None) -> np.ndarray | None:
+    """softmax(logits) from the calibrated softmax(logits / T): softmax(T * log p) is the same."""
+    if temperature is None:
+        return None
+    scaled = temperature * np.log(np.clip(probs, 1e-30, None))
+    scaled -= scaled.max(1, keepdims=True)
+    e = np.exp(scaled)
+    return e / e.sum(1, keepdims=True)
+
+
+def _scores(y_true, predicted, classes, probs, raw) -> dict:
+    scores = classification_metrics(y_true, predicted, classes, probs)
+    if raw is not None:  # ECE before temperature scaling, beside `ece` after it
+        index = {c: i for i, c in enumerate(classes)}
+        scores["ece_uncalibrated"] = expected_calibration_error([index[str(t)] for t in y_true], raw)
+    return scores
+
+
+def evaluate_predictions(
+    rows,
+    responses,
+    classes: list[str],
+    truth: dict[str, str] | None,
+    temperature: float | None = None,
+    truth_angles: dict[str, float] | None = None,
+) -> dict:
+    """Metrics of predictions against the PACS tags and, optionally, the true regions.
+
+    `temperature` (the bundle's) adds ECE before calibration; `truth_angles` (source_name ->
+    degrees) adds orientation metrics for responses that carry orientation_deg.
+    """
     predicted = np.array([r.region for r in responses])
     probs = np.array([[r.probabilities[c] for c in classes] for r in responses])
+    raw = uncalibrated(probs, temperature)
     ood = np.array([bool(r.ood) for r in responses])
     flagged = np.array([r.label_disagreement for r in responses])
     pacs = rows["region"].to_numpy().astype(str)
@@ -78,7 +115,9 @@ def evaluate_predictions(rows, responses, classes: list[str], truth: dict[str, s
         "label_disagreement_rate": float(flagged.mean()),
     }
     if labelled.any():
-        metrics["vs_pacs"] = classification_metrics(pacs[labelled], predicted[labelled], classes, probs[labelled])
+        metrics["vs_pacs"] = _scores(
+            pacs[labelled], predicted[labelled], classes, probs[labelled], None if raw is None else raw[labelled]
+        )
         metrics.update(scalar_metrics(metrics["vs_pacs"]))
     if truth:
         true = np.array([truth.get(name, "") for name in rows["source_name"].astype(str)])
@@ -87,13 +126,19 @@ def evaluate_predictions(rows, responses, classes: list[str], truth: dict[str, s
         out_of_domain = known & ~in_domain
         metrics["n_truth_known"] = int(known.sum())
         if in_domain.any():
-            scores = classification_metrics(true[in_domain], predicted[in_domain], classes, probs[in_domain])
+            scores = _scores(
+                true[in_domain], predicted[in_domain], classes, probs[in_domain], None if raw is None else raw[in_domain]
+            )
             metrics["vs_truth"] = scores
             metrics.update(scalar_metrics(metrics["vs_truth"], "truth_"))
             metrics["ood_false_alarm_rate"] = float(ood[in_domain].mean())
         if out_of_domain.any():
             metrics["n_truth_out_of_domain"] = int(out_of_domain.sum())
             metrics["ood_detection_rate"] = float(ood[out_of_domain].mean())
+            scored = np.array([r.ood_score is not None for r in responses])
+            if in_domain.any() and scored.all():  # how well the energy score separates the two
+                energy = np.array([r.ood_score for r in responses])
+                metrics["ood_auroc"] = roc_auc(out_of_domain[known], energy[known])
         both = in_domain & labelled
         if both.any():
             wrong_tag = pacs[both] != true[both]
@@ -102,6 +147,15 @@ def evaluate_predictions(rows, responses, classes: list[str], truth: dict[str, s
                 metrics["label_disagreement_precision"] = float(wrong_tag[flagged[both]].mean())
             if wrong_tag.any():
                 metrics["label_disagreement_recall"] = float(flagged[both][wrong_tag].mean())
+    if truth_angles:
+        names = rows["source_name"].astype(str).to_numpy()
+        true_angle = np.array([truth_angles.get(name, np.nan) for name in names], dtype=float)
+        estimate = np.array([np.nan if r.orientation_deg is None else r.orientation_deg for r in responses], dtype=float)
+        usable = np.isfinite(true_angle) & np.isfinite(estimate)
+        if truth:  # anatomy only: an out-of-domain object has no "upright"
+            usable &= np.isin(np.array([truth.get(name, "") for name in names]), classes)
+        if usable.any():
+            metrics.update(orientation_metrics(estimate[usable], true_angle[usable]))
     return metrics
 
 
@@ -143,6 +197,15 @@ def render_report(metrics: dict, meta_name: str, split: str, images: list[Path])
         if any(n for n, _ in cells):
             per_class_rows.append([c, *(f"{_fmt(acc)} (n={n})" if n else "" for n, acc in cells)])
     per_class = _table(["class", *(titles[s] for s in sources)], per_class_rows)
+    comparison = ""
+    if metrics.get("members"):  # ensemble report: each member beside the ensemble
+        columns = {**metrics["members"], "ensemble": metrics}
+        keys = [k for k in ("accuracy", "balanced_accuracy", "macro_f1", "cohen_kappa", "mcc", "ece", "truth_accuracy",
+                            "truth_balanced_accuracy", "truth_macro_f1", "ood_auroc", "orientation_mae_deg")
+                if any(k in c for c in columns.values())]
+        comparison = "<h2>Ensemble and members</h2>" + _table(
+            ["metric", *columns], [[k, *(_fmt(c.get(k)) for c in columns.values())] for k in keys]
+        )
     figures = "".join(
         f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
         f"<figcaption>{html.escape(p.stem.replace('_', ' '))}</figcaption></figure>"
@@ -161,39 +224,27 @@ def render_report(metrics: dict, meta_name: str, split: str, images: list[Path])
         f"<h1>{html.escape(meta_name)}: evaluation on split “{html.escape(split)}”</h1>"
         "<p>Chance levels: uniform guessing (chance_uniform) and always answering the most frequent "
         "class (chance_majority).</p>"
-        f"<h2>Summary</h2>{summary}<h2>Detection and labels</h2>{other}"
-        f"<h2>Per class (accuracy = recall)</h2>{per_class}<h2>Confusion matrices</h2>{figures}</body></html>"
+        f"<h2>Summary</h2>{summary}{comparison}<h2>Detection, orientation and labels</h2>{other}"
+        f"<h2>Per class (accuracy = recall)</h2>{per_class}<h2>Figures</h2>"
+        "<p>Confusion matrices; Grad-CAM overlays (what the backbone looked at) for a sample of right and "
+        f"wrong predictions.</p>{figures}</body></html>"
     )
 
 
-def evaluate_bundle(
-    bundle_dir: Path,
-    data_dir: Path,
-    out_dir: Path,
-    split: str = "test",
-    truth: dict[str, str] | None = None,
-) -> EvaluationResult:
-    """Predict every ok image of `split` and report; `truth` maps source_name -> true region."""
-    bundle = load_bundle(bundle_dir)
+def _load_split(bundle_meta, data_dir: Path, split: str):
     spec = read_preprocessing(data_dir)
-    if spec != bundle.meta.preprocessing:
+    if spec != bundle_meta.preprocessing:
         raise DatasetError(
             f"{data_dir} was preprocessed with {spec.model_dump()}, "
-            f"but the model expects {bundle.meta.preprocessing.model_dump()}"
+            f"but the model expects {bundle_meta.preprocessing.model_dump()}"
         )
     rows = read_ok_rows(data_dir, split)
     if rows.empty:
         raise DatasetError(f"no ok images in split {split!r} of {data_dir}")
-    images = load_images(data_dir, rows)
-    responses, _ = predict_arrays(bundle, list(images), rows["region"].astype(str).tolist())
-    classes = list(bundle.meta.classes)
-    metrics = {"split": split, "model": bundle.meta.name, "weights_sha256": bundle.meta.weights_sha256}
-    metrics.update(evaluate_predictions(rows, responses, classes, truth))
-    scored = [k for k in ("vs_pacs", "vs_truth") if k in metrics]
-    if not scored:
-        raise DatasetError(f"split {split!r} of {data_dir} has no PACS region labels and no truth: nothing to score")
+    return rows, load_images(data_dir, rows)
 
-    out_dir = Path(out_dir)
+
+def _write_outputs(metrics: dict, classes: list[str], split: str, out_dir: Path, name: str, extra_pngs: list[Path]):
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=2))
@@ -204,7 +255,93 @@ def evaluate_bundle(
             title = f"{split}: predicted vs {against}"
             pngs[key] = plot_confusion(metrics[key]["confusion_matrix"], classes, title, out_dir / file_name, against)
     html_path = out_dir / "report.html"
-    html_path.write_text(render_report(metrics, bundle.meta.name, split, list(pngs.values())))
+    html_path.write_text(render_report(metrics, name, split, [*pngs.values(), *extra_pngs]))
+    return metrics_path, pngs, html_path
+
+
+def evaluate_bundle(
+    bundle_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    split: str = "test",
+    truth: dict[str, str] | None = None,
+    truth_angles: dict[str, float] | None = None,
+    gradcam_per_group: int = 4,
+) -> EvaluationResult:
+    """Predict every ok image of `split` and report; `truth` maps source_name -> true region,
+    `truth_angles` source_name -> orientation in degrees. Grad-CAM overlays are drawn for up
+    to `gradcam_per_group` right and wrong predictions (vs truth where known, else the tags)."""
+    bundle = load_bundle(bundle_dir)
+    rows, images = _load_split(bundle.meta, data_dir, split)
+    responses, _ = predict_arrays(bundle, list(images), rows["region"].astype(str).tolist())
+    classes = list(bundle.meta.classes)
+    metrics = {"split": split, "model": bundle.meta.name, "weights_sha256": bundle.meta.weights_sha256}
+    metrics.update(evaluate_predictions(rows, responses, classes, truth, bundle.meta.temperature, truth_angles))
+    scored = [k for k in ("vs_pacs", "vs_truth") if k in metrics]
+    if not scored:
+        raise DatasetError(f"split {split!r} of {data_dir} has no PACS region labels and no truth: nothing to score")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gradcams: list[Path] = []
+    if gradcam_per_group > 0:
+        names = rows["source_name"].astype(str).tolist()
+        reference = [truth.get(n, "") for n in names] if truth else rows["region"].astype(str).tolist()
+        keep = np.array([r in classes for r in reference])
+        if keep.any():
+            index = np.flatnonzero(keep)
+            gradcams = gradcam_figures(
+                bundle.model, images[index], [responses[i].region for i in index], [reference[i] for i in index],
+                out_dir, gradcam_per_group, device=bundle.device,
+            )
+    metrics_path, pngs, html_path = _write_outputs(metrics, classes, split, out_dir, bundle.meta.name, gradcams)
+    return EvaluationResult(
+        split=split,
+        metrics=metrics,
+        metrics_path=metrics_path,
+        confusion_png=pngs.get("vs_pacs", pngs.get("vs_truth")),
+        truth_confusion_png=pngs.get("vs_truth"),
+        html_path=html_path,
+        gradcam_pngs=gradcams,
+    )
+
+
+def evaluate_ensemble(
+    bundle_dirs: list[Path],
+    data_dir: Path,
+    out_dir: Path,
+    split: str = "test",
+    truth: dict[str, str] | None = None,
+    truth_angles: dict[str, float] | None = None,
+) -> EvaluationResult:
+    """Evaluate each member and their softmax-average ensemble (paper 000: SimCLR + BYOL +
+    SupCon) on one split. metrics.json holds the ensemble's metrics on top (as evaluate_bundle
+    writes them) and each member's under `members`; the report compares them side by side."""
+    if len(bundle_dirs) < 2:
+        raise ValueError(f"an ensemble needs at least 2 bundles, got {len(bundle_dirs)}")
+    bundles = [load_bundle(d) for d in bundle_dirs]
+    first = bundles[0].meta
+    for b in bundles[1:]:
+        if b.meta.classes != first.classes or b.meta.preprocessing != first.preprocessing:
+            raise ValueError(f"bundle {b.meta.name} ({b.meta.ssl_method}) has other classes or preprocessing than {first.name}")
+    rows, images = _load_split(first, data_dir, split)
+    tags = rows["region"].astype(str).tolist()
+    classes = list(first.classes)
+    member_responses, members = [], {}
+    for directory, bundle in zip(bundle_dirs, bundles):
+        responses, _ = predict_arrays(bundle, list(images), tags)
+        member_responses.append(responses)
+        key = f"{bundle.meta.ssl_method}:{Path(directory).name}"
+        members[key] = evaluate_predictions(rows, responses, classes, truth, bundle.meta.temperature, truth_angles)
+    responses = ensemble_responses(member_responses, [b.meta for b in bundles])
+    metrics = {
+        "split": split,
+        "model": "ensemble(" + ", ".join(members) + ")",
+        "weights_sha256": ",".join(b.meta.weights_sha256 for b in bundles),
+    }
+    metrics.update(evaluate_predictions(rows, responses, classes, truth, None, truth_angles))
+    metrics["members"] = members
+    metrics_path, pngs, html_path = _write_outputs(metrics, classes, split, Path(out_dir), metrics["model"], [])
     return EvaluationResult(
         split=split,
         metrics=metrics,

@@ -11,6 +11,34 @@ def linear_head(embedding_dim: int, n_classes: int) -> nn.Linear:
     return nn.Linear(embedding_dim, n_classes)
 
 
+def orientation_head(embedding_dim: int) -> nn.Linear:
+    # paper 004, "off-the-shelf": a linear layer with 2 outputs, (cos theta, sin theta).
+    return nn.Linear(embedding_dim, 2)
+
+
+def angle_to_vector(angle_deg: torch.Tensor) -> torch.Tensor:
+    """Angles in degrees (n,) -> their points on the unit circle (n, 2) = (cos, sin)."""
+    radians = torch.deg2rad(angle_deg.float())
+    return torch.stack([torch.cos(radians), torch.sin(radians)], dim=-1)
+
+
+def vector_to_angle(vector: torch.Tensor) -> torch.Tensor:
+    """(n, 2) (cos, sin) estimates -> angles in degrees in [0, 360). The norm does not matter."""
+    return torch.rad2deg(torch.atan2(vector[..., 1], vector[..., 0])) % 360.0
+
+
+def orientation_loss(predicted: torch.Tensor, angle_deg: torch.Tensor) -> torch.Tensor:
+    """Paper 004, eq. for E: mean over images of ||z(theta) - prediction||^2 with
+    z(theta) = (cos theta, sin theta). Plain MSE on the angle is wrong at the 0/360 wrap."""
+    return (predicted.float() - angle_to_vector(angle_deg)).pow(2).sum(-1).mean()
+
+
+def angular_error(predicted_deg, true_deg):
+    """Absolute angle difference in degrees on the circle, in [0, 180] (tensors or arrays)."""
+    diff = (predicted_deg - true_deg) % 360.0
+    return 180.0 - abs(180.0 - diff)
+
+
 def fold_standardization(head: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
     """The single linear layer computing head((x - mean) / std) on raw embeddings x.
 
@@ -37,22 +65,49 @@ class RegionClassifier(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, embedding_dim: int, n_classes: int, rotation_average: bool = False
+        self,
+        backbone: nn.Module,
+        embedding_dim: int,
+        n_classes: int,
+        rotation_average: bool = False,
+        orientation: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = linear_head(embedding_dim, n_classes)
         self.rotation_average = rotation_average
+        # paper 004: a 2-unit linear regression of (cos, sin) of the orientation angle.
+        self.orientation_head = orientation_head(embedding_dim) if orientation else None
+
+    def turned_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """(4, batch, D): the backbone's embeddings of x turned by 0, 90, 180, 270 degrees
+        (torch.rot90, counter-clockwise on screen)."""
+        turned = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
+        return self.backbone(turned).view(4, x.shape[0], -1)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         if not self.rotation_average:
             return self.backbone(x)
-        turned = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
-        return self.backbone(turned).view(4, x.shape[0], -1).mean(0)
+        return self.turned_embeddings(x).mean(0)
+
+    def embed_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(region embedding, upright embedding): the orientation head needs the plain,
+        orientation-dependent features, which rotation averaging throws away."""
+        if not self.rotation_average:
+            embedding = self.backbone(x)
+            return embedding, embedding
+        turned = self.turned_embeddings(x)
+        return turned.mean(0), turned[0]
 
     def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding = self.embed(x)
         return self.head(embedding), embedding
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(logits, region embedding, orientation (cos, sin) or None), one backbone pass."""
+        embedding, upright = self.embed_both(x)
+        orientation = self.orientation_head(upright) if self.orientation_head is not None else None
+        return self.head(embedding), embedding, orientation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))

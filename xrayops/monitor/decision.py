@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 
 from xrayops.config import Settings, get_settings
 from xrayops.monitor.drift import DriftResult
-from xrayops.regions import REGIONS
+from xrayops.monitor.label_noise import label_noise_report
 
 
 class RetrainDecision(BaseModel):
@@ -29,12 +29,7 @@ def label_noise_rate(log_df: pd.DataFrame, min_confidence: float) -> float | Non
     """
     if log_df.empty:
         return None
-    known = log_df["dicom_region"].isin(REGIONS)
-    confident = log_df["confidence"] >= min_confidence
-    judged = log_df[known & confident]
-    if judged.empty:
-        return None
-    return float((judged["region"] != judged["dicom_region"]).mean())
+    return label_noise_report(log_df, min_confidence, groupings=()).rate
 
 
 def ood_rate(log_df: pd.DataFrame, ood_threshold: float) -> float | None:

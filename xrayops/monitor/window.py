@@ -12,6 +12,7 @@ from xrayops.contracts import ModelBundleMeta
 from xrayops.inference_log import read_log
 from xrayops.monitor.decision import RetrainDecision, decide_retrain, label_noise_rate, ood_rate
 from xrayops.monitor.drift import DriftResult, drift_report, is_inference_log
+from xrayops.monitor.workspace import WindowSnapshot, log_window, window_signals
 
 RESULT_NAME = "monitor.json"
 # Without the served bundle at hand, judge tags against the bundle default for "confident".
@@ -24,6 +25,7 @@ class MonitorResult(BaseModel):
     ood_rate: float | None = None
     decision: RetrainDecision
     result_path: Path
+    snapshot: WindowSnapshot | None = None  # the window's Evidently workspace snapshot, when one was logged
 
 
 def read_window(path: str | Path) -> pd.DataFrame:
@@ -42,11 +44,17 @@ def monitor_window(
     out_dir: str | Path,
     settings: Settings | None = None,
     bundle_meta: ModelBundleMeta | None = None,
+    workspace: str | Path | None = None,
+    embedding_reference: str | Path | None = None,
 ) -> MonitorResult:
     """Drift of `current` against the `reference` manifest, plus the label-noise and OOD
     rates when `current` is an inference log, and the retrain decision; also written to
     `out_dir/monitor.json`. `bundle_meta` (the served bundle) supplies the confidence and
-    OOD thresholds; without it the OOD rate is not measured."""
+    OOD thresholds; without it the OOD rate is not measured.
+
+    With `workspace`, the window is also added as a snapshot to that Evidently workspace (the
+    quality officers' dashboard, `xrayops dashboard`); `embedding_reference` (an inference log)
+    is the baseline for embedding drift, else the first window logged for the model version."""
     settings = settings or get_settings()
     ref_df, cur_df = read_window(reference), read_window(current)
     drift = drift_report(ref_df, cur_df, out_dir)
@@ -57,9 +65,15 @@ def monitor_window(
         if bundle_meta is not None and bundle_meta.ood_threshold is not None:
             ood = ood_rate(cur_df, bundle_meta.ood_threshold)
     decision = decide_retrain(drift, label_noise_rate=noise, ood_rate=ood, settings=settings)
+    snapshot = None
+    if workspace is not None:
+        signals = window_signals(cur_df, drift.drift_share, drift.drifted_columns, noise, ood)
+        baseline = read_window(embedding_reference) if embedding_reference is not None else None
+        snapshot = log_window(workspace, ref_df, cur_df, signals, baseline, seed=settings.seed)
     result_path = Path(out_dir) / RESULT_NAME
     result = MonitorResult(
-        drift=drift, label_noise_rate=noise, ood_rate=ood, decision=decision, result_path=result_path
+        drift=drift, label_noise_rate=noise, ood_rate=ood, decision=decision, result_path=result_path,
+        snapshot=snapshot,
     )
     result_path.write_text(result.model_dump_json(indent=2))
     return result

@@ -1,4 +1,12 @@
-"""Self-supervised pretraining of the backbone (paper 000: SimCLR on all images, no labels)."""
+"""Pretraining of the backbone, paper 000: SimCLR or BYOL on every image (no labels), or SupCon
+with the PACS region tags as classes.
+
+Runs on one CPU or GPU, or under torchrun with DDP (one process per GPU; gloo on CPU): each
+epoch's global batches are a function of (seed, epoch) and every rank takes its strided share,
+so the trajectory does not depend on the number of ranks' data order. bf16 autocast and
+channels_last on CUDA. Checkpoints every N steps (and at each epoch's end) resume to the same
+result after a kill, momentum encoder included.
+"""
 from __future__ import annotations
 
 import os
@@ -8,20 +16,24 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
+from torch import distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from xrayops.data.augment import PRETRAIN_AUG, TwoViews, make_pretrain_transform
 from xrayops.data.dataset import ImageDataset
 from xrayops.logs import get_logger
 from xrayops.models.backbone import build_backbone, save_backbone
-from xrayops.models.ssl import build_ssl_model
+from xrayops.models.ssl import SSLModel, build_ssl_model
 from xrayops.progress import track
 from xrayops.train.runtime import (
+    Distributed,
     configure_threads,
-    resolve_device,
+    init_distributed,
     rng_state,
     seed_everything,
     set_rng_state,
+    shard_batch,
     step_generator,
 )
 
@@ -29,19 +41,21 @@ log = get_logger(__name__)
 
 # Fields that shape the training trajectory: a checkpoint only resumes under the same values.
 TRAJECTORY_FIELDS = (
-    "arch", "method", "epochs", "batch_size", "lr", "weight_decay", "temperature",
+    "arch", "method", "epochs", "batch_size", "lr", "weight_decay", "temperature", "tau_base",
     "proj_hidden_dim", "proj_out_dim", "seed", "full_rotation",
 )
 
 
 class PretrainConfig(BaseModel):
-    arch: str = "resnet18"
-    method: Literal["simclr"] = "simclr"
+    arch: str = "resnet18"  # or resnet50 (paper 000: no better)
+    method: Literal["simclr", "byol", "supcon"] = "simclr"
     epochs: int = Field(100, ge=1)  # paper 000 ran 1000 epochs on 31k images
-    batch_size: int = Field(256, ge=2)  # paper 000: 1024 for SimCLR
+    batch_size: int = Field(256, ge=2)  # global batch; paper 000: 1024 for SimCLR, 896 for BYOL
     lr: float = 3e-4  # paper 000: Adam, lr 3e-4, cosine schedule
     weight_decay: float = 1e-4  # paper 000
-    temperature: float = 0.5  # paper 000: NT-Xent tau = 0.5
+    # paper 000: NT-Xent tau = 0.5. SupCon uses it too (Khosla et al. 2020 used 0.1).
+    temperature: float = Field(0.5, gt=0)
+    tau_base: float = Field(0.9995, gt=0, lt=1)  # paper 000: BYOL's base target momentum
     proj_hidden_dim: int = 512  # paper 000 gives "2-layer MLP" only; 512 = the embedding size
     proj_out_dim: int = 128  # SimCLR's default
     seed: int = 0
@@ -53,6 +67,9 @@ class PretrainConfig(BaseModel):
     # synthetic (and real unsorted PACS) images come at any angle, so by default the views
     # are rotated over the full circle and the embedding learns to ignore orientation.
     full_rotation: bool = True
+    amp: bool = True  # bf16 autocast on CUDA where the GPU supports bf16
+    cpu_bf16: bool = False  # bf16 autocast on CPU too (slower than fp32 on most CPUs)
+    sync_batchnorm: bool = True  # under DDP on CUDA: batch norm over the global batch
 
 
 class PretrainResult(BaseModel):
@@ -64,6 +81,8 @@ class PretrainResult(BaseModel):
     images: int
     resumed_from_step: int = 0
     seconds: float
+    method: str = "simclr"
+    world_size: int = 1
 
 
 class PretrainError(RuntimeError):
@@ -83,8 +102,9 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
 
 def _check_resumable(saved: dict, cfg: PretrainConfig, n_images: int, path: Path) -> None:
     current = cfg.model_dump()
-    before = saved["config"]
-    changed = [f"{k}: {before.get(k)!r} -> {current[k]!r}" for k in TRAJECTORY_FIELDS if before.get(k) != current[k]]
+    # A field absent from an older checkpoint had its default value then.
+    before = {k: saved["config"].get(k, PretrainConfig.model_fields[k].default) for k in TRAJECTORY_FIELDS}
+    changed = [f"{k}: {before[k]!r} -> {current[k]!r}" for k in TRAJECTORY_FIELDS if before[k] != current[k]]
     if saved["images"] != n_images:
         changed.append(f"images: {saved['images']} -> {n_images}")
     if changed:
@@ -99,20 +119,67 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint
 
 
+class LossModule(torch.nn.Module):
+    """`forward` = the SSL model's loss, so DistributedDataParallel sees the call and
+    all-reduces the gradients."""
+
+    def __init__(self, model: SSLModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.loss(view_a, view_b, labels)
+
+
+def autocast_dtype(device: torch.device, cfg: PretrainConfig) -> torch.dtype | None:
+    """bf16 where it pays: CUDA with bf16 support (cfg.amp), CPU only when asked (cfg.cpu_bf16)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if cfg.amp and torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cfg.cpu_bf16 else None
+
+
 def train_step(
-    model: torch.nn.Module, optimizer, scheduler, view_a: torch.Tensor, view_b: torch.Tensor, cuda: bool
+    loss_module: torch.nn.Module,
+    optimizer,
+    scheduler,
+    view_a: torch.Tensor,
+    view_b: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """One optimisation step on a batch of view pairs; bf16 autocast and channels_last on CUDA."""
-    if cuda:
+    """One optimisation step on a batch of view pairs, under autocast when amp_dtype is set.
+
+    On CUDA the views go channels_last (the model is converted to match).
+    """
+    if view_a.is_cuda:
         view_a = view_a.contiguous(memory_format=torch.channels_last)
         view_b = view_b.contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
-        loss = model.loss(view_a, view_b)
+    with torch.autocast(view_a.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        loss = loss_module(view_a, view_b, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     scheduler.step()
     return loss.detach()
+
+
+def build_training(cfg: PretrainConfig, device: torch.device, place: Distributed, total_steps: int):
+    """(ssl model, loss module (DDP-wrapped when distributed), optimizer, scheduler)."""
+    backbone, embedding_dim = build_backbone(cfg.arch)
+    model = build_ssl_model(
+        cfg.method, backbone, embedding_dim, cfg.proj_hidden_dim, cfg.proj_out_dim, cfg.temperature, cfg.tau_base
+    )
+    cuda = device.type == "cuda"
+    if place.enabled and cuda and cfg.sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=torch.channels_last) if cuda else model.to(device)
+    loss_module: torch.nn.Module = LossModule(model)
+    if place.enabled:
+        loss_module = DistributedDataParallel(loss_module, device_ids=[device.index] if cuda else None)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # not BYOL's momentum encoder
+    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return model, loss_module, optimizer, scheduler
 
 
 def pretrain(
@@ -121,32 +188,31 @@ def pretrain(
     """Pretrain a backbone on every ok image of `data_dir`; write out_dir/backbone.pt.
 
     Resumes from out_dir/checkpoint.pt when one exists (same config), reproducing the
-    uninterrupted run: batches and augmentations are functions of (seed, epoch, step).
+    uninterrupted run: batches and augmentations are functions of (seed, epoch, step, rank).
+    Under torchrun every rank calls this; rank 0 writes the files.
     """
     cfg = cfg or PretrainConfig()
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "checkpoint.pt"
-    device = resolve_device(cfg.device)
+    place, device = init_distributed(cfg.device)
     configure_threads(cfg.num_workers)
     seed_everything(cfg.seed)
 
-    dataset = ImageDataset(data_dir, split=None)  # every ok image: labels are not used
+    dataset = ImageDataset(data_dir, split=None)  # every ok image: SupCon uses the labels, the others do not
     n = len(dataset)
     if n < 2:
         raise PretrainError(f"pretraining needs at least 2 images, {data_dir} has {n}")
+    if cfg.method == "supcon" and not (dataset.labels >= 0).any():
+        raise PretrainError(f"SupCon needs region labels, but no ok image of {data_dir} has a known region")
+    if min(cfg.batch_size, n) < 2 * place.world_size:
+        raise PretrainError(f"batch size {min(cfg.batch_size, n)} is too small for {place.world_size} processes")
     steps_per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0))
     total_steps = cfg.epochs * steps_per_epoch
-
-    backbone, embedding_dim = build_backbone(cfg.arch)
-    model = build_ssl_model(
-        cfg.method, backbone, embedding_dim, cfg.proj_hidden_dim, cfg.proj_out_dim, cfg.temperature
-    )
+    model, loss_module, optimizer, scheduler = build_training(cfg, device, place, total_steps)
     cuda = device.type == "cuda"
-    model = model.to(device, memory_format=torch.channels_last) if cuda else model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    amp_dtype = autocast_dtype(device, cfg)
 
     step, losses, epoch_sum = 0, [], 0.0  # epoch_sum: loss summed over this epoch's steps so far
     if checkpoint_path.exists():
@@ -155,7 +221,7 @@ def pretrain(
         except Exception as exc:  # torch raises many types for a damaged file
             raise PretrainError(f"cannot read {checkpoint_path} ({exc}); delete it to start over") from exc
         _check_resumable(saved, cfg, n, checkpoint_path)
-        model.load_state_dict(saved["model"])
+        model.load_state_dict(saved["model"])  # BYOL: the momentum encoder is in here too
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         step, losses = saved["step"], list(saved["losses"])
@@ -165,46 +231,64 @@ def pretrain(
     resumed_from = step
 
     def checkpoint() -> None:
-        _save_checkpoint(checkpoint_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "step": step, "epoch": step // steps_per_epoch, "losses": losses, "epoch_loss_sum": epoch_sum,
-            "rng": rng_state(), "config": cfg.model_dump(), "images": n,
-        })
+        if place.is_main:
+            _save_checkpoint(checkpoint_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "step": step, "epoch": step // steps_per_epoch, "losses": losses, "epoch_loss_sum": epoch_sum,
+                "rng": rng_state(), "config": cfg.model_dump(), "images": n,
+            })
+
+    def flush(running: torch.Tensor) -> float:
+        """The loss summed since the last flush, averaged over ranks; resets `running`."""
+        if place.enabled:
+            dist.all_reduce(running)
+            running /= place.world_size
+        value = float(running)
+        running.zero_()
+        return value
 
     params = PRETRAIN_AUG.model_copy(update={"full_rotation": cfg.full_rotation})
     views = TwoViews(make_pretrain_transform(dataset.size, params))
     stop_at = min(total_steps, cfg.max_steps or total_steps)
     epochs = range(step // steps_per_epoch, cfg.epochs)
     model.train()
-    for epoch in track(epochs, "pretrain epochs", len(epochs)) if progress else epochs:
+    show = progress and place.is_main
+    for epoch in track(epochs, "pretrain epochs", len(epochs)) if show else epochs:
         if step >= stop_at:
             break
         batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch)[step % steps_per_epoch :]
+        if place.enabled:  # every rank its strided share of the same global batch
+            batches = [shard_batch(b, place.rank, place.world_size) for b in batches]
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=cuda)
         running = torch.zeros((), device=device)
-        for images, _ in loader:
+        for images, labels in loader:
             images = images.to(device, non_blocking=True)
-            view_a, view_b = views(images, step_generator(device, cfg.seed, step))
-            running += train_step(model, optimizer, scheduler, view_a, view_b, cuda)
+            labels = labels.to(device, non_blocking=True) if model.needs_labels else None
+            view_a, view_b = views(images, step_generator(device, cfg.seed, step, place.rank))
+            running += train_step(loss_module, optimizer, scheduler, view_a, view_b, labels, amp_dtype)
             step += 1
+            model.after_step(step, total_steps)  # BYOL: momentum update of the target network
             if step % steps_per_epoch == 0:  # epoch complete
-                epoch_sum += float(running)
-                running.zero_()
+                epoch_sum += flush(running)
                 mean = epoch_sum / steps_per_epoch
                 if not torch.isfinite(torch.tensor(mean)):
                     raise PretrainError(f"loss is {mean} in epoch {epoch}: training diverged (try a lower lr)")
                 losses.append(mean)
                 epoch_sum = 0.0
-                log.info("pretrain.epoch", epoch=epoch, loss=round(mean, 4), step=step)
+                if place.is_main:
+                    log.info("pretrain.epoch", epoch=epoch, loss=round(mean, 4), step=step)
                 checkpoint()
             elif step % cfg.checkpoint_every_steps == 0 or step >= stop_at:
-                epoch_sum += float(running)
-                running.zero_()
+                epoch_sum += flush(running)
                 checkpoint()
             if step >= stop_at:
                 break
 
-    backbone_path = save_backbone(out_dir / "backbone.pt", model.backbone, cfg.arch, cfg.method)
+    backbone_path = out_dir / "backbone.pt"
+    if place.is_main:
+        save_backbone(backbone_path, model.backbone, cfg.arch, cfg.method)
+    if place.enabled:
+        dist.barrier()  # the files exist before any rank returns
     return PretrainResult(
         backbone_path=backbone_path,
         checkpoint_path=checkpoint_path,
@@ -214,4 +298,6 @@ def pretrain(
         images=n,
         resumed_from_step=resumed_from,
         seconds=time.perf_counter() - started,
+        method=cfg.method,
+        world_size=place.world_size,
     )

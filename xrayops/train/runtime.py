@@ -4,8 +4,11 @@ from __future__ import annotations
 import os
 import random
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from torch import distributed as dist
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -65,12 +68,60 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def step_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
-    """A generator whose stream depends only on (seed, step).
+def step_generator(device: torch.device, seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """A generator whose stream depends only on (seed, step, rank).
 
     Augmentations draw from it, so a run resumed at step k sees exactly the views an
-    uninterrupted run would have seen.
+    uninterrupted run would have seen. Each DDP rank augments its own shard with its own stream.
     """
     generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step) % 2**63)
+    generator.manual_seed((seed * 1_000_003 + step + rank * 1_000_000_007) % 2**63)
     return generator
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process sits in a torchrun job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str = "auto") -> tuple[Distributed, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, else gloo).
+
+    Returns this process's place and its device (cuda:LOCAL_RANK under CUDA). Without torchrun
+    it is a no-op returning rank 0 of 1 and `resolve_device(device_name)`.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world_size <= 1:
+        return Distributed(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return Distributed(rank, world_size, local_rank), device
+
+
+def shard_batch(batch: list[int], rank: int, world_size: int) -> list[int]:
+    """This rank's equal share of a global batch (strided, like DistributedSampler).
+
+    The global batch is trimmed to a multiple of world_size so every rank steps with the same
+    number of images; the union over ranks is the (trimmed) global batch.
+    """
+    usable = len(batch) - len(batch) % world_size
+    if usable == 0:
+        raise ValueError(f"a batch of {len(batch)} images cannot be split over {world_size} processes")
+    return batch[:usable][rank::world_size]

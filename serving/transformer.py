@@ -1,0 +1,194 @@
+"""The DICOM transformer: DICOM files in, model-ready pixels out.
+
+`decode_dicoms` is the one DICOM step of serving. It parses with `xrayops.dicom.decode.read_dicom`,
+checks the header against the serving limits (size, frames) BEFORE any pixel is decoded, and
+turns pixels into the model input with `xrayops.dicom.pixels.preprocess`, the function
+ingestion used (DESIGN.md, contract 2). Identifiers leave it pseudonymised (`safe_metadata`).
+
+Locally `serving.model.XrayModel` calls it in-process. On a cluster `DicomTransformer` runs it
+in the transformer pod and forwards `pixels` (+ `dicom_region`, `image_meta`) to the predictor
+pod over the Open Inference Protocol (kserve's `predictor_host` client); the predictor never
+sees a DICOM file, so PHI stays in the transformer.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from kserve import InferInput, InferRequest, InferResponse, Model
+from kserve.errors import InvalidInput
+from pydicom.dataset import Dataset
+
+from serving.errors import PayloadTooLarge, UnsupportedMedia
+from serving.schema import (
+    INPUT_DICOM_REGION,
+    INPUT_IMAGE_META,
+    INPUT_PIXELS,
+    ImageBatch,
+    decode_v1,
+    decode_v2,
+    encode_v1,
+    parse_infer_response,
+)
+from xrayops.bundle_meta import verify_bundle
+from xrayops.contracts import PreprocessingSpec
+from xrayops.dicom.decode import DicomError, read_dicom
+from xrayops.dicom.deid import safe_metadata
+from xrayops.dicom.labels import region_from_dataset
+from xrayops.dicom.pixels import preprocess
+from xrayops.logs import get_logger
+
+log = get_logger(__name__)
+
+# The log fields a DICOM header contributes (InferenceLogRecord); all pseudonymised or non-identifying.
+LOG_FIELDS = ("image_id", "manufacturer", "photometric_interpretation", "pixel_spacing")
+# Reasons from xrayops.dicom.decode that mean "valid DICOM in an encoding we cannot read".
+UNSUPPORTED_REASONS = ("unsupported_transfer_syntax", "unsupported_photometric")
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Serving limits on one image, checked on the header before decoding."""
+
+    max_image_pixels: int = 40_000_000  # 40 Mpx: above a 4664x3064 mammogram (14 Mpx)
+    max_frames: int = 1  # a radiograph is one frame; cine loops (XA/RF) are not this model's input
+
+
+@dataclass
+class DecodedImage:
+    pixels: np.ndarray  # (size, size) as PreprocessingSpec.output_dtype says
+    dicom_region: str
+    meta: dict
+
+
+def check_header(ds: Dataset, limits: DecodeLimits, where: str) -> None:
+    """Reject by header what serving will not decode: huge frames and multi-frame cines."""
+    try:
+        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{where}: Rows, Columns or NumberOfFrames is not a number") from exc
+    if rows * cols > limits.max_image_pixels:
+        raise PayloadTooLarge(
+            f"{where}: {rows}x{cols} image has {rows * cols} pixels, over the limit of {limits.max_image_pixels}; "
+            "rejected from its header before decoding"
+        )
+    if frames > limits.max_frames:
+        raise InvalidInput(
+            f"{where}: {frames}-frame DICOM (cine/multi-frame); this service classifies single-frame radiographs "
+            f"(at most {limits.max_frames} frame{'s' if limits.max_frames > 1 else ''})"
+        )
+
+
+def decode_dicom(blob: bytes, spec: PreprocessingSpec, limits: DecodeLimits, key: str, where: str) -> DecodedImage:
+    """One DICOM file to model pixels, its tag region and its pseudonymised log fields."""
+    if not blob:
+        raise InvalidInput(f"{where}: empty file")
+    try:
+        ds = read_dicom(blob)
+    except DicomError as exc:
+        raise dicom_error(exc, where) from exc
+    check_header(ds, limits, where)
+    try:
+        pixels = preprocess(ds, spec)
+    except DicomError as exc:
+        raise dicom_error(exc, where) from exc
+    meta = safe_metadata(ds, key)
+    return DecodedImage(pixels, region_from_dataset(ds)[1], {k: meta.get(k) for k in LOG_FIELDS})
+
+
+def dicom_error(exc: DicomError, where: str) -> InvalidInput:
+    detail = f": {exc.detail}" if exc.detail else ""
+    message = f"{where} is not usable DICOM ({exc.reason}{detail})"
+    if exc.reason == "too_large":
+        return PayloadTooLarge(message)
+    if exc.reason in UNSUPPORTED_REASONS:
+        return UnsupportedMedia(message)
+    return InvalidInput(message)
+
+
+def decode_dicoms(
+    blobs: list[bytes], spec: PreprocessingSpec, limits: DecodeLimits, key: str, input_name: str
+) -> list[DecodedImage]:
+    """Every file of a request; the first unusable one rejects the request, naming it."""
+    return [decode_dicom(b, spec, limits, key, f"input '{input_name}' element {i}") for i, b in enumerate(blobs)]
+
+
+class RequestDecoder:
+    """Requests (v1 dict or v2 InferRequest) to an `ImageBatch`, for one preprocessing spec."""
+
+    def __init__(self, spec: PreprocessingSpec, limits: DecodeLimits, key: str) -> None:
+        self.spec, self.limits, self.key = spec, limits, key
+
+    def dicoms(self, blobs: list[bytes], input_name: str) -> list[DecodedImage]:
+        return decode_dicoms(blobs, self.spec, self.limits, self.key, input_name)
+
+    def __call__(self, payload, headers: dict[str, str] | None) -> ImageBatch:
+        headers = headers or {}
+        if isinstance(payload, InferRequest):
+            request_id = payload.id or headers.get("x-request-id") or uuid.uuid4().hex
+            return decode_v2(payload, self.spec.size, request_id, self.dicoms)
+        return decode_v1(payload, headers.get("x-request-id") or uuid.uuid4().hex, self.dicoms)
+
+
+def pixels_request(model_name: str, batch: ImageBatch) -> InferRequest:
+    """The transformer's request to the predictor: preprocessed pixels plus the header fields
+    the predictor needs for label_disagreement and the inference log (no PHI)."""
+    pixels = np.stack([np.asarray(p, dtype=np.float32) / _scale(p) for p in batch.pixels])
+    inputs = [InferInput(name=INPUT_PIXELS, shape=list(pixels.shape), datatype="FP32")]
+    inputs[0].set_data_from_numpy(pixels, binary_data=False)
+    for name, values in (
+        (INPUT_DICOM_REGION, batch.dicom_regions),
+        (INPUT_IMAGE_META, [json.dumps(m) for m in batch.image_meta]),
+    ):
+        tensor = InferInput(name=name, shape=[len(values)], datatype="BYTES")
+        tensor.set_data_from_numpy(np.array(values, dtype=np.object_), binary_data=False)
+        inputs.append(tensor)
+    return InferRequest(
+        model_name=model_name, infer_inputs=inputs, request_id=batch.request_id,
+        parameters={"gradcam": batch.gradcam},
+    )
+
+
+def _scale(array: np.ndarray) -> float:
+    kind = np.asarray(array).dtype
+    return float(np.iinfo(kind).max) if kind.kind == "u" else 1.0
+
+
+class DicomTransformer(Model):
+    """kserve transformer: decodes DICOM (v1 or v2) and asks the predictor with pixels (v2)."""
+
+    def __init__(self, name: str, bundle_dir: str | Path, limits: DecodeLimits, key: str) -> None:
+        super().__init__(name)
+        self.bundle_dir = Path(bundle_dir)
+        self.limits, self.key = limits, key
+        self.decoder: RequestDecoder | None = None
+        self.load_error = ""
+
+    def load(self) -> bool:
+        """Only the bundle's preprocessing spec is needed; the weights' hash is still checked so
+        transformer and predictor cannot run different bundles unnoticed."""
+        try:
+            meta = verify_bundle(self.bundle_dir)
+        except Exception as exc:  # BundleError and unreadable storage alike: not ready, with the reason
+            self.ready, self.load_error = False, str(exc)
+            return False
+        self.decoder = RequestDecoder(meta.preprocessing, self.limits, self.key)
+        self.ready = True
+        return True
+
+    async def preprocess(self, payload, headers: dict[str, str] | None = None) -> ImageBatch:
+        return await asyncio.get_running_loop().run_in_executor(None, self.decoder, payload, headers)
+
+    def validate(self, payload):
+        return payload
+
+    async def predict(self, payload: ImageBatch, headers: dict[str, str] | None = None, response_headers=None):
+        response: InferResponse = await super().predict(pixels_request(self.name, payload), headers)
+        if payload.protocol == "v1":
+            return encode_v1(parse_infer_response(response))
+        return response

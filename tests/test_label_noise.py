@@ -1,0 +1,163 @@
+"""Label noise: the online rate from the inference log, the cleanlab audit with out-of-fold
+probabilities, the review worklist and reviewer decisions as label events."""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from xrayops.monitor.label_audit import (
+    AuditConfig,
+    audit_frame,
+    audit_labels,
+    compact_labels,
+    flagged_vs_truth,
+    out_of_fold_probabilities,
+)
+from xrayops.monitor.label_noise import label_noise_report, label_noise_table
+from xrayops.monitor.review import decisions_to_events, events_frame, read_decisions
+from xrayops.monitor.worklist import rank_for_review, thumbnail_png, write_worklist
+from xrayops.regions import REGIONS
+from tests.tiny_dataset import make_data_dir, random_backbone
+
+
+def _log() -> pd.DataFrame:
+    ts = pd.Timestamp("2025-03-01T10:00:00Z")
+    return pd.DataFrame({
+        "timestamp": [ts, ts, ts + pd.Timedelta("1h"), ts + pd.Timedelta("1h"), ts + pd.Timedelta("2h"), ts],
+        "site": ["north", "north", "south", "south", "south", "north"],
+        "manufacturer": ["A", "B", "A", None, "A", "B"],
+        "region": ["hand", "hand", "knee", "knee", "skull", "rib"],
+        "dicom_region": ["wrist", "hand", "knee", "unknown", "rib", "skull"],
+        "confidence": [0.95, 0.99, 0.97, 0.99, 0.5, 0.91],
+    })
+
+
+def test_online_rate_per_window_site_and_vendor():
+    log = _log()
+    # judged = confident and tagged: rows 0, 1, 2, 5; disagreeing: rows 0 and 5.
+    report = label_noise_report(log, 0.9, groupings=(("site",), ("manufacturer",), ("scanner",)))
+    assert (report.n_judged, report.n_disagreeing, report.rate) == (4, 2, 0.5)
+    assert report.missing_columns == ["scanner"]
+    by_site = {r["site"]: r for r in report.breakdowns[0].rows}
+    assert by_site["north"]["rate"] == pytest.approx(2 / 3) and by_site["north"]["n_judged"] == 3
+    assert by_site["south"]["rate"] == 0.0 and by_site["south"]["n_predictions"] == 3
+    by_vendor = {r["manufacturer"]: r for r in report.breakdowns[1].rows}
+    assert by_vendor["B"]["rate"] == 0.5 and by_vendor[""]["rate"] is None  # blank tag: own group, nothing judged
+
+    hourly = label_noise_table(log, 0.9, by=["site"], window="1h")
+    assert hourly["window_start"].dt.hour.tolist() == [10, 11, 12]
+    assert hourly["rate"].tolist()[:2] == [pytest.approx(2 / 3), 0.0] and pd.isna(hourly["rate"].iloc[2])
+    with pytest.raises(ValueError, match="no such column"):
+        label_noise_table(log, 0.9, by=["scanner"])
+    with pytest.raises(ValueError, match="lacks columns"):
+        label_noise_report(log.drop(columns=["confidence"]), 0.9)
+    empty = label_noise_report(log.iloc[:0], 0.9)
+    assert empty.rate is None and empty.n_predictions == 0
+
+
+def _clusters(n_per_class: int, classes: list[str], flip: float, rng: np.random.Generator):
+    """Well-separated Gaussian embeddings per true class, with a share of labels flipped."""
+    centres = rng.normal(0, 1, (len(classes), 16)) * 4
+    true = np.repeat(np.arange(len(classes)), n_per_class)
+    x = centres[true] + rng.normal(0, 1, (len(true), 16))
+    given = true.copy()
+    flipped = rng.choice(len(true), int(flip * len(true)), replace=False)
+    given[flipped] = (true[flipped] + 1 + rng.integers(0, len(classes) - 1, len(flipped))) % len(classes)
+    return x, true, given
+
+
+def test_out_of_fold_probabilities_never_see_their_own_label():
+    rng = np.random.default_rng(0)
+    classes = ["skull", "knee", "hand"]
+    x, true, given = _clusters(40, classes, 0.1, rng)
+    probs = out_of_fold_probabilities(x, given, 3, n_folds=5, seed=0)
+    assert probs.shape == (120, 3) and np.allclose(probs.sum(1), 1)
+    # The flipped images are predicted as their TRUE class: their own wrong label was held out.
+    wrong = given != true
+    assert (probs[wrong].argmax(1) == true[wrong]).mean() >= 0.9
+    with pytest.raises(ValueError, match="at least"):
+        out_of_fold_probabilities(x[:3], given[:3], 3)
+
+
+def test_audit_frame_finds_flipped_labels_with_cleanlab():
+    rng = np.random.default_rng(1)
+    classes = ["skull", "knee", "hand", "pelvis_hip"]
+    x, true, given = _clusters(60, classes, 0.05, rng)
+    rows = pd.DataFrame({"image_id": [f"i{k}" for k in range(len(given))], "region": [classes[g] for g in given],
+                         "source_name": [f"f{k}" for k in range(len(given))]})
+    table, scores, present = audit_frame(rows, x, AuditConfig(n_folds=4))
+    assert present == [r for r in REGIONS if r in classes]
+    truth = pd.DataFrame({"file": rows["source_name"], "true_region": [classes[t] for t in true],
+                          "mislabeled": true != given, "ood": False})
+    measured = flagged_vs_truth(table, truth)
+    assert measured["n_wrong"] == 12
+    assert measured["recall"] >= 0.9 and measured["precision"] >= 0.8
+    assert 0.85 <= scores.health <= 1.0
+    # Wrong labels score lower than right ones.
+    assert table.loc[true != given, "label_quality"].mean() < table.loc[true == given, "label_quality"].mean()
+    with pytest.raises(ValueError, match="not regions"):
+        compact_labels(["skull", "spleen"])
+
+
+def test_audit_labels_on_a_dataset_writes_issues_and_worklist(tmp_path):
+    data = make_data_dir(tmp_path / "data", n_per_class=20, size=32, mislabel_rate=0.1, seed=3)
+    backbone = random_backbone(tmp_path / "backbone.pt")
+    audit = audit_labels(data.data_dir, backbone, tmp_path / "audit",
+                         AuditConfig(n_folds=3, rotation_average=False, device="cpu"))
+    scores = pd.read_parquet(audit.scores_path)
+    labelled = data.manifest[(data.manifest["status"] == "ok") & data.manifest["split"].isin(["train", "val"])
+                             & (data.manifest["region"] != "unknown")]
+    assert audit.n_images == len(scores) == len(labelled)
+    assert 0.0 <= audit.label_health_score <= 1.0 and audit.classes == [r for r in REGIONS if r in labelled["region"].values]
+    issues = pd.read_csv(audit.issues_path)
+    assert len(issues) == audit.n_issues and issues["is_issue"].all()
+    assert issues["label_quality"].is_monotonic_increasing
+
+    worklist = write_worklist(scores[scores["is_issue"]], data.data_dir, tmp_path / "review", limit=5)
+    csv = pd.read_csv(worklist.csv_path, keep_default_na=False)
+    assert len(csv) == worklist.n_items == min(5, audit.n_issues)
+    assert {"decision", "corrected_region", "reviewer", "timestamp"} <= set(csv.columns)
+    page = worklist.html_path.read_text()
+    assert page.count("data:image/png;base64,") == worklist.n_items
+
+
+def test_worklist_ranking_and_thumbnail():
+    issues = pd.DataFrame({"image_id": ["a", "b", "c"], "label_quality": [0.3, 0.1, 0.1],
+                           "suggested_probability": [0.6, 0.7, 0.9]})
+    assert rank_for_review(issues)["image_id"].tolist() == ["c", "b", "a"]
+    assert rank_for_review(issues)["rank"].tolist() == [1, 2, 3]
+    png = Image.open(io.BytesIO(base64.b64decode(thumbnail_png(np.full((32, 32), 4000, np.uint16), size=48))))
+    assert png.size == (48, 48) and np.asarray(png).max() == 255
+
+
+def test_reviewer_decisions_become_label_events_and_bad_rows_are_rejected(tmp_path):
+    given = {"a": "hand", "b": "wrist", "c": "knee", "d": "skull"}
+    csv = tmp_path / "decisions.csv"
+    pd.DataFrame([
+        {"image_id": "a", "decision": "relabel", "corrected_region": "wrist", "reviewer": "dr.x", "timestamp": "2025-03-02T09:00:00"},
+        {"image_id": "b", "decision": "keep", "corrected_region": "", "reviewer": "dr.y", "timestamp": "2025-03-02T10:00:00+01:00"},
+        {"image_id": "c", "decision": "exclude", "corrected_region": "", "reviewer": "dr.x", "timestamp": "2025-03-02"},
+        {"image_id": "d", "decision": "", "corrected_region": "", "reviewer": "", "timestamp": ""},  # not reviewed yet
+        {"image_id": "zz", "decision": "keep", "corrected_region": "", "reviewer": "dr.x", "timestamp": "2025-03-02"},
+        {"image_id": "a", "decision": "relabel", "corrected_region": "spleen", "reviewer": "dr.x", "timestamp": "2025-03-02"},
+        {"image_id": "a", "decision": "maybe", "corrected_region": "", "reviewer": "dr.x", "timestamp": "2025-03-02"},
+        {"image_id": "b", "decision": "keep", "corrected_region": "", "reviewer": "dr.x", "timestamp": "yesterday"},
+        {"image_id": "b", "decision": "keep", "corrected_region": "", "reviewer": " ", "timestamp": "2025-03-02"},
+    ]).to_csv(csv, index=False)
+    imported = read_decisions(csv, given)
+    assert [(e.image_id, e.region, e.decision) for e in imported.events] == [
+        ("a", "wrist", "relabel"), ("b", "wrist", "keep"), ("c", "unknown", "exclude")]
+    assert imported.events[1].event_timestamp.isoformat() == "2025-03-02T09:00:00+00:00"  # converted to UTC
+    reasons = {r.line: r.reason for r in imported.rejected}
+    assert sorted(reasons) == [5, 6, 7, 8, 9]
+    assert "unknown image_id" in reasons[5] and "spleen" in reasons[6] and "maybe" in reasons[7]
+    assert "bad timestamp" in reasons[8] and "reviewer" in reasons[9]
+    frame = events_frame(imported.events)
+    assert str(frame["event_timestamp"].dt.tz) == "UTC" and frame["source"].eq("reviewer").all()
+    with pytest.raises(ValueError, match="lacks columns"):
+        decisions_to_events(pd.DataFrame({"image_id": ["a"]}), given)

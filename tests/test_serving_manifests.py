@@ -1,0 +1,174 @@
+"""The KServe manifests in infra/k8s/base/serving validate against the real CRD openAPIV3 schemas
+(kserve v0.20.0, /work/shared/k8s-schemas), strictly: unknown fields fail as kubectl would."""
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+
+SCHEMAS = Path("/work/shared/k8s-schemas")
+SERVING = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "base" / "serving"
+CRDS = {
+    "InferenceService": "serving.kserve.io_inferenceservices.yaml",
+    "InferenceGraph": "serving.kserve.io_inferencegraphs.yaml",
+    "ServingRuntime": "serving.kserve.io_servingruntimes.yaml",
+}
+IMAGE = "ghcr.io/xrayops/xrayops:0.1.0"
+pytestmark = pytest.mark.skipif(not SCHEMAS.is_dir(), reason=f"{SCHEMAS} (CRD schemas) is absent")
+
+
+def strict(schema):
+    """additionalProperties: false wherever an object lists its properties (README step 4)."""
+    if isinstance(schema, dict):
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        for value in schema.values():
+            strict(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            strict(value)
+    return schema
+
+
+@lru_cache(maxsize=None)
+def validator(kind: str, version: str) -> jsonschema.Draft4Validator:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load((SCHEMAS / CRDS[kind]).read_text(), Loader=loader)
+    assert crd["spec"]["group"] == "serving.kserve.io" and crd["spec"]["names"]["kind"] == kind
+    (entry,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return jsonschema.Draft4Validator(strict(copy.deepcopy(entry["schema"]["openAPIV3Schema"])))
+
+
+def errors(doc: dict) -> list[str]:
+    version = doc["apiVersion"].split("/")[1]
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator(doc["kind"], version).iter_errors(doc)]
+
+
+def documents(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((SERVING / name).read_text()) if d]
+
+
+def all_documents() -> list[tuple[str, dict]]:
+    return [(p.name, d) for p in sorted(SERVING.glob("*.yaml")) if p.name not in ("kustomization.yaml", "patch-gpu.yaml")
+            for d in documents(p.name)]
+
+
+def containers(doc: dict) -> list[dict]:
+    spec = doc["spec"]
+    found = list(spec.get("containers", []))
+    for component in ("predictor", "transformer"):
+        part = spec.get(component) or {}
+        found += part.get("containers", [])
+        if "model" in part:
+            found.append(part["model"])
+    return found
+
+
+def test_every_manifest_validates_against_its_crd():
+    docs = all_documents()
+    assert {d["kind"] for _, d in docs} == set(CRDS)
+    for name, doc in docs:
+        assert errors(doc) == [], f"{name} {doc['kind']}/{doc['metadata']['name']}"
+
+
+def test_the_strict_check_catches_a_typo():
+    (doc,) = documents("inferenceservice.yaml")
+    doc["spec"]["predictor"]["model"]["storageURI"] = doc["spec"]["predictor"]["model"].pop("storageUri")
+    assert any("storageURI" in e for e in errors(doc))
+
+
+def test_kustomization_lists_the_resources():
+    kustomization = yaml.safe_load((SERVING / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["servingruntime.yaml", "inferenceservice.yaml", "inferencegraph.yaml"]
+    assert all((SERVING / r).is_file() for r in kustomization["resources"])
+
+
+def test_inferenceservice_has_transformer_s3_storage_and_payload_logger():
+    (doc,) = documents("inferenceservice.yaml")
+    predictor, transformer = doc["spec"]["predictor"], doc["spec"]["transformer"]
+    assert predictor["model"]["storageUri"].startswith("s3://") and predictor["model"]["runtime"] == "xrayops"
+    assert predictor["logger"]["mode"] == "all" and predictor["logger"]["url"].startswith("http")
+    assert [a for a in predictor["model"]["args"] if a.startswith("--bundle=")] == [
+        "--bundle=/mnt/models/simclr", "--bundle=/mnt/models/byol", "--bundle=/mnt/models/supcon"]
+    (container,) = transformer["containers"]
+    assert container["image"] == IMAGE and container["args"][:2] == ["serve", "--role=transformer"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["STORAGE_URI"]["value"] == predictor["model"]["storageUri"]
+    assert "secretKeyRef" in env["XRAYOPS_DEID_KEY"]["valueFrom"]
+
+
+def test_canary_rolls_out_a_challenger():
+    (doc,) = documents("inferenceservice-canary.yaml")
+    (base,) = documents("inferenceservice.yaml")
+    assert doc["metadata"]["name"] == base["metadata"]["name"]
+    assert 0 < doc["spec"]["predictor"]["canaryTrafficPercent"] < 100
+    assert doc["spec"]["predictor"]["model"]["storageUri"] != base["spec"]["predictor"]["model"]["storageUri"]
+
+
+def merge(base, patch):
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {k: merge(base.get(k), v) if k in base else v for k, v in patch.items()} | {
+            k: v for k, v in base.items() if k not in patch}
+    return patch
+
+
+def test_gpu_patch_applies_to_a_valid_inferenceservice():
+    (base,) = documents("inferenceservice.yaml")
+    (patch,) = documents("patch-gpu.yaml")
+    patched = merge(base, patch)
+    assert errors(patched) == []
+    assert patched["spec"]["predictor"]["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert patched["spec"]["predictor"]["model"]["resources"]["limits"]["memory"] == "6Gi"  # kept
+
+
+def test_inferencegraph_averages_members_that_scale_apart():
+    docs = documents("inferencegraph.yaml")
+    (graph,) = [d for d in docs if d["kind"] == "InferenceGraph"]
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "InferenceService"}
+    nodes = graph["spec"]["nodes"]
+    assert nodes["members"]["routerType"] == "Ensemble"
+    members = [s["serviceName"] for s in nodes["members"]["steps"]]
+    assert len(members) == 3 and set(members) <= set(services)
+    combine = nodes["root"]["steps"][-1]
+    assert nodes["root"]["routerType"] == "Sequence" and combine["data"] == "$response"
+    assert "--role=combiner" in services[combine["serviceName"]]["spec"]["predictor"]["model"]["args"]
+
+
+def test_containers_are_non_root_with_requests_and_limits():
+    runtime = documents("servingruntime.yaml")[0]
+    runtime_container = runtime["spec"]["containers"][0]
+    for name, doc in all_documents():
+        for container in containers(doc):
+            where = f"{name} {doc['metadata']['name']} {container.get('name', 'model')}"
+            security = container.get("securityContext") or runtime_container["securityContext"]
+            assert security["runAsNonRoot"] is True and security["allowPrivilegeEscalation"] is False, where
+            resources = container["resources"]
+            assert set(resources["requests"]) >= {"cpu", "memory"} and set(resources["limits"]) >= {"cpu", "memory"}, where
+            if "image" in container:
+                assert container["image"] == IMAGE, where
+
+
+def test_container_args_are_ones_the_cli_accepts():
+    """Every `serve` argument in the manifests is an option of `xrayops serve` (typer parses them)."""
+    from typer.main import get_command
+
+    from xrayops.cli import app
+
+    serve = get_command(app).commands["serve"]
+    known = {opt for p in serve.params for opt in p.opts}
+    runtime_args = documents("servingruntime.yaml")[0]["spec"]["containers"][0]["args"]
+    arg_lists = [runtime_args]
+    for _, doc in all_documents():
+        arg_lists += [c.get("args", []) for c in containers(doc) if c is not None]
+    for args in arg_lists:
+        for arg in args:
+            if arg.startswith("--"):
+                assert arg.split("=", 1)[0] in known, arg
+    # the names the KServe controller appends to a transformer
+    assert {"--model_name", "--predictor_host", "--http_port"} <= known

@@ -1,0 +1,243 @@
+"""Render and apply the cluster deployment: `kubectl kustomize` of an overlay of infra/k8s plus
+the compiled KFP pipeline, with no hand-written YAML.
+
+The output is one stream of Kubernetes manifests. The compiled pipeline rides along inside the
+`xrayops-pipeline` ConfigMap (key `xrayops-training.yaml`), so `kubectl apply` accepts the whole
+stream and the cluster keeps the exact pipeline that goes with the deployed manifests; the
+ConfigMap's other keys (gpu, gpuNodePool, gpuCount, pipelineRoot, serviceAccount) are the
+overlay's choices that the pipeline is compiled with.
+
+The pipeline is compiled by the CLI in a subprocess because `components` binds its image when
+it is imported (XRAYOPS_IMAGE) and the core must not import the adapters (docs/architecture.md).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel
+
+from xrayops.logs import get_logger
+
+log = get_logger(__name__)
+
+PIPELINE_CONFIG_MAP = "xrayops-pipeline"
+PIPELINE_KEY = "xrayops-training.yaml"
+# The monitor CronJob always runs the xrayops CLI, so its image is the overlay's xrayops image.
+REFERENCE_WORKLOAD = ("CronJob", "xrayops-monitor")
+DRY_RUN_MODES = ("client", "server")
+# kubectl's words for "there is no cluster to talk to" (no kubeconfig, refused, DNS, timeout).
+_NO_CLUSTER_MARKERS = (
+    "connection refused",
+    "unable to connect",
+    "no configuration has been provided",
+    "dial tcp",
+    "no such host",
+    "i/o timeout",
+    "failed to download openapi",
+    "couldn't get current server api group list",
+)
+
+
+class DeployError(RuntimeError):
+    """A render or apply step failed; the message says which and what to do."""
+
+
+class PipelineTarget(BaseModel):
+    """How the pipeline is compiled for one overlay."""
+
+    image: str
+    gpu: bool = False
+    gpu_node_pool: str = "gpu"
+    gpu_count: int = 1
+    pipeline_root: str = ""
+    service_account: str = ""
+
+
+def list_overlays(k8s_dir: Path) -> list[str]:
+    root = Path(k8s_dir) / "overlays"
+    return sorted(p.name for p in root.iterdir() if (p / "kustomization.yaml").is_file()) if root.is_dir() else []
+
+
+def overlay_dir(k8s_dir: Path, overlay: str) -> Path:
+    path = Path(k8s_dir) / "overlays" / overlay
+    if not (path / "kustomization.yaml").is_file():
+        known = ", ".join(list_overlays(k8s_dir)) or "none"
+        raise DeployError(f"no overlay {overlay!r} under {Path(k8s_dir) / 'overlays'} (known: {known})")
+    return path
+
+
+def _kubectl(kubectl: str) -> str:
+    path = shutil.which(kubectl)
+    if path is None:
+        raise DeployError(f"{kubectl!r} not found on PATH: install kubectl >= 1.27 (it has kustomize built in)")
+    return path
+
+
+def kustomize(path: Path, kubectl: str = "kubectl") -> str:
+    """`kubectl kustomize PATH`: the overlay's manifests as YAML text."""
+    proc = subprocess.run([_kubectl(kubectl), "kustomize", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DeployError(f"kustomize of {path} failed: {_last_line(proc.stderr)}")
+    return proc.stdout
+
+
+def parse_manifests(text: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the embedded pipeline, feature_store.yaml) as readable `|` blocks."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str_representer)
+
+
+def dump_manifests(docs: list[dict]) -> str:
+    return "".join("---\n" + yaml.dump(doc, Dumper=_BlockDumper, sort_keys=False, width=120) for doc in docs)
+
+
+def find(docs: list[dict], kind: str, name: str) -> dict | None:
+    return next((d for d in docs if d.get("kind") == kind and d.get("metadata", {}).get("name") == name), None)
+
+
+def pod_spec(doc: dict) -> dict | None:
+    """The pod template's spec of a workload (Deployment, StatefulSet, Job, CronJob, Pod)."""
+    spec = doc.get("spec") or {}
+    if doc.get("kind") == "Pod":
+        return spec
+    if doc.get("kind") == "CronJob":
+        spec = (spec.get("jobTemplate") or {}).get("spec") or {}
+    template = spec.get("template")
+    return template.get("spec") if isinstance(template, dict) else None
+
+
+def containers(doc: dict) -> list[dict]:
+    spec = pod_spec(doc) or {}
+    return list(spec.get("initContainers") or []) + list(spec.get("containers") or [])
+
+
+def xrayops_image(docs: list[dict], default: str) -> str:
+    """The image the overlay gives the xrayops workloads (from the monitor CronJob), else `default`."""
+    ref = find(docs, *REFERENCE_WORKLOAD)
+    images = {c["image"] for c in containers(ref)} if ref else set()
+    if len(images) > 1:
+        raise DeployError(f"{REFERENCE_WORKLOAD[1]} runs several images {sorted(images)}; expected the one xrayops image")
+    return images.pop() if images else default
+
+
+def pipeline_target(docs: list[dict], default_image: str, image: str | None = None) -> PipelineTarget:
+    """The overlay's pipeline settings (xrayops-pipeline ConfigMap) and its image (or `image`)."""
+    data = (find(docs, "ConfigMap", PIPELINE_CONFIG_MAP) or {}).get("data") or {}
+    try:
+        gpu_count = int(data.get("gpuCount", 1))
+    except ValueError:
+        raise DeployError(f"{PIPELINE_CONFIG_MAP}: gpuCount must be an integer, got {data.get('gpuCount')!r}") from None
+    return PipelineTarget(
+        image=image or xrayops_image(docs, default_image),
+        gpu=str(data.get("gpu", "false")).strip().lower() in ("1", "true", "yes"),
+        gpu_node_pool=data.get("gpuNodePool") or "gpu",
+        gpu_count=gpu_count,
+        pipeline_root=data.get("pipelineRoot", ""),
+        service_account=data.get("serviceAccount", ""),
+    )
+
+
+def replace_image(docs: list[dict], old: str, new: str) -> list[dict]:
+    """Every `image: old` runs `new` instead (for `--image` overrides), wherever it sits: workloads,
+    KServe InferenceService transformers, ServingRuntime containers."""
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "image" and value == old:
+                    node[key] = new
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(docs)
+    return docs
+
+
+def compile_args(target: PipelineTarget, out: Path) -> list[str]:
+    args = ["pipeline", "compile", "--out", str(out), "--cluster"]
+    if target.gpu:
+        args += ["--gpu", "--gpu-node-pool", target.gpu_node_pool, "--gpu-count", str(target.gpu_count)]
+    return args
+
+
+def compile_pipeline_yaml(target: PipelineTarget) -> str:
+    """The training pipeline compiled for `target` (image, GPU pool, cluster Secrets), as YAML."""
+    with tempfile.TemporaryDirectory(prefix="xrayops-deploy-") as tmp:
+        out = Path(tmp) / PIPELINE_KEY
+        cmd = [sys.executable, "-m", "xrayops.cli", *compile_args(target, out)]
+        env = {**os.environ, "XRAYOPS_IMAGE": target.image}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise DeployError(f"compiling the pipeline failed: {_last_line(proc.stderr)}")
+        return out.read_text()
+
+
+def with_pipeline(docs: list[dict], pipeline_yaml: str) -> list[dict]:
+    """Put the compiled pipeline into the xrayops-pipeline ConfigMap."""
+    config = find(docs, "ConfigMap", PIPELINE_CONFIG_MAP)
+    if config is None:
+        raise DeployError(f"the overlay has no ConfigMap {PIPELINE_CONFIG_MAP} (infra/k8s/base defines it)")
+    config.setdefault("data", {})[PIPELINE_KEY] = pipeline_yaml
+    return docs
+
+
+def render(k8s_dir: Path, overlay: str, default_image: str, image: str | None = None, kubectl: str = "kubectl") -> str:
+    """The full manifests of `overlay`: kustomize output with the compiled pipeline merged in."""
+    docs = parse_manifests(kustomize(overlay_dir(k8s_dir, overlay), kubectl))
+    overlay_image = xrayops_image(docs, default_image)
+    if image and image != overlay_image:
+        replace_image(docs, overlay_image, image)
+    target = pipeline_target(docs, default_image, image)
+    log.info("deploy.render", overlay=overlay, image=target.image, gpu=target.gpu, documents=len(docs))
+    return dump_manifests(with_pipeline(docs, compile_pipeline_yaml(target)))
+
+
+def apply_args(dry_run: str | None) -> list[str]:
+    if dry_run is not None and dry_run not in DRY_RUN_MODES:
+        raise DeployError(f"--dry-run must be one of {', '.join(DRY_RUN_MODES)}, got {dry_run!r}")
+    return ["apply", "-f", "-"] + ([f"--dry-run={dry_run}"] if dry_run else [])
+
+
+def apply(manifests: str, dry_run: str | None = None, kubectl: str = "kubectl") -> str:
+    """`kubectl apply` the rendered manifests; returns kubectl's report."""
+    cmd = [_kubectl(kubectl), *apply_args(dry_run)]
+    proc = subprocess.run(cmd, input=manifests, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DeployError(explain_kubectl_error(proc.stderr))
+    return proc.stdout
+
+
+def explain_kubectl_error(stderr: str) -> str:
+    detail = _last_line(stderr)
+    if any(marker in stderr.lower() for marker in _NO_CLUSTER_MARKERS):
+        return (
+            "no Kubernetes cluster reachable: check `kubectl config current-context` and KUBECONFIG "
+            f"(kubectl said: {detail})"
+        )
+    if "no matches for kind" in stderr.lower():
+        return f"the cluster lacks a CRD (install KServe / Kubeflow Pipelines first, docs/cluster.md): {detail}"
+    return f"kubectl apply failed: {detail}"
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"

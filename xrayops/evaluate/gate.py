@@ -1,0 +1,152 @@
+"""Champion/challenger gate: promote a retrained model only if it is not worse.
+
+Both models are scored on the SAME fixed, versioned test set (the test split of one DVC
+dataset version: its md5 is recorded with the decision, and a challenger scored on another
+set is refused). Per image, each model is right or wrong; the paired bootstrap resamples
+images, keeping each image's pair of outcomes together, and gives a confidence interval for
+accuracy(challenger) - accuracy(champion). The challenger is promoted when the interval's
+lower bound is above -margin ("not worse beyond the margin", a non-inferiority test).
+Promotion moves the registry alias (`champion`) to the challenger's version.
+
+Serving reload hook: a server started with `xrayops serve --model models:/NAME@champion`
+resolves the alias when it loads. After `promote` moves the alias, the serving side reloads
+by re-resolving the same reference (on a cluster: roll the InferenceService, e.g. bump an
+annotation, so new pods resolve the new version; locally: restart `xrayops serve`). The
+`on_promote` callback of `gate_and_promote` is where the composition root plugs that in.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from pydantic import BaseModel
+
+from xrayops.evaluate.metrics import classification_metrics
+from xrayops.logs import get_logger
+
+log = get_logger(__name__)
+
+
+class ScoredModel(BaseModel):
+    """One model's predictions on the gate's test set."""
+
+    name: str  # e.g. models:/xrayops-region/3
+    test_set: str  # the dataset version (DVC md5) whose test split was scored
+    image_ids: list[str]
+    y_true: list[str]
+    y_pred: list[str]
+
+
+class GateDecision(BaseModel):
+    promote: bool
+    reason: str
+    test_set: str
+    n: int
+    champion_accuracy: float
+    challenger_accuracy: float
+    difference: float  # challenger - champion
+    ci_low: float
+    ci_high: float
+    confidence: float
+    margin: float
+    bootstrap_samples: int
+    champion: str
+    challenger: str
+
+
+def paired_bootstrap_difference(
+    champion_correct: np.ndarray, challenger_correct: np.ndarray, samples: int = 2000, confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(observed difference, CI low, CI high) of mean(challenger) - mean(champion), percentile
+    bootstrap over images resampled WITH their pair of outcomes."""
+    a = np.asarray(champion_correct, dtype=np.float64)
+    b = np.asarray(challenger_correct, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"need two equally long, non-empty outcome vectors, got {a.shape} and {b.shape}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    diff = b - a
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples)
+    # Chunks bound memory (samples x n indices) on large test sets.
+    chunk = max(1, 2_000_000 // len(diff))
+    for start in range(0, samples, chunk):
+        stop = min(samples, start + chunk)
+        means[start:stop] = diff[rng.integers(0, len(diff), (stop - start, len(diff)))].mean(1)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return float(diff.mean()), float(low), float(high)
+
+
+def _aligned(champion: ScoredModel, challenger: ScoredModel) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    if champion.test_set != challenger.test_set:
+        raise ValueError(
+            f"champion was scored on test set {champion.test_set!r} and challenger on {challenger.test_set!r}: "
+            "the gate compares models on one fixed test set only"
+        )
+    for m in (champion, challenger):
+        if not (len(m.image_ids) == len(m.y_true) == len(m.y_pred)):
+            raise ValueError(f"{m.name}: image_ids, y_true and y_pred differ in length")
+    if sorted(champion.image_ids) != sorted(challenger.image_ids):
+        raise ValueError("champion and challenger were scored on different images of the test set")
+    truth = dict(zip(champion.image_ids, champion.y_true))
+    if any(truth[i] != t for i, t in zip(challenger.image_ids, challenger.y_true)):
+        raise ValueError("champion and challenger disagree on the true labels of the test set")
+    order = sorted(champion.image_ids)
+    pred_a, pred_b = dict(zip(champion.image_ids, champion.y_pred)), dict(zip(challenger.image_ids, challenger.y_pred))
+    a = np.array([pred_a[i] == truth[i] for i in order])
+    b = np.array([pred_b[i] == truth[i] for i in order])
+    return a, b, order
+
+
+def gate(
+    champion: ScoredModel, challenger: ScoredModel, margin: float = 0.01, samples: int = 2000,
+    confidence: float = 0.95, seed: int = 0,
+) -> GateDecision:
+    """Promote when the lower CI bound of the accuracy difference is above -margin."""
+    a, b, order = _aligned(champion, challenger)
+    truth = dict(zip(champion.image_ids, champion.y_true))
+    y_true = [truth[i] for i in order]
+    pred_a, pred_b = dict(zip(champion.image_ids, champion.y_pred)), dict(zip(challenger.image_ids, challenger.y_pred))
+    classes = sorted(set(y_true) | set(pred_a.values()) | set(pred_b.values()))
+    # The shared metrics module: the same accuracy as every evaluation report.
+    acc_a = classification_metrics(y_true, [pred_a[i] for i in order], classes)["accuracy"]
+    acc_b = classification_metrics(y_true, [pred_b[i] for i in order], classes)["accuracy"]
+    difference, low, high = paired_bootstrap_difference(a, b, samples, confidence, seed)
+    promote = low > -margin
+    reason = (
+        f"challenger accuracy {acc_b:.3f} vs champion {acc_a:.3f} (difference {difference:+.3f}, "
+        f"{confidence:.0%} CI [{low:+.3f}, {high:+.3f}]); "
+        + (f"not worse beyond the margin {margin:.3f}: promote" if promote
+           else f"may be worse by more than the margin {margin:.3f}: keep the champion")
+    )
+    decision = GateDecision(
+        promote=promote, reason=reason, test_set=champion.test_set, n=len(order), champion_accuracy=acc_a,
+        challenger_accuracy=acc_b, difference=difference, ci_low=low, ci_high=high, confidence=confidence,
+        margin=margin, bootstrap_samples=samples, champion=champion.name, challenger=challenger.name,
+    )
+    log.info("gate", promote=promote, difference=round(difference, 4), ci_low=round(low, 4), ci_high=round(high, 4))
+    return decision
+
+
+def promote(tracking_uri: str, name: str, version: int | str, alias: str = "champion") -> None:
+    """Point the registry alias at `version` (MLflow)."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(name, alias, str(version))
+    log.info("promoted", name=name, version=str(version), alias=alias)
+
+
+def gate_and_promote(
+    champion: ScoredModel, challenger: ScoredModel, tracking_uri: str, name: str, challenger_version: int | str,
+    margin: float = 0.01, samples: int = 2000, confidence: float = 0.95, alias: str = "champion",
+    on_promote: Callable[[GateDecision], None] | None = None,
+) -> GateDecision:
+    """The gate, and on success the alias move plus the serving reload hook."""
+    decision = gate(champion, challenger, margin, samples, confidence)
+    if decision.promote:
+        promote(tracking_uri, name, challenger_version, alias)
+        if on_promote is not None:
+            on_promote(decision)
+    return decision
