@@ -1,7 +1,8 @@
 """Serving latency, throughput and memory, as ratios against an in-process baseline in the same run.
 
-Input: one 2000x2000 12-bit DX DICOM (explicit VR little endian, ~8 MB) and a random-weights
-ResNet18 bundle at the spec size (default 224, as paper 004). The same work is timed three ways,
+Input: one 2000x2000 12-bit DX DICOM (explicit VR little endian, ~8 MB) and paper 000's
+ensemble: three random-weights ResNet18 bundles (simclr, byol, supcon; `--members`) at the spec
+size (default 224, as paper 004), averaged softmax in one process. The same work is timed three ways,
 sequentially and round-robin (a, b, c, a, b, c, ...), each image one request:
   (a) in-process baseline: `serving.transformer.decode_dicom` (read_dicom + the ingestion pixel
       function) + `xrayops.ensemble.predict_ensemble` (the model forward), no server;
@@ -12,7 +13,7 @@ Server overhead at p50 = p50(server) / p50(in-process) - 1 (target <= 15%).
 Then a bounded load run: `--concurrency` threads posting REST v2 for `--duration` s, counting
 errors and reading the server's RSS (psutil) at start and end.
 Writes benchmarks/results/serving.json. Usage:
-  .venv/bin/python benchmarks/bench_serving.py --iterations 30 --duration 60 --concurrency 8
+  .venv/bin/python benchmarks/bench_serving.py --iterations 30 --duration 90 --concurrency 8 --threads 1
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import threading
@@ -61,7 +63,10 @@ def make_dicom(rows: int = 2000, cols: int = 2000, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def make_bundle(path: Path, size: int) -> Path:
+MEMBERS = ("simclr", "byol", "supcon")
+
+
+def make_bundle(path: Path, size: int, ssl_method: str = "simclr", seed: int = 0) -> Path:
     import torch
 
     from xrayops.bundle import save_bundle
@@ -70,9 +75,10 @@ def make_bundle(path: Path, size: int) -> Path:
     from xrayops.models.heads import RegionClassifier
     from xrayops.regions import REGIONS
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     backbone, dim = build_backbone("resnet18")
-    meta = ModelBundleMeta(classes=list(REGIONS), preprocessing=PreprocessingSpec(size=size), ood_threshold=0.0)
+    meta = ModelBundleMeta(classes=list(REGIONS), preprocessing=PreprocessingSpec(size=size), ood_threshold=0.0,
+                           ssl_method=ssl_method)
     save_bundle(path, RegionClassifier(backbone, dim, len(REGIONS)), meta)
     return path
 
@@ -90,6 +96,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="model input size (PreprocessingSpec.size)")
     parser.add_argument("--duration", type=float, default=60.0, help="load run seconds")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads in both processes (OMP_NUM_THREADS for the server); 0: torch's default. "
+                        "On a shared, oversubscribed machine 1 avoids OpenMP spin-barrier stalls (10x slower at 2)")
+    parser.add_argument("--members", type=int, default=3, choices=(1, 2, 3), help="ensemble members (paper 000: 3)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving.json")
     args = parser.parse_args()
 
@@ -103,19 +113,22 @@ def main() -> None:
     from xrayops.bundle import load_bundle
     from xrayops.ensemble import predict_ensemble
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    server_env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    bundle_dir = make_bundle(work / "bundle", args.size)
+    bundle_dirs = [make_bundle(work / m, args.size, m, seed) for seed, m in enumerate(MEMBERS[: args.members])]
     blob = make_dicom()
     name = "bench"
 
-    bundle = load_bundle(bundle_dir)
+    bundles = [load_bundle(d) for d in bundle_dirs]
+    spec = bundles[0].meta.preprocessing
 
     def in_process():
-        image = decode_dicom(blob, bundle.meta.preprocessing, DecodeLimits(), "bench-key", "x")
-        predict_ensemble([bundle], [image.pixels], [image.dicom_region])
+        image = decode_dicom(blob, spec, DecodeLimits(), "bench-key", "x")
+        predict_ensemble(bundles, [image.pixels], [image.dicom_region])
 
-
-    server = start_server_process(bundle_dir, model_name=name, log_path=work / "inference-log")
+    server = start_server_process(bundle_dirs, model_name=name, log_path=work / "inference-log", env=server_env)
     try:
         process = psutil.Process(server.pid)
         tensor = InferInput(name="dicom", shape=[1], datatype="BYTES")
@@ -168,8 +181,16 @@ def main() -> None:
                         counts["ok" if ok else "errors"] += 1
                         latencies.append(time.perf_counter() - start)
 
+        rss_samples: list[float] = []
+
+        def sample_rss():  # every 10 s: stable memory is a plateau, not just two end points
+            while time.monotonic() < deadline:
+                rss_samples.append(round(process.memory_info().rss / 2**20, 1))
+                time.sleep(10)
+
         load_start = time.monotonic()
         threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
+        threads.append(threading.Thread(target=sample_rss))
         for t in threads:
             t.start()
         for t in threads:
@@ -178,12 +199,14 @@ def main() -> None:
         rss_end = process.memory_info().rss
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
     base, rest_s, grpc_s = stats(baseline), stats(rest_lat), stats(grpc_lat)
     result = {
         "input": {"dicom": "2000x2000 12-bit DX, explicit VR LE", "dicom_bytes": len(blob), "model": "resnet18",
-                  "size": args.size, "iterations": args.iterations},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                  "members": [m for m in MEMBERS[: args.members]], "size": args.size, "iterations": args.iterations},
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "load_average_at_end": [round(v, 2) for v in os.getloadavg()], "python": platform.python_version(),
                     "note": "shared machine: other jobs ran at the same time"},
         "in_process": base, "rest_v2": rest_s, "grpc_v2": grpc_s,
         "overhead_p50": {"rest": round(rest_s["p50_ms"] / base["p50_ms"] - 1, 3),
@@ -191,7 +214,8 @@ def main() -> None:
         "load": {"duration_s": round(elapsed, 1), "concurrency": args.concurrency, "requests": counts["ok"],
                  "errors": counts["errors"], "throughput_per_s": round(counts["ok"] / elapsed, 2),
                  **{k: v for k, v in stats(latencies).items() if k in ("p50_ms", "p99_ms")},
-                 "server_rss_mb_start": round(rss_start / 2**20, 1), "server_rss_mb_end": round(rss_end / 2**20, 1)},
+                 "server_rss_mb_start": round(rss_start / 2**20, 1), "server_rss_mb_end": round(rss_end / 2**20, 1),
+                 "server_rss_mb_every_10s": rss_samples},
         "command": "XRAYOPS_PROGRESS=0 .venv/bin/python benchmarks/bench_serving.py " + " ".join(sys.argv[1:]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

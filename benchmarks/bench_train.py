@@ -7,6 +7,15 @@ nothing. Target on a GPU: >= 0.8. Both are measured in the same run, after warm-
 
     XRAYOPS_PROGRESS=0 .venv/bin/python benchmarks/bench_train.py --data-dir D --method simclr \
         --batch-size 64 --steps 10 --out benchmarks/results/bench_train.json
+
+On a GPU (the issue's figure: SimCLR ResNet18 at 224 px in bf16, channels_last):
+
+    .venv/bin/python benchmarks/bench_train.py --data-dir D --device cuda --size 224 --amp bf16 \
+        --batch-size 256 --steps 30 --workers 4 --out benchmarks/results/bench_train_gpu.json
+
+`--size` is the side of the views the model sees: the augmentation's random resized crop
+resamples the stored images (`xrayops ingest --size 256` for 224 px crops) to that size, as
+pretraining does. Both steps use the same size.
 """
 from __future__ import annotations
 
@@ -52,18 +61,25 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--size", type=int, help="side of the views (default: the stored image size)")
+    parser.add_argument("--amp", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="auto: bf16 on CUDA where supported, fp32 on CPU (PretrainConfig's defaults)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
     device = resolve_device(args.device)
     threads = configure_threads(args.workers)
-    cfg = PretrainConfig(method=args.method, arch=args.arch, batch_size=args.batch_size, epochs=1000, device=args.device)
+    precision = {"auto": {}, "bf16": {"amp": True, "cpu_bf16": True}, "fp32": {"amp": False, "cpu_bf16": False}}
+    cfg = PretrainConfig(method=args.method, arch=args.arch, batch_size=args.batch_size, epochs=1000, device=args.device,
+                         **precision[args.amp])
     dataset = ImageDataset(args.data_dir, split=None)
     total = args.warmup + args.steps
     model, loss_module, optimizer, scheduler = build_training(cfg, device, Distributed(), total)
     amp = autocast_dtype(device, cfg)
+    if args.amp == "bf16" and amp is None:
+        raise SystemExit(f"--amp bf16: {device} does not support bf16")
     model.train()
-    size = dataset.size
+    size = args.size or dataset.size
 
     # Model only: two random views per step, already on the device.
     view_a = torch.rand(args.batch_size, 1, size, size, device=device)
@@ -99,6 +115,8 @@ def main() -> None:
         "method": args.method,
         "arch": args.arch,
         "image_size": size,
+        "stored_image_size": dataset.size,
+        "channels_last": device.type == "cuda",
         "batch_size": args.batch_size,
         "precision": str(amp).replace("torch.", "") if amp else "fp32",
         "workers": args.workers,

@@ -5,7 +5,7 @@ holds kfp and xrayops, so the compiled YAML installs nothing at run time.
 """
 from components.evaluate import evaluate_op
 from components.finetune import finetune_op
-from components.ingest import ingest_op
+from components.ingest import ingest_op, ingest_part_op, merge_ingest_op, plan_ingest_op
 from components.monitor import monitor_op
 from components.pretrain import pretrain_op
 from components.register import register_op
@@ -15,6 +15,9 @@ from components.version import version_dataset_op
 __all__ = [
     "synth_op",
     "ingest_op",
+    "plan_ingest_op",
+    "ingest_part_op",
+    "merge_ingest_op",
     "version_dataset_op",
     "pretrain_op",
     "finetune_op",

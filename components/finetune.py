@@ -13,6 +13,7 @@ def finetune_op(
     seed: int,
     pipeline_run: str,
     bundle: Output[Model],
+    finetune_last_stage: bool = False,
 ):
     """Linear region head on the frozen backbone (paper 000), plus the orientation head
     (paper 004) when the DICOM folder has a truth.csv with angles -> model bundle."""
@@ -29,7 +30,7 @@ def finetune_op(
         Path(dataset.path),
         Path(backbone.path) / "backbone.pt",
         Path(bundle.path),
-        FinetuneConfig(epochs=epochs, seed=seed),
+        FinetuneConfig(epochs=epochs, seed=seed, finetune_last_stage=finetune_last_stage),
         lineage=lineage,
         angles=angles,
     )

@@ -5,14 +5,20 @@ from pathlib import Path
 
 from kfp import compiler, local
 
+from pipelines.gpu_pool import GpuPool
 from pipelines.training import build_pipeline
 
 
 def compile_pipeline(
-    out: Path, gpu: bool = False, gpu_node_pool: str = "gpu", gpu_count: int = 1, cluster: bool = False
+    out: Path,
+    gpu: bool = False,
+    gpu_node_pool: str = "gpu",
+    gpu_count: int = 1,
+    cluster: bool = False,
+    gpu_pool: GpuPool | None = None,
 ) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    pipeline = build_pipeline(gpu=gpu, gpu_node_pool=gpu_node_pool, gpu_count=gpu_count, cluster=cluster)
+    pipeline = build_pipeline(gpu=gpu, gpu_node_pool=gpu_node_pool, gpu_count=gpu_count, cluster=cluster, gpu_pool=gpu_pool)
     compiler.Compiler().compile(pipeline, package_path=str(out))
     return out
 

@@ -14,14 +14,9 @@ from components import (
     version_dataset_op,
 )
 
+from pipelines.gpu_pool import GpuPool
+
 PIPELINE_NAME = "xrayops-training"
-
-
-def _on_gpu_pool(task: dsl.PipelineTask, node_pool: str, gpu_count: int) -> None:
-    """Schedule a training task on the GPU node pool (node selector, toleration, GPU limit)."""
-    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpu_count)
-    kubernetes.add_node_selector(task, label_key="xrayops.io/pool", label_value=node_pool)
-    kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
 
 
 # On a cluster every task reads the non-secret settings (XRAYOPS_*; infra/k8s/base) and the S3
@@ -42,9 +37,21 @@ def _with_cluster_env(task: dsl.PipelineTask, deid: bool) -> None:
         kubernetes.use_secret_as_env(task, DEID_SECRET, {DEID_SECRET_KEY: "XRAYOPS_DEID_KEY"})
 
 
-def build_pipeline(gpu: bool = False, gpu_node_pool: str = "gpu", gpu_count: int = 1, cluster: bool = False):
+def build_pipeline(
+    gpu: bool = False,
+    gpu_node_pool: str = "gpu",
+    gpu_count: int = 1,
+    cluster: bool = False,
+    gpu_pool: GpuPool | None = None,
+):
     """Return the pipeline function; `gpu` adds GPU node-pool scheduling to the training steps,
-    `cluster` wires the cluster's ConfigMap and Secrets into every task's environment."""
+    `cluster` wires the cluster's ConfigMap and Secrets into every task's environment.
+
+    The GPU scheduling is `gpu_pool` when given (a cluster's own labels, taints and accelerator),
+    else the default pool with node label xrayops.io/pool=`gpu_node_pool` and `gpu_count` GPUs.
+    """
+    if gpu_pool is None:
+        gpu_pool = GpuPool(accelerator_limit=gpu_count, node_selector={"xrayops.io/pool": gpu_node_pool})
 
     @dsl.pipeline(name=PIPELINE_NAME, description="xrayops: DICOM to registered, monitored region model")
     def training_pipeline(
@@ -115,7 +122,7 @@ def build_pipeline(gpu: bool = False, gpu_node_pool: str = "gpu", gpu_count: int
 
         if gpu:
             for task in (pre, head):
-                _on_gpu_pool(task, gpu_node_pool, gpu_count)
+                gpu_pool.apply(task)
         if cluster:
             for task in (data, version, pre, head, evaluation, registered, shifted, drift):
                 _with_cluster_env(task, deid=False)

@@ -4,10 +4,13 @@
 preprocess turns the request into an `ImageBatch`: DICOM goes through the transformer's
 decode (`serving.transformer.RequestDecoder`, the same code the cluster's transformer pod runs),
 pixel tensors are checked against the spec. predict queues the images on a micro-batcher
-(concurrent requests share one forward pass), adds Grad-CAM when asked, appends one
-`InferenceLogRecord` per image to the inference log, and answers in the protocol the request
-came in. Bad input raises kserve's `InvalidInput` (or a subclass with a more specific HTTP
-status, `serving.errors`), which the server turns into a 4xx with the message.
+(concurrent requests share one forward pass), adds Grad-CAM and the upright-turned image
+(paper 004) when asked, appends one `InferenceLogRecord` per image to the local inference log
+(`xrayops.inference_log.build_records`; off on a cluster, where the payload logger feeds
+serving/log_sink.py), and answers in the protocol the request came in, with the embedding as an
+extra v2 output when asked (the transformer asks, so the logged response carries it). Bad input
+raises kserve's `InvalidInput` (or a subclass with a more specific HTTP status, `serving.errors`),
+which the server turns into a 4xx with the message.
 """
 from __future__ import annotations
 
@@ -25,12 +28,12 @@ from serving.batcher import MicroBatcher
 from serving.schema import ImageBatch, ServedResponse, encode_v1, encode_v2, input_types, output_types
 from serving.transformer import DecodeLimits, RequestDecoder
 from xrayops.bundle import BundleError, LoadedBundle, load_bundle
-from xrayops.contracts import InferenceLogRecord
 from xrayops.data.dataset import to_unit_float
 from xrayops.ensemble import EnsembleError, check_members, ensemble_version, predict_ensemble
 from xrayops.gradcam import grad_cam, heatmap_png_base64
+from xrayops.upright import upright_image
 from xrayops.inference import InferenceInputError, model_version, validate_array
-from xrayops.inference_log import append_records, records_for_arrays
+from xrayops.inference_log import append_records, build_records
 from xrayops.logs import get_logger
 from xrayops.train.runtime import resolve_device
 
@@ -141,6 +144,10 @@ class XrayModel(Model):
                 validate_array(i, array, size)
         except InferenceInputError as exc:
             raise InvalidInput(f"image {exc.index} cannot be predicted: {exc.reason}") from exc
+        if batch.upright and not any(m.meta.orientation for m in self.members):
+            raise InvalidInput(
+                f"parameter 'upright' needs an orientation head (paper 004); model {self.name} has none"
+            )
         return batch
 
     def validate(self, payload):
@@ -155,11 +162,14 @@ class XrayModel(Model):
         loop = asyncio.get_running_loop()
         if payload.gradcam:
             responses = await loop.run_in_executor(None, self.add_gradcam, payload.pixels, responses)
+        if payload.upright:
+            responses = [add_upright(p, r) for p, r in zip(payload.pixels, responses)]
         await loop.run_in_executor(None, self.log_batch, payload, responses, embeddings)
         self.count(responses)
         if payload.protocol == "v1":
             return encode_v1(responses)
-        return encode_v2(responses, self.bundle.meta.classes, self.name, self.version, payload)
+        return encode_v2(responses, self.bundle.meta.classes, self.name, self.version, payload,
+                         embeddings if payload.embedding else None)
 
     def _predict_items(self, items: list[tuple[np.ndarray, str]]) -> list:
         """One forward pass (per member) over images from any number of requests."""
@@ -185,10 +195,8 @@ class XrayModel(Model):
     def log_batch(self, batch: ImageBatch, responses: list[ServedResponse], embeddings: np.ndarray) -> None:
         if self.log_path is None:
             return
-        records = records_for_arrays(responses, batch.pixels, embeddings, batch.request_id)
-        metas = batch.image_meta or [{}] * len(records)
-        records = [with_header_fields(r, m) for r, m in zip(records, metas)]
-        append_records(self.log_path, records)
+        metas = batch.image_meta or None
+        append_records(self.log_path, build_records(responses, batch.pixels, embeddings, batch.request_id, metas))
 
     def count(self, responses: list[ServedResponse]) -> None:
         for r in responses:
@@ -199,13 +207,9 @@ class XrayModel(Model):
                 OOD_IMAGES.labels(self.name).inc()
 
 
-def with_header_fields(record: InferenceLogRecord, meta: dict) -> InferenceLogRecord:
-    """The record plus the pseudonymised DICOM header fields the transformer extracted."""
-    update = {}
-    for key in ("image_id", "manufacturer", "photometric_interpretation"):
-        if meta.get(key):
-            update[key] = str(meta[key])
-    spacing = meta.get("pixel_spacing")
-    if isinstance(spacing, (int, float)) and not isinstance(spacing, bool):
-        update["pixel_spacing"] = float(spacing)
-    return record.model_copy(update=update) if update else record
+def add_upright(pixels: np.ndarray, response: ServedResponse) -> ServedResponse:
+    """The response plus the image turned upright by its predicted angle (paper 004), as a PNG."""
+    if response.orientation_deg is None:  # a member without an orientation head answered alone
+        return response
+    image = upright_image(to_unit_float(pixels).numpy(), response.orientation_deg)
+    return response.model_copy(update={"upright_png": heatmap_png_base64(image)})

@@ -7,13 +7,20 @@ v2 inputs, one of:
   - `pixels` FP32 [N, S, S]: images already preprocessed with the bundle's spec, in [0, 1];
     optionally with `dicom_region` BYTES [N] (each image's tag region) and `image_meta`
     BYTES [N] (JSON of pseudonymised log fields), which is what the DICOM transformer sends.
-v2 request parameter `gradcam: true` adds a Grad-CAM heatmap per image.
+Request parameters (v2 `parameters`, v1 `parameters`), all false by default:
+  - `gradcam: true` adds a Grad-CAM heatmap per image;
+  - `upright: true` adds the preprocessed image turned upright by the predicted orientation
+    (paper 004; needs a model with an orientation head);
+  - `embedding: true` adds each image's embedding (v2 only): the DICOM transformer asks for it
+    so that the predictor's payload-logger events carry everything an inference log record
+    needs (serving/log_sink.py), and strips it from the answer it returns.
 v1 body: `{"instances": [{"b64": "<base64 DICOM>"}, ...], "parameters": {"gradcam": true}}`.
 
 v2 outputs, one row per image: `region` BYTES, `confidence` FP32, `probabilities` FP32 [N, C]
 (class order in the output's `classes` parameter), `orientation_deg` FP32 (only when the model
 predicts an angle), `ood_score` FP32, `ood` BOOL (only when the model has an OOD threshold),
-`dicom_region` BYTES, `label_disagreement` BOOL, `gradcam` BYTES (base64 PNG, on request).
+`dicom_region` BYTES, `label_disagreement` BOOL, `gradcam` BYTES (base64 PNG, on request),
+`upright` BYTES (base64 PNG, on request), `embedding` FP32 [N, D] (on request).
 The model version is in `model_version` and repeated in the response parameters.
 v1 answer: `{"predictions": [ServedResponse, ...]}`.
 """
@@ -28,7 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from kserve import InferOutput, InferRequest, InferResponse
+import orjson
+from kserve import InferInput, InferOutput, InferRequest, InferResponse
+from kserve.protocol.infer_type import RequestedOutput
 from kserve.errors import InvalidInput
 
 from xrayops.contracts import InferenceResponse
@@ -39,6 +48,9 @@ INPUT_PIXELS = "pixels"
 INPUT_DICOM_REGION = "dicom_region"
 INPUT_IMAGE_META = "image_meta"
 PARAM_GRADCAM = "gradcam"
+PARAM_UPRIGHT = "upright"
+PARAM_EMBEDDING = "embedding"
+OUTPUT_EMBEDDING = "embedding"
 # Bounds the memory one request can take; larger batches should be split by the client.
 MAX_IMAGES_PER_REQUEST = 256
 
@@ -47,6 +59,7 @@ class ServedResponse(InferenceResponse):
     """InferenceResponse (DESIGN.md contract 4) plus the Grad-CAM heatmap when asked for."""
 
     gradcam_png: str | None = None  # base64 PNG, (S, S) 8-bit grey, bright = drove the prediction
+    upright_png: str | None = None  # base64 PNG, (S, S) 8-bit grey: the image turned by -orientation_deg
 
 
 @dataclass
@@ -60,6 +73,8 @@ class ImageBatch:
     image_meta: list[dict] = field(default_factory=list)  # pseudonymised log fields per image
     gradcam: bool = False
     infer_request: InferRequest | None = None  # the v2 request, for requested outputs
+    upright: bool = False
+    embedding: bool = False
 
 
 # decode_dicoms(blobs, input_name) -> [DecodedImage]; serving.transformer provides it.
@@ -90,6 +105,8 @@ def output_types(n_classes: int, with_ood_flag: bool) -> list[dict]:
         {"name": "dicom_region", "datatype": "BYTES", "shape": [-1]},
         {"name": "label_disagreement", "datatype": "BOOL", "shape": [-1]},
         {"name": "gradcam", "datatype": "BYTES", "shape": [-1]},
+        {"name": "upright", "datatype": "BYTES", "shape": [-1]},
+        {"name": OUTPUT_EMBEDDING, "datatype": "FP32", "shape": [-1, -1]},
     ]
     return outputs
 
@@ -105,8 +122,9 @@ def param_value(parameters, name: str):
     return value
 
 
-def gradcam_requested(parameters) -> bool:
-    value = param_value(parameters, PARAM_GRADCAM)
+def flag(parameters, name: str) -> bool:
+    """A boolean request parameter (absent: False); anything but a boolean is a 400."""
+    value = param_value(parameters, name)
     if value is None:
         return False
     if isinstance(value, bool):
@@ -115,7 +133,11 @@ def gradcam_requested(parameters) -> bool:
         return value.lower() in ("true", "1")
     if isinstance(value, int):
         return bool(value)
-    raise InvalidInput(f"parameter '{PARAM_GRADCAM}' must be true or false, got {value!r}")
+    raise InvalidInput(f"parameter '{name}' must be true or false, got {value!r}")
+
+
+def gradcam_requested(parameters) -> bool:
+    return flag(parameters, PARAM_GRADCAM)
 
 
 def dicom_bytes(element: bytes | str, index: int) -> bytes:
@@ -173,6 +195,48 @@ def _image_meta(texts: list[str]) -> list[dict]:
     return metas
 
 
+def infer_request_from_binary(body: bytes, json_length: int, model_name: str) -> InferRequest:
+    """A v2 request in the binary data extension (JSON header, then raw tensors), with
+    binary inputs kept as raw bytes."""
+    try:
+        header = orjson.loads(body[:json_length])
+        inputs, raw = [], []
+        offset = json_length
+        for spec in header["inputs"]:
+            parameters = spec.get("parameters") or {}
+            tensor = InferInput(
+                name=spec["name"], shape=list(spec["shape"]), datatype=spec["datatype"], parameters=parameters
+            )
+            if spec.get("data") is not None:
+                tensor.data = spec["data"]
+                raw.append(None)
+            elif "binary_data_size" in parameters:
+                size = int(parameters["binary_data_size"])
+                chunk = body[offset : offset + size]
+                if len(chunk) != size:
+                    raise InvalidInput(f"input '{tensor.name}' declares {size} bytes but the body holds {len(chunk)}")
+                raw.append(chunk)
+                offset += size
+            else:
+                raise InvalidInput(f"input '{tensor.name}' has neither 'data' nor 'binary_data_size'")
+            inputs.append(tensor)
+        outputs = [RequestedOutput(o["name"], o.get("parameters")) for o in header.get("outputs") or []]
+    except InvalidInput:
+        raise
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the request's JSON header is not valid JSON: {exc}") from exc
+    except (KeyError, TypeError, ValueError) as exc:  # a field missing or of the wrong kind
+        raise InvalidInput(f"malformed v2 request header: {exc!r}") from exc
+    return InferRequest(
+        model_name=model_name,
+        infer_inputs=inputs,
+        request_id=header.get("id"),
+        raw_inputs=raw,
+        parameters=header.get("parameters"),
+        request_outputs=outputs or None,
+    )
+
+
 def decode_v2(request: InferRequest, size: int, request_id: str, decode_dicoms: DicomDecoder) -> ImageBatch:
     """A v2 request: `dicom` alone, or `pixels` with optional `dicom_region` / `image_meta`."""
     by_name = {t.name: t for t in request.inputs}
@@ -194,7 +258,8 @@ def decode_v2(request: InferRequest, size: int, request_id: str, decode_dicoms: 
         images = decode_dicoms([dicom_bytes(e, i) for i, e in enumerate(elements)], INPUT_DICOM)
         return ImageBatch(
             "v2", request_id, [d.pixels for d in images], [d.dicom_region for d in images],
-            [d.meta for d in images], gradcam, request,
+            [d.meta for d in images], gradcam, request, flag(request.parameters, PARAM_UPRIGHT),
+            flag(request.parameters, PARAM_EMBEDDING),
         )
     if tensor.datatype != "FP32":
         raise InvalidInput(f"input '{INPUT_PIXELS}' must be FP32, got {tensor.datatype}")
@@ -208,7 +273,10 @@ def decode_v2(request: InferRequest, size: int, request_id: str, decode_dicoms: 
     regions = _texts(by_name[INPUT_DICOM_REGION], n) if INPUT_DICOM_REGION in by_name else [UNKNOWN] * n
     metas = _image_meta(_texts(by_name[INPUT_IMAGE_META], n)) if INPUT_IMAGE_META in by_name else [{}] * n
     pixels = values.astype(np.float32)
-    return ImageBatch("v2", request_id, list(pixels), regions, metas, gradcam, request)
+    return ImageBatch(
+        "v2", request_id, list(pixels), regions, metas, gradcam, request, flag(request.parameters, PARAM_UPRIGHT),
+        flag(request.parameters, PARAM_EMBEDDING),
+    )
 
 
 def decode_v1(body, request_id: str, decode_dicoms: DicomDecoder) -> ImageBatch:
@@ -228,7 +296,7 @@ def decode_v1(body, request_id: str, decode_dicoms: DicomDecoder) -> ImageBatch:
     images = decode_dicoms(blobs, "instances")
     return ImageBatch(
         "v1", request_id, [d.pixels for d in images], [d.dicom_region for d in images], [d.meta for d in images],
-        gradcam_requested(parameters),
+        gradcam_requested(parameters), upright=flag(parameters, PARAM_UPRIGHT),
     )
 
 
@@ -237,8 +305,10 @@ def _text(value) -> str:
 
 
 def encode_v2(
-    responses: list[ServedResponse], classes: list[str], model_name: str, version: str, batch: ImageBatch
+    responses: list[ServedResponse], classes: list[str], model_name: str, version: str, batch: ImageBatch,
+    embeddings: np.ndarray | None = None,
 ) -> InferResponse:
+    """The v2 answer; `embeddings` (n, D) become the `embedding` output when given."""
     probabilities = [[r.probabilities[c] for c in classes] for r in responses]
     ood_scores = [np.nan if r.ood_score is None else r.ood_score for r in responses]
     columns = [
@@ -258,6 +328,10 @@ def encode_v2(
     ]
     if any(r.gradcam_png is not None for r in responses):
         columns.append(("gradcam", "BYTES", np.array([r.gradcam_png or "" for r in responses], dtype=np.object_)))
+    if any(r.upright_png is not None for r in responses):
+        columns.append(("upright", "BYTES", np.array([r.upright_png or "" for r in responses], dtype=np.object_)))
+    if embeddings is not None:
+        columns.append((OUTPUT_EMBEDDING, "FP32", np.asarray(embeddings, dtype=np.float32).reshape(len(responses), -1)))
     outputs = []
     for name, datatype, values in columns:
         output = InferOutput(
@@ -302,6 +376,7 @@ def parse_infer_response(response: InferResponse) -> list[ServedResponse]:
     for i in range(probs.shape[0]):
         angle = float(out["orientation_deg"][i]) if "orientation_deg" in out else float("nan")
         gradcam = _text(out["gradcam"][i]) if "gradcam" in out else ""
+        upright = _text(out["upright"][i]) if "upright" in out else ""
         results.append(
             ServedResponse(
                 region=_text(out["region"][i]),
@@ -315,6 +390,7 @@ def parse_infer_response(response: InferResponse) -> list[ServedResponse]:
                 model_name=response.model_name or "",
                 model_version=version,
                 gradcam_png=gradcam or None,
+                upright_png=upright or None,
             )
         )
     return results

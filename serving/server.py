@@ -44,19 +44,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from grpc import aio
-from kserve import InferInput, InferRequest, ModelServer
+from kserve import ModelServer
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
 from kserve.errors import InvalidInput
 from kserve.predictor_config import PredictorConfig
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-from kserve.protocol.infer_type import RequestedOutput
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
@@ -64,6 +62,7 @@ from kserve.protocol.rest.server import RESTServer
 
 from serving.combiner import EnsembleCombiner
 from serving.errors import PayloadTooLarge, UnsupportedMedia, status_error_handler
+from serving.schema import infer_request_from_binary
 from serving.model import XrayModel
 from serving.transformer import DecodeLimits, DicomTransformer
 from xrayops.bundle_meta import read_bundle_meta
@@ -111,48 +110,6 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
-
-
-def infer_request_from_binary(body: bytes, json_length: int, model_name: str) -> InferRequest:
-    """A v2 request in the binary data extension (JSON header, then raw tensors), with
-    binary inputs kept as raw bytes."""
-    try:
-        header = orjson.loads(body[:json_length])
-        inputs, raw = [], []
-        offset = json_length
-        for spec in header["inputs"]:
-            parameters = spec.get("parameters") or {}
-            tensor = InferInput(
-                name=spec["name"], shape=list(spec["shape"]), datatype=spec["datatype"], parameters=parameters
-            )
-            if spec.get("data") is not None:
-                tensor.data = spec["data"]
-                raw.append(None)
-            elif "binary_data_size" in parameters:
-                size = int(parameters["binary_data_size"])
-                chunk = body[offset : offset + size]
-                if len(chunk) != size:
-                    raise InvalidInput(f"input '{tensor.name}' declares {size} bytes but the body holds {len(chunk)}")
-                raw.append(chunk)
-                offset += size
-            else:
-                raise InvalidInput(f"input '{tensor.name}' has neither 'data' nor 'binary_data_size'")
-            inputs.append(tensor)
-        outputs = [RequestedOutput(o["name"], o.get("parameters")) for o in header.get("outputs") or []]
-    except InvalidInput:
-        raise
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the request's JSON header is not valid JSON: {exc}") from exc
-    except (KeyError, TypeError, ValueError) as exc:  # a field missing or of the wrong kind
-        raise InvalidInput(f"malformed v2 request header: {exc!r}") from exc
-    return InferRequest(
-        model_name=model_name,
-        infer_inputs=inputs,
-        request_id=header.get("id"),
-        raw_inputs=raw,
-        parameters=header.get("parameters"),
-        request_outputs=outputs or None,
-    )
 
 
 class XrayDataPlane(DataPlane):

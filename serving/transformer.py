@@ -8,7 +8,8 @@ ingestion used (DESIGN.md, contract 2). Identifiers leave it pseudonymised (`saf
 Locally `serving.model.XrayModel` calls it in-process. On a cluster `DicomTransformer` runs it
 in the transformer pod and forwards `pixels` (+ `dicom_region`, `image_meta`) to the predictor
 pod over the Open Inference Protocol (kserve's `predictor_host` client); the predictor never
-sees a DICOM file, so PHI stays in the transformer.
+sees a DICOM file, so PHI stays in the transformer. The predictor's payload logger therefore
+logs pseudonymised data only; the transformer has no logger.
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ from serving.schema import (
     INPUT_DICOM_REGION,
     INPUT_IMAGE_META,
     INPUT_PIXELS,
+    OUTPUT_EMBEDDING,
+    PARAM_EMBEDDING,
+    PARAM_GRADCAM,
+    PARAM_UPRIGHT,
     ImageBatch,
     decode_v1,
     decode_v2,
@@ -40,12 +45,11 @@ from xrayops.dicom.decode import DicomError, read_dicom
 from xrayops.dicom.deid import safe_metadata
 from xrayops.dicom.labels import region_from_dataset
 from xrayops.dicom.pixels import preprocess
+from xrayops.inference_log import HEADER_FIELDS
 from xrayops.logs import get_logger
 
 log = get_logger(__name__)
 
-# The log fields a DICOM header contributes (InferenceLogRecord); all pseudonymised or non-identifying.
-LOG_FIELDS = ("image_id", "manufacturer", "photometric_interpretation", "pixel_spacing")
 # Reasons from xrayops.dicom.decode that mean "valid DICOM in an encoding we cannot read".
 UNSUPPORTED_REASONS = ("unsupported_transfer_syntax", "unsupported_photometric")
 
@@ -98,7 +102,7 @@ def decode_dicom(blob: bytes, spec: PreprocessingSpec, limits: DecodeLimits, key
     except DicomError as exc:
         raise dicom_error(exc, where) from exc
     meta = safe_metadata(ds, key)
-    return DecodedImage(pixels, region_from_dataset(ds)[1], {k: meta.get(k) for k in LOG_FIELDS})
+    return DecodedImage(pixels, region_from_dataset(ds)[1], {k: meta.get(k) for k in HEADER_FIELDS})
 
 
 def dicom_error(exc: DicomError, where: str) -> InvalidInput:
@@ -137,7 +141,11 @@ class RequestDecoder:
 
 def pixels_request(model_name: str, batch: ImageBatch) -> InferRequest:
     """The transformer's request to the predictor: preprocessed pixels plus the header fields
-    the predictor needs for label_disagreement and the inference log (no PHI)."""
+    the predictor needs for label_disagreement and the inference log (pseudonyms, no PHI).
+
+    It asks for the embedding too, so that the predictor's payload-logger events (request +
+    response) hold every field of an InferenceLogRecord (serving/log_sink.py); `strip_embedding`
+    takes it out of the answer again."""
     pixels = np.stack([np.asarray(p, dtype=np.float32) / _scale(p) for p in batch.pixels])
     inputs = [InferInput(name=INPUT_PIXELS, shape=list(pixels.shape), datatype="FP32")]
     inputs[0].set_data_from_numpy(pixels, binary_data=False)
@@ -150,8 +158,14 @@ def pixels_request(model_name: str, batch: ImageBatch) -> InferRequest:
         inputs.append(tensor)
     return InferRequest(
         model_name=model_name, infer_inputs=inputs, request_id=batch.request_id,
-        parameters={"gradcam": batch.gradcam},
+        parameters={PARAM_GRADCAM: batch.gradcam, PARAM_UPRIGHT: batch.upright, PARAM_EMBEDDING: True},
     )
+
+
+def strip_embedding(response: InferResponse) -> InferResponse:
+    """The predictor's answer without the embedding the transformer asked for (the log's, not the client's)."""
+    response.outputs = [o for o in response.outputs if o.name != OUTPUT_EMBEDDING]
+    return response
 
 
 def _scale(array: np.ndarray) -> float:
@@ -188,7 +202,7 @@ class DicomTransformer(Model):
         return payload
 
     async def predict(self, payload: ImageBatch, headers: dict[str, str] | None = None, response_headers=None):
-        response: InferResponse = await super().predict(pixels_request(self.name, payload), headers)
+        response: InferResponse = strip_embedding(await super().predict(pixels_request(self.name, payload), headers))
         if payload.protocol == "v1":
             return encode_v1(parse_infer_response(response))
         return response

@@ -5,7 +5,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = {"kfp", "kserve", "serving", "components", "pipelines"}
 # Composition roots: they wire adapters together, and only import them inside functions.
-COMPOSITION_ROOTS = {"cli.py", "demo.py"}
+COMPOSITION_ROOTS = {"cli.py", "demo.py", "scenario.py"}
 
 
 def _imports(tree: ast.AST, top_level_only: bool) -> set[str]:

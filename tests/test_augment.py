@@ -100,3 +100,18 @@ def test_gauges_are_bright_discs_in_two_thirds_of_images():
     assert (always_two.flatten(1) > 0).any(1).all()
     area = (always_two > 0).flatten(1).sum(1).float()
     assert area.max() <= 2 * math.pi * (0.06 * 64 * 1.2 + 1) ** 2  # never more than two scale-1.2 discs
+
+
+def test_both_columns_are_paper_000_table_1():
+    assert PRETRAIN_AUG.model_dump() == {
+        "brightness": (0.5, 1.5), "contrast": (0.25, 1.75), "rotation": (-15.0, 15.0), "translate": 0.1,
+        "scale": (0.8, 1.5), "shear": (-30.0, 30.0), "crop_scale": (0.08, 1.0), "crop_ratio": (3 / 4, 4 / 3),
+        "gauge_probs": (1 / 3, 1 / 3, 1 / 3), "gauge_scale": (0.8, 1.2), "gauge_opacity": (0.75, 1.0),
+        "full_rotation": False,
+    }
+    assert LINEAR_AUG.model_dump() == {
+        "brightness": (0.9, 1.1), "contrast": (0.8, 1.2), "rotation": (-5.0, 5.0), "translate": 0.02,
+        "scale": (0.95, 1.1), "shear": (-10.0, 10.0), "crop_scale": (0.95, 1.1), "crop_ratio": (0.9, 1.1),
+        "gauge_probs": (1 / 3, 1 / 3, 1 / 3), "gauge_scale": (0.8, 1.2), "gauge_opacity": (0.75, 1.0),
+        "full_rotation": False,
+    }

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import structlog
 from dicom_factory import FAKE_PHI, make_dataset, ramp, write
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from xrayops.contracts import ManifestRow, PreprocessingSpec
 from xrayops.data.manifest import read_manifest
-from xrayops.dicom.deid import pseudonymize, safe_metadata
+from xrayops.dicom.deid import KEPT_AS_FOUND, PS315_BASIC_PROFILE, pseudonymize, safe_metadata
 from xrayops.ingest import default_journal_dir, ingest, write_contact_sheet
 from xrayops.versioning import version_dataset
 
@@ -44,6 +45,30 @@ def test_safe_metadata_is_an_allow_list_of_manifest_fields():
     text = repr(meta)
     for value in [*FAKE_PHI.values(), ds.SOPInstanceUID, ds.StudyInstanceUID]:
         assert value not in text
+
+
+def test_every_attribute_read_has_its_ps315_basic_profile_action():
+    """safe_metadata reads only attributes listed in PS315_BASIC_PROFILE; only those Table E.1-1
+    does not list are kept as found, the rest (UIDs, IDs, dates, descriptions) never appear."""
+    read: set[str] = set()
+
+    class Recording(Dataset):
+        def get(self, key, default=None):
+            read.add(key)
+            return super().get(key, default)
+
+    ds = make_dataset(ImageLaterality="L", StudyDescription="Roentgen Hand PHI-DESC", ProtocolName="PHI-PROT",
+                      SeriesDate="20240301", ContentDate="20240302", BurnedInAnnotation="YES")  # fmt: skip
+    ds.__class__ = Recording
+    meta = safe_metadata(ds, KEY)
+    assert read and read <= set(PS315_BASIC_PROFILE)
+    assert {"Modality", "BodyPartExamined", "Manufacturer", "ViewPosition"} <= read & KEPT_AS_FOUND
+    values = " ".join(str(v) for v in meta.values())
+    for keyword, (action, _) in PS315_BASIC_PROFILE.items():
+        value = str(ds.get(keyword, "") or "")
+        if action != "not listed" and value:
+            assert value not in values, keyword  # U/Z/D/X: replaced or removed
+    assert meta["burned_in_annotation"] == "YES" and meta["manufacturer"] == str(ds.Manufacturer)
 
 
 def test_patient_without_id_falls_back_to_the_study():
@@ -95,6 +120,7 @@ def test_no_phi_in_any_ingest_output_or_log(tmp_path, caplog, capfd):
     names = {p.name for p in outputs}
     assert names >= {"manifest.parquet", "quarantine.csv", "unmapped_body_parts.csv", "data.dvc", "sheet.png"}
     assert any(p.is_relative_to(tmp_path / "remote") for p in outputs)
+    assert any(p.is_relative_to(tmp_path / ".dvc" / "cache") for p in outputs)  # the DVC cache too
     assert any(p.is_relative_to(default_journal_dir(data_dir)) for p in outputs)
     for path in outputs:
         blob = path.read_bytes()

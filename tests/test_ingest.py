@@ -227,3 +227,58 @@ def test_real_hard_cases_behave_as_the_samples_readme_says(real_ingest):
     assert reason["radiographs/fodicom__CR-MONO1-10-chest.dcm"] == "duplicate_sop_instance_uid"
     assert frame.loc["radiographs/pylibjpeg-data__NM_Kakadu44_SOTmarkerincons.dcm", "region"] == "hand"
     assert frame.loc["radiographs/wg04__RG2_UNC.dcm", "region"] == "pelvis_hip"
+
+
+def test_unmapped_report_counts_only_images_left_unknown(tmp_path):
+    """A blank BodyPartExamined whose StudyDescription names the part is mapped, not reported."""
+    root = tmp_path / "export"
+    write(root / "a.dcm", make_dataset(ramp(40, 40), body_part="", StudyDescription="Knie li", patient_id="P1"))
+    write(root / "b.dcm", make_dataset(ramp(41, 40), body_part="", patient_id="P2"))
+    write(root / "c.dcm", make_dataset(ramp(42, 40), body_part="ZZZ", patient_id="P3"))
+    write(root / "d.dcm", make_dataset(ramp(43, 40), body_part="ZZZ", patient_id="P4"))
+    summary = ingest(root, tmp_path / "data", SPEC, KEY)
+    assert summary.regions == {"knee": 1, "unknown": 3}
+    unmapped = pd.read_csv(summary.unmapped_path, keep_default_na=False)
+    assert unmapped.to_dict("records") == [{"value": "ZZZ", "count": 2}, {"value": "", "count": 1}]
+
+
+@pytest.mark.parametrize("policy, frames, reason", [("first", [0], ""), ("middle", [1], ""), ("all", [0, 1, 2], ""),
+                                                    ("reject", [0], "multiframe_rejected")])  # fmt: skip
+def test_multiframe_policy_is_configurable(tmp_path, policy, frames, reason):
+    pixels = np.stack([ramp(), ramp()[::-1], ramp()[:, ::-1]])
+    write(tmp_path / "src" / "cine.dcm", make_dataset(pixels, body_part="HAND", patient_id="P1"))
+    spec = PreprocessingSpec(size=16, multiframe=policy)
+    summary = ingest(tmp_path / "src", tmp_path / "data", spec, KEY)
+    frame = read_manifest(summary.manifest_path)
+    assert list(frame.frame) == frames and set(frame.reason) == {reason}
+    assert frame.image_id.is_unique and summary.n_files == 1
+    if policy == "all":  # every frame is its own image, with its own pixels, in one split
+        shards = load_shards(tmp_path / "data")
+        images = [shards[r.shard][r.shard_index] for r in frame.itertuples()]
+        for index, image in zip(frames, images):
+            np.testing.assert_array_equal(image, preprocess_array_for(pixels[index], spec))
+        assert frame.split.nunique() == 1
+
+
+def preprocess_array_for(frame: np.ndarray, spec: PreprocessingSpec) -> np.ndarray:
+    from xrayops.dicom.pixels import preprocess_array
+
+    return preprocess_array(frame, make_dataset(frame, body_part="HAND"), spec)
+
+
+def test_quality_flags_tiny_extreme_aspect_low_contrast_and_blank(tmp_path):
+    root = tmp_path / "src"
+    big = ramp(300, 280)
+    write(root / "normal.dcm", make_dataset(big, body_part="HAND", patient_id="P1"))
+    write(root / "tiny.dcm", make_dataset(ramp(200, 180), body_part="HAND", patient_id="P2"))
+    write(root / "strip.dcm", make_dataset(ramp(1000, 300), body_part="HAND", patient_id="P3"))  # 3.3:1
+    faint = np.full((300, 280), 2000, np.uint16)
+    faint[150, 140] = 4000  # one bright pixel: not blank, but nearly nothing to see
+    write(root / "faint.dcm", make_dataset(faint, body_part="HAND", patient_id="P4"))
+    write(root / "blank.dcm", make_dataset(np.full((300, 280), 7, np.uint16), body_part="HAND", patient_id="P5"))
+    summary = ingest(root, tmp_path / "data", SPEC, KEY)
+    frame = read_manifest(summary.manifest_path).set_index("source_name")
+    assert dict(frame.quality_flags) == {"normal.dcm": "", "tiny.dcm": "tiny", "strip.dcm": "extreme_aspect",
+                                         "faint.dcm": "low_contrast", "blank.dcm": ""}  # fmt: skip
+    assert frame.loc["blank.dcm", "reason"] == "blank_image"  # nothing at all to see: quarantined, not flagged
+    assert summary.quality_flags == {"extreme_aspect": 1, "low_contrast": 1, "tiny": 1}

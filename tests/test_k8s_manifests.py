@@ -351,6 +351,11 @@ def test_network_policies_isolate_predictor_transformer_and_stores(rendered):
         assert ok(ROUTER, GATEWAY_POD, GATEWAY_NAMESPACE) and not ok(ROUTER, MLFLOW)
         assert ok(TRANSFORMER, ROUTER) and ok(COMBINER, ROUTER) and not ok(PREDICTOR, ROUTER)
         assert not ok(COMBINER, MLFLOW) and not ok(COMBINER, GATEWAY_POD, GATEWAY_NAMESPACE)
+        # The inference-log sink: only the predictors' payload loggers, never a transformer (DICOM).
+        sink = {"app.kubernetes.io/name": "xrayops-inference-log"}
+        assert ok(sink, PREDICTOR) and ok(sink, {**COMBINER, "serving.kserve.io/inferenceservice": "xrayops-member-byol"})
+        assert not ok(sink, TRANSFORMER) and not ok(sink, MLFLOW) and not ok(sink, GATEWAY_POD, GATEWAY_NAMESPACE)
+        assert not ok(sink, ROUTER) and not ok(sink, PREDICTOR, "other")
         # Stores: Postgres only from MLflow, Redis only from the feature server.
         assert ok({"app.kubernetes.io/name": "mlflow-postgres"}, MLFLOW)
         assert not ok({"app.kubernetes.io/name": "mlflow-postgres"}, FEAST)

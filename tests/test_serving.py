@@ -282,6 +282,15 @@ def plain_ip(ip: str) -> str:
     return str(getattr(address, "ipv4_mapped", None) or address)
 
 
+def test_upright_without_an_orientation_head_is_a_400(server, dicoms):
+    body = {"instances": [{"b64": base64.b64encode(dicoms[0]).decode()}], "parameters": {"upright": True}}
+    response = httpx.post(f"{server.url}/v1/models/{server.model_name}:predict", json=body, timeout=60)
+    assert response.status_code == 400 and "orientation head" in response.json()["error"]
+    body["parameters"] = {"upright": "sideways"}
+    response = httpx.post(f"{server.url}/v1/models/{server.model_name}:predict", json=body, timeout=60)
+    assert response.status_code == 400 and "'upright' must be true or false" in response.json()["error"]
+
+
 def test_sockets_are_bound_to_loopback_only(server):
     process = psutil.Process(server.pid)
     # psutil renamed connections() to net_connections() in 6.0.
@@ -325,3 +334,4 @@ def test_dicom_bytes_accepts_raw_and_base64(dicoms):
     assert dicom_bytes(raw, 0) == raw
     assert dicom_bytes(base64.b64encode(raw), 0) == raw
     assert dicom_bytes(base64.b64encode(raw).decode(), 0) == raw
+

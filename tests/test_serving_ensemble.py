@@ -24,6 +24,7 @@ from xrayops.ensemble import ensemble_version
 from xrayops.gradcam import png_to_heatmap
 from xrayops.inference import model_version, predict_arrays
 from xrayops.inference_log import read_log
+from xrayops.upright import upright_image
 
 METHODS = ("simclr", "byol", "supcon")
 NAME = "xray-ens"
@@ -32,7 +33,8 @@ NAME = "xray-ens"
 @pytest.fixture(scope="module")
 def members(tmp_path_factory):
     root = tmp_path_factory.mktemp("members")
-    return [make_bundle(root / m, seed=i, ssl_method=m) for i, m in enumerate(METHODS)]
+    # SupCon carries paper 004's orientation head: the ensemble's angle is that member's.
+    return [make_bundle(root / m, seed=i, ssl_method=m, orientation=m == "supcon") for i, m in enumerate(METHODS)]
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +71,11 @@ def expected_probabilities(members, dicoms) -> np.ndarray:
     return np.mean(per_member, axis=0)
 
 
-def rest_infer(url: str, blobs: list[bytes], gradcam: bool = False):
+def rest_infer(url: str, blobs: list[bytes], gradcam: bool = False, upright: bool = False):
     tensor = InferInput(name="dicom", shape=[len(blobs)], datatype="BYTES")
     tensor.set_data_from_numpy(np.array(blobs, dtype=np.object_), binary_data=True)
-    request = InferRequest(model_name=NAME, infer_inputs=[tensor], parameters={"gradcam": True} if gradcam else None)
+    parameters = {k: True for k, on in (("gradcam", gradcam), ("upright", upright)) if on}
+    request = InferRequest(model_name=NAME, infer_inputs=[tensor], parameters=parameters or None)
 
     async def call():
         client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=120, retries=0))
@@ -94,7 +97,11 @@ def test_rest_answer_is_the_mean_of_the_members(predictor, members, dicoms):
     versions = [model_version(load_bundle(m)) for m in members]
     assert {r.model_version for r in responses} == {ensemble_version(versions)}
     assert [r.dicom_region for r in responses] == ["hand", "knee"]
-    assert all(r.orientation_deg is None for r in responses)  # no member predicts an angle
+    (supcon,) = [load_bundle(m) for m in members if m.name == "supcon"]
+    spec = supcon.meta.preprocessing
+    images = [decode_dicom(b, spec, DecodeLimits(), "k", "x").pixels for b in dicoms]
+    angles = [r.orientation_deg for r in predict_arrays(supcon, images)[0]]
+    np.testing.assert_allclose([r.orientation_deg for r in responses], angles, atol=1e-3)  # the one member with a head
 
 
 def test_grpc_gives_the_same_answer(predictor, dicoms):
@@ -132,6 +139,42 @@ def test_gradcam_on_request(predictor, dicoms):
     np.testing.assert_allclose(png_to_heatmap(base64.b64decode(v1["gradcam_png"])), heatmap, atol=1 / 255)
 
 
+def test_upright_image_on_request(predictor, members, dicoms):
+    """Paper 004: the image turned back by the predicted angle, over v2 (kserve client) and v1."""
+    plain = rest_infer(predictor.url, dicoms[:1])
+    assert plain[0].upright_png is None
+    (answer,) = rest_infer(predictor.url, dicoms[:1], upright=True)
+    spec = load_bundle(members[0]).meta.preprocessing
+    pixels = decode_dicom(dicoms[0], spec, DecodeLimits(), "k", "x").pixels
+    expected = upright_image(pixels.astype(np.float32) / 255.0, answer.orientation_deg)
+    got = png_to_heatmap(base64.b64decode(answer.upright_png))
+    assert got.shape == (SIZE, SIZE)
+    np.testing.assert_allclose(got, expected, atol=1.5 / 255)
+    body = {"instances": [{"b64": base64.b64encode(dicoms[0]).decode()}], "parameters": {"upright": True}}
+    v1 = httpx.post(f"{predictor.url}/v1/models/{NAME}:predict", json=body, timeout=60).json()["predictions"][0]
+    assert v1["upright_png"] == answer.upright_png and v1["orientation_deg"] == pytest.approx(answer.orientation_deg)
+
+
+def test_grpc_model_metadata_reports_the_version(predictor, members):
+    """The v2 ModelMetadata RPC (kserve 0.21 leaves `versions` empty; the server fills it)."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    async def call():
+        client = InferenceGRPCClient(predictor.grpc_address, timeout=60, retries=0)
+        try:
+            ready = await client.is_model_ready(NAME)
+            metadata = await GRPCInferenceServiceStub(client._channel).ModelMetadata(pb.ModelMetadataRequest(name=NAME))
+            return ready, metadata
+        finally:
+            await client.close()
+
+    ready, metadata = asyncio.run(call())
+    versions = [model_version(load_bundle(m)) for m in members]
+    assert ready and metadata.name == NAME and list(metadata.versions) == [ensemble_version(versions)]
+    assert {i.name for i in metadata.inputs} >= {"dicom", "pixels"}
+
+
 def test_concurrent_requests_get_their_own_answers(predictor, members):
     blobs = [make_dicom(body_part="WRIST", seed=100 + i) for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
@@ -160,6 +203,8 @@ def test_predictor_logs_pseudonymised_header_fields_sent_by_the_transformer(tran
     response = httpx.post(f"{transformer.url}/v2/models/{NAME}/infer", content=body, timeout=60,
                           headers={"content-type": "application/octet-stream", "inference-header-content-length": str(n)})
     assert response.status_code == 200, response.text
+    # the predictor answered the transformer with the embedding (for the payload logger); the client never sees it
+    assert "embedding" not in {o["name"] for o in response.json()["outputs"]}
     log = read_log(predictor.log_path)
     row = log[log["request_id"] == "via-transformer"].iloc[0]
     assert row["dicom_region"] == "elbow" and row["manufacturer"] == "ACME" and row["image_id"].startswith("img-")
@@ -189,6 +234,12 @@ def test_cli_predict_prints_json(predictor, tmp_path, dicoms):
     printed = json.loads(result.output)
     assert [p["dicom_region"] for p in printed] == ["hand", "knee"]
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-5 for p in printed)
+    assert all(p["upright_png"] is None for p in printed)
+    upright = CliRunner().invoke(app, ["predict", str(files[0]), "--url", predictor.url, "--model-name", NAME,
+                                       "--upright"])
+    assert upright.exit_code == 0, upright.output
+    (turned,) = json.loads(upright.output)
+    assert png_to_heatmap(base64.b64decode(turned["upright_png"])).shape == (SIZE, SIZE)
     missing = CliRunner().invoke(app, ["predict", str(files[0]), "--url", predictor.url, "--model-name", "nope"])
     assert missing.exit_code == 2 and "404" in missing.output
 

@@ -55,8 +55,9 @@ def documents(name: str) -> list[dict]:
 
 
 def all_documents() -> list[tuple[str, dict]]:
+    """Every KServe resource (the log sink's core kinds are checked by test_k8s_manifests.py)."""
     return [(p.name, d) for p in sorted(SERVING.glob("*.yaml")) if p.name not in ("kustomization.yaml", "patch-gpu.yaml")
-            for d in documents(p.name)]
+            for d in documents(p.name) if d["apiVersion"].startswith("serving.kserve.io/")]
 
 
 def containers(doc: dict) -> list[dict]:
@@ -85,7 +86,8 @@ def test_the_strict_check_catches_a_typo():
 
 def test_kustomization_lists_the_resources():
     kustomization = yaml.safe_load((SERVING / "kustomization.yaml").read_text())
-    assert kustomization["resources"] == ["servingruntime.yaml", "inferenceservice.yaml", "inferencegraph.yaml"]
+    assert kustomization["resources"] == [
+        "servingruntime.yaml", "inferenceservice.yaml", "inferencegraph.yaml", "log-sink.yaml"]
     assert all((SERVING / r).is_file() for r in kustomization["resources"])
 
 
@@ -94,6 +96,7 @@ def test_inferenceservice_has_transformer_s3_storage_and_payload_logger():
     predictor, transformer = doc["spec"]["predictor"], doc["spec"]["transformer"]
     assert predictor["model"]["storageUri"].startswith("s3://") and predictor["model"]["runtime"] == "xrayops"
     assert predictor["logger"]["mode"] == "all" and predictor["logger"]["url"].startswith("http")
+    assert "logger" not in transformer  # its requests are raw DICOM (PHI): never logged
     assert [a for a in predictor["model"]["args"] if a.startswith("--bundle=")] == [
         "--bundle=/mnt/models/simclr", "--bundle=/mnt/models/byol", "--bundle=/mnt/models/supcon"]
     (container,) = transformer["containers"]
@@ -161,7 +164,7 @@ def test_container_args_are_ones_the_cli_accepts():
     from xrayops.cli import app
 
     serve = get_command(app).commands["serve"]
-    known = {opt for p in serve.params for opt in p.opts}
+    known = {opt for p in serve.params for opt in [*p.opts, *getattr(p, "secondary_opts", [])]}
     runtime_args = documents("servingruntime.yaml")[0]["spec"]["containers"][0]["args"]
     arg_lists = [runtime_args]
     for _, doc in all_documents():
@@ -172,3 +175,77 @@ def test_container_args_are_ones_the_cli_accepts():
                 assert arg.split("=", 1)[0] in known, arg
     # the names the KServe controller appends to a transformer
     assert {"--model_name", "--predictor_host", "--http_port"} <= known
+
+
+def components(doc: dict) -> list[tuple[dict, list[dict]]]:
+    """(pod-level spec, its containers) for each pod the resource makes."""
+    spec = doc["spec"]
+    if doc["kind"] == "ServingRuntime":
+        return [(spec, spec["containers"])]
+    found = []
+    for component in ("predictor", "transformer"):
+        part = spec.get(component)
+        if part:
+            found.append((part, part.get("containers", []) + ([part["model"]] if "model" in part else [])))
+    return found
+
+
+def test_pods_run_as_the_image_user_read_only_with_seccomp_and_a_tmp_volume():
+    """uid 10001 is the Dockerfile's user; HOME=/tmp is the only writable path, an emptyDir."""
+    dockerfile = (SERVING.parents[2] / "Dockerfile").read_text()
+    assert "USER 10001:10001" in dockerfile
+    checked = 0
+    for name, doc in all_documents():
+        for pod, pod_containers in components(doc):
+            where = f"{name} {doc['metadata']['name']}"
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            if doc["kind"] != "ServingRuntime":
+                assert pod["securityContext"]["runAsUser"] == 10001, where
+                assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            for container in pod_containers:
+                security = container["securityContext"]
+                assert security["runAsNonRoot"] is True and security["runAsUser"] == 10001, where
+                assert security["readOnlyRootFilesystem"] is True, where
+                assert security["seccompProfile"] == {"type": "RuntimeDefault"}, where
+                assert security["capabilities"] == {"drop": ["ALL"]}, where
+                (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+                assert "emptyDir" in volumes[tmp["name"]], where
+                checked += 1
+    assert checked >= 12  # runtime, region (2), canary (2), 3 members x 2, combiner
+
+
+def test_payload_logger_feeds_the_sink_that_writes_where_the_monitor_reads():
+    sink = {d["kind"]: d for d in documents("log-sink.yaml")}
+    service, deployment = sink["Service"], sink["Deployment"]
+    urls = set()
+    for _, doc in all_documents():
+        for component in ("predictor", "transformer"):
+            logger = (doc["spec"].get(component) or {}).get("logger")
+            if logger:
+                assert component == "predictor", f"{doc['metadata']['name']}: only predictors log (no DICOM)"
+                urls.add(logger["url"])
+    assert urls == {f"http://{service['metadata']['name']}.xrayops.svc.cluster.local"}
+    assert service["spec"]["ports"][0]["port"] == 80
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][0] == "log-sink"
+    log_path = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--log-path="))
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    (volume,) = [n for n in claims if log_path.startswith(mounts[n] + "/")]
+    monitor = SERVING.parent / "monitor"
+    cron = yaml.safe_load((monitor / "cronjob.yaml").read_text())
+    job = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (monitor_claim,) = [v for v in job["volumes"] if v["name"] == "monitoring"]
+    assert monitor_claim["persistentVolumeClaim"]["claimName"] == claims[volume]
+    monitor_mount = next(m["mountPath"] for m in job["initContainers"][0]["volumeMounts"] if m["name"] == "monitoring")
+    current = next(a.split("=", 1)[1] for a in job["initContainers"][0]["args"] if a.startswith("--current="))
+    assert current.removeprefix(monitor_mount) == log_path.removeprefix(mounts[volume])
+    # the sink's args are options of `xrayops log-sink`
+    from typer.main import get_command
+
+    from xrayops.cli import app
+
+    known = {opt for p in get_command(app).commands["log-sink"].params for opt in p.opts}
+    assert all(a.split("=", 1)[0] in known for a in container["args"][1:])

@@ -21,13 +21,14 @@ DX_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image, for presentatio
 
 
 def make_bundle(path: Path, seed: int = 0, ssl_method: str = "simclr", rotation_average: bool = False,
-                size: int = SIZE) -> Path:
-    """A random-weights ResNet18 bundle; confidence threshold 0 so disagreement flags show."""
+                size: int = SIZE, orientation: bool = False) -> Path:
+    """A random-weights ResNet18 bundle; confidence threshold 0 so disagreement flags show.
+    `orientation` adds paper 004's (cos, sin) head (random weights: some angle)."""
     torch.manual_seed(seed)
     backbone, dim = build_backbone("resnet18")
-    model = RegionClassifier(backbone, dim, len(REGIONS), rotation_average)
+    model = RegionClassifier(backbone, dim, len(REGIONS), rotation_average, orientation=orientation)
     meta = ModelBundleMeta(
-        name="xrayops-region", ssl_method=ssl_method, classes=list(REGIONS),
+        name="xrayops-region", ssl_method=ssl_method, classes=list(REGIONS), orientation=orientation,
         preprocessing=PreprocessingSpec(size=size), ood_threshold=0.0, confidence_threshold=0.0,
         lineage=Lineage(dataset_md5="abc.dir", git_commit="deadbeef", pipeline_run=f"run-{ssl_method}",
                         metrics={"accuracy": 0.5}),

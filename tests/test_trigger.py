@@ -47,6 +47,10 @@ def test_policy_from_settings_and_each_signal():
     steady = calm.model_copy(update={"label_noise_rate": 0.3, "reference_label_noise_rate": 0.28})
     assert crossed_signals(steady, POLICY) == {}
     assert crossed_signals(calm.model_copy(update={"reference_label_noise_rate": None, "label_noise_rate": 0.9}), POLICY) == {}
+    # A jump over too few judged predictions (1 of 6 disagreeing) is noise, not a trigger.
+    few = hot.model_copy(update={"n_judged": POLICY.min_judged - 1})
+    assert "label_noise_jump" not in crossed_signals(few, POLICY)
+    assert "label_noise_jump" in crossed_signals(few.model_copy(update={"n_judged": POLICY.min_judged}), POLICY)
 
 
 def test_launch_cooldown_dedup_and_audit_log(tmp_path):

@@ -1,3 +1,5 @@
+import hashlib
+import json
 import shutil
 
 import boto3
@@ -41,13 +43,29 @@ def test_hash_follows_content(git_repo, tmp_path):
     assert first.md5 == again.md5 != changed.md5
 
 
-def test_s3_remote_on_moto(git_repo, s3_endpoint):
+def test_s3_remote_on_moto_push_wipe_pull_verify(git_repo, s3_endpoint, monkeypatch):
     endpoint, bucket = s3_endpoint
     data = _write_dataset(git_repo)
     version = version_dataset(git_repo, data, remote_url=f"s3://{bucket}/datasets", endpoint_url=endpoint)
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=bucket)["Contents"]]
     assert len(keys) == 3 and all(k.startswith("datasets/") for k in keys)
     assert any(version.md5.removesuffix(".dir")[2:] in k for k in keys)
+
+    # A fresh machine: no cache, no data, credentials from an AWS config file instead of the env.
+    original = {p.relative_to(data).as_posix(): p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    shutil.rmtree(data)
+    shutil.rmtree(git_repo / ".dvc" / "cache")
+    credentials = git_repo.parent / "aws-credentials"
+    credentials.write_text("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    pull_dataset(git_repo, git_repo / "data.dvc")
+    pulled = {p.relative_to(data).as_posix(): p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    assert pulled == original
+    # every file's md5 is the one DVC recorded in the directory listing it pushed
+    listing = json.loads(next((git_repo / ".dvc" / "cache").rglob(version.md5.removesuffix(".dir")[2:] + ".dir")).read_text())
+    assert {e["relpath"]: e["md5"] for e in listing} == {k: hashlib.md5(v).hexdigest() for k, v in pulled.items()}
 
 
 def test_missing_dataset_is_a_clear_error(git_repo):

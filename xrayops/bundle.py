@@ -47,6 +47,7 @@ def save_bundle(bundle_dir: Path, model: RegionClassifier, meta: ModelBundleMeta
             "created_at": meta.created_at or datetime.now(timezone.utc),
             "rotation_average": model.rotation_average,  # how the weights must be used
             "orientation": model.orientation_head is not None,
+            "binary_heads": list(model.binary_heads),
         }
     )
     (bundle_dir / META).write_text(meta.model_dump_json(indent=2))
@@ -62,7 +63,9 @@ def load_bundle(bundle_dir: Path, device: str | torch.device = "cpu") -> LoadedB
         backbone, embedding_dim = build_backbone(meta.arch)
         if embedding_dim != meta.embedding_dim:
             raise ValueError(f"{meta.arch} embeds to {embedding_dim} dims, bundle.json says {meta.embedding_dim}")
-        model = RegionClassifier(backbone, embedding_dim, len(meta.classes), meta.rotation_average, meta.orientation)
+        model = RegionClassifier(
+            backbone, embedding_dim, len(meta.classes), meta.rotation_average, meta.orientation, meta.binary_heads
+        )
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     except Exception as exc:  # unknown arch, wrong shapes, damaged file
         raise BundleError(

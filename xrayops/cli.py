@@ -153,6 +153,10 @@ def pretrain(
     arch: Annotated[str, typer.Option(help="resnet18 (paper 000) or resnet50.")] = "resnet18",
     method: Annotated[str, typer.Option(help="simclr, byol or supcon (paper 000; supcon uses the region tags).")] = "simclr",
     lr: Annotated[float, typer.Option(help="Adam learning rate (paper 000: 3e-4, cosine).")] = 3e-4,
+    weight_decay: Annotated[float, typer.Option(help="Adam weight decay (paper 000: 1e-4).")] = 1e-4,
+    temperature: Annotated[float, typer.Option(help="NT-Xent / SupCon temperature (paper 000: 0.5).")] = 0.5,
+    tau_base: Annotated[float, typer.Option(help="BYOL base target momentum (paper 000: 0.9995).")] = 0.9995,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at each epoch's end).")] = 200,
 ) -> None:
     """Pretraining (SimCLR, BYOL or SupCon; paper 000) of the backbone; resumes from a checkpoint.
 
@@ -162,7 +166,8 @@ def pretrain(
 
     settings = get_settings()
     cfg = PretrainConfig(
-        epochs=epochs, batch_size=batch_size, seed=seed, arch=arch, device=settings.device, method=method, lr=lr
+        epochs=epochs, batch_size=batch_size, seed=seed, arch=arch, device=settings.device, method=method, lr=lr,
+        weight_decay=weight_decay, temperature=temperature, tau_base=tau_base, checkpoint_every_steps=checkpoint_every,
     )
     _print_json(run_pretrain(data_dir or settings.data_dir, out, cfg))
 
@@ -175,6 +180,9 @@ def finetune(
     epochs: Annotated[int, typer.Option(help="Epochs for the linear head.")] = 60,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     truth: Annotated[Optional[Path], typer.Option(help="truth.csv from synth: its angles train the orientation head.")] = None,
+    finetune_last_stage: Annotated[
+        bool, typer.Option("--finetune-last-stage", help="Also fine-tune the backbone's last stage (layer4) with the head.")
+    ] = False,
 ) -> None:
     """Train the linear region head on the frozen backbone (paper 000) and write a model bundle.
 
@@ -187,7 +195,8 @@ def finetune(
     if not backbone.exists():
         _fail(f"backbone {backbone} not found; run `xrayops pretrain` first")
     angles = read_truth_angles(truth) if truth else None
-    bundle = run_finetune(data_dir or settings.data_dir, backbone, out, FinetuneConfig(epochs=epochs, seed=seed), angles=angles)
+    cfg = FinetuneConfig(epochs=epochs, seed=seed, finetune_last_stage=finetune_last_stage)
+    bundle = run_finetune(data_dir or settings.data_dir, backbone, out, cfg, angles=angles)
     typer.echo(str(bundle))
 
 
@@ -265,6 +274,14 @@ def serve(
     predictor_protocol: Annotated[
         str, typer.Option("--predictor-protocol", "--predictor_protocol", help="Transformer role: v2 (REST) or grpc-v2.")
     ] = "v2",
+    local_log: Annotated[
+        bool,
+        typer.Option(
+            "--local-log/--no-local-log",
+            help="Append the inference log here (XRAYOPS_INFERENCE_LOG_PATH, else <output_dir>/inference-log); "
+            "off on a cluster, where KServe's payload logger feeds `xrayops log-sink`.",
+        ),
+    ] = True,
 ) -> None:
     """Serve the model with kserve's ModelServer (v1 and Open Inference Protocol v2, REST and gRPC)."""
     from serving.server import serve as run_serve
@@ -283,7 +300,7 @@ def serve(
             host=host or settings.serve_host,
             http_port=http_port or settings.serve_http_port,
             grpc_port=grpc_port or settings.serve_grpc_port,
-            log_path=settings.inference_log_path or settings.output_dir / "inference-log",
+            log_path=(settings.inference_log_path or settings.output_dir / "inference-log") if local_log else None,
             model_name=model_name,
             device=settings.device,
             role=role,
@@ -295,12 +312,36 @@ def serve(
         _fail(str(exc))
 
 
+@app.command("log-sink")
+def log_sink(
+    log_path: Annotated[
+        Optional[Path],
+        typer.Option(help="Inference log folder (default: XRAYOPS_INFERENCE_LOG_PATH, else <output_dir>/inference-log)."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8090,
+    max_event_mb: Annotated[int, typer.Option(help="Largest CloudEvent accepted (413 above).")] = 64,
+) -> None:
+    """Receive KServe payload-logger CloudEvents and append them to the parquet inference log."""
+    from serving.log_sink import run
+
+    settings = get_settings()
+    path = log_path or settings.inference_log_path or settings.output_dir / "inference-log"
+    try:
+        run(path, host=host, port=port, max_event_mb=max_event_mb)
+    except OSError as exc:
+        _fail(f"cannot start the inference-log sink: {exc}")
+
+
 @app.command()
 def predict(
     files: Annotated[list[Path], typer.Argument(help="DICOM files to classify.")],
     url: Annotated[str, typer.Option(help="Base URL of a running `xrayops serve`.")] = "http://127.0.0.1:8080",
     model_name: Annotated[Optional[str], typer.Option(help="Served model name.")] = None,
     gradcam: Annotated[bool, typer.Option(help="Also return a Grad-CAM heatmap per image (base64 PNG).")] = False,
+    upright: Annotated[
+        bool, typer.Option(help="Also return each image turned upright by its predicted angle (base64 PNG; paper 004).")
+    ] = False,
 ) -> None:
     """Send DICOM files to a running server (kserve's InferenceRESTClient, v2) and print the answers."""
     import httpx
@@ -309,7 +350,9 @@ def predict(
 
     settings = get_settings()
     try:
-        responses = predict_files(url, model_name or settings.registered_model_name, files, gradcam=gradcam)
+        responses = predict_files(
+            url, model_name or settings.registered_model_name, files, gradcam=gradcam, upright=upright
+        )
     except httpx.HTTPStatusError as exc:  # the server's 4xx message, not a traceback
         _fail(f"{exc.response.status_code}: {exc.response.text}")
     except (httpx.HTTPError, OSError) as exc:
@@ -327,14 +370,58 @@ def monitor(
     ),
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("outputs/monitor"),
     bundle: Annotated[Optional[Path], typer.Option(help="Served bundle: its confidence and OOD thresholds.")] = None,
+    workspace: Annotated[
+        Optional[Path],
+        typer.Option(help="Evidently workspace for the window's snapshot (default XRAYOPS_EVIDENTLY_WORKSPACE, else <output_dir>/evidently)."),
+    ] = None,
+    snapshot: Annotated[bool, typer.Option(help="Add the window to the workspace (the `xrayops dashboard` panels).")] = True,
+    embedding_reference: Annotated[
+        Optional[Path], typer.Option(help="Inference log of a baseline window for embedding drift (default: the model version's first window).")
+    ] = None,
 ) -> None:
-    """Evidently drift report of the current window against the reference, and the retrain decision."""
+    """Evidently drift report of the current window against the reference, the online label-noise
+    rate (overall, per site, per vendor), the retrain decision, and a snapshot in the Evidently workspace."""
     from xrayops.bundle import load_bundle
     from xrayops.monitor import monitor_window
+    from xrayops.monitor.workspace import default_workspace
 
+    settings = get_settings()
     meta = load_bundle(bundle).meta if bundle else None
-    result = monitor_window(reference, current, out, get_settings(), bundle_meta=meta)
+    target = (workspace or default_workspace(settings)) if snapshot else None
+    result = monitor_window(reference, current, out, settings, bundle_meta=meta, workspace=target,
+                            embedding_reference=embedding_reference)
     _print_json(result)
+
+
+@app.command()
+def dashboard(
+    workspace: Annotated[
+        Optional[Path], typer.Option(help="Evidently workspace (default XRAYOPS_EVIDENTLY_WORKSPACE, else <output_dir>/evidently).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the UI.")] = 8000,
+    screenshot: Annotated[
+        Optional[Path], typer.Option(help="Instead of serving: start the UI, save a headless-Chromium PNG of the dashboard here, stop.")
+    ] = None,
+) -> None:
+    """The quality officers' dashboard: `evidently ui` over the monitoring workspace (drift share,
+    label-noise rate, out-of-domain rate, prediction mix, request volume per window)."""
+    import subprocess
+
+    from xrayops.monitor.ui import capture_workspace, monitoring_project_id, project_url, ui_command
+    from xrayops.monitor.workspace import default_workspace
+
+    target = workspace or default_workspace(get_settings())
+    project_id = monitoring_project_id(target)  # creates the project and its panels on first use
+    if screenshot is not None:
+        try:
+            capture = capture_workspace(target, screenshot)
+        except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
+            _fail(str(exc))
+        typer.echo(str(capture.screenshot))
+        return
+    console.print(f"dashboard: {project_url(f'http://{host}:{port}', project_id)}")
+    raise typer.Exit(subprocess.call(ui_command(target, host, port)))
 
 
 @app.command("audit-labels")
@@ -451,11 +538,30 @@ def pipeline_compile(
     cluster: Annotated[
         bool, typer.Option("--cluster", help="Tasks read xrayops-config and the xrayops-s3/xrayops-deid Secrets (cluster runs).")
     ] = False,
+    gpu_pool: Annotated[
+        Optional[Path], typer.Option(help="JSON/YAML GpuPool of this cluster (accelerator, node selector, tolerations); implies --gpu.")
+    ] = None,
 ) -> None:
     """Compile the training pipeline to KFP v2 YAML."""
+    from pipelines.gpu_pool import GpuPool
     from pipelines.run import compile_pipeline
 
-    typer.echo(str(compile_pipeline(out, gpu=gpu, gpu_node_pool=gpu_node_pool, gpu_count=gpu_count, cluster=cluster)))
+    pool = GpuPool.from_file(gpu_pool) if gpu_pool else None
+    typer.echo(str(compile_pipeline(out, gpu=gpu or pool is not None, gpu_node_pool=gpu_node_pool, gpu_count=gpu_count,
+                                    cluster=cluster, gpu_pool=pool)))
+
+
+@pipeline_app.command("compile-ingestion")
+def pipeline_compile_ingestion(
+    out: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path("outputs/pipeline/xrayops-ingestion.yaml"),
+    cluster: Annotated[bool, typer.Option("--cluster", help="Tasks read xrayops-config and the xrayops-s3/xrayops-deid Secrets.")] = False,
+    source_pvc: Annotated[str, typer.Option(help="PersistentVolumeClaim holding the DICOM folder (mounted at /mnt/dicom).")] = "",
+    parallelism: Annotated[int, typer.Option(help="Most batches ingested at once (0: no limit).")] = 0,
+) -> None:
+    """Compile the ingestion fan-out (plan, ParallelFor ingest batches, merge, DVC version) to KFP v2 YAML."""
+    from pipelines.ingestion import compile_ingestion
+
+    typer.echo(str(compile_ingestion(out, cluster=cluster, source_pvc=source_pvc, parallelism=parallelism)))
 
 
 @pipeline_app.command("run")
@@ -596,14 +702,71 @@ def demo(
     n: Annotated[int, typer.Option(help="Training images to synthesise.")] = 1400,
     pretrain_epochs: Annotated[int, typer.Option(help="SimCLR epochs.")] = 12,
     skip_pipeline_run: Annotated[bool, typer.Option("--skip-pipeline-run", help="Compile the KFP pipeline but do not run it.")] = False,
+    scenario: Annotated[
+        str, typer.Option(help="loop: the whole loop once; drift: a vendor-shifted batch with more wrong tags -> "
+                               "monitoring -> trigger -> retrain on the new DVC version -> gate -> promotion -> reload.")
+    ] = "loop",
+    screenshot: Annotated[Optional[Path], typer.Option(help="drift scenario: where to save the dashboard PNG (default OUT/dashboard.png).")] = None,
 ) -> None:
     """The whole loop on this machine: synth, ingest, version, pretrain, finetune, evaluate, register, serve, monitor, pipeline."""
     from xrayops.demo import DemoConfig, print_summary, run_demo
 
+    if scenario == "drift":
+        from xrayops.scenario import DriftScenarioConfig, run_drift_scenario
+
+        default_out = Path("outputs/demo")
+        cfg = DriftScenarioConfig(out=Path("outputs/demo-drift") if out == default_out else out, n=n,
+                                  pretrain_epochs=pretrain_epochs, screenshot=screenshot)
+        print_summary(run_drift_scenario(cfg, get_settings()), console=Console())
+        return
+    if scenario != "loop":
+        _fail(f"unknown scenario {scenario!r}: loop or drift")
     summary = run_demo(
         DemoConfig(out=out, n=n, pretrain_epochs=pretrain_epochs, run_pipeline=not skip_pipeline_run), get_settings()
     )
     print_summary(summary, console=Console())
+
+
+@app.command()
+def gate(
+    champion: Annotated[str, typer.Option(help="Champion: models:/NAME@champion, models:/NAME/VERSION or a bundle folder.")],
+    challenger: Annotated[str, typer.Option(help="Challenger: models:/NAME/VERSION (promotion needs a registry version).")],
+    data_dir: Annotated[Optional[Path], typer.Option(help="Dataset whose test split is the fixed test set (default XRAYOPS_DATA_DIR).")] = None,
+    dataset_dvc: Annotated[Path, typer.Option(help=".dvc file of that dataset: its md5 names the test set.")] = Path("data.dvc"),
+    truth: Annotated[Optional[Path], typer.Option(help="truth.csv (synth): score against true regions instead of the PACS tags.")] = None,
+    promote: Annotated[bool, typer.Option(help="Move the champion alias when the challenger passes.")] = True,
+    out: Annotated[Path, typer.Option(help="Where to write gate.json.")] = Path("outputs/gate/gate.json"),
+) -> None:
+    """Champion/challenger gate on one fixed, versioned test set: paired-bootstrap CI of the accuracy
+    difference; promote (move the MLflow alias) when the challenger is not worse beyond XRAYOPS_GATE_MARGIN."""
+    from xrayops.data.truth import read_truth
+    from xrayops.evaluate.gate import gate as run_gate
+    from xrayops.evaluate.gate import gate_and_promote, score_bundle
+    from xrayops.registry import RegistryError, parse_model_ref, resolve_bundle
+    from xrayops.versioning import read_dvc_file
+
+    settings = get_settings()
+    data = data_dir or settings.data_dir
+    if not dataset_dvc.is_file():
+        _fail(f"{dataset_dvc} not found: the gate's test set must be a versioned dataset (xrayops version-dataset)")
+    test_set = read_dvc_file(dataset_dvc)["md5"]
+    labels = read_truth(truth) if truth else None
+    scored = []
+    try:
+        target = parse_model_ref(challenger) if promote else None
+        if target is not None and target.version is None:
+            _fail("--challenger must name a registry version (models:/NAME/VERSION) to be promoted")
+        for role, ref in (("champion", champion), ("challenger", challenger)):
+            bundle_dir = resolve_bundle(ref, settings.tracking_uri(), settings.output_dir / "gate" / role)
+            scored.append(score_bundle(bundle_dir, data, test_set, ref, labels))
+    except (RegistryError, ValueError) as exc:
+        _fail(str(exc))
+    kwargs = dict(margin=settings.gate_margin, samples=settings.gate_bootstrap_samples, confidence=settings.gate_confidence)
+    decision = (gate_and_promote(*scored, settings.tracking_uri(), target.name, target.version, **kwargs) if target
+                else run_gate(*scored, **kwargs))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(decision.model_dump_json(indent=2))
+    _print_json(decision)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     feast_project: str = "xrayops"
     feast_online_store: str = "sqlite"
     feast_online_connection: str = ""
+    # This deployment's site id, stamped on every inference-log record (label-noise rate per site).
+    site_id: str = ""
     # Evidently workspace for monitoring snapshots shown by `evidently ui`; empty: <output_dir>/evidently.
     evidently_workspace: Path | None = None
 

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 CONTRACT_VERSION = "1"
+# ManifestRow's optional binary label columns, each of which can train a binary head.
+BINARY_LABEL_COLUMNS = ("abnormal", "implant")
 
 
 class PreprocessingSpec(BaseModel):
@@ -75,6 +77,10 @@ class ManifestRow(BaseModel):
     pixel_sha256: str = ""  # sha256 of the decoded frame: duplicate pixels under another SOP UID
     quality_flags: str = ""  # comma-separated: tiny, extreme_aspect, low_contrast
     burned_in_annotation: str = ""  # BurnedInAnnotation as found (YES/NO/""): text in the pixels may be PHI
+    # Optional binary labels (issue 4), 1.0 / 0.0, empty where unknown; a binary head is trained
+    # when a column has both values: abnormality/fracture (papers 001, 003), implant (paper 002).
+    abnormal: float | None = None
+    implant: float | None = None
 
 
 class DatasetVersion(BaseModel):
@@ -112,6 +118,9 @@ class ModelBundleMeta(BaseModel):
     # "upright" images turned by known amounts). Older bundles have none.
     orientation: bool = False
     orientation_source: str = ""
+    # Binary heads (logistic, on the region embedding) trained from manifest label columns
+    # (BINARY_LABEL_COLUMNS); a probability >= 0.5 means positive. Older bundles have none.
+    binary_heads: list[str] = Field(default_factory=list)
     lineage: Lineage = Field(default_factory=Lineage)
     weights_sha256: str = ""
     created_at: datetime | None = None
@@ -146,6 +155,9 @@ class InferenceLogRecord(BaseModel):
     model_name: str
     model_version: str
     image_id: str = ""  # pseudonym; never the raw UID
+    # The hospital site that served the image (Settings.site_id): the online label-noise rate is
+    # tracked per site and per vendor. Logs written before it read back as "".
+    site: str = ""
     manufacturer: str = ""
     photometric_interpretation: str = ""
     pixel_spacing: float | None = None

@@ -3,14 +3,13 @@ and whether the image's own PACS tag disagrees with a confident prediction (pape
 disagreements found the wrong labels)."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 import numpy as np
 import torch
 from pydicom.dataset import Dataset
 
 from xrayops.bundle import LoadedBundle
 from xrayops.contracts import InferenceLogRecord, InferenceResponse
+from xrayops.inference_log import build_records
 from xrayops.data.dataset import to_unit_float
 from xrayops.models.heads import energy_score, vector_to_angle
 from xrayops.regions import UNKNOWN
@@ -122,7 +121,7 @@ def predict_datasets(
     from xrayops.dicom.decode import DicomError
     from xrayops.dicom.deid import safe_metadata
     from xrayops.dicom.labels import region_from_dataset
-    from xrayops.dicom.pixels import image_statistics, preprocess
+    from xrayops.dicom.pixels import preprocess
 
     if key is None:
         from xrayops.config import get_settings
@@ -137,28 +136,4 @@ def predict_datasets(
         regions.append(region_from_dataset(ds)[1])
         metadata.append(safe_metadata(ds, key))
     responses, embeddings = predict_arrays(bundle, arrays, regions, version=version)
-    now = datetime.now(timezone.utc)
-    records = []
-    for response, array, embedding, meta in zip(responses, arrays, embeddings, metadata):
-        pixel_mean, pixel_std = image_statistics(array)
-        records.append(
-            InferenceLogRecord(
-                timestamp=now,
-                request_id=request_id,
-                model_name=response.model_name,
-                model_version=response.model_version,
-                image_id=str(meta.get("image_id", "")),
-                manufacturer=str(meta.get("manufacturer", "")),
-                photometric_interpretation=str(meta.get("photometric_interpretation", "")),
-                pixel_spacing=meta.get("pixel_spacing"),
-                pixel_mean=pixel_mean,
-                pixel_std=pixel_std,
-                region=response.region,
-                confidence=response.confidence,
-                dicom_region=response.dicom_region,
-                label_disagreement=response.label_disagreement,
-                ood_score=response.ood_score,
-                embedding=[float(v) for v in embedding],
-            )
-        )
-    return responses, records
+    return responses, build_records(responses, arrays, embeddings, request_id, metadata)

@@ -30,6 +30,7 @@ LOG_SCHEMA = pa.schema(
         ("model_name", pa.string()),
         ("model_version", pa.string()),
         ("image_id", pa.string()),
+        ("site", pa.string()),  # absent from older parts: read back as null
         ("manufacturer", pa.string()),
         ("photometric_interpretation", pa.string()),
         ("pixel_spacing", pa.float64()),
@@ -45,25 +46,59 @@ LOG_SCHEMA = pa.schema(
 )
 
 
-def records_for_arrays(
+# The DICOM header fields a record carries (`xrayops.dicom.deid.safe_metadata` keys): pseudonyms
+# and acquisition facts only, never PHI.
+HEADER_FIELDS = ("image_id", "manufacturer", "photometric_interpretation", "pixel_spacing")
+
+
+def header_fields(meta: dict | None) -> dict:
+    """The record's header fields from one image's `safe_metadata` (or the same keys sent over
+    the wire by the DICOM transformer); missing, empty or mistyped values are left out."""
+    meta = meta or {}
+    fields: dict = {}
+    for key in ("image_id", "manufacturer", "photometric_interpretation"):
+        if isinstance(meta.get(key), str) and meta[key]:
+            fields[key] = meta[key]
+    spacing = meta.get("pixel_spacing")
+    if isinstance(spacing, (int, float)) and not isinstance(spacing, bool) and np.isfinite(spacing):
+        fields["pixel_spacing"] = float(spacing)
+    return fields
+
+
+def build_records(
     responses: list[InferenceResponse],
     arrays: list[np.ndarray] | np.ndarray,
-    embeddings: np.ndarray,
+    embeddings: np.ndarray | list,
     request_id: str,
+    metas: list[dict] | None = None,
     timestamp: datetime | None = None,
+    site: str | None = None,
 ) -> list[InferenceLogRecord]:
-    """Log records for images that arrived already preprocessed: there is no DICOM header,
-    so no image id, manufacturer or tag label, only the pixels' statistics and the answer."""
+    """One `InferenceLogRecord` per image (DESIGN.md contract 5), the one place records are made:
+    the answer, the preprocessed pixels' statistics, the embedding, and the pseudonymised header
+    fields in `metas` (none for images that arrived as pixels). Used by in-process prediction,
+    the model server and the cluster's payload-logger sink alike."""
     from xrayops.dicom.pixels import image_statistics
 
+    n = len(responses)
+    metas = list(metas) if metas is not None else [{}] * n
+    if not (len(arrays) == len(embeddings) == len(metas) == n):
+        raise ValueError(
+            f"{n} responses, {len(arrays)} images, {len(embeddings)} embeddings, {len(metas)} header dicts"
+        )
     timestamp = timestamp or datetime.now(timezone.utc)
+    if site is None:  # the deployment's configured site (XRAYOPS_SITE_ID)
+        from xrayops.config import get_settings
+
+        site = get_settings().site_id
     records = []
-    for response, array, embedding in zip(responses, arrays, embeddings):
+    for response, array, embedding, meta in zip(responses, arrays, embeddings, metas):
         pixel_mean, pixel_std = image_statistics(array)
         records.append(
             InferenceLogRecord(
                 timestamp=timestamp,
                 request_id=request_id,
+                site=site,
                 model_name=response.model_name,
                 model_version=response.model_version,
                 pixel_mean=pixel_mean,
@@ -74,6 +109,7 @@ def records_for_arrays(
                 label_disagreement=response.label_disagreement,
                 ood_score=response.ood_score,
                 embedding=[float(v) for v in embedding],
+                **header_fields(meta),
             )
         )
     return records

@@ -42,6 +42,7 @@ from xrayops.dicom.labels import default_synonyms, load_synonyms, region_from_da
 from xrayops.dicom.pixels import decode_for_spec, image_statistics, preprocess_array
 from xrayops.logs import get_logger
 from xrayops.progress import track
+from xrayops.regions import UNKNOWN
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 QUARANTINE_COLUMNS = ["source_name", "image_id", "reason", "detail"]
@@ -134,8 +135,8 @@ def ingest(
 def write_contact_sheet(data_dir: Path, path: Path, limit: int = 64, columns: int = 8) -> Path:
     """A PNG grid of the first `limit` ok images of a dataset, captioned with their region.
 
-    For eyeballing what the pixel pipeline did (inversion, windowing, borders). Captions are
-    regions only, never names or ids.
+    For eyeballing what the pixel pipeline did (inversion, windowing, borders). Captions hold
+    technical tags only (region, transfer syntax, "M1" for inverted MONOCHROME1), never names or ids.
     """
     from xrayops.data.manifest import read_manifest
     from xrayops.data.shards import load_shards
@@ -147,7 +148,21 @@ def write_contact_sheet(data_dir: Path, path: Path, limit: int = 64, columns: in
         raise ValueError(f"{data_dir} has no ok images for a contact sheet")
     shards = load_shards(data_dir)
     arrays = [np.asarray(shards[r.shard][r.shard_index]) for r in ok.itertuples()]
-    return contact_sheet(arrays, [str(r) for r in ok.region], path, columns=columns)
+    captions = [_caption(r.region, r.transfer_syntax, r.photometric_interpretation) for r in ok.itertuples()]
+    return contact_sheet(arrays, captions, path, columns=columns)
+
+
+def _caption(region: str, transfer_syntax: str, photometric: str) -> str:
+    syntax = pydicom.uid.UID(transfer_syntax).keyword if transfer_syntax else ""
+    return " ".join(t for t in (region, syntax or transfer_syntax, "M1" if photometric == "MONOCHROME1" else "") if t)
+
+
+def plan_parts(source_dir: Path, files_per_part: int) -> tuple[int, int]:
+    """(number of files, number of parts) to ingest `source_dir` in parts of <= files_per_part files."""
+    if files_per_part < 1:
+        raise ValueError(f"files_per_part must be positive, got {files_per_part}")
+    n_files = len(find_dicom_files(Path(source_dir)))
+    return n_files, max(1, -(-n_files // files_per_part))
 
 
 def slice_for_part(items: list, index: int, n_parts: int) -> list:
@@ -198,18 +213,12 @@ def _assemble(
     preprocessing_path.write_text(spec.model_dump_json(indent=2) + "\n", encoding="utf-8")
     quarantine_path = _write_csv(_quarantine_table(rows, details), data_dir / "quarantine.csv")
     ok = [r for r in rows if r.status == "ok"]
-    unmapped_path = _write_csv(unmapped_report([r.body_part_raw for r in ok], synonyms), data_dir / "unmapped_body_parts.csv")
-    flags = Counter(flag for r in ok for flag in r.quality_flags.split(",") if flag)
+    unmapped_path = _write_csv(unmapped_values(ok, synonyms), data_dir / "unmapped_body_parts.csv")
     summary = IngestSummary(
         n_files=len(keys),
-        n_ok=len(ok),
-        n_quarantined=len(rows) - len(ok),
         n_processed=n_processed,
         n_reused=len(keys) - n_processed,
-        reasons=dict(sorted(Counter(r.reason for r in rows if r.status != "ok").items())),
-        regions=dict(sorted(Counter(r.region for r in ok).items())),
-        splits=dict(sorted(Counter(r.split for r in ok).items())),
-        quality_flags=dict(sorted(flags.items())),
+        **row_counts(rows),
         data_dir=data_dir,
         manifest_path=manifest_path,
         shards_dir=shards_dir,
@@ -340,6 +349,29 @@ def _process_frame(ds: pydicom.Dataset, index: int | None, row: ManifestRow, spe
     if not std > 0:
         return _quarantine(row, "blank_image", "every preprocessed pixel has the same value")
     return JournalEntry(row.model_copy(update={"quality_flags": ",".join(quality_flags(row, std))}), "", pixels)
+
+
+def row_counts(rows: list[ManifestRow]) -> dict:
+    """The summary's tallies of manifest rows: outcomes, quarantine reasons, regions, splits, flags."""
+    ok = [r for r in rows if r.status == "ok"]
+    flags = Counter(flag for r in ok for flag in r.quality_flags.split(",") if flag)
+    return {
+        "n_ok": len(ok),
+        "n_quarantined": len(rows) - len(ok),
+        "reasons": dict(sorted(Counter(r.reason for r in rows if r.status != "ok").items())),
+        "regions": dict(sorted(Counter(r.region for r in ok).items())),
+        "splits": dict(sorted(Counter(r.split for r in ok).items())),
+        "quality_flags": dict(sorted(flags.items())),
+    }
+
+
+def unmapped_values(ok: list[ManifestRow], synonyms: Mapping[str, str]) -> pd.DataFrame:
+    """BodyPartExamined values (with counts) of the kept images whose region is unknown.
+
+    Images that a description mapped to a region are not counted. Only BodyPartExamined is
+    reported: descriptions and protocol names are free text that PS3.15 removes (action X).
+    """
+    return unmapped_report([r.body_part_raw for r in ok if r.region == UNKNOWN], synonyms)
 
 
 def quality_flags(row: ManifestRow, std: float) -> list[str]:

@@ -14,6 +14,40 @@ import re
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+# DICOM PS3.15 Annex E, Table E.1-1 (Basic Application Level Confidentiality Profile): the action
+# for every attribute ingestion reads, and what it does. U: replace UIDs consistently; Z/D: replace
+# with a (consistent) dummy; X: remove. Those marked "not listed" are not in Table E.1-1 (technical
+# or acquisition attributes, not identifiers) and are kept, truncated to MAX_TEXT_CHARS.
+# Every attribute Table E.1-1 lists and this table does not (names, dates, times, institution,
+# accession number, device serials, comments...) is never read, which is action X.
+PS315_BASIC_PROFILE: dict[str, tuple[str, str]] = {
+    "SOPInstanceUID": ("U", "keyed HMAC pseudonym img-"),
+    "StudyInstanceUID": ("U", "keyed HMAC pseudonym stu-"),
+    "PatientID": ("Z", "keyed HMAC pseudonym pat-"),
+    "StudyDate": ("Z", "removed"),
+    "SeriesDate": ("X/D", "removed"),
+    "AcquisitionDate": ("X/Z/D", "removed"),
+    "ContentDate": ("Z/D", "removed"),
+    "PatientBirthDate": ("Z", "removed"),
+    "StudyDescription": ("X", "read only to derive the region; text removed"),
+    "SeriesDescription": ("X", "read only to derive the region; text removed"),
+    "ProtocolName": ("X/D", "read only to derive the region; text removed"),
+    "BurnedInAnnotation": ("not listed", "kept: flags text burnt into the pixels (Clean Pixel Data option, E.3.1)"),
+    "Modality": ("not listed", "kept"),
+    "PhotometricInterpretation": ("not listed", "kept"),
+    "BitsStored": ("not listed", "kept"),
+    "BodyPartExamined": ("not listed", "kept, and normalised to a region"),
+    "ViewPosition": ("not listed", "kept"),
+    "ImageLaterality": ("not listed", "kept"),
+    "Laterality": ("not listed", "kept"),
+    "Manufacturer": ("not listed", "kept"),
+    "PixelSpacing": ("not listed", "kept"),
+    "ImagerPixelSpacing": ("not listed", "kept"),
+    "Rows": ("not listed", "kept"),
+    "Columns": ("not listed", "kept"),
+}
+KEPT_AS_FOUND = frozenset(k for k, (action, _) in PS315_BASIC_PROFILE.items() if action == "not listed")
+
 # 16 hex digits = 64 bits: collision odds about n^2 / 2^65, negligible for millions of images.
 PSEUDONYM_HEX_DIGITS = 16
 MAX_TEXT_CHARS = 64

@@ -150,3 +150,28 @@ def gate_and_promote(
         if on_promote is not None:
             on_promote(decision)
     return decision
+
+
+def score_bundle(
+    bundle_dir, data_dir, test_set: str, name: str = "", truth: dict[str, str] | None = None, split: str = "test",
+) -> ScoredModel:
+    """The bundle's predictions on the `split` of the dataset at `data_dir` (the DVC version
+    `test_set`), scored against `truth` (source_name -> true region) where given, else the PACS
+    tags; images whose label is not a model class (unknown, out of domain) are left out."""
+    from pathlib import Path
+
+    from xrayops.bundle import load_bundle
+    from xrayops.data.dataset import load_images, read_ok_rows
+    from xrayops.inference import predict_arrays
+
+    bundle = load_bundle(Path(bundle_dir))
+    rows = read_ok_rows(Path(data_dir), split)
+    labels = [truth.get(s, "unknown") if truth is not None else r
+              for s, r in zip(rows["source_name"].astype(str), rows["region"].astype(str))]
+    keep = [i for i, label in enumerate(labels) if label in bundle.meta.classes]
+    if not keep:
+        raise ValueError(f"no labelled images of a model class in split {split!r} of {data_dir}")
+    rows = rows.iloc[keep].reset_index(drop=True)
+    responses, _ = predict_arrays(bundle, list(load_images(Path(data_dir), rows)), rows["region"].astype(str).tolist())
+    return ScoredModel(name=name or str(bundle_dir), test_set=test_set, image_ids=rows["image_id"].astype(str).tolist(),
+                       y_true=[labels[i] for i in keep], y_pred=[r.region for r in responses])

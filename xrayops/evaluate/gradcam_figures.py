@@ -1,8 +1,8 @@
 """Grad-CAM (Selvaraju et al. 2017) of the region classifier, and overlay figures for the report.
 
 Paper 002 proposes saliency maps for quality assurance; here they show what the frozen
-backbone looked at for a sample of right and wrong predictions. Hooks on the backbone's last
-stage (layer4) take its activations and their gradients. With rotation averaging the model
+backbone looked at for a sample of right and wrong predictions, computed by captum's
+LayerGradCam on the backbone's last stage (layer4). With rotation averaging the model
 sees each image turned four ways; each turn's map is turned back and the four are summed,
 which is the Grad-CAM of the averaged model.
 """
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from captum.attr import LayerGradCam
 from matplotlib.figure import Figure
 from torch.nn import functional as F
 
@@ -21,29 +22,22 @@ from xrayops.models.heads import RegionClassifier
 def grad_cam(model: RegionClassifier, images: torch.Tensor, class_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Maps (batch, S, S) in [0, 1] for float images (batch, 1, S, S) in [0, 1].
 
-    `class_ids` default to the predicted classes. The model is left unchanged (eval mode,
-    no gradients kept on its parameters).
+    captum's LayerGradCam on the backbone's layer4 (ReLU of the gradient-weighted channel sum).
+    `class_ids` default to the predicted classes. The model is left unchanged (eval mode, no
+    gradients kept on its parameters).
     """
     model.eval()
-    stage = model.backbone.layer4
-    saved: dict[str, torch.Tensor] = {}
-
-    def keep(_module, _inputs, output):
-        output.retain_grad()
-        saved["activation"] = output
-
-    handle = stage.register_forward_hook(keep)
     try:
         with torch.enable_grad(), torch.inference_mode(False):
             x = images.detach().clone().float().requires_grad_(True)  # a graph even if weights are frozen
-            logits = model(x)
-            chosen = logits.argmax(1) if class_ids is None else class_ids.to(logits.device)
-            logits.gather(1, chosen.view(-1, 1)).sum().backward()
-            activation, gradient = saved["activation"], saved["activation"].grad
-            weights = gradient.mean(dim=(2, 3), keepdim=True)
-            cams = F.relu((weights * activation).sum(1)).detach()  # (turns * batch, h, w)
+            if class_ids is None:
+                with torch.no_grad():
+                    class_ids = model(x).argmax(1)
+            cams = LayerGradCam(model, model.backbone.layer4).attribute(
+                x, target=class_ids.to(x.device), relu_attributions=True
+            )
+            cams = cams.detach().squeeze(1)  # (turns * batch, h, w)
     finally:
-        handle.remove()
         model.zero_grad(set_to_none=True)
     batch = images.shape[0]
     if model.rotation_average:

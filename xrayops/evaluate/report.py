@@ -17,12 +17,21 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import torch
 from matplotlib.figure import Figure  # pyplot-free: renders with Agg, never opens a display
 from pydantic import BaseModel
 
 from xrayops.bundle import load_bundle
 from xrayops.data.dataset import DatasetError, load_images, read_ok_rows, read_preprocessing
-from xrayops.evaluate.metrics import classification_metrics, expected_calibration_error, orientation_metrics, roc_auc
+from xrayops.evaluate.metrics import (
+    binary_metrics_with_ci,
+    classification_metrics,
+    expected_calibration_error,
+    orientation_metrics,
+    roc_auc,
+)
+from xrayops.evaluate.study import RULES, aggregate_binary, aggregate_region
 from xrayops.evaluate.ensemble_eval import ensemble_responses
 from xrayops.evaluate.gradcam_figures import gradcam_figures
 from xrayops.inference import predict_arrays
@@ -147,6 +156,12 @@ def evaluate_predictions(
                 metrics["label_disagreement_precision"] = float(wrong_tag[flagged[both]].mean())
             if wrong_tag.any():
                 metrics["label_disagreement_recall"] = float(flagged[both][wrong_tag].mean())
+    if "study_id" in rows.columns:  # paper 001: one answer per study (majority of its images)
+        if labelled.any():
+            metrics.update(study_accuracy(rows["study_id"].to_numpy()[labelled], probs[labelled], classes, pacs[labelled]))
+        if truth and in_domain.any():
+            metrics.update(study_accuracy(rows["study_id"].to_numpy()[in_domain], probs[in_domain], classes,
+                                          true[in_domain], "truth_"))
     if truth_angles:
         names = rows["source_name"].astype(str).to_numpy()
         true_angle = np.array([truth_angles.get(name, np.nan) for name in names], dtype=float)
@@ -157,6 +172,60 @@ def evaluate_predictions(
         if usable.any():
             metrics.update(orientation_metrics(estimate[usable], true_angle[usable]))
     return metrics
+
+
+def study_accuracy(study_ids, probs: np.ndarray, classes: list[str], reference, prefix: str = "") -> dict:
+    """Study-level region accuracy: the study's prediction is the argmax of its images' mean
+    probabilities, its reference the commonest reference label of its images."""
+    predicted = aggregate_region(study_ids, probs, classes).set_index("study_id")["region"]
+    expected = pd.Series(np.asarray(reference, dtype=str)).groupby(np.asarray(study_ids, dtype=str)).agg(
+        lambda labels: labels.value_counts().index[0]
+    )
+    return {f"{prefix}n_studies": int(len(predicted)),
+            f"{prefix}study_accuracy": float((predicted.sort_index() == expected.sort_index()).mean())}
+
+
+def binary_head_metrics(rows, probabilities: dict[str, np.ndarray], n_boot: int = 1000) -> dict:
+    """For each binary head whose manifest column has labels here: AUC, sensitivity and
+    specificity with bootstrap 95 % CIs (paper 002) per image and per study, by the "at least
+    one" and majority rules (paper 001)."""
+    out: dict = {}
+    for name, p in probabilities.items():
+        if name not in rows.columns:
+            continue
+        y = rows[name].astype(float).to_numpy()
+        known = np.isfinite(y)
+        if not known.any():
+            continue
+        entry = {"image": binary_metrics_with_ci(y[known], p[known], n_boot=n_boot)}
+        for rule in RULES:
+            studies = aggregate_binary(rows["study_id"].astype(str).to_numpy()[known], p[known], y[known], rule)
+            entry[f"study_{rule}"] = {
+                "n_studies": int(len(studies)),
+                **binary_metrics_with_ci(studies["label"].to_numpy(), studies["score"].to_numpy(), n_boot=n_boot),
+            }
+        out[name] = entry
+    return out
+
+
+def bundle_binary_probabilities(bundle, embeddings: np.ndarray) -> dict[str, np.ndarray]:
+    """P(positive) of each of the bundle's binary heads, from its region embeddings."""
+    if not bundle.meta.binary_heads:
+        return {}
+    with torch.no_grad():
+        probs = bundle.model.binary_probabilities(torch.as_tensor(embeddings).to(bundle.device))
+    return {k: v.float().cpu().numpy() for k, v in probs.items()}
+
+
+def binary_section(rows, probabilities: dict[str, np.ndarray]) -> dict:
+    """{"binary": per-head tables, plus flat `<head>_auc/sensitivity/specificity`} (empty if none)."""
+    binary = binary_head_metrics(rows, probabilities)
+    if not binary:
+        return {}
+    out: dict = {"binary": binary}
+    for name, levels in binary.items():  # flat headline numbers for lineage and MLflow
+        out.update({f"{name}_{k}": levels["image"][k] for k in ("auc", "sensitivity", "specificity")})
+    return out
 
 
 def scalar_metrics(scores: dict, prefix: str = "") -> dict[str, float]:
@@ -201,11 +270,21 @@ def render_report(metrics: dict, meta_name: str, split: str, images: list[Path])
     if metrics.get("members"):  # ensemble report: each member beside the ensemble
         columns = {**metrics["members"], "ensemble": metrics}
         keys = [k for k in ("accuracy", "balanced_accuracy", "macro_f1", "cohen_kappa", "mcc", "ece", "truth_accuracy",
-                            "truth_balanced_accuracy", "truth_macro_f1", "ood_auroc", "orientation_mae_deg")
+                            "truth_balanced_accuracy", "truth_macro_f1", "ood_auroc", "orientation_mae_deg",
+                            "study_accuracy", "truth_study_accuracy", "abnormal_auc", "implant_auc")
                 if any(k in c for c in columns.values())]
         comparison = "<h2>Ensemble and members</h2>" + _table(
             ["metric", *columns], [[k, *(_fmt(c.get(k)) for c in columns.values())] for k in keys]
         )
+    binary_rows = []
+    for name, levels in (metrics.get("binary") or {}).items():
+        for level, m in levels.items():
+            binary_rows.append([f"{name} ({level.replace('_', ' ')})", *(
+                f"{_fmt(m[k])} [{_fmt(m[k + '_ci'][0])}, {_fmt(m[k + '_ci'][1])}]" for k in ("auc", "sensitivity", "specificity")
+            ), f"{m['n_positive']} / {m['n_negative']}"])
+    binary = "<h2>Binary heads (95 % bootstrap CIs)</h2>" + _table(
+        ["head", "AUC", "sensitivity", "specificity", "positives / negatives"], binary_rows
+    ) if binary_rows else ""
     figures = "".join(
         f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
         f"<figcaption>{html.escape(p.stem.replace('_', ' '))}</figcaption></figure>"
@@ -224,7 +303,7 @@ def render_report(metrics: dict, meta_name: str, split: str, images: list[Path])
         f"<h1>{html.escape(meta_name)}: evaluation on split “{html.escape(split)}”</h1>"
         "<p>Chance levels: uniform guessing (chance_uniform) and always answering the most frequent "
         "class (chance_majority).</p>"
-        f"<h2>Summary</h2>{summary}{comparison}<h2>Detection, orientation and labels</h2>{other}"
+        f"<h2>Summary</h2>{summary}{comparison}{binary}<h2>Detection, orientation and labels</h2>{other}"
         f"<h2>Per class (accuracy = recall)</h2>{per_class}<h2>Figures</h2>"
         "<p>Confusion matrices; Grad-CAM overlays (what the backbone looked at) for a sample of right and "
         f"wrong predictions.</p>{figures}</body></html>"
@@ -273,10 +352,11 @@ def evaluate_bundle(
     to `gradcam_per_group` right and wrong predictions (vs truth where known, else the tags)."""
     bundle = load_bundle(bundle_dir)
     rows, images = _load_split(bundle.meta, data_dir, split)
-    responses, _ = predict_arrays(bundle, list(images), rows["region"].astype(str).tolist())
+    responses, embeddings = predict_arrays(bundle, list(images), rows["region"].astype(str).tolist())
     classes = list(bundle.meta.classes)
     metrics = {"split": split, "model": bundle.meta.name, "weights_sha256": bundle.meta.weights_sha256}
     metrics.update(evaluate_predictions(rows, responses, classes, truth, bundle.meta.temperature, truth_angles))
+    metrics.update(binary_section(rows, bundle_binary_probabilities(bundle, embeddings)))
     scored = [k for k in ("vs_pacs", "vs_truth") if k in metrics]
     if not scored:
         raise DatasetError(f"split {split!r} of {data_dir} has no PACS region labels and no truth: nothing to score")
@@ -294,7 +374,11 @@ def evaluate_bundle(
                 bundle.model, images[index], [responses[i].region for i in index], [reference[i] for i in index],
                 out_dir, gradcam_per_group, device=bundle.device,
             )
-    metrics_path, pngs, html_path = _write_outputs(metrics, classes, split, out_dir, bundle.meta.name, gradcams)
+    return _write_result(metrics, classes, split, out_dir, bundle.meta.name, gradcams)
+
+
+def _write_result(metrics: dict, classes, split: str, out_dir: Path, name: str, gradcams: list) -> EvaluationResult:
+    metrics_path, pngs, html_path = _write_outputs(metrics, classes, split, out_dir, name, gradcams)
     return EvaluationResult(
         split=split,
         metrics=metrics,
@@ -327,12 +411,14 @@ def evaluate_ensemble(
     rows, images = _load_split(first, data_dir, split)
     tags = rows["region"].astype(str).tolist()
     classes = list(first.classes)
-    member_responses, members = [], {}
+    member_responses, members, member_binary = [], {}, []
     for directory, bundle in zip(bundle_dirs, bundles):
-        responses, _ = predict_arrays(bundle, list(images), tags)
+        responses, embeddings = predict_arrays(bundle, list(images), tags)
         member_responses.append(responses)
         key = f"{bundle.meta.ssl_method}:{Path(directory).name}"
         members[key] = evaluate_predictions(rows, responses, classes, truth, bundle.meta.temperature, truth_angles)
+        member_binary.append(bundle_binary_probabilities(bundle, embeddings))
+        members[key].update(binary_section(rows, member_binary[-1]))
     responses = ensemble_responses(member_responses, [b.meta for b in bundles])
     metrics = {
         "split": split,
@@ -340,13 +426,10 @@ def evaluate_ensemble(
         "weights_sha256": ",".join(b.meta.weights_sha256 for b in bundles),
     }
     metrics.update(evaluate_predictions(rows, responses, classes, truth, None, truth_angles))
+    # Binary heads: the mean probability of the members that have the head (as for the regions).
+    heads = sorted({name for probs in member_binary for name in probs})
+    metrics.update(binary_section(rows, {
+        name: np.mean([probs[name] for probs in member_binary if name in probs], axis=0) for name in heads
+    }))
     metrics["members"] = members
-    metrics_path, pngs, html_path = _write_outputs(metrics, classes, split, Path(out_dir), metrics["model"], [])
-    return EvaluationResult(
-        split=split,
-        metrics=metrics,
-        metrics_path=metrics_path,
-        confusion_png=pngs.get("vs_pacs", pngs.get("vs_truth")),
-        truth_confusion_png=pngs.get("vs_truth"),
-        html_path=html_path,
-    )
+    return _write_result(metrics, classes, split, Path(out_dir), metrics["model"], [])

@@ -71,6 +71,7 @@ class RegionClassifier(nn.Module):
         n_classes: int,
         rotation_average: bool = False,
         orientation: bool = False,
+        binary: tuple[str, ...] | list[str] = (),
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -78,6 +79,13 @@ class RegionClassifier(nn.Module):
         self.rotation_average = rotation_average
         # paper 004: a 2-unit linear regression of (cos, sin) of the orientation angle.
         self.orientation_head = orientation_head(embedding_dim) if orientation else None
+        # Binary heads (abnormality: papers 001/003; implant: paper 002): one logistic unit
+        # each on the region embedding. Empty by default, so older weights load unchanged.
+        self.binary_heads = nn.ModuleDict({name: nn.Linear(embedding_dim, 1) for name in binary})
+
+    def binary_probabilities(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+        """P(positive) per binary head, (batch,) each, from region embeddings."""
+        return {name: torch.sigmoid(head(embedding).squeeze(-1)) for name, head in self.binary_heads.items()}
 
     def turned_embeddings(self, x: torch.Tensor) -> torch.Tensor:
         """(4, batch, D): the backbone's embeddings of x turned by 0, 90, 180, 270 degrees

@@ -164,24 +164,14 @@ class SupConLoss(nn.Module):
         return per_anchor.mean()
 
 
-class SupConModel(SSLModel):
+class SupConModel(SimCLRModel):
     """SupCon (paper 000: "the positives are all views of the same class"); SimCLR's
     projection head, and the PACS region tags as classes."""
 
     needs_labels = True
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        embedding_dim: int,
-        hidden_dim: int = 512,
-        out_dim: int = 128,
-        temperature: float = 0.5,
-        **_: object,
-    ) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.projection = SimCLRProjectionHead(embedding_dim, hidden_dim, out_dim, num_layers=2, batch_norm=True)
+    def __init__(self, backbone: nn.Module, embedding_dim: int, temperature: float = 0.5, **kwargs: object) -> None:
+        super().__init__(backbone, embedding_dim, temperature=temperature, **kwargs)
         self.criterion = SupConLoss(temperature)
 
     def loss(self, view_a: torch.Tensor, view_b: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

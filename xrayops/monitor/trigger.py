@@ -37,6 +37,7 @@ class TriggerSignals(BaseModel):
     drift_share: float | None = None
     drifted_columns: list[str] = Field(default_factory=list)
     label_noise_rate: float | None = None
+    n_judged: int | None = None  # confident, tagged predictions behind the rate (None: not reported)
     reference_label_noise_rate: float | None = None
     ood_rate: float | None = None
     reviewed_accuracy: float | None = None  # champion accuracy on labels reviewed in the window
@@ -49,6 +50,8 @@ class TriggerPolicy(BaseModel):
     ood_rate: float = 0.2
     min_reviewed_accuracy: float | None = None
     min_reviewed: int = 20  # fewer reviewed labels say too little about accuracy
+    # A rate over fewer judged predictions is too noisy to jump on: at 30, one image moves it 3 points.
+    min_judged: int = 30
     cooldown: timedelta = timedelta(hours=24)
 
     @classmethod
@@ -78,7 +81,8 @@ def crossed_signals(signals: TriggerSignals, policy: TriggerPolicy) -> dict[str,
     if signals.drift_share is not None and signals.drift_share >= policy.drift_share:
         out["drift_share"] = (f"data drift share {signals.drift_share:.2f} >= {policy.drift_share:.2f}"
                               + (f" ({', '.join(signals.drifted_columns)})" if signals.drifted_columns else ""))
-    if signals.label_noise_rate is not None and signals.reference_label_noise_rate is not None:
+    enough = signals.n_judged is None or signals.n_judged >= policy.min_judged
+    if signals.label_noise_rate is not None and signals.reference_label_noise_rate is not None and enough:
         jump = signals.label_noise_rate - signals.reference_label_noise_rate
         if jump >= policy.label_noise_jump:
             out["label_noise_jump"] = (f"label-noise rate {signals.label_noise_rate:.1%} is {jump:+.1%} over its "
@@ -119,10 +123,13 @@ class AuditLog:
             os.fsync(f.fileno())
 
 
-def reference_noise_rate(history: list[TriggerDecision], model_version: str) -> float | None:
-    """The first label-noise rate logged while `model_version` was serving."""
+def reference_noise_rate(history: list[TriggerDecision], model_version: str, min_judged: int = 0) -> float | None:
+    """The first label-noise rate logged while `model_version` was serving (over at least
+    `min_judged` judged predictions, where the window reported its count)."""
     for decision in history:
-        if decision.model_version == model_version and decision.signals.label_noise_rate is not None:
+        n = decision.signals.n_judged
+        if (decision.model_version == model_version and decision.signals.label_noise_rate is not None
+                and (n is None or n >= min_judged)):
             return decision.signals.label_noise_rate
     return None
 
@@ -153,7 +160,7 @@ def decide_and_launch(
     now = now or datetime.now(timezone.utc)
     history = audit_log.read()
     if signals.reference_label_noise_rate is None:
-        reference = reference_noise_rate(history, signals.model_version)
+        reference = reference_noise_rate(history, signals.model_version, policy.min_judged)
         signals = signals.model_copy(update={"reference_label_noise_rate": reference})
     crossed = crossed_signals(signals, policy)
     decision = TriggerDecision(
@@ -183,6 +190,7 @@ def signals_from_monitor(result, window_id: str, model_version: str = "") -> Tri
     return TriggerSignals(
         window_id=window_id, model_version=model_version, drift_share=result.drift.drift_share,
         drifted_columns=list(result.drift.drifted_columns), label_noise_rate=result.label_noise_rate,
+        n_judged=result.label_noise.n_judged if getattr(result, "label_noise", None) is not None else None,
         ood_rate=result.ood_rate,
     )
 

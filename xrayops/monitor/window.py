@@ -12,6 +12,7 @@ from xrayops.contracts import ModelBundleMeta
 from xrayops.inference_log import read_log
 from xrayops.monitor.decision import RetrainDecision, decide_retrain, label_noise_rate, ood_rate
 from xrayops.monitor.drift import DriftResult, drift_report, is_inference_log
+from xrayops.monitor.label_noise import LabelNoiseReport, label_noise_report
 from xrayops.monitor.workspace import WindowSnapshot, log_window, window_signals
 
 RESULT_NAME = "monitor.json"
@@ -22,6 +23,8 @@ DEFAULT_MIN_CONFIDENCE = ModelBundleMeta.model_fields["confidence_threshold"].de
 class MonitorResult(BaseModel):
     drift: DriftResult
     label_noise_rate: float | None = None
+    # The same rate broken down per site and per vendor (manufacturer), inference logs only.
+    label_noise: LabelNoiseReport | None = None
     ood_rate: float | None = None
     decision: RetrainDecision
     result_path: Path
@@ -58,10 +61,11 @@ def monitor_window(
     settings = settings or get_settings()
     ref_df, cur_df = read_window(reference), read_window(current)
     drift = drift_report(ref_df, cur_df, out_dir)
-    noise = ood = None
+    noise = ood = noise_report = None
     if is_inference_log(cur_df):
         min_confidence = bundle_meta.confidence_threshold if bundle_meta else DEFAULT_MIN_CONFIDENCE
         noise = label_noise_rate(cur_df, min_confidence)
+        noise_report = label_noise_report(cur_df, min_confidence)
         if bundle_meta is not None and bundle_meta.ood_threshold is not None:
             ood = ood_rate(cur_df, bundle_meta.ood_threshold)
     decision = decide_retrain(drift, label_noise_rate=noise, ood_rate=ood, settings=settings)
@@ -72,7 +76,8 @@ def monitor_window(
         snapshot = log_window(workspace, ref_df, cur_df, signals, baseline, seed=settings.seed)
     result_path = Path(out_dir) / RESULT_NAME
     result = MonitorResult(
-        drift=drift, label_noise_rate=noise, ood_rate=ood, decision=decision, result_path=result_path,
+        drift=drift, label_noise_rate=noise, label_noise=noise_report, ood_rate=ood, decision=decision,
+        result_path=result_path,
         snapshot=snapshot,
     )
     result_path.write_text(result.model_dump_json(indent=2))

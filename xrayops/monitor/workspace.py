@@ -325,3 +325,8 @@ def log_window(
     return result
 
 
+
+
+def default_workspace(settings) -> Path:
+    """The configured Evidently workspace (XRAYOPS_EVIDENTLY_WORKSPACE), else <output_dir>/evidently."""
+    return Path(settings.evidently_workspace or Path(settings.output_dir) / "evidently")

@@ -1,0 +1,234 @@
+"""`xrayops demo --scenario drift`: continual retraining, end to end, on one machine.
+
+1. A champion is trained on dataset version v1 (synthetic, one vendor), registered in MLflow
+   (alias `champion`) and served by the kserve ModelServer on 127.0.0.1.
+2. Traffic: two calm windows, then two windows of a vendor-shifted batch with a raised
+   mislabel rate (`synth --shift --mislabel-rate`). Every window is monitored against the
+   training manifest and logged to the Evidently workspace (drift share, label-noise rate,
+   OOD rate, prediction mix, volume), so the dashboard shows them rising.
+3. The trigger (thresholds from Settings, cooldown and dedup, JSONL audit log) fires on the
+   first shifted window; its launcher retrains in process: the shifted batch is ingested with
+   the old data as dataset version v2 (DVC), and the challenger's head is trained on v2 over
+   the champion's backbone (paper 000: linear head on a frozen SSL backbone). The second
+   shifted window is suppressed (same cause), not a second run.
+4. Gate: champion and challenger are scored on one fixed, versioned test set (the test split
+   of v2, its md5 recorded) against the true regions; the paired-bootstrap gate promotes the
+   challenger when it is not worse beyond the margin, moving the MLflow alias.
+5. Reload: the server is restarted on `models:/NAME@champion` and answers with the new version.
+6. A headless-Chromium screenshot of the dashboard (when Chromium is installed).
+
+Like `xrayops.demo`, this is a composition root: it reaches `serving` lazily.
+"""
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydantic import BaseModel
+
+from xrayops.config import Settings
+from xrayops.demo import DemoSummary, _run_step
+from xrayops.logs import get_logger
+
+log = get_logger(__name__)
+
+
+class DriftScenarioConfig(BaseModel):
+    out: Path = Path("outputs/demo-drift")
+    repo_dir: Path = Path(".")
+    n: int = 1400  # v1 training images
+    n_window: int = 120  # served images per traffic window
+    seed: int = 0
+    synth_size: int = 160
+    image_size: int = 64
+    mislabel_rate: float = 0.05  # PACS tags wrong in the calm data
+    shifted_mislabel_rate: float = 0.30  # ... and in the shifted batch
+    shift: float = 1.0  # share of the shifted batch from the second vendor
+    ood_rate: float = 0.03
+    pretrain_epochs: int = 12
+    pretrain_lr: float = 1e-3
+    batch_size: int = 128
+    finetune_epochs: int = 100
+    workers: int = 2
+    screenshot: Path | None = None  # default: <out>/dashboard.png
+    gate_margin: float | None = None  # default: Settings.gate_margin
+
+
+def _truth(*sets: tuple[str, Any]) -> dict[str, str]:
+    """source_name -> true region, for synth sets landed in sub-folders of the PACS export."""
+    from xrayops.data.truth import read_truth
+
+    return {f"{prefix}/{name}": region for prefix, s in sets for name, region in read_truth(s.truth_path).items()}
+
+
+def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSummary:
+    from xrayops.bundle import load_bundle
+    from xrayops.contracts import Lineage, PreprocessingSpec
+    from xrayops.data.synth import synthesize
+    from xrayops.evaluate.gate import gate_and_promote, score_bundle
+    from xrayops.ingest import ingest
+    from xrayops.inference_log import read_log
+    from xrayops.monitor.trigger import AuditLog, TriggerPolicy, decide_and_launch, signals_from_monitor
+    from xrayops.monitor.window import monitor_window
+    from xrayops.monitor.workspace import default_workspace
+    from xrayops.registry import register_bundle, resolve_bundle
+    from xrayops.train.finetune import FinetuneConfig, finetune
+    from xrayops.train.pretrain import PretrainConfig, pretrain
+    from xrayops.versioning import git_commit, version_dataset
+
+    out = cfg.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    repo = cfg.repo_dir.resolve()
+    data_dir = settings.data_dir if settings.data_dir.is_absolute() else repo / settings.data_dir
+    settings = settings.model_copy(update={"output_dir": out})
+    name = settings.registered_model_name
+    workspace = default_workspace(settings)
+    summary = DemoSummary(out=out)
+    state: dict[str, Any] = {}
+    spec = PreprocessingSpec(size=cfg.image_size)
+    key = settings.deid_key.get_secret_value()
+    pacs = out / "pacs"
+
+    def do_synth():
+        state["train"] = synthesize(out / "synth" / "train", n=cfg.n, seed=cfg.seed, size=cfg.synth_size,
+                                    mislabel_rate=cfg.mislabel_rate, shift=0.0, ood_rate=cfg.ood_rate)
+        state["calm"] = synthesize(out / "synth" / "calm", n=2 * cfg.n_window, seed=cfg.seed + 1, size=cfg.synth_size,
+                                   mislabel_rate=cfg.mislabel_rate, shift=0.0, ood_rate=cfg.ood_rate)
+        state["shifted"] = synthesize(out / "synth" / "shifted", n=2 * cfg.n_window, seed=cfg.seed + 2,
+                                      size=cfg.synth_size, mislabel_rate=cfg.shifted_mislabel_rate, shift=cfg.shift,
+                                      ood_rate=cfg.ood_rate)
+        # The PACS export ingestion reads: v1 now, the shifted batch joins it (as v2/) when retraining.
+        shutil.copytree(state["train"].dicom_dir, pacs / "v1", dirs_exist_ok=True)
+        return ({"train": state["train"].dicom_dir, "calm": state["calm"].dicom_dir, "shifted": state["shifted"].dicom_dir},
+                {"n_train": state["train"].n_files, "n_shifted": state["shifted"].n_files,
+                 "shifted_mislabeled": state["shifted"].n_mislabeled})
+
+    def do_champion():
+        summary_v1 = ingest(pacs, data_dir, spec, key, workers=cfg.workers,
+                            synonyms_path=settings.body_part_synonyms)
+        v1 = version_dataset(repo, data_dir, remote_url=settings.dvc_remote(), endpoint_url=settings.s3_endpoint_url)
+        state["reference"] = out / "reference-v1.parquet"
+        pd.read_parquet(data_dir / "manifest.parquet").to_parquet(state["reference"])  # v1, kept for monitoring
+        pre = pretrain(data_dir, out / "pretrain", PretrainConfig(
+            epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr, batch_size=cfg.batch_size, seed=cfg.seed, device=settings.device))
+        state["backbone"] = pre.backbone_path
+        lineage = Lineage(dataset_md5=v1.md5, git_commit=git_commit(repo), pipeline_run="xrayops-demo-drift")
+        bundle = finetune(data_dir, pre.backbone_path, out / "champion", FinetuneConfig(epochs=cfg.finetune_epochs, seed=cfg.seed),
+                          lineage=lineage)
+        registered = register_bundle(bundle, settings.tracking_uri(), name, lineage, alias="champion")
+        state["v1"], state["champion"] = v1, registered
+        return ({"bundle": bundle, "model_uri": registered.model_uri},
+                {"v1_md5": v1.md5, "ok": summary_v1.n_ok, "champion_version": registered.version})
+
+    def serve_ref(ref_version: str, files: list[Path], log_path: Path | None):
+        from serving.client import predict_files
+        from serving.server import running_server
+
+        bundle_dir = resolve_bundle(f"models:/{name}@champion", settings.tracking_uri(), out / "served" / ref_version)
+        with running_server(bundle_dir, log_path=log_path, model_name=name, model_version=ref_version,
+                            enable_grpc=False) as url:
+            return [r for k in range(0, len(files), cfg.n_window)
+                    for r in predict_files(url, name, files[k:k + cfg.n_window])], bundle_dir
+
+    def do_traffic():
+        calm = sorted(Path(state["calm"].dicom_dir).glob("*.dcm"))
+        shifted = sorted(Path(state["shifted"].dicom_dir).glob("*.dcm"))
+        log_path = out / "inference-log"
+        from serving.client import predict_files
+        from serving.server import running_server
+
+        version = str(state["champion"].version)
+        bundle_dir = resolve_bundle(f"models:/{name}@champion", settings.tracking_uri(), out / "served" / version)
+        batches = [calm[:cfg.n_window], calm[cfg.n_window:], shifted[:cfg.n_window], shifted[cfg.n_window:]]
+        bounds = []
+        with running_server(bundle_dir, log_path=log_path, model_name=name, model_version=version,
+                            enable_grpc=False) as url:
+            for batch in batches:
+                start = datetime.now(timezone.utc)
+                responses = predict_files(url, name, batch)
+                bounds.append((start, datetime.now(timezone.utc)))
+        served = read_log(log_path)
+        windows = []
+        for k, (start, end) in enumerate(bounds):
+            frame = served[(served["timestamp"] >= pd.Timestamp(start)) & (served["timestamp"] <= pd.Timestamp(end))]
+            path = out / "windows" / f"window-{k}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            frame.to_parquet(path)
+            windows.append(path)
+        state["windows"] = windows
+        return ({"inference_log": log_path}, {"windows": [len(pd.read_parquet(w)) for w in windows],
+                                              "served_version": responses[-1].model_version})
+
+    def retrain(arguments: dict) -> str:
+        """The trigger's launcher: ingest the new export into v2, version it, train the challenger."""
+        shutil.copytree(state["shifted"].dicom_dir, pacs / "v2", dirs_exist_ok=True)
+        summary_v2 = ingest(pacs, data_dir, spec, key, workers=cfg.workers, synonyms_path=settings.body_part_synonyms)
+        v2 = version_dataset(repo, data_dir, remote_url=settings.dvc_remote(), endpoint_url=settings.s3_endpoint_url)
+        lineage = Lineage(dataset_md5=v2.md5, git_commit=git_commit(repo), pipeline_run=f"retrain {arguments['trigger_window']}")
+        bundle = finetune(data_dir, state["backbone"], out / "challenger",
+                          FinetuneConfig(epochs=cfg.finetune_epochs, seed=cfg.seed), lineage=lineage)
+        registered = register_bundle(bundle, settings.tracking_uri(), name, lineage, alias="challenger")
+        state.update(v2=v2, challenger=registered, challenger_bundle=bundle, v2_ok=summary_v2.n_ok)
+        return f"in-process:{registered.model_uri}"
+
+    def do_monitor():
+        meta = load_bundle(out / "champion").meta
+        audit = AuditLog(out / "monitor" / "trigger.jsonl")
+        policy = TriggerPolicy.from_settings(settings)
+        rows = []
+        for k, window in enumerate(state["windows"]):
+            result = monitor_window(state["reference"], window, out / "monitor" / f"window-{k}", settings,
+                                    bundle_meta=meta, workspace=workspace)
+            decision = decide_and_launch(signals_from_monitor(result, result.snapshot.timestamp.isoformat(),
+                                                              str(state["champion"].version)), policy, audit, retrain)
+            rows.append({"window": k, "drift_share": round(result.drift.drift_share, 3),
+                         "label_noise_rate": None if result.label_noise_rate is None else round(result.label_noise_rate, 3),
+                         "ood_rate": None if result.ood_rate is None else round(result.ood_rate, 3),
+                         "action": decision.action, "crossed": decision.crossed, "suppressed_by": decision.suppressed_by})
+        state["monitor_rows"] = rows
+        return {"workspace": workspace, "audit_log": audit.path}, {"windows": rows}
+
+    def do_gate():
+        if "challenger" not in state:
+            raise RuntimeError("the trigger launched no retraining run; nothing to gate (see the audit log)")
+        truth = _truth(("v1", state["train"]), ("v2", state["shifted"]))
+        test_set = state["v2"].md5
+        champion = score_bundle(out / "champion", data_dir, test_set, state["champion"].model_uri, truth)
+        challenger = score_bundle(state["challenger_bundle"], data_dir, test_set, state["challenger"].model_uri, truth)
+        decision = gate_and_promote(champion, challenger, settings.tracking_uri(), name, state["challenger"].version,
+                                    margin=settings.gate_margin if cfg.gate_margin is None else cfg.gate_margin,
+                                    samples=settings.gate_bootstrap_samples,
+                                    confidence=settings.gate_confidence)
+        state["gate"] = decision
+        (out / "gate.json").write_text(decision.model_dump_json(indent=2))
+        return ({"gate": out / "gate.json"},
+                {"promote": decision.promote, "test_set": test_set, "n": decision.n,
+                 "champion_accuracy": round(decision.champion_accuracy, 3),
+                 "challenger_accuracy": round(decision.challenger_accuracy, 3),
+                 "ci": [round(decision.ci_low, 3), round(decision.ci_high, 3)], "v2_ok": state["v2_ok"]})
+
+    def do_reload():
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=settings.tracking_uri(), registry_uri=settings.tracking_uri())
+        version = str(client.get_model_version_by_alias(name, "champion").version)
+        files = sorted(Path(state["shifted"].dicom_dir).glob("*.dcm"))[:8]
+        responses, bundle_dir = serve_ref(version, files, None)
+        return ({"served_bundle": bundle_dir},
+                {"champion_alias_version": version, "served_versions": sorted({r.model_version for r in responses})})
+
+    def do_dashboard():
+        from xrayops.monitor.ui import capture_workspace, find_chromium
+
+        if find_chromium() is None:
+            return {}, {"screenshot": "skipped: no chromium"}
+        shot = capture_workspace(workspace, cfg.screenshot or out / "dashboard.png", log_path=out / "evidently-ui.log")
+        return {"screenshot": shot.screenshot}, {"panels_rendered": True}
+
+    for step, fn in [("synth", do_synth), ("champion", do_champion), ("traffic", do_traffic), ("monitor", do_monitor),
+                     ("gate", do_gate), ("reload", do_reload), ("dashboard", do_dashboard)]:
+        _run_step(summary, step, fn)
+    return summary
