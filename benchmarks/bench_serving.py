@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -90,12 +91,47 @@ def stats(latencies_s: list[float]) -> dict:
             "throughput_per_s": round(len(ms) / float(np.sum(latencies_s)), 2)}
 
 
+WRK_SCRIPT = """
+local f = assert(io.open(os.getenv("WRK_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*all")
+f:close()
+{headers}
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("XRAYOPS %d %d %d %d %d %d %d %.1f %.1f\\n", summary.requests, e.connect, e.read, e.write,
+    e.status, e.timeout, summary.duration, latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+end
+"""
+
+
+def run_wrk(url: str, body_path: Path, headers: dict, concurrency: int, duration: float, work: Path) -> dict:
+    """A bounded wrk run posting the same v2 binary request; every non-2xx, socket error or timeout
+    counts as an error (wrk's own default 2 s timeout would count queueing as failure, so 120 s)."""
+    script = work / "post.lua"
+    script.write_text(WRK_SCRIPT.replace(
+        "{headers}", "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())))
+    proc = subprocess.run(
+        ["wrk", "-t", str(min(concurrency, 2)), "-c", str(concurrency), "-d", f"{int(duration)}s", "--timeout", "120s",
+         "-s", str(script), url],
+        capture_output=True, text=True, env={**os.environ, "WRK_BODY": str(body_path)}, check=True)
+    fields = next(line for line in proc.stdout.splitlines() if line.startswith("XRAYOPS ")).split()[1:]
+    requests, connect, read, write, status, timeout, duration_us = (int(v) for v in fields[:7])
+    errors = connect + read + write + status + timeout
+    return {"requests": requests - status, "errors": errors,
+            "error_kinds": {"connect": connect, "read": read, "write": write, "non_2xx": status, "timeout": timeout},
+            "throughput_per_s": round((requests - status) / (duration_us / 1e6), 2),
+            "p50_ms": float(fields[7]), "p99_ms": float(fields[8])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--size", type=int, default=224, help="model input size (PreprocessingSpec.size)")
     parser.add_argument("--duration", type=float, default=60.0, help="load run seconds")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--load-tool", choices=("auto", "wrk", "httpx"), default="auto",
+                        help="load generator: wrk (Debian package) when installed, else an httpx thread pool")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads in both processes (OMP_NUM_THREADS for the server); 0: torch's default. "
                         "On a shared, oversubscribed machine 1 avoids OpenMP spin-barrier stalls (10x slower at 2)")
@@ -188,8 +224,16 @@ def main() -> None:
                 rss_samples.append(round(process.memory_info().rss / 2**20, 1))
                 time.sleep(10)
 
+        tool = args.load_tool if args.load_tool != "auto" else ("wrk" if shutil.which("wrk") else "httpx")
         load_start = time.monotonic()
-        threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
+        if tool == "wrk":
+            body_path = work / "request.bin"
+            body_path.write_bytes(body)
+            wrk_result: dict = {}
+            threads = [threading.Thread(target=lambda: wrk_result.update(
+                run_wrk(f"{server.url}/v2/models/{name}/infer", body_path, headers, args.concurrency, args.duration, work)))]
+        else:
+            threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
         threads.append(threading.Thread(target=sample_rss))
         for t in threads:
             t.start()
@@ -211,9 +255,11 @@ def main() -> None:
         "in_process": base, "rest_v2": rest_s, "grpc_v2": grpc_s,
         "overhead_p50": {"rest": round(rest_s["p50_ms"] / base["p50_ms"] - 1, 3),
                          "grpc": round(grpc_s["p50_ms"] / base["p50_ms"] - 1, 3)},
-        "load": {"duration_s": round(elapsed, 1), "concurrency": args.concurrency, "requests": counts["ok"],
-                 "errors": counts["errors"], "throughput_per_s": round(counts["ok"] / elapsed, 2),
-                 **{k: v for k, v in stats(latencies).items() if k in ("p50_ms", "p99_ms")},
+        "load": {"tool": tool, "duration_s": round(elapsed, 1), "concurrency": args.concurrency,
+                 **(wrk_result if tool == "wrk" else {
+                     "requests": counts["ok"], "errors": counts["errors"],
+                     "throughput_per_s": round(counts["ok"] / elapsed, 2),
+                     **{k: v for k, v in stats(latencies).items() if k in ("p50_ms", "p99_ms")}}),
                  "server_rss_mb_start": round(rss_start / 2**20, 1), "server_rss_mb_end": round(rss_end / 2**20, 1),
                  "server_rss_mb_every_10s": rss_samples},
         "command": "XRAYOPS_PROGRESS=0 .venv/bin/python benchmarks/bench_serving.py " + " ".join(sys.argv[1:]),

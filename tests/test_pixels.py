@@ -273,6 +273,29 @@ def test_reduced_jpeg2000_decoding_is_exact_at_full_size_and_a_downsample_below(
     assert abs(float(reduced.mean()) - float(full.mean())) < 0.01 * float(full.max())
 
 
+@needs_samples
+def test_reduced_jpeg2000_falls_back_to_fewer_levels_when_a_deep_level_fails(monkeypatch):
+    import xrayops.dicom.decode as decode
+
+    ds = read_dicom(SAMPLES / "radiographs" / "wg04__RG2_J2KI.dcm")
+    full = decode_pixels(ds)
+    real = decode._pillow_j2k
+    tried = []
+
+    def fails_below_half(codestream, levels, precision):  # Pillow's "broken data stream" at deep levels
+        tried.append(levels)
+        return None if levels > 1 else real(codestream, levels, precision)
+
+    monkeypatch.setattr(decode, "_pillow_j2k", fails_below_half)
+    reduced = decode_j2k_reduced(ds, None, 3)
+    assert tried == [3, 2, 1]
+    assert reduced.shape == (-(-full.shape[0] // 2), -(-full.shape[1] // 2))
+    monkeypatch.setattr(decode, "_pillow_j2k", lambda *a: None)
+    assert decode_j2k_reduced(ds, None, 3) is None  # then the full decoders take over
+    out = decode_frame(ds, None, reduce=3)
+    np.testing.assert_array_equal(out, full)
+
+
 def test_reduced_decoding_does_not_apply_to_other_syntaxes_or_signed_data():
     ds = read_dicom(to_bytes(make_dataset(ramp(64, 64))))
     assert decode_j2k_reduced(ds, None, 2) is None  # native data: decoded whole, then box-averaged

@@ -399,6 +399,11 @@ def _worker_process(path: Path, name: str) -> list[JournalEntry]:
     return process_file(path, name, *_WORKER_ARGS)
 
 
+# Results come back in job order; a deeper queue keeps workers busy while one slow file (a full
+# JPEG 2000 lossless decode) holds the head. Each in-flight job holds one decoded frame at most.
+IN_FLIGHT_PER_WORKER = 6
+
+
 def _process_all(
     todo: list[tuple[Path, str, str]],
     spec: PreprocessingSpec,
@@ -406,7 +411,7 @@ def _process_all(
     synonyms: Mapping[str, str],
     workers: int,
 ) -> Iterator[tuple[tuple[Path, str, str], list[JournalEntry]]]:
-    """(job, entries) in job order. At most 2 x workers files are in flight, so memory stays flat."""
+    """(job, entries) in job order. At most IN_FLIGHT_PER_WORKER x workers files are in flight, so memory stays flat."""
     if workers <= 1 or len(todo) <= 1:
         for job in todo:
             yield job, process_file(job[0], job[1], spec, key, synonyms)
@@ -418,7 +423,7 @@ def _process_all(
         pending: deque = deque()
         for job in todo:
             pending.append((job, pool.submit(_worker_process, job[0], job[1])))
-            if len(pending) >= 2 * workers:
+            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
                 done_job, future = pending.popleft()
                 yield done_job, future.result()
         while pending:

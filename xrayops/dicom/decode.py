@@ -260,19 +260,38 @@ def decode_j2k_reduced(ds: Dataset, index: int | None, reduce: int) -> np.ndarra
         if codestream[:4] != b"\xff\x4f\xff\x51" or codestream[42] & 0x80:
             return None
         precision = (codestream[42] & 0x7F) + 1
+    except Exception:
+        return None
+    # OpenJPEG cannot skip more levels than the encoder made, and Pillow's reduced decode fails
+    # ("broken data stream") on some precinct layouts at deep levels: try fewer levels before
+    # giving up; preprocess_array box-averages whatever resolution comes back.
+    for levels in range(min(reduce, _j2k_decomposition_levels(codestream)), 0, -1) or (0,):
+        arr = _pillow_j2k(codestream, levels, precision)
+        step = 1 << levels
+        if arr is not None and arr.shape == (-(-rows // step), -(-cols // step)):
+            return arr
+    return None
+
+
+def _pillow_j2k(codestream: bytes, levels: int, precision: int) -> np.ndarray | None:
+    try:
         with quiet_pydicom(), Image.open(io.BytesIO(codestream)) as image:
-            image.reduce = reduce
+            image.reduce = levels
             image.load()
             depth = {"L": 8, "I;16": 16}.get(image.mode)
             if depth is None or precision > depth:
                 return None
-            arr = np.asarray(image) >> (depth - precision)  # Pillow shifted left; exact inverse
-    except Exception:  # too many levels, a codestream Pillow rejects...: the full decoders try
+            return np.asarray(image) >> (depth - precision)  # Pillow shifted left; exact inverse
+    except Exception:  # a codestream Pillow rejects at this level
         return None
-    step = 1 << reduce
-    if arr.shape != (-(-rows // step), -(-cols // step)):
-        return None
-    return arr
+
+
+def _j2k_decomposition_levels(codestream: bytes) -> int:
+    """Wavelet levels in the main header's COD marker (0 when there is none before the first tile)."""
+    end = codestream.find(b"\xff\x90")  # SOT: the main header ends here
+    cod = codestream.find(b"\xff\x52", 0, end if end > 0 else len(codestream))
+    # COD: marker(2) Lcod(2) Scod(1) SGcod(4), then SPcod whose first byte is the level count.
+    return codestream[cod + 9] if cod >= 0 and len(codestream) > cod + 9 else 0
 
 
 def _image_geometry(ds: Dataset) -> tuple[int, int, int]:
