@@ -251,7 +251,7 @@ def main() -> None:
                   "members": [m for m in MEMBERS[: args.members]], "size": args.size, "iterations": args.iterations},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_average_at_end": [round(v, 2) for v in os.getloadavg()], "python": platform.python_version(),
-                    "note": "shared machine: other jobs ran at the same time"},
+                    "note": "load_average_at_end shows whether other jobs shared the machine"},
         "in_process": base, "rest_v2": rest_s, "grpc_v2": grpc_s,
         "overhead_p50": {"rest": round(rest_s["p50_ms"] / base["p50_ms"] - 1, 3),
                          "grpc": round(grpc_s["p50_ms"] / base["p50_ms"] - 1, 3)},
