@@ -32,15 +32,8 @@ pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl
 
 
 @pytest.fixture(scope="module")
-def k8s_dir(tmp_path_factory) -> Path:
-    """infra/k8s; while the serving helper's base/serving/ does not exist yet, a copy without it."""
-    if SERVING.is_dir():
-        return K8S
-    copy_dir = tmp_path_factory.mktemp("k8s") / "k8s"
-    shutil.copytree(K8S, copy_dir)
-    kustomization = copy_dir / "base" / "kustomization.yaml"
-    kustomization.write_text(re.sub(r"(?m)^  - serving\n", "", kustomization.read_text()))
-    return copy_dir
+def k8s_dir() -> Path:
+    return K8S
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +65,7 @@ def test_every_overlay_renders_the_whole_platform(rendered):
         assert expected <= present, (name, expected - present)
         namespaced = [d for d in docs if d["kind"] not in {"Namespace", "ClusterRole", "ClusterRoleBinding"}]
         assert {d["metadata"].get("namespace") for d in namespaced} == {"xrayops"}, name
-        if SERVING.is_dir():
-            assert any(d["kind"] == "InferenceService" for d in docs), name
+        assert any(d["kind"] == "InferenceService" for d in docs), name
     # Storage: MinIO in-cluster locally; the cloud overlay uses the provider's S3.
     assert ("Deployment", "minio") in {(d["kind"], d["metadata"]["name"]) for d in rendered["local"]}
     assert not any(d["metadata"]["name"].startswith("minio") for d in rendered["gpu-cloud"])
@@ -143,9 +135,7 @@ def test_kserve_kinds_validate_against_crd_schemas(rendered):
     import jsonschema
 
     kserve = [(n, d) for n, docs in rendered.items() for d in docs if d["apiVersion"].startswith("serving.kserve.io/")]
-    if not kserve:
-        assert not SERVING.is_dir(), "base/serving exists but renders no KServe resources"
-        pytest.skip("infra/k8s/base/serving (the serving helper's part) does not exist yet")
+    assert {d["kind"] for _, d in kserve} >= {"InferenceService", "InferenceGraph", "ServingRuntime"}
     errors = []
     for name, doc in kserve:
         group, version = doc["apiVersion"].split("/")
@@ -406,8 +396,7 @@ def test_gpu_scheduling_lives_in_the_gpu_cloud_overlay_only(rendered):
     for doc in cloud:
         if doc["kind"] == "InferenceService" and "transformer" in doc["spec"]:
             assert "nodeSelector" not in doc["spec"]["transformer"]  # DICOM decoding stays on CPU nodes
-    if SERVING.is_dir():
-        assert predictors
+    assert predictors
 
 
 def test_pipeline_runs_the_overlays_image(rendered):
