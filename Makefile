@@ -38,5 +38,5 @@ system-deps:
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
 	  echo "system-deps: missing$$missing; not root or no apt-get, so those tests will skip"; exit 0; fi; \
 	echo "system-deps: installing $(SYSTEM_PKGS) (missing:$$missing)"; \
-	( timeout 600 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq $(SYSTEM_PKGS) ) >/dev/null 2>&1 \
+	( timeout 180 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 420 apt-get install -y -qq $(SYSTEM_PKGS) ) >/dev/null 2>&1 \
 	  || echo "system-deps: apt-get failed; the tests that need$$missing will skip"
