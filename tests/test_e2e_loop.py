@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import boto3
 import pandas as pd
@@ -107,3 +108,6 @@ def test_shifted_batch_triggers_retraining(loop):
     assert facts["retrain"] is True
     assert facts["drift_share"] > 0
     assert (summary.out / "monitor" / "monitor.json").exists()
+    # The window is a snapshot in the demo's Evidently workspace (what `xrayops dashboard` shows).
+    workspace = Path(summary.step("monitor").artefacts["evidently_workspace"])
+    assert facts["snapshot"] and any(workspace.rglob(f"*{facts['snapshot']}*"))

@@ -196,16 +196,19 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
         from xrayops.bundle import load_bundle
 
         meta = load_bundle(state["bundle"]).meta
-        result = monitor_window(data_dir / "manifest.parquet", state["log_path"], out / "monitor", settings, bundle_meta=meta)
+        # The window also lands in an Evidently workspace: `xrayops dashboard --workspace <out>/evidently`.
+        result = monitor_window(data_dir / "manifest.parquet", state["log_path"], out / "monitor", settings,
+                                bundle_meta=meta, workspace=out / "evidently")  # fmt: skip
         state["decision"] = result
         return (
-            {"drift_report": result.drift.html_path},
+            {"drift_report": result.drift.html_path, "evidently_workspace": out / "evidently"},
             {
                 "drift_share": round(result.drift.drift_share, 3),
                 "label_noise_rate": result.label_noise_rate,
                 "ood_rate": result.ood_rate,
                 "retrain": result.decision.retrain,
                 "reasons": result.decision.reasons,
+                "snapshot": result.snapshot.snapshot_id if result.snapshot else None,
             },
         )
 
