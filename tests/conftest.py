@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-DICOM_SAMPLES = SHARED / "dicom-samples"
+DICOM_SAMPLES = Path(os.environ.get("XRAYOPS_DICOM_SAMPLES", SHARED / "dicom-samples"))
 K8S_SCHEMAS = SHARED / "k8s-schemas"
 
 

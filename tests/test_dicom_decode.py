@@ -1,7 +1,6 @@
 """read_dicom / decode_pixels: synthetic edge cases and the real hard cases in dicom-samples."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +9,9 @@ from dicom_factory import make_dataset, ramp, to_bytes
 from pydicom.pixels import pixel_array
 
 from xrayops.dicom.decode import DicomError, decode_pixels, decode_with_gdcm, frame_index, read_dicom
+from tests.conftest import DICOM_SAMPLES
 
-SAMPLES = Path(os.environ.get("XRAYOPS_DICOM_SAMPLES", "/work/shared/dicom-samples"))
+SAMPLES = DICOM_SAMPLES
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"real DICOM samples not present at {SAMPLES}")
 RADIOGRAPHS = SAMPLES / "radiographs"
 

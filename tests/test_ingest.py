@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,9 @@ from xrayops.dicom.decode import read_dicom
 from xrayops.dicom.deid import public_source_name
 from xrayops.dicom.pixels import preprocess
 from xrayops.ingest import find_dicom_files, ingest
+from tests.conftest import DICOM_SAMPLES
 
-SAMPLES = Path(os.environ.get("XRAYOPS_DICOM_SAMPLES", "/work/shared/dicom-samples"))
+SAMPLES = DICOM_SAMPLES
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"real DICOM samples not present at {SAMPLES}")
 KEY = "ingest-test-key"
 SPEC = PreprocessingSpec(size=16)

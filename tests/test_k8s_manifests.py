@@ -3,19 +3,18 @@ against Kubernetes 1.30 schemas (kubernetes-validate) and the KServe CRDs, and k
 scheduling and network promises; `xrayops deploy` merges in the compiled pipeline."""
 from __future__ import annotations
 
-import copy
 import os
 import re
 import shutil
 import subprocess
 import sys
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import K8S_SCHEMAS
+from tests.crd_schemas import crd_validator
 from xrayops import deploy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,44 +103,16 @@ def test_core_kinds_validate_against_kubernetes_schemas(rendered):
     assert checked > 50
 
 
-@lru_cache(maxsize=None)
-def _crd_schema(kind: str, group: str, version: str) -> dict:
-    for path in K8S_SCHEMAS.glob(f"{group}_*.yaml"):
-        crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        if crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == kind:
-            (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
-            return _strict(copy.deepcopy(served["schema"]["openAPIV3Schema"]))
-    raise LookupError(f"no CRD for {group}/{version} {kind} in {K8S_SCHEMAS}")
-
-
-def _strict(schema):
-    """kubectl-like strict field validation (k8s-schemas/README.md, step 4)."""
-    if isinstance(schema, dict):
-        if "properties" in schema and "additionalProperties" not in schema and not schema.get(
-            "x-kubernetes-preserve-unknown-fields"
-        ):
-            schema["additionalProperties"] = False
-        for value in schema.values():
-            _strict(value)
-    elif isinstance(schema, list):
-        for value in schema:
-            _strict(value)
-    return schema
-
-
 def test_kserve_kinds_validate_against_crd_schemas(rendered):
     if not K8S_SCHEMAS.is_dir():
         pytest.skip(f"{K8S_SCHEMAS} is absent: no KServe CRD schemas to validate against")
-    import jsonschema
-
     kserve = [(n, d) for n, docs in rendered.items() for d in docs if d["apiVersion"].startswith("serving.kserve.io/")]
     assert {d["kind"] for _, d in kserve} >= {"InferenceService", "InferenceGraph", "ServingRuntime"}
     errors = []
     for name, doc in kserve:
         group, version = doc["apiVersion"].split("/")
-        schema = _crd_schema(doc["kind"], group, version)
         errors += [f"{name} {doc['kind']}/{doc['metadata']['name']}: {e.message}" for e in
-                   jsonschema.Draft4Validator(schema).iter_errors({**doc, "metadata": {}})]
+                   crd_validator(doc["kind"], group, version).iter_errors({**doc, "metadata": {}})]
     assert errors == []
 
 

