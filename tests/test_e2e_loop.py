@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory, request):
     # Module-scoped, so it builds its own S3 server and repo rather than the function fixtures.
-    from tests.conftest import free_port, wait_for_port
+    from tests.conftest import free_port, stop_process, wait_for_port
 
     root = tmp_path_factory.mktemp("e2e")
     repo = root / "repo"
@@ -50,8 +50,7 @@ def loop(tmp_path_factory, request):
         summary = run_demo(cfg, settings)
         yield summary, cfg, settings, endpoint
     finally:
-        moto.terminate()
-        moto.wait(timeout=10)
+        stop_process(moto)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

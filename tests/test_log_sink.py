@@ -27,6 +27,7 @@ from serving.transformer import DecodeLimits, RequestDecoder, pixels_request
 from test_serving_support import make_bundle, make_dicom
 from xrayops.bundle_meta import read_bundle_meta
 from xrayops.inference_log import read_log
+from tests.conftest import stop_process
 
 NAME = "xray-sink"
 KEY = "sink-test-key"
@@ -74,12 +75,7 @@ def sink(tmp_path_factory):
             raise RuntimeError(f"sink not healthy:\n{output.read_text()}")
         yield type("Sink", (), {"url": url, "log_path": log_path, "pid": process.pid})
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=20)
 
 
 def transformer_request(bundle: Path, request_id: str) -> bytes:
