@@ -23,6 +23,22 @@ def test_rows_ok_only_with_labels(tiny):
     assert set(labelled["split"]) == {"val", "test"} and (labelled["label"] >= 0).all()
 
 
+def test_label_overrides_replace_tags_and_can_exclude(tiny):
+    base = read_ok_rows(tiny.data_dir, "train", labelled_only=True)
+    first, second = base["image_id"].iloc[0], base["image_id"].iloc[1]
+    other = next(r for r in ("skull", "knee") if r != base["region"].iloc[0])
+    labels = {first: other, second: "unknown", "no-such-image": "hand"}
+    rows = read_ok_rows(tiny.data_dir, "train", labelled_only=True, labels=labels)
+    assert len(rows) == len(base) - 1 and second not in set(rows["image_id"])  # "unknown": out of labelled training
+    row = rows.set_index("image_id").loc[first]
+    assert row["region"] == other and row["label"] == region_index(other)
+    assert row["manifest_region"] == base["region"].iloc[0]  # the tag is kept beside the override
+    untouched = rows[~rows["image_id"].isin([first])]
+    assert (untouched["region"] == untouched["manifest_region"]).all()
+    dataset = ImageDataset(tiny.data_dir, "train", labelled_only=True, labels=labels)
+    assert int(dataset.labels[dataset.rows["image_id"].tolist().index(first)]) == region_index(other)
+
+
 def test_images_come_from_their_shard_rows(tiny):
     rows = read_ok_rows(tiny.data_dir).sample(frac=1, random_state=0)  # rows out of shard order
     images = load_images(tiny.data_dir, rows)

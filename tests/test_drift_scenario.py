@@ -56,6 +56,28 @@ def test_challenger_trained_on_the_new_dataset_version_is_gated_and_promoted(sto
     assert int(challenger.version) == summary.step("champion").facts["champion_version"] + 1
 
 
+def test_retraining_reviews_the_suspect_labels_and_trains_on_the_corrections(story):
+    import pandas as pd
+
+    from xrayops.bundle import load_bundle
+
+    summary, _ = story
+    review = summary.step("gate").facts["review"]
+    audit_dir = summary.out / "label-audit"
+    decisions = pd.read_csv(audit_dir / "review_decisions.csv", dtype=str, keep_default_na=False)
+    worklist = pd.read_csv(audit_dir / "review_worklist.csv", dtype=str, keep_default_na=False)
+    assert 0 < review["reviewed"] == len(decisions) <= min(review["flagged"], 200)
+    assert decisions["image_id"].tolist() == worklist["image_id"].tolist()[: len(decisions)]  # most doubtful first
+    assert review["relabelled"] > 0 and review["rejected"] == 0
+    assert review["relabelled"] + review["kept"] + review["excluded"] == review["reviewed"]
+    # The decisions reached the feature store as label events ...
+    events = pd.read_parquet(summary.out / "feature_repo" / "data" / "reviewed_labels.parquet")
+    assert len(events) == review["reviewed"] and set(events["reviewer"]) == {"simulated-radiologist"}
+    # ... and the challenger trained on them: every relabel changed one training label.
+    meta = load_bundle(summary.out / "challenger").meta
+    assert meta.lineage.metrics["labels_changed_from_tags"] == review["relabelled"]
+
+
 def test_serving_reloads_onto_the_new_champion(story):
     summary, _ = story
     reload = summary.step("reload").facts

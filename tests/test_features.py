@@ -17,6 +17,7 @@ from xrayops.features import (
     open_store,
     prediction_rows,
     review_rows,
+    training_labels,
     training_set,
 )
 from xrayops.features.repo import feature_store_config
@@ -86,6 +87,8 @@ def test_point_in_time_training_set_does_not_leak_later_corrections(tmp_path):
 
     later = training_set(store, ids, T0 + timedelta(days=30))
     assert later["label"].tolist() == ["wrist", "ankle", "unknown"]
+    # What finetune(labels=...) gets: only images with a label event by then; others keep their tag.
+    assert training_labels(store, [*ids, "img-new"], cutoff) == {"img-a": "hand", "img-b": "ankle", "img-c": "unknown"}
     # Before ingestion nothing was known.
     before = training_set(store, ids, T0 - timedelta(days=1))
     assert before["labelled"].sum() == 0 and before["pacs_region"].isna().all()

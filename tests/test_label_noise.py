@@ -161,3 +161,39 @@ def test_reviewer_decisions_become_label_events_and_bad_rows_are_rejected(tmp_pa
     assert str(frame["event_timestamp"].dt.tz) == "UTC" and frame["source"].eq("reviewer").all()
     with pytest.raises(ValueError, match="lacks columns"):
         decisions_to_events(pd.DataFrame({"image_id": ["a"]}), given)
+
+
+def test_reviewed_labels_round_trip_through_the_store_into_finetune(tmp_path, monkeypatch):
+    """import-reviews writes label events; finetune --labels-from-store trains on them, and a
+    cutoff before the review still trains on the PACS tags."""
+    from typer.testing import CliRunner
+
+    from xrayops.bundle import load_bundle
+    from xrayops.cli import app
+
+    tiny = make_data_dir(tmp_path / "data", n_per_class=6, size=32, n_unknown=0, n_quarantined=0)
+    backbone = random_backbone(tmp_path / "backbone.pt")
+    monkeypatch.setenv("XRAYOPS_OUTPUT_DIR", str(tmp_path / "out"))
+    monkeypatch.setenv("XRAYOPS_DATA_DIR", str(tiny.data_dir))
+    train = tiny.manifest[tiny.manifest["split"] == "train"]
+    relabel = train.iloc[:3]
+    others = [r for r in REGIONS if r not in set(relabel["region"])]
+    decisions = pd.DataFrame({"image_id": [*relabel["image_id"], train["image_id"].iloc[3]],
+                              "decision": ["relabel"] * 3 + ["exclude"],
+                              "corrected_region": [others[0]] * 3 + [""], "reviewer": "dr.x",
+                              "timestamp": "2030-01-02T00:00:00Z"})
+    decisions.to_csv(tmp_path / "decisions.csv", index=False)
+    runner = CliRunner()
+    imported = runner.invoke(app, ["import-reviews", str(tmp_path / "decisions.csv")])
+    assert imported.exit_code == 0, imported.output
+    common = ["finetune", "--backbone", str(backbone), "--epochs", "2", "--labels-from-store"]
+    after = runner.invoke(app, [*common, "--out", str(tmp_path / "after"), "--as-of", "2030-01-03T00:00:00Z"])
+    assert after.exit_code == 0, after.output
+    before = runner.invoke(app, [*common, "--out", str(tmp_path / "before"), "--as-of", "2030-01-01T00:00:00Z"])
+    assert before.exit_code == 0, before.output
+    metrics_after = load_bundle(tmp_path / "after").meta.lineage.metrics
+    metrics_before = load_bundle(tmp_path / "before").meta.lineage.metrics
+    assert metrics_after["labels_changed_from_tags"] == 3 and metrics_before["labels_changed_from_tags"] == 0
+    assert metrics_after["train_images"] == metrics_before["train_images"] - 1  # the excluded image left
+    bad = runner.invoke(app, [*common, "--out", str(tmp_path / "x"), "--as-of", "next tuesday"])
+    assert bad.exit_code == 2 and "not an ISO time" in bad.output

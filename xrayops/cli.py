@@ -183,20 +183,47 @@ def finetune(
     finetune_last_stage: Annotated[
         bool, typer.Option("--finetune-last-stage", help="Also fine-tune the backbone's last stage (layer4) with the head.")
     ] = False,
+    labels_from_store: Annotated[
+        bool,
+        typer.Option("--labels-from-store", help="Train on the feature store's labels (reviewers' corrections over PACS tags)."),
+    ] = False,
+    as_of: Annotated[
+        Optional[str], typer.Option(help="With --labels-from-store: label events up to this ISO time (default: now).")
+    ] = None,
 ) -> None:
     """Train the linear region head on the frozen backbone (paper 000) and write a model bundle.
 
-    With --truth, also the (cos, sin) orientation head of paper 004.
+    With --truth, also the (cos, sin) orientation head of paper 004. With --labels-from-store,
+    the labels are the point-in-time training set of the Feast store (see `import-reviews`).
     """
-    from xrayops.data.dataset import read_truth_angles
+    from datetime import datetime, timezone
+
+    import pandas as pd
+
+    from xrayops.contracts import Lineage
+    from xrayops.data.dataset import read_ok_rows, read_truth_angles
     from xrayops.train.finetune import FinetuneConfig, finetune as run_finetune
 
     settings = get_settings()
     if not backbone.exists():
         _fail(f"backbone {backbone} not found; run `xrayops pretrain` first")
+    data = data_dir or settings.data_dir
     angles = read_truth_angles(truth) if truth else None
+    labels, lineage = None, None
+    if labels_from_store:
+        from xrayops.features import open_store, training_labels
+
+        try:
+            cutoff = pd.Timestamp(as_of).to_pydatetime() if as_of else datetime.now(timezone.utc)
+        except ValueError as exc:
+            _fail(f"--as-of {as_of!r} is not an ISO time: {exc}")
+        ids = read_ok_rows(data, ["train", "val"])["image_id"].astype(str).tolist()
+        labels = training_labels(open_store(settings), ids, cutoff)
+        lineage = Lineage(pipeline_run=f"labels from the feature store as of {pd.Timestamp(cutoff).isoformat()}")
+    elif as_of:
+        _fail("--as-of needs --labels-from-store")
     cfg = FinetuneConfig(epochs=epochs, seed=seed, finetune_last_stage=finetune_last_stage)
-    bundle = run_finetune(data_dir or settings.data_dir, backbone, out, cfg, angles=angles)
+    bundle = run_finetune(data, backbone, out, cfg, lineage=lineage, angles=angles, labels=labels)
     typer.echo(str(bundle))
 
 
@@ -475,7 +502,7 @@ def import_reviews_cmd(
     store = open_store(settings)
     tables = store_data_dir(store)
     # The PACS tags as of the manifest's writing, so a training set has a label to fall back on.
-    known_at = pd.Timestamp(manifest_path.stat().st_mtime, unit="s", tz="UTC").to_pydatetime()
+    known_at = pd.Timestamp(manifest_path.stat().st_mtime, unit="s", tz="UTC").floor("us").to_pydatetime()
     for view, rows in manifest_rows(manifest, known_at).items():
         append_rows(tables, view, rows)
     append_rows(tables, "reviewed_labels", review_rows(imported.events))

@@ -55,6 +55,9 @@ class DriftScenarioConfig(BaseModel):
     workers: int = 2
     screenshot: Path | None = None  # default: <out>/dashboard.png
     gate_margin: float | None = None  # default: Settings.gate_margin
+    # Before retraining, the cleanlab audit's suspects (at most this many, most doubtful first)
+    # are reviewed and the decisions become label events; None: retrain on the raw tags.
+    review_budget: int | None = 200
 
 
 def _truth(*sets: tuple[str, Any]) -> dict[str, str]:
@@ -62,6 +65,26 @@ def _truth(*sets: tuple[str, Any]) -> dict[str, str]:
     from xrayops.data.truth import read_truth
 
     return {f"{prefix}/{name}": region for prefix, s in sets for name, region in read_truth(s.truth_path).items()}
+
+
+def review_from_truth(worklist: pd.DataFrame, manifest: pd.DataFrame, truth: dict[str, str],
+                      reviewer: str = "simulated-radiologist") -> pd.DataFrame:
+    """A stand-in radiologist for the synthetic scenario: decides each worklist row from synth's
+    truth (keep a right tag, relabel a wrong one, exclude an image with no region). A real
+    site fills the same CSV columns by hand and runs `xrayops import-reviews`."""
+    from xrayops.regions import REGIONS
+
+    source = dict(zip(manifest["image_id"].astype(str), manifest["source_name"].astype(str)))
+    rows = []
+    now = datetime.now(timezone.utc).isoformat()
+    for item in worklist.to_dict(orient="records"):
+        true = truth.get(source.get(str(item["image_id"]), ""), "")
+        if not true:
+            continue  # no truth: left unreviewed
+        decision = "exclude" if true not in REGIONS else "keep" if true == item["given_region"] else "relabel"
+        rows.append({"image_id": item["image_id"], "decision": decision,
+                     "corrected_region": true if decision == "relabel" else "", "reviewer": reviewer, "timestamp": now})
+    return pd.DataFrame(rows, columns=["image_id", "decision", "corrected_region", "reviewer", "timestamp"])
 
 
 def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSummary:
@@ -77,6 +100,11 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
     from xrayops.registry import register_bundle, resolve_bundle
     from xrayops.train.finetune import FinetuneConfig, finetune
     from xrayops.train.pretrain import PretrainConfig, pretrain
+    from xrayops.features import append_rows, manifest_rows, open_store, review_rows, training_labels
+    from xrayops.features.store import store_data_dir
+    from xrayops.monitor.label_audit import AuditConfig, audit_labels
+    from xrayops.monitor.review import decisions_to_events
+    from xrayops.monitor.worklist import write_worklist
     from xrayops.versioning import git_commit, version_dataset
 
     out = cfg.out.resolve()
@@ -162,14 +190,42 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
         return ({"inference_log": log_path}, {"windows": [len(pd.read_parquet(w)) for w in windows],
                                               "served_version": responses[-1].model_version})
 
+    def review_labels() -> dict[str, str]:
+        """Audit v2's labels, put the suspects on the worklist, have them reviewed, feed the
+        decisions to the feature store, and return its point-in-time training labels."""
+        manifest = pd.read_parquet(data_dir / "manifest.parquet")
+        ingested_at = datetime.now(timezone.utc)
+        audit_dir = out / "label-audit"
+        audit = audit_labels(data_dir, state["backbone"], audit_dir, AuditConfig(seed=cfg.seed, device=settings.device))
+        scores = pd.read_parquet(audit.scores_path)
+        worklist = write_worklist(scores[scores["is_issue"]], data_dir, audit_dir, limit=cfg.review_budget or None)
+        decisions = review_from_truth(pd.read_csv(worklist.csv_path, dtype=str, keep_default_na=False), manifest,
+                                      _truth(("v1", state["train"]), ("v2", state["shifted"])))
+        decisions.to_csv(audit_dir / "review_decisions.csv", index=False)
+        imported = decisions_to_events(decisions, dict(zip(manifest["image_id"].astype(str), manifest["region"].astype(str))))
+        store = open_store(settings)
+        tables = store_data_dir(store)
+        for view, rows in manifest_rows(manifest, ingested_at).items():
+            append_rows(tables, view, rows)
+        append_rows(tables, "reviewed_labels", review_rows(imported.events))
+        ok = manifest[manifest["status"] == "ok"]
+        labels = training_labels(store, ok["image_id"].astype(str).tolist(), datetime.now(timezone.utc))
+        counts = decisions["decision"].value_counts()
+        state["review"] = {"audited": audit.n_images, "flagged": audit.n_issues, "reviewed": len(decisions),
+                           "relabelled": int(counts.get("relabel", 0)), "excluded": int(counts.get("exclude", 0)),
+                           "kept": int(counts.get("keep", 0)), "rejected": len(imported.rejected)}
+        return labels
+
     def retrain(arguments: dict) -> str:
-        """The trigger's launcher: ingest the new export into v2, version it, train the challenger."""
+        """The trigger's launcher: ingest the new export into v2, version it, review the suspect
+        labels, and train the challenger on the reviewed training set."""
         shutil.copytree(state["shifted"].dicom_dir, pacs / "v2", dirs_exist_ok=True)
         summary_v2 = ingest(pacs, data_dir, spec, key, workers=cfg.workers, synonyms_path=settings.body_part_synonyms)
         v2 = version_dataset(repo, data_dir, remote_url=settings.dvc_remote(), endpoint_url=settings.s3_endpoint_url)
+        labels = review_labels() if cfg.review_budget is not None else None
         lineage = Lineage(dataset_md5=v2.md5, git_commit=git_commit(repo), pipeline_run=f"retrain {arguments['trigger_window']}")
         bundle = finetune(data_dir, state["backbone"], out / "challenger",
-                          FinetuneConfig(epochs=cfg.finetune_epochs, seed=cfg.seed), lineage=lineage)
+                          FinetuneConfig(epochs=cfg.finetune_epochs, seed=cfg.seed), lineage=lineage, labels=labels)
         registered = register_bundle(bundle, settings.tracking_uri(), name, lineage, alias="challenger")
         state.update(v2=v2, challenger=registered, challenger_bundle=bundle, v2_ok=summary_v2.n_ok)
         return f"in-process:{registered.model_uri}"
@@ -208,7 +264,8 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
                 {"promote": decision.promote, "test_set": test_set, "n": decision.n,
                  "champion_accuracy": round(decision.champion_accuracy, 3),
                  "challenger_accuracy": round(decision.challenger_accuracy, 3),
-                 "ci": [round(decision.ci_low, 3), round(decision.ci_high, 3)], "v2_ok": state["v2_ok"]})
+                 "ci": [round(decision.ci_low, 3), round(decision.ci_high, 3)], "v2_ok": state["v2_ok"],
+                 "review": state.get("review")})
 
     def do_reload():
         from mlflow import MlflowClient

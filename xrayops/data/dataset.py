@@ -6,7 +6,7 @@ the PACS tag, so noisy) as a class id of `xrayops.regions`; -1 where the region 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +30,17 @@ def read_preprocessing(data_dir: Path) -> PreprocessingSpec:
 
 
 def read_ok_rows(
-    data_dir: Path, split: str | Sequence[str] | None = None, labelled_only: bool = False
+    data_dir: Path,
+    split: str | Sequence[str] | None = None,
+    labelled_only: bool = False,
+    labels: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Manifest rows with status "ok" (optionally one split or several), plus a `label` column."""
+    """Manifest rows with status "ok" (optionally one split or several), plus a `label` column.
+
+    `labels` (image_id -> region, e.g. a feature-store training set where reviewers' corrections
+    replace PACS tags) overrides the manifest's region for the images it names; "unknown"
+    there takes an image out of labelled training.
+    """
     path = Path(data_dir) / "manifest.parquet"
     if not path.is_file():
         raise DatasetError(f"{path} not found: is {data_dir} an ingested data directory?")
@@ -43,6 +51,9 @@ def read_ok_rows(
     frame = frame[frame["status"] == "ok"]
     if split is not None:
         frame = frame[frame["split"].isin([split] if isinstance(split, str) else list(split))]
+    if labels is not None:
+        override = frame["image_id"].astype(str).map(dict(labels))
+        frame = frame.assign(manifest_region=frame["region"], region=override.where(override.notna(), frame["region"]))
     frame = frame.assign(label=frame["region"].map(region_index).astype("int64"))
     if labelled_only:
         frame = frame[frame["label"] >= 0]
@@ -114,9 +125,10 @@ class ImageDataset(Dataset):
         split: str | Sequence[str] | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         labelled_only: bool = False,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
-        self.rows = read_ok_rows(self.data_dir, split, labelled_only)
+        self.rows = read_ok_rows(self.data_dir, split, labelled_only, labels)
         if self.rows.empty:
             what = "labelled " if labelled_only else ""
             raise DatasetError(f"no {what}ok images in split {split!r} of {self.data_dir}")

@@ -10,6 +10,7 @@ from xrayops.features.store import (
     open_store,
     prediction_rows,
     review_rows,
+    training_labels,
     training_set,
 )
 
@@ -27,6 +28,7 @@ __all__ = [
     "open_store",
     "prediction_rows",
     "review_rows",
+    "training_labels",
     "training_set",
     "write_feature_repo",
 ]

@@ -176,3 +176,12 @@ def training_set(store, image_ids: Sequence[str], cutoff: datetime, features: Se
              reviewed=int(reviewed.notna().sum()), cutoff=str(cutoff))
     return frame
 
+
+
+def training_labels(store, image_ids: Sequence[str], cutoff: datetime) -> dict[str, str]:
+    """image_id -> region label as of `cutoff` (a reviewer's decision, else the PACS tag), for the
+    images the store has a label event for; `finetune(labels=...)` falls back to the manifest's
+    tag for the rest."""
+    frame = training_set(store, image_ids, cutoff, features=["pacs_labels:pacs_region"])
+    known = frame[frame["label_source"] != ""]
+    return dict(zip(known[JOIN_KEY].astype(str), known["label"].astype(str)))

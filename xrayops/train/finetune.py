@@ -9,7 +9,7 @@ the validation split (temperature scaling), and an out-of-domain threshold is se
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -331,8 +331,13 @@ def finetune(
     cfg: FinetuneConfig | None = None,
     lineage: Lineage | None = None,
     angles: dict[str, float] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Path:
     """Train, select, calibrate and bundle the region classifier; returns the bundle dir.
+
+    `labels` (image_id -> region) replaces the manifest's PACS-tag regions for the images it
+    names: the point-in-time training set from the feature store, where reviewers' corrections
+    win over tags (`xrayops.features.training_set`).
 
     `angles` (source_name -> orientation in degrees, counter-clockwise on screen) adds the
     orientation head; so does `cfg.orientation_assume_upright`.
@@ -342,9 +347,9 @@ def finetune(
     configure_threads()
     seed_everything(cfg.seed)
     spec = read_preprocessing(data_dir)
-    train = ImageDataset(data_dir, "train", labelled_only=True)
+    train = ImageDataset(data_dir, "train", labelled_only=True, labels=labels)
     try:
-        val = ImageDataset(data_dir, "val", labelled_only=True)
+        val = ImageDataset(data_dir, "val", labelled_only=True, labels=labels)
     except DatasetError as exc:
         raise DatasetError(
             f"{exc}: the linear head needs validation images for model selection and calibration"
@@ -426,6 +431,9 @@ def finetune(
     lineage.metrics.update({k: v for k, v in binary_metrics.items() if np.isfinite(v)})
     if cfg.finetune_last_stage:
         lineage.metrics["finetuned_last_stage"] = 1.0
+    if labels is not None:
+        changed = sum(int((d.rows["region"] != d.rows["manifest_region"]).sum()) for d in (train, val))
+        lineage.metrics["labels_changed_from_tags"] = float(changed)
     if orientation_mae is not None and np.isfinite(orientation_mae):
         lineage.metrics["val_orientation_mae_deg"] = orientation_mae
     meta = ModelBundleMeta(
