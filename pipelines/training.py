@@ -26,6 +26,10 @@ CLUSTER_CONFIG_KEYS = ("XRAYOPS_S3_ENDPOINT_URL", "XRAYOPS_DVC_REMOTE_URL", "XRA
 S3_SECRET, S3_SECRET_KEYS = "xrayops-s3", ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # Secret xrayops-deid holds the key under `key` (as infra/k8s/base/serving reads it).
 DEID_SECRET, DEID_SECRET_KEY = "xrayops-deid", "key"
+# The monitoring volume (infra/k8s/base/monitor/volume.yaml) and the workspace the Evidently UI
+# serves from it, so the pipeline's monitor step shows on the quality officers' dashboard.
+MONITORING_PVC, MONITORING_MOUNT = "xrayops-monitoring", "/monitoring"
+CLUSTER_EVIDENTLY_WORKSPACE = f"{MONITORING_MOUNT}/evidently"
 
 
 def _with_cluster_env(task: dsl.PipelineTask, deid: bool) -> None:
@@ -74,6 +78,7 @@ def build_pipeline(
         mlflow_tracking_uri: str = "",
         model_name: str = "xrayops-region",
         alias: str = "champion",
+        evidently_workspace: str = CLUSTER_EVIDENTLY_WORKSPACE if cluster else "",
     ):
         data = synth_op(
             n=n_images, seed=seed, size=synth_size, mislabel_rate=mislabel_rate, shift=0.0, ood_rate=ood_rate
@@ -116,9 +121,9 @@ def build_pipeline(
         current = ingest_op(
             dicom=shifted.outputs["dicom"], image_size=image_size, workers=ingest_workers
         ).set_display_name("ingest-shifted")
-        drift = monitor_op(reference=ingested.outputs["dataset"], current=current.outputs["dataset"]).set_display_name(
-            "monitor"
-        )
+        drift = monitor_op(
+            reference=ingested.outputs["dataset"], current=current.outputs["dataset"], workspace_dir=evidently_workspace
+        ).set_display_name("monitor")
 
         if gpu:
             for task in (pre, head):
@@ -128,5 +133,6 @@ def build_pipeline(
                 _with_cluster_env(task, deid=False)
             for task in (ingested, current):
                 _with_cluster_env(task, deid=True)
+            kubernetes.mount_pvc(drift, MONITORING_PVC, MONITORING_MOUNT)
 
     return training_pipeline

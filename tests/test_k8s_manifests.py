@@ -437,7 +437,7 @@ def test_pipeline_target_reads_the_overlay_config():
         deploy.pipeline_target(docs, default_image="d:0")
 
 
-def test_compile_cli_gpu_count_and_cluster_env(tmp_path):
+def test_compile_cli_gpu_count_and_cluster_env(tmp_path, rendered):
     out = tmp_path / "p.yaml"
     subprocess.run(
         [sys.executable, "-m", "xrayops.cli", "pipeline", "compile", "--out", str(out), "--gpu", "--gpu-node-pool",
@@ -452,3 +452,10 @@ def test_compile_cli_gpu_count_and_cluster_env(tmp_path):
     config = k8s["exec-register-op"]["configMapAsEnv"][0]
     assert config["configMapName"] == "xrayops-config" and config["optional"] is True
     assert {kv["envVar"] for kv in config["keyToEnv"]} >= {"XRAYOPS_MLFLOW_TRACKING_URI", "XRAYOPS_DVC_REMOTE_URL"}
+    # The monitor step snapshots into the dashboard's workspace on the monitoring volume.
+    pvc = k8s["exec-monitor-op"]["pvcMount"][0]
+    assert pvc["mountPath"] == "/monitoring" and pvc["pvcNameParameter"]["runtimeValue"]["constant"] == "xrayops-monitoring"
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["evidently_workspace"]["defaultValue"] == "/monitoring/evidently"
+    ui = deploy.find(rendered["local"], "Deployment", "evidently-ui")
+    assert "/monitoring/evidently" in ui["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -91,6 +91,9 @@ def test_kfp_local_runs_the_whole_graph(tmp_path):
     assert tasks["register-op"]["parameterValues"]["Output"] == "models:/xrayops-region/1"
     # The shifted batch comes from another vendor: the monitor step must call for retraining.
     assert tasks["monitor-op"]["parameterValues"]["retrain"] is True
+    # ... and adds the window to an Evidently workspace inside its output artifact.
+    evidently = tasks["monitor-op"]["artifacts"]["evidently"]["artifacts"][0]["metadata"]
+    assert evidently["snapshot_id"] and any((run / "monitor-op" / "evidently").rglob(f"*{evidently['snapshot_id']}*"))
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
