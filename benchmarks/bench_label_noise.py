@@ -52,23 +52,30 @@ def best_recall_at_precision(scores: pd.DataFrame, wrong: np.ndarray, min_precis
 
 def detection(args, work: Path) -> dict:
     t0 = time.perf_counter()
-    synth = synthesize(work / "synth", n=args.n, seed=args.seed, size=args.synth_size,
-                       mislabel_rate=args.mislabel_rate, ood_rate=0.0)
-    ingest(synth.dicom_dir, work / "data", PreprocessingSpec(size=args.image_size), "bench-key", workers=args.workers)
-    t_data = time.perf_counter()
-    result = pretrain(work / "data", work / "pretrain",
-                      PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
-                      progress=False)
-    t_pretrain = time.perf_counter()
-    audit = audit_labels(work / "data", result.backbone_path, work / "audit", AuditConfig(n_folds=args.folds))
+    if args.backbone:  # an existing ingested synth set and a backbone pretrained on it
+        data_dir, backbone, truth_path, pretrain_epochs = args.data_dir, args.backbone, args.truth, "given"
+        n_images = len(pd.read_csv(truth_path))
+        t_data = t_pretrain = time.perf_counter()
+    else:
+        synth = synthesize(work / "synth", n=args.n, seed=args.seed, size=args.synth_size,
+                           mislabel_rate=args.mislabel_rate, ood_rate=0.0)
+        ingest(synth.dicom_dir, work / "data", PreprocessingSpec(size=args.image_size), "bench-key", workers=args.workers)
+        t_data = time.perf_counter()
+        result = pretrain(work / "data", work / "pretrain",
+                          PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+                          progress=False)
+        t_pretrain = time.perf_counter()
+        data_dir, backbone, truth_path, pretrain_epochs = work / "data", result.backbone_path, synth.truth_path, args.epochs
+        n_images = args.n
+    audit = audit_labels(data_dir, backbone, work / "audit", AuditConfig(n_folds=args.folds))
     t_audit = time.perf_counter()
     scores = pd.read_parquet(audit.scores_path)
-    truth = pd.read_csv(synth.truth_path)
+    truth = pd.read_csv(truth_path)
     measured = flagged_vs_truth(scores, truth)
     joined = scores.join(truth.set_index("file")[["true_region"]], on="source_name")
     wrong = (joined["true_region"].astype(str) != joined["given_region"].astype(str)).to_numpy()
     return {
-        "images": args.n, "audited": audit.n_images, "pretrain_epochs": args.epochs,
+        "images": n_images, "audited": audit.n_images, "pretrain_epochs": pretrain_epochs,
         "oof_accuracy_vs_given": round(audit.oof_accuracy, 4),
         "oof_accuracy_vs_truth": round(float((joined["suggested_region"] == joined["true_region"]).mean()), 4),
         "label_health_score": round(audit.label_health_score, 4),
@@ -128,12 +135,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timing-n", type=int, default=50_000)
     parser.add_argument("--skip-detection", action="store_true")
+    parser.add_argument("--backbone", type=Path, help="audit with this backbone.pt (skips synth, ingest, pretrain)")
+    parser.add_argument("--data-dir", type=Path, help="with --backbone: the ingested synth data")
+    parser.add_argument("--truth", type=Path, help="with --backbone: that synth set's truth.csv")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "label_noise.json")
     args = parser.parse_args()
+    if args.backbone and not (args.data_dir and args.truth):
+        parser.error("--backbone needs --data-dir and --truth")
 
     result = {
         "command": "python benchmarks/bench_label_noise.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "skip_detection")),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "skip_detection") and v is not None),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
     }
     try:

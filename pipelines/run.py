@@ -1,6 +1,7 @@
 """Compile the pipeline to YAML, or run it end to end with kfp.local."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from kfp import compiler, local
@@ -23,13 +24,22 @@ def compile_pipeline(
     return out
 
 
-def run_local(pipeline_root: Path, **params) -> dict:
+def run_local(pipeline_root: Path, log_path: Path | None = None, **params) -> dict:
     """Run every stage as a subprocess in this Python environment (kfp.local SubprocessRunner).
 
     use_venv=False: the stages import the installed xrayops rather than pip-installing per task.
+    `log_path` takes the stages' output (kfp.local prints it, executor JSON included, to stdout).
     """
     pipeline_root = Path(pipeline_root).resolve()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     pipeline = build_pipeline(gpu=False)
-    task = pipeline(**params)
+    if log_path is None:
+        task = pipeline(**params)
+    else:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log, contextlib.redirect_stdout(log):
+            try:
+                task = pipeline(**params)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc} (stage output: {log_path})") from exc
     return {"pipeline_root": str(pipeline_root), "outputs": {k: str(v) for k, v in (task.outputs or {}).items()}}

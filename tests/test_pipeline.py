@@ -62,10 +62,11 @@ def test_gpu_flag_schedules_training_on_the_gpu_pool(tmp_path):
 
 
 @pytest.mark.slow
-def test_kfp_local_runs_the_whole_graph(tmp_path):
+def test_kfp_local_runs_the_whole_graph(tmp_path, capsys):
     root = tmp_path / "kfp"
     run_local(
         root,
+        log_path=tmp_path / "kfp-local.log",
         n_images=84,
         synth_size=64,
         image_size=32,
@@ -76,6 +77,9 @@ def test_kfp_local_runs_the_whole_graph(tmp_path):
         dvc_remote_url=str(tmp_path / "remote"),
         mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
     )
+    # The stages' output (executor JSON included) went to the log, not to the caller's stdout.
+    assert "parameterValues" not in capsys.readouterr().out
+    assert "parameterValues" in (tmp_path / "kfp-local.log").read_text()
     (run,) = list(root.iterdir())  # one run folder, one sub-folder per task
     tasks = {p.name: json.loads((p / "executor_output.json").read_text()) for p in run.iterdir()}
     assert set(tasks) == {

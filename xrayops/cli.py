@@ -734,6 +734,9 @@ def demo(
                                "monitoring -> trigger -> retrain on the new DVC version -> gate -> promotion -> reload.")
     ] = "loop",
     screenshot: Annotated[Optional[Path], typer.Option(help="drift scenario: where to save the dashboard PNG (default OUT/dashboard.png).")] = None,
+    review_budget: Annotated[
+        int, typer.Option(min=0, help="drift scenario: suspect labels reviewed before retraining (0: retrain on the raw tags).")
+    ] = 200,
 ) -> None:
     """The whole loop on this machine: synth, ingest, version, pretrain, finetune, evaluate, register, serve, monitor, pipeline."""
     from xrayops.demo import DemoConfig, print_summary, run_demo
@@ -743,7 +746,7 @@ def demo(
 
         default_out = Path("outputs/demo")
         cfg = DriftScenarioConfig(out=Path("outputs/demo-drift") if out == default_out else out, n=n,
-                                  pretrain_epochs=pretrain_epochs, screenshot=screenshot)
+                                  pretrain_epochs=pretrain_epochs, screenshot=screenshot, review_budget=review_budget)
         print_summary(run_drift_scenario(cfg, get_settings()), console=Console())
         return
     if scenario != "loop":

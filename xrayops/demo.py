@@ -223,9 +223,10 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
             run_local(
                 out / "kfp-local", n_images=cfg.pipeline_images, synth_size=96, pretrain_epochs=1, finetune_epochs=20,
                 drift_images=40, dvc_remote_url=settings.dvc_remote(), mlflow_tracking_uri=settings.tracking_uri(),
-                model_name=settings.registered_model_name + "-kfp",
+                model_name=settings.registered_model_name + "-kfp", log_path=out / "kfp-local.log",
             )
             artefacts["kfp_local_root"] = out / "kfp-local"
+            artefacts["kfp_local_log"] = out / "kfp-local.log"
             facts["ran_locally"] = True
         return artefacts, facts
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from xrayops.config import Settings
 from xrayops.demo import DemoSummary, _run_step
@@ -56,8 +56,8 @@ class DriftScenarioConfig(BaseModel):
     screenshot: Path | None = None  # default: <out>/dashboard.png
     gate_margin: float | None = None  # default: Settings.gate_margin
     # Before retraining, the cleanlab audit's suspects (at most this many, most doubtful first)
-    # are reviewed and the decisions become label events; None: retrain on the raw tags.
-    review_budget: int | None = 200
+    # are reviewed and the decisions become label events; 0: retrain on the raw tags.
+    review_budget: int = Field(200, ge=0)
 
 
 def _truth(*sets: tuple[str, Any]) -> dict[str, str]:
@@ -198,7 +198,7 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
         audit_dir = out / "label-audit"
         audit = audit_labels(data_dir, state["backbone"], audit_dir, AuditConfig(seed=cfg.seed, device=settings.device))
         scores = pd.read_parquet(audit.scores_path)
-        worklist = write_worklist(scores[scores["is_issue"]], data_dir, audit_dir, limit=cfg.review_budget or None)
+        worklist = write_worklist(scores[scores["is_issue"]], data_dir, audit_dir, limit=cfg.review_budget)
         decisions = review_from_truth(pd.read_csv(worklist.csv_path, dtype=str, keep_default_na=False), manifest,
                                       _truth(("v1", state["train"]), ("v2", state["shifted"])))
         decisions.to_csv(audit_dir / "review_decisions.csv", index=False)
@@ -222,7 +222,7 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
         shutil.copytree(state["shifted"].dicom_dir, pacs / "v2", dirs_exist_ok=True)
         summary_v2 = ingest(pacs, data_dir, spec, key, workers=cfg.workers, synonyms_path=settings.body_part_synonyms)
         v2 = version_dataset(repo, data_dir, remote_url=settings.dvc_remote(), endpoint_url=settings.s3_endpoint_url)
-        labels = review_labels() if cfg.review_budget is not None else None
+        labels = review_labels() if cfg.review_budget else None
         lineage = Lineage(dataset_md5=v2.md5, git_commit=git_commit(repo), pipeline_run=f"retrain {arguments['trigger_window']}")
         bundle = finetune(data_dir, state["backbone"], out / "challenger",
                           FinetuneConfig(epochs=cfg.finetune_epochs, seed=cfg.seed), lineage=lineage, labels=labels)
