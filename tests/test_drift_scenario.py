@@ -119,3 +119,14 @@ def test_gate_cli_scores_both_versions_on_the_versioned_test_set(story, monkeypa
     refused = CliRunner().invoke(app, ["gate", "--champion", f"models:/{name}/1", "--challenger", f"models:/{name}@champion",
                                        "--dataset-dvc", str(repo / "data.dvc"), "--out", str(out)])
     assert refused.exit_code == 2 and "VERSION" in refused.output
+
+
+def test_demo_cli_refuses_a_missing_backbone(tmp_path):
+    from typer.testing import CliRunner
+
+    from xrayops.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--scenario", "drift", "--out", str(tmp_path), "--backbone",
+                                      str(tmp_path / "nope.pt")])
+    assert result.exit_code == 2 and "nope.pt not found" in result.output
+    assert not any(tmp_path.iterdir())  # refused before any work

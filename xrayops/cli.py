@@ -737,6 +737,9 @@ def demo(
     review_budget: Annotated[
         int, typer.Option(min=0, help="drift scenario: suspect labels reviewed before retraining (0: retrain on the raw tags).")
     ] = 200,
+    backbone: Annotated[
+        Optional[Path], typer.Option(help="drift scenario: use this pretrained backbone.pt instead of pretraining on v1.")
+    ] = None,
 ) -> None:
     """The whole loop on this machine: synth, ingest, version, pretrain, finetune, evaluate, register, serve, monitor, pipeline."""
     from xrayops.demo import DemoConfig, print_summary, run_demo
@@ -744,9 +747,13 @@ def demo(
     if scenario == "drift":
         from xrayops.scenario import DriftScenarioConfig, run_drift_scenario
 
+        if backbone is not None and not backbone.is_file():
+            _fail(f"backbone {backbone} not found")
+
         default_out = Path("outputs/demo")
         cfg = DriftScenarioConfig(out=Path("outputs/demo-drift") if out == default_out else out, n=n,
-                                  pretrain_epochs=pretrain_epochs, screenshot=screenshot, review_budget=review_budget)
+                                  pretrain_epochs=pretrain_epochs, screenshot=screenshot, review_budget=review_budget,
+                                  backbone=backbone)
         print_summary(run_drift_scenario(cfg, get_settings()), console=Console())
         return
     if scenario != "loop":

@@ -1,6 +1,7 @@
 """`xrayops demo --scenario drift`: continual retraining, end to end, on one machine.
 
-1. A champion is trained on dataset version v1 (synthetic, one vendor), registered in MLflow
+1. A champion is trained on dataset version v1 (synthetic, one vendor; SimCLR on v1, or a given
+   pretrained backbone), registered in MLflow
    (alias `champion`) and served by the kserve ModelServer on 127.0.0.1.
 2. Traffic: two calm windows, then two windows of a vendor-shifted batch with a raised
    mislabel rate (`synth --shift --mislabel-rate`). Every window is monitored against the
@@ -8,8 +9,10 @@
    OOD rate, prediction mix, volume), so the dashboard shows them rising.
 3. The trigger (thresholds from Settings, cooldown and dedup, JSONL audit log) fires on the
    first shifted window; its launcher retrains in process: the shifted batch is ingested with
-   the old data as dataset version v2 (DVC), and the challenger's head is trained on v2 over
-   the champion's backbone (paper 000: linear head on a frozen SSL backbone). The second
+   the old data as dataset version v2 (DVC); the cleanlab audit of v2's labels fills the review
+   worklist, the reviewers' decisions become label events in the feature store, and the
+   challenger's head is trained on v2's point-in-time training set (reviewed labels over PACS
+   tags) over the champion's frozen backbone (paper 000). The second
    shifted window is suppressed (same cause), not a second run.
 4. Gate: champion and challenger are scored on one fixed, versioned test set (the test split
    of v2, its md5 recorded) against the true regions; the paired-bootstrap gate promotes the
@@ -49,6 +52,7 @@ class DriftScenarioConfig(BaseModel):
     shift: float = 1.0  # share of the shifted batch from the second vendor
     ood_rate: float = 0.03
     pretrain_epochs: int = 12
+    backbone: Path | None = None  # an existing backbone.pt instead of pretraining on v1
     pretrain_lr: float = 1e-3
     batch_size: int = 128
     finetune_epochs: int = 100
@@ -140,11 +144,15 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
         v1 = version_dataset(repo, data_dir, remote_url=settings.dvc_remote(), endpoint_url=settings.s3_endpoint_url)
         state["reference"] = out / "reference-v1.parquet"
         pd.read_parquet(data_dir / "manifest.parquet").to_parquet(state["reference"])  # v1, kept for monitoring
-        pre = pretrain(data_dir, out / "pretrain", PretrainConfig(
-            epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr, batch_size=cfg.batch_size, seed=cfg.seed, device=settings.device))
-        state["backbone"] = pre.backbone_path
+        if cfg.backbone is not None:  # the site's SSL backbone, pretrained once (e.g. on the GPU pool)
+            state["backbone"] = cfg.backbone.resolve()
+        else:
+            pre = pretrain(data_dir, out / "pretrain", PretrainConfig(
+                epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                device=settings.device))
+            state["backbone"] = pre.backbone_path
         lineage = Lineage(dataset_md5=v1.md5, git_commit=git_commit(repo), pipeline_run="xrayops-demo-drift")
-        bundle = finetune(data_dir, pre.backbone_path, out / "champion", FinetuneConfig(epochs=cfg.finetune_epochs, seed=cfg.seed),
+        bundle = finetune(data_dir, state["backbone"], out / "champion", FinetuneConfig(epochs=cfg.finetune_epochs, seed=cfg.seed),
                           lineage=lineage)
         registered = register_bundle(bundle, settings.tracking_uri(), name, lineage, alias="champion")
         state["v1"], state["champion"] = v1, registered
