@@ -14,6 +14,8 @@ Part 2 (cost): cleanlab find_label_issues + label-quality scores + health score 
 
 Writes benchmarks/results/label_noise.json. Usage:
   .venv/bin/python benchmarks/bench_label_noise.py --n 700 --epochs 4
+or, auditing an ingested synth set with a backbone pretrained elsewhere (longer):
+  .venv/bin/python benchmarks/bench_label_noise.py --backbone B.pt --data-dir D --truth truth.csv
 """
 from __future__ import annotations
 
