@@ -83,6 +83,26 @@ def test_same_distribution_shows_little_drift_and_no_retrain(tmp_path):
     assert not decision.retrain and decision.reasons == []
 
 
+def test_small_window_against_a_large_reference_is_tested_with_p_values(tmp_path):
+    """Evidently alone switches to distances once the reference passes 1,000 rows; a 120-row
+    window of the same distribution then drifts by sampling noise. The smaller side decides."""
+    from xrayops.monitor.drift import drift_methods
+
+    assert {k: m.name for k, m in drift_methods(5000, 120).items()} == {"num_method": "ks", "cat_method": "chisquare"}
+    assert drift_methods(300, 5000) == drift_methods(5000, 120)
+    assert drift_methods(5000, 2000) == {}
+    rng = np.random.default_rng(3)
+    reference = manifest_frame(3000, rng)
+    calm = [drift_report(reference, log_frame(manifest_frame(120, rng), rng), tmp_path / f"w{k}") for k in range(5)]
+    assert all("K-S" in d.column_methods["pixel_mean"] for d in calm)
+    assert "chi-square" in calm[0].column_methods["manufacturer"] or "Z-test" in calm[0].column_methods["manufacturer"]
+    assert max(d.drift_share for d in calm) <= 1 / 6  # at most one column by chance at p < 0.05
+    large = drift_report(reference, log_frame(manifest_frame(1500, rng), rng), tmp_path / "large")
+    assert "Wasserstein" in large.column_methods["pixel_mean"]
+    shifted = drift_report(reference, log_frame(manifest_frame(120, rng, mean_shift=0.1), rng), tmp_path / "shifted")
+    assert "pixel_mean" in shifted.drifted_columns
+
+
 def test_shifted_window_drifts_and_triggers_retrain_naming_the_columns(tmp_path):
     rng = np.random.default_rng(2)
     reference = manifest_frame(400, rng)

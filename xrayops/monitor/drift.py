@@ -4,8 +4,7 @@ The reference is the training manifest (one row per ingested image); the current
 is the inference log (one row per served image) or another manifest. Both carry the same
 image statistics and DICOM header fields, so `frame_for_drift` brings either to one set of
 columns, and Evidently's `DataDriftPreset` tests each column (K-S / chi-square / Z-test
-p-values on small samples, Wasserstein / Jensen-Shannon distances on large ones; Evidently
-picks the test and its threshold per column).
+p-values on small samples, Wasserstein / Jensen-Shannon distances on large ones).
 """
 from __future__ import annotations
 
@@ -83,13 +82,18 @@ def _status_name(status) -> str:
 
 def parse_snapshot(snapshot: dict) -> tuple[dict[str, float], dict[str, str], dict[str, float], list[str]]:
     """Per-column scores, methods, thresholds and the drifted columns from a snapshot dict."""
+    from evidently.legacy.calculations.stattests import chi_stat_test, ks_stat_test
+
+    # A test we chose is stored by its short name; show it as Evidently shows its own choices.
+    display = {t.name: t.display_name for t in (ks_stat_test, chi_stat_test)}
     scores, methods, thresholds = {}, {}, {}
     for metric in snapshot["metrics"]:
         config = metric["config"]
         if config.get("type", "").endswith(":ValueDrift"):
             column = config["column"]
             scores[column] = float(metric["value"])
-            methods[column] = str(config.get("method", ""))
+            method = str(config.get("method", ""))
+            methods[column] = display.get(method, method)
             thresholds[column] = float(config.get("threshold", float("nan")))
     drifted = []
     for test in snapshot["tests"]:
@@ -97,6 +101,22 @@ def parse_snapshot(snapshot: dict) -> tuple[dict[str, float], dict[str, str], di
         if params.get("type", "").endswith(":ValueDrift") and _status_name(test["status"]) == "FAIL":
             drifted.append(params["column"])
     return scores, methods, thresholds, drifted
+
+
+# Evidently picks distances (Wasserstein, Jensen-Shannon; threshold 0.1) once the REFERENCE has
+# more than 1,000 rows. A monitoring window is often far smaller than the training manifest, and
+# a distance between 1,400 training rows and 120 served ones drifts by sampling noise alone
+# (calm windows crossed 0.1 on pixel statistics). So the sample-size rule looks at the smaller side.
+SMALL_SAMPLE_ROWS = 1000
+
+
+def drift_methods(n_reference: int, n_current: int) -> dict:
+    """Per-type tests: p-value tests while either side is small, Evidently's defaults otherwise."""
+    if min(n_reference, n_current) <= SMALL_SAMPLE_ROWS:
+        from evidently.legacy.calculations.stattests import chi_stat_test, ks_stat_test
+
+        return {"num_method": ks_stat_test, "cat_method": chi_stat_test}
+    return {}
 
 
 def drift_report(reference: pd.DataFrame, current: pd.DataFrame, out_dir: str | Path) -> DriftResult:
@@ -115,7 +135,7 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, out_dir: str | 
         numerical_columns=[c for c in columns if c in NUMERICAL_COLUMNS],
         categorical_columns=[c for c in columns if c in CATEGORICAL_COLUMNS],
     )
-    report = Report([DataDriftPreset(columns=columns)], include_tests=True)
+    report = Report([DataDriftPreset(columns=columns, **drift_methods(len(ref), len(cur)))], include_tests=True)
     with warnings.catch_warnings():
         # A category absent from the reference makes scipy's chi-square divide by a zero
         # expected count; the p-value it returns (0) is the right answer.

@@ -27,7 +27,13 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from xrayops.logs import get_logger
-from xrayops.monitor.drift import CATEGORICAL_COLUMNS, NUMERICAL_COLUMNS, comparable_columns, frame_for_drift
+from xrayops.monitor.drift import (
+    CATEGORICAL_COLUMNS,
+    NUMERICAL_COLUMNS,
+    comparable_columns,
+    drift_methods,
+    frame_for_drift,
+)
 
 log = get_logger(__name__)
 
@@ -272,7 +278,8 @@ def window_snapshot(
     # time); store naive UTC so every window sorts on one clock.
     timestamp = signals.window_end.astimezone(timezone.utc).replace(tzinfo=None)
     snapshot = _run(
-        [DataDriftPreset(columns=columns), *signal_metrics(signals)], cur[columns], ref[columns], definition, True,
+        [DataDriftPreset(columns=columns, **drift_methods(len(ref), len(cur))), *signal_metrics(signals)],
+        cur[columns], ref[columns], definition, True,
         timestamp=timestamp, tags=["xrayops", "monitoring-window"],
         metadata={"window_end": signals.window_end.isoformat(), "n_images": str(signals.n_images)},
         name=f"window {signals.window_end.isoformat(timespec='seconds')}",
