@@ -489,8 +489,7 @@ def import_reviews_cmd(
     """Feed radiologists' decisions back as timestamped label events in the Feast feature store."""
     import pandas as pd
 
-    from xrayops.features import append_rows, manifest_rows, open_store, review_rows
-    from xrayops.features.store import store_data_dir
+    from xrayops.features import open_store, record_reviews
     from xrayops.monitor.review import read_decisions
 
     settings = get_settings()
@@ -499,15 +498,12 @@ def import_reviews_cmd(
         _fail(f"{manifest_path} not found; reviews must refer to an ingested dataset")
     manifest = pd.read_parquet(manifest_path)
     imported = read_decisions(decisions, dict(zip(manifest["image_id"].astype(str), manifest["region"].astype(str))))
-    store = open_store(settings)
-    tables = store_data_dir(store)
     # The PACS tags as of the manifest's writing, so a training set has a label to fall back on.
     known_at = pd.Timestamp(manifest_path.stat().st_mtime, unit="s", tz="UTC").floor("us").to_pydatetime()
-    for view, rows in manifest_rows(manifest, known_at).items():
-        append_rows(tables, view, rows)
-    append_rows(tables, "reviewed_labels", review_rows(imported.events))
+    store = open_store(settings)
+    record_reviews(store, manifest, imported.events, known_at)
     _print_json({"events": len(imported.events), "rejected": [r.model_dump() for r in imported.rejected],
-                 "feature_repo": str(tables.parent)})
+                 "feature_repo": str(Path(store.repo_path))})
 
 
 @app.command("retrain-trigger")

@@ -104,8 +104,7 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
     from xrayops.registry import register_bundle, resolve_bundle
     from xrayops.train.finetune import FinetuneConfig, finetune
     from xrayops.train.pretrain import PretrainConfig, pretrain
-    from xrayops.features import append_rows, manifest_rows, open_store, review_rows, training_labels
-    from xrayops.features.store import store_data_dir
+    from xrayops.features import open_store, record_reviews, training_labels
     from xrayops.monitor.label_audit import AuditConfig, audit_labels
     from xrayops.monitor.review import decisions_to_events
     from xrayops.monitor.worklist import write_worklist
@@ -212,10 +211,7 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
         decisions.to_csv(audit_dir / "review_decisions.csv", index=False)
         imported = decisions_to_events(decisions, dict(zip(manifest["image_id"].astype(str), manifest["region"].astype(str))))
         store = open_store(settings)
-        tables = store_data_dir(store)
-        for view, rows in manifest_rows(manifest, ingested_at).items():
-            append_rows(tables, view, rows)
-        append_rows(tables, "reviewed_labels", review_rows(imported.events))
+        record_reviews(store, manifest, imported.events, ingested_at)
         ok = manifest[manifest["status"] == "ok"]
         labels = training_labels(store, ok["image_id"].astype(str).tolist(), datetime.now(timezone.utc))
         counts = decisions["decision"].value_counts()

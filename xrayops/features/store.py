@@ -136,6 +136,17 @@ def review_rows(events: Iterable) -> pd.DataFrame:
                          "reviewer": [e.actor for e in events]})
 
 
+def record_reviews(store, manifest: pd.DataFrame, events: Iterable, known_at: datetime) -> int:
+    """Store reviewers' label events, with the manifest's tags (known at `known_at`) beside them
+    so a training set has a PACS label to fall back on; returns the review rows written."""
+    tables = store_data_dir(store)
+    for view, rows in manifest_rows(manifest, known_at).items():
+        append_rows(tables, view, rows)
+    reviews = review_rows(events)
+    append_rows(tables, "reviewed_labels", reviews)
+    return len(reviews)
+
+
 # --- readers --------------------------------------------------------------------------------------
 
 
