@@ -133,6 +133,7 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
                                       ood_rate=cfg.ood_rate)
         # The PACS export ingestion reads: v1 now, the shifted batch joins it (as v2/) when retraining.
         shutil.copytree(state["train"].dicom_dir, pacs / "v1", dirs_exist_ok=True)
+        state["truth"] = _truth(("v1", state["train"]), ("v2", state["shifted"]))  # source_name -> true region
         return ({"train": state["train"].dicom_dir, "calm": state["calm"].dicom_dir, "shifted": state["shifted"].dicom_dir},
                 {"n_train": state["train"].n_files, "n_shifted": state["shifted"].n_files,
                  "shifted_mislabeled": state["shifted"].n_mislabeled})
@@ -207,7 +208,7 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
         scores = pd.read_parquet(audit.scores_path)
         worklist = write_worklist(scores[scores["is_issue"]], data_dir, audit_dir, limit=cfg.review_budget)
         decisions = review_from_truth(pd.read_csv(worklist.csv_path, dtype=str, keep_default_na=False), manifest,
-                                      _truth(("v1", state["train"]), ("v2", state["shifted"])))
+                                      state["truth"])
         decisions.to_csv(audit_dir / "review_decisions.csv", index=False)
         imported = decisions_to_events(decisions, dict(zip(manifest["image_id"].astype(str), manifest["region"].astype(str))))
         store = open_store(settings)
@@ -254,7 +255,7 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
     def do_gate():
         if "challenger" not in state:
             raise RuntimeError("the trigger launched no retraining run; nothing to gate (see the audit log)")
-        truth = _truth(("v1", state["train"]), ("v2", state["shifted"]))
+        truth = state["truth"]
         test_set = state["v2"].md5
         champion = score_bundle(out / "champion", data_dir, test_set, state["champion"].model_uri, truth)
         challenger = score_bundle(state["challenger_bundle"], data_dir, test_set, state["challenger"].model_uri, truth)

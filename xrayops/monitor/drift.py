@@ -82,10 +82,8 @@ def _status_name(status) -> str:
 
 def parse_snapshot(snapshot: dict) -> tuple[dict[str, float], dict[str, str], dict[str, float], list[str]]:
     """Per-column scores, methods, thresholds and the drifted columns from a snapshot dict."""
-    from evidently.legacy.calculations.stattests import chi_stat_test, ks_stat_test
-
     # A test we chose is stored by its short name; show it as Evidently shows its own choices.
-    display = {t.name: t.display_name for t in (ks_stat_test, chi_stat_test)}
+    display = {t.name: t.display_name for t in small_sample_tests().values()}
     scores, methods, thresholds = {}, {}, {}
     for metric in snapshot["metrics"]:
         config = metric["config"]
@@ -110,13 +108,16 @@ def parse_snapshot(snapshot: dict) -> tuple[dict[str, float], dict[str, str], di
 SMALL_SAMPLE_ROWS = 1000
 
 
+def small_sample_tests() -> dict:
+    """The p-value tests (K-S, chi-square) as DataDriftPreset's num_method / cat_method."""
+    from evidently.legacy.calculations.stattests import chi_stat_test, ks_stat_test
+
+    return {"num_method": ks_stat_test, "cat_method": chi_stat_test}
+
+
 def drift_methods(n_reference: int, n_current: int) -> dict:
     """Per-type tests: p-value tests while either side is small, Evidently's defaults otherwise."""
-    if min(n_reference, n_current) <= SMALL_SAMPLE_ROWS:
-        from evidently.legacy.calculations.stattests import chi_stat_test, ks_stat_test
-
-        return {"num_method": ks_stat_test, "cat_method": chi_stat_test}
-    return {}
+    return small_sample_tests() if min(n_reference, n_current) <= SMALL_SAMPLE_ROWS else {}
 
 
 def drift_report(reference: pd.DataFrame, current: pd.DataFrame, out_dir: str | Path) -> DriftResult:
