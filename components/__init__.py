@@ -3,6 +3,7 @@
 All components run the one xrayops image (XRAYOPS_IMAGE, built from infra/). It already
 holds kfp and xrayops, so the compiled YAML installs nothing at run time.
 """
+from components.audit_labels import audit_labels_op
 from components.evaluate import evaluate_op
 from components.finetune import finetune_op
 from components.ingest import ingest_op, ingest_part_op, merge_ingest_op, plan_ingest_op
@@ -21,6 +22,7 @@ __all__ = [
     "version_dataset_op",
     "pretrain_op",
     "finetune_op",
+    "audit_labels_op",
     "evaluate_op",
     "register_op",
     "monitor_op",

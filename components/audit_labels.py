@@ -12,10 +12,11 @@ def audit_labels_op(
     issues: Output[Dataset],
     worklist: Output[HTML],
     n_folds: int = 5,
+    flag_below: float = 0.1,
     worklist_limit: int = 200,
 ) -> NamedTuple("AuditOut", [("n_issues", int), ("label_health_score", float)]):
     """Confident-learning audit of the PACS labels on out-of-fold linear-head probabilities,
-    and the radiologists' review worklist."""
+    and the radiologists' review worklist. flag_below 0 leaves the flags to cleanlab's filter."""
     import shutil
     from collections import namedtuple
     from pathlib import Path
@@ -27,10 +28,12 @@ def audit_labels_op(
 
     out = Path(issues.path)
     out.mkdir(parents=True, exist_ok=True)
-    audit = audit_labels(dataset.path, Path(backbone.path) / "backbone.pt", out, AuditConfig(n_folds=n_folds))
+    cfg = AuditConfig(n_folds=n_folds, flag_below=flag_below or None)
+    audit = audit_labels(dataset.path, Path(backbone.path) / "backbone.pt", out, cfg)
     scores = pd.read_parquet(audit.scores_path)
     review = write_worklist(scores[scores["is_issue"]], dataset.path, out, limit=worklist_limit or None)
     shutil.copyfile(review.html_path, worklist.path)
-    issues.metadata.update({"n_issues": audit.n_issues, "label_health_score": audit.label_health_score,
+    issues.metadata.update({"n_issues": audit.n_issues, "n_cleanlab_issues": audit.n_cleanlab_issues,
+                            "label_health_score": audit.label_health_score,
                             "n_images": audit.n_images})
     return namedtuple("AuditOut", ["n_issues", "label_health_score"])(audit.n_issues, audit.label_health_score)

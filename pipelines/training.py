@@ -1,9 +1,11 @@
 """The whole loop as one KFP pipeline: synth -> ingest -> version -> pretrain -> finetune
--> evaluate -> register, plus a drift check of a shifted batch against the training data."""
+-> evaluate -> register, a label audit of the training tags on the frozen backbone, plus a
+drift check of a shifted batch against the training data."""
 
 from kfp import dsl, kubernetes
 
 from components import (
+    audit_labels_op,
     evaluate_op,
     finetune_op,
     ingest_op,
@@ -79,6 +81,7 @@ def build_pipeline(
         model_name: str = "xrayops-region",
         alias: str = "champion",
         evidently_workspace: str = CLUSTER_EVIDENTLY_WORKSPACE if cluster else "",
+        label_flag_below: float = 0.1,
     ):
         data = synth_op(
             n=n_images, seed=seed, size=synth_size, mislabel_rate=mislabel_rate, shift=0.0, ood_rate=ood_rate
@@ -102,6 +105,10 @@ def build_pipeline(
             seed=seed,
             pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
         ).set_display_name("finetune")
+        # paper 000 keeps the backbone frozen so the training tags can be re-checked with it.
+        audit = audit_labels_op(
+            dataset=ingested.outputs["dataset"], backbone=pre.outputs["backbone"], flag_below=label_flag_below
+        ).set_display_name("audit-labels")
         evaluation = evaluate_op(
             dataset=ingested.outputs["dataset"], bundle=head.outputs["bundle"], dicom=data.outputs["dicom"]
         ).set_display_name("evaluate")
@@ -129,7 +136,7 @@ def build_pipeline(
             for task in (pre, head):
                 gpu_pool.apply(task)
         if cluster:
-            for task in (data, version, pre, head, evaluation, registered, shifted, drift):
+            for task in (data, version, pre, head, audit, evaluation, registered, shifted, drift):
                 _with_cluster_env(task, deid=False)
             for task in (ingested, current):
                 _with_cluster_env(task, deid=True)

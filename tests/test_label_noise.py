@@ -100,8 +100,54 @@ def test_audit_frame_finds_flipped_labels_with_cleanlab():
     assert 0.85 <= scores.health <= 1.0
     # Wrong labels score lower than right ones.
     assert table.loc[true != given, "label_quality"].mean() < table.loc[true == given, "label_quality"].mean()
+    # The default flags are the images whose own tag gets < 0.1 out-of-fold probability;
+    # cleanlab's confident-learning filter is kept beside them.
+    assert (table["is_issue"] == (table["given_probability"] < 0.1)).all()
+    assert table["is_issue"].tolist() == scores.is_issue.tolist() and "cleanlab_issue" in table
+    by_filter = flagged_vs_truth(table, truth, "cleanlab_issue")
+    assert by_filter["n_flagged"] == int(scores.cleanlab_issue.sum()) and by_filter["recall"] >= 0.9
+    filter_only, _, _ = audit_frame(rows, x, AuditConfig(n_folds=4, flag_below=None))
+    assert filter_only["is_issue"].tolist() == filter_only["cleanlab_issue"].tolist() == table["cleanlab_issue"].tolist()
     with pytest.raises(ValueError, match="not regions"):
         compact_labels(["skull", "spleen"])
+
+
+def test_an_ensemble_averages_its_members_out_of_fold_probabilities():
+    rng = np.random.default_rng(2)
+    classes = ["skull", "knee", "hand"]
+    x, true, given = _clusters(30, classes, 0.1, rng)
+    noise = rng.normal(0, 1, x.shape)  # a member that knows nothing
+    rows = pd.DataFrame({"image_id": [f"i{k}" for k in range(len(given))], "region": [classes[g] for g in given],
+                         "source_name": [f"f{k}" for k in range(len(given))]})
+    cfg = AuditConfig(n_folds=3)
+    good, _, _ = audit_frame(rows, x, cfg)
+    blind, _, _ = audit_frame(rows, noise, cfg)
+    both, _, present = audit_frame(rows, [x, noise], cfg)
+    columns = [f"prob_{c}" for c in present]
+    assert np.allclose(both[columns], (good[columns].to_numpy() + blind[columns].to_numpy()) / 2)
+    # Averaging with a blind member pulls the probabilities towards uniform.
+    assert both["suggested_probability"].mean() < good["suggested_probability"].mean()
+    with pytest.raises(ValueError, match="at least one"):
+        audit_frame(rows, [], cfg)
+
+
+def test_stage_features_pool_the_named_resnet_stages():
+    import torch
+
+    from xrayops.models.backbone import build_backbone, stage_features
+
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("resnet18")
+    backbone.eval()
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        last = stage_features(backbone, x, ("layer4",))
+        multi = stage_features(backbone, x, ("layer4", "layer2", "layer3"))
+    assert torch.allclose(last, backbone(x), atol=1e-6)
+    assert multi.shape == (3, 128 + 256 + dim)  # stage order, whatever order they were named in
+    assert torch.allclose(multi[:, -dim:], last, atol=1e-6)
+    with pytest.raises(ValueError, match="subset"):
+        stage_features(backbone, x, ("layer5",))
 
 
 def test_audit_labels_on_a_dataset_writes_issues_and_worklist(tmp_path):
@@ -110,6 +156,8 @@ def test_audit_labels_on_a_dataset_writes_issues_and_worklist(tmp_path):
     audit = audit_labels(data.data_dir, backbone, tmp_path / "audit",
                          AuditConfig(n_folds=3, rotation_average=False, device="cpu"))
     scores = pd.read_parquet(audit.scores_path)
+    assert audit.backbones == [str(backbone)] and audit.config.stages == ["layer2", "layer3", "layer4"]
+    assert audit.n_cleanlab_issues == int(scores["cleanlab_issue"].sum())
     labelled = data.manifest[(data.manifest["status"] == "ok") & data.manifest["split"].isin(["train", "val"])
                              & (data.manifest["region"] != "unknown")]
     assert audit.n_images == len(scores) == len(labelled)
@@ -124,6 +172,40 @@ def test_audit_labels_on_a_dataset_writes_issues_and_worklist(tmp_path):
     assert {"decision", "corrected_region", "reviewer", "timestamp"} <= set(csv.columns)
     page = worklist.html_path.read_text()
     assert page.count("data:image/png;base64,") == worklist.n_items
+
+
+def test_audit_labels_cli_with_an_ensemble_and_the_truth(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from xrayops.cli import app
+
+    monkeypatch.setenv("XRAYOPS_DEVICE", "cpu")
+    data = make_data_dir(tmp_path / "data", n_per_class=12, size=32, mislabel_rate=0.1, seed=4)
+    truth = tmp_path / "truth.csv"
+    pd.DataFrame({"file": list(data.truth), "true_region": list(data.truth.values())}).to_csv(truth, index=False)
+    members = [random_backbone(tmp_path / f"b{seed}.pt", seed=seed) for seed in (0, 1)]
+    runner = CliRunner()
+    base = ["audit-labels", "--data-dir", str(data.data_dir), "--folds", "3", "--worklist-limit", "4"]
+    result = runner.invoke(app, [*base, "--backbone", str(members[0]), "--backbone", str(members[1]),
+                                 "--out", str(tmp_path / "audit"), "--truth", str(truth)])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout[result.stdout.index("{"):])
+    assert out["audit"]["backbones"] == [str(m) for m in members]
+    scores = pd.read_parquet(tmp_path / "audit" / "label_scores.parquet")
+    assert out["against_truth"]["n_flagged"] == out["audit"]["n_issues"] == int((scores["given_probability"] < 0.1).sum())
+    assert out["cleanlab_filter_against_truth"]["n_flagged"] == out["audit"]["n_cleanlab_issues"]
+    assert out["worklist"]["n_items"] == min(4, out["audit"]["n_issues"])
+    # 0 leaves the flags to cleanlab's filter; a missing backbone or a bad threshold is refused.
+    filt = runner.invoke(app, [*base, "--backbone", str(members[0]), "--out", str(tmp_path / "f"), "--flag-below", "0"])
+    assert filt.exit_code == 0, filt.output
+    audit = json.loads((tmp_path / "f" / "label_audit.json").read_text())
+    assert audit["n_issues"] == audit["n_cleanlab_issues"] and audit["config"]["flag_below"] is None
+    missing = runner.invoke(app, [*base, "--backbone", str(tmp_path / "nope.pt")])
+    assert missing.exit_code != 0 and "nope.pt not found" in " ".join(missing.output.split())
+    bad = runner.invoke(app, [*base, "--backbone", str(members[0]), "--flag-below", "1.5"])
+    assert bad.exit_code != 0 and "--flag-below" in bad.output
 
 
 def test_worklist_ranking_and_thumbnail():

@@ -5,13 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 from pipelines.run import compile_pipeline, run_local
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"synth", "ingest", "version", "pretrain", "finetune", "evaluate", "register", "monitor"}
+STAGES = {"synth", "ingest", "version", "pretrain", "finetune", "audit-labels", "evaluate", "register", "monitor"}
 
 
 def _load(path: Path) -> list[dict]:
@@ -84,7 +85,7 @@ def test_kfp_local_runs_the_whole_graph(tmp_path, capsys):
     tasks = {p.name: json.loads((p / "executor_output.json").read_text()) for p in run.iterdir()}
     assert set(tasks) == {
         "synth-op", "synth-op-2", "ingest-op", "ingest-op-2", "version-dataset-op",
-        "pretrain-op", "finetune-op", "evaluate-op", "register-op", "monitor-op",
+        "pretrain-op", "finetune-op", "audit-labels-op", "evaluate-op", "register-op", "monitor-op",
     }
     assert (run / "ingest-op" / "dataset" / "manifest.parquet").stat().st_size > 0
     assert (run / "finetune-op" / "bundle" / "weights.pt").stat().st_size > 1_000_000
@@ -93,6 +94,13 @@ def test_kfp_local_runs_the_whole_graph(tmp_path, capsys):
     metrics = tasks["evaluate-op"]["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["n"] > 0
     assert tasks["register-op"]["parameterValues"]["Output"] == "models:/xrayops-region/1"
+    # The training tags are audited on the frozen backbone: every labelled train/val image scored.
+    audit = tasks["audit-labels-op"]["artifacts"]["issues"]["artifacts"][0]["metadata"]
+    scores = pd.read_parquet(run / "audit-labels-op" / "issues" / "label_scores.parquet")
+    assert audit["n_images"] == len(scores) > 0 and set(scores["split"]) <= {"train", "val"}
+    assert audit["n_issues"] == int(scores["is_issue"].sum())
+    assert tasks["audit-labels-op"]["parameterValues"]["n_issues"] == audit["n_issues"]
+    assert (run / "audit-labels-op" / "worklist").read_text().startswith("<!")
     # The shifted batch comes from another vendor: the monitor step must call for retraining.
     assert tasks["monitor-op"]["parameterValues"]["retrain"] is True
     # ... and adds the window to an Evidently workspace inside its output artifact.

@@ -453,12 +453,17 @@ def dashboard(
 
 @app.command("audit-labels")
 def audit_labels_cmd(
-    backbone: Annotated[Path, typer.Option(help="Frozen backbone.pt (from pretrain).")] = Path("outputs/pretrain/backbone.pt"),
+    backbone: Annotated[list[Path], typer.Option(
+        help="Frozen backbone.pt (from pretrain). Repeat for an ensemble (e.g. SimCLR and BYOL; paper 000).")] = [
+        Path("outputs/pretrain/backbone.pt")],
     data_dir: Annotated[Optional[Path], typer.Option(help="Dataset folder (default XRAYOPS_DATA_DIR).")] = None,
     out: Annotated[Path, typer.Option(help="Audit folder: label_issues.csv, label_audit.json, review worklist.")] = Path(
         "outputs/label-audit"
     ),
     folds: Annotated[int, typer.Option(help="Cross-validation folds for the out-of-fold probabilities.")] = 5,
+    flag_below: Annotated[float, typer.Option(
+        help="Flag an image when the out-of-fold probability of its own tag is below this (0: cleanlab's "
+             "confident-learning filter decides).")] = 0.1,
     worklist_limit: Annotated[int, typer.Option(help="At most this many images on the review worklist (0: all).")] = 200,
     truth: Annotated[Optional[Path], typer.Option(help="truth.csv from synth: also print precision/recall of the flags.")] = None,
 ) -> None:
@@ -469,15 +474,21 @@ def audit_labels_cmd(
     from xrayops.monitor.worklist import write_worklist
 
     settings = get_settings()
-    if not backbone.exists():
-        _fail(f"backbone {backbone} not found; run `xrayops pretrain` first")
+    missing = [str(b) for b in backbone if not b.exists()]
+    if missing:
+        _fail(f"backbone {', '.join(missing)} not found; run `xrayops pretrain` first")
+    if not 0 <= flag_below < 1:
+        _fail(f"--flag-below must be in [0, 1), got {flag_below}")
     data = data_dir or settings.data_dir
-    audit = audit_labels(data, backbone, out, AuditConfig(n_folds=folds, seed=settings.seed, device=settings.device))
+    cfg = AuditConfig(n_folds=folds, seed=settings.seed, device=settings.device, flag_below=flag_below or None)
+    audit = audit_labels(data, backbone, out, cfg)
     scores = pd.read_parquet(audit.scores_path)
     worklist = write_worklist(scores[scores["is_issue"]], data, out, limit=worklist_limit or None)
     result = {"audit": audit.model_dump(mode="json"), "worklist": worklist.model_dump(mode="json")}
     if truth is not None:
-        result["against_truth"] = flagged_vs_truth(scores, pd.read_csv(truth))
+        known = pd.read_csv(truth)
+        result["against_truth"] = flagged_vs_truth(scores, known)
+        result["cleanlab_filter_against_truth"] = flagged_vs_truth(scores, known, "cleanlab_issue")
     _print_json(result)
 
 

@@ -51,3 +51,25 @@ def load_backbone(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Mo
     backbone.load_state_dict(state)
     info = {"arch": arch, "ssl_method": blob.get("ssl_method", ""), "in_chans": blob.get("in_chans", 1)}
     return backbone.to(device), embedding_dim, info
+
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def stage_features(backbone: nn.Module, x: torch.Tensor, stages: tuple[str, ...] | list[str] = ("layer4",)) -> torch.Tensor:
+    """Global-average-pooled outputs of the named ResNet stages, concatenated: (batch, sum of widths).
+
+    ("layer4",) is exactly `backbone(x)`. Earlier stages keep finer texture and shape cues
+    that a contrastive objective partly discards in the last stage, which a linear probe can
+    use (multi-scale probes; measured in benchmarks/README.md, label noise).
+    """
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {list(stages)}")
+    h = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
+    pooled = {}
+    for name in STAGES[: max(STAGES.index(s) for s in stages) + 1]:
+        h = getattr(backbone, name)(h)
+        if name in stages:
+            pooled[name] = torch.flatten(backbone.avgpool(h), 1)
+    return torch.cat([pooled[s] for s in STAGES if s in stages], dim=1)
