@@ -77,6 +77,18 @@ def test_model_beats_chance_on_held_out_data(loop):
     assert metrics["truth_accuracy"] > 2.5 * chance
 
 
+def test_training_tags_are_audited_and_a_worklist_written(loop):
+    summary, cfg, settings, _ = loop
+    facts = summary.step("audit").facts
+    scores = pd.read_parquet(summary.out / "label-audit" / "label_scores.parquet")
+    assert facts["audited"] == len(scores) > 0 and facts["flagged"] == int(scores["is_issue"].sum())
+    # synth wrote 5 % wrong tags; the ones among the audited train/val images are counted against the truth.
+    assert 0 < facts["wrong_tags"] < 0.15 * len(scores)
+    assert facts["precision"] is None or 0.0 <= facts["precision"] <= 1.0
+    page = Path(summary.step("audit").artefacts["worklist"]).read_text()
+    assert page.count("data:image/png;base64,") == min(facts["flagged"], 200)
+
+
 def test_registered_with_lineage(loop):
     summary, cfg, settings, _ = loop
     import mlflow

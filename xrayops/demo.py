@@ -1,6 +1,7 @@
 """`xrayops demo`: the whole loop on one machine, on synthetic data, with the real components.
 
-synth -> ingest -> DVC version -> SimCLR pretrain -> linear head -> evaluate -> MLflow register
+synth -> ingest -> DVC version -> SimCLR pretrain -> linear head -> label audit + review worklist
+-> evaluate -> MLflow register
 -> kserve ModelServer (127.0.0.1) fed by kserve's REST client -> inference log -> Evidently drift
 -> retrain decision -> KFP compile (+ a small kfp.local run).
 
@@ -64,6 +65,10 @@ def numeric_metrics(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def _run_step(summary: DemoSummary, name: str, fn: Callable[[], tuple[dict, dict]]) -> StepRecord:
     log.info("step start", step=name)
     start = time.perf_counter()
@@ -78,6 +83,8 @@ def _run_step(summary: DemoSummary, name: str, fn: Callable[[], tuple[dict, dict
 
 
 def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
+    import pandas as pd
+
     from xrayops.contracts import Lineage, PreprocessingSpec
     from xrayops.data.synth import synthesize
     from xrayops.data.truth import read_truth
@@ -144,6 +151,23 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
         )
         state["bundle"] = bundle
         return {"bundle": bundle}, {}
+
+    def do_audit():
+        from xrayops.monitor.label_audit import AuditConfig, audit_labels, flagged_vs_truth
+        from xrayops.monitor.worklist import write_worklist
+
+        # paper 000 keeps the backbone frozen so the training tags can be re-checked with it.
+        audit = audit_labels(data_dir, state["backbone"], out / "label-audit",
+                             AuditConfig(seed=cfg.seed, device=settings.device))
+        scores = pd.read_parquet(audit.scores_path)
+        worklist = write_worklist(scores[scores["is_issue"]], data_dir, out / "label-audit", limit=200)
+        measured = flagged_vs_truth(scores, pd.read_csv(state["train"].truth_path))
+        return (
+            {"label_issues": audit.issues_path, "worklist": worklist.html_path},
+            {"audited": audit.n_images, "flagged": audit.n_issues, "wrong_tags": measured["n_wrong"],
+             "precision": _round(measured["precision"]), "recall": _round(measured["recall"]),
+             "label_health": round(audit.label_health_score, 3)},
+        )
 
     def do_evaluate():
         truth = read_truth(state["train"].truth_path)
@@ -232,7 +256,7 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
 
     for name, fn in [
         ("synth", do_synth), ("ingest", do_ingest), ("version", do_version), ("pretrain", do_pretrain),
-        ("finetune", do_finetune), ("evaluate", do_evaluate), ("register", do_register), ("serve", do_serve),
+        ("finetune", do_finetune), ("audit", do_audit), ("evaluate", do_evaluate), ("register", do_register), ("serve", do_serve),
         ("monitor", do_monitor), ("pipeline", do_pipeline),
     ]:
         _run_step(summary, name, fn)
