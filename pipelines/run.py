@@ -28,7 +28,8 @@ def run_local(pipeline_root: Path, log_path: Path | None = None, **params) -> di
     """Run every stage as a subprocess in this Python environment (kfp.local SubprocessRunner).
 
     use_venv=False: the stages import the installed xrayops rather than pip-installing per task.
-    `log_path` takes the stages' output (kfp.local prints it, executor JSON included, to stdout).
+    `log_path` takes the stages' output (kfp.local prints it, executor JSON included, to stdout)
+    and kfp.local's own warnings (display names and the image are ignored by a local runner).
     """
     pipeline_root = Path(pipeline_root).resolve()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
@@ -37,7 +38,7 @@ def run_local(pipeline_root: Path, log_path: Path | None = None, **params) -> di
         task = pipeline(**params)
     else:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "w") as log, contextlib.redirect_stdout(log):
+        with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             try:
                 task = pipeline(**params)
             except RuntimeError as exc:
