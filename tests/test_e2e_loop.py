@@ -83,8 +83,12 @@ def test_training_tags_are_audited_and_a_worklist_written(loop):
     scores = pd.read_parquet(summary.out / "label-audit" / "label_scores.parquet")
     assert facts["audited"] == len(scores) > 0 and facts["flagged"] == int(scores["is_issue"].sum())
     # synth wrote 5 % wrong tags; the ones among the audited train/val images are counted against the truth.
-    assert 0 < facts["wrong_tags"] < 0.15 * len(scores)
-    assert facts["precision"] is None or 0.0 <= facts["precision"] <= 1.0
+    truth = pd.read_csv(summary.step("synth").artefacts["train_truth"]).set_index("file")["true_region"]
+    wrong = scores["source_name"].map(truth).astype(str) != scores["given_region"].astype(str)
+    assert facts["wrong_tags"] == int(wrong.sum()) and 0 < facts["wrong_tags"] < 0.15 * len(scores)
+    hits = int((wrong & scores["is_issue"]).sum())
+    assert facts["recall"] == pytest.approx(hits / wrong.sum(), abs=1e-3)
+    assert facts["precision"] == (pytest.approx(hits / facts["flagged"], abs=1e-3) if facts["flagged"] else None)
     page = Path(summary.step("audit").artefacts["worklist"]).read_text()
     assert page.count("data:image/png;base64,") == min(facts["flagged"], 200)
 

@@ -256,8 +256,8 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
 
     for name, fn in [
         ("synth", do_synth), ("ingest", do_ingest), ("version", do_version), ("pretrain", do_pretrain),
-        ("finetune", do_finetune), ("audit", do_audit), ("evaluate", do_evaluate), ("register", do_register), ("serve", do_serve),
-        ("monitor", do_monitor), ("pipeline", do_pipeline),
+        ("finetune", do_finetune), ("audit", do_audit), ("evaluate", do_evaluate), ("register", do_register),
+        ("serve", do_serve), ("monitor", do_monitor), ("pipeline", do_pipeline),
     ]:
         _run_step(summary, name, fn)
     return summary
