@@ -21,17 +21,14 @@ def audit_labels_op(
     from collections import namedtuple
     from pathlib import Path
 
-    import pandas as pd
-
     from xrayops.monitor.label_audit import AuditConfig, audit_labels
-    from xrayops.monitor.worklist import write_worklist
+    from xrayops.monitor.worklist import write_audit_worklist
 
     out = Path(issues.path)
     out.mkdir(parents=True, exist_ok=True)
     cfg = AuditConfig(n_folds=n_folds, flag_below=flag_below or None)
     audit = audit_labels(dataset.path, Path(backbone.path) / "backbone.pt", out, cfg)
-    scores = pd.read_parquet(audit.scores_path)
-    review = write_worklist(scores[scores["is_issue"]], dataset.path, out, limit=worklist_limit or None)
+    _, review = write_audit_worklist(audit.scores_path, dataset.path, out, limit=worklist_limit or None)
     shutil.copyfile(review.html_path, worklist.path)
     issues.metadata.update({"n_issues": audit.n_issues, "n_cleanlab_issues": audit.n_cleanlab_issues,
                             "label_health_score": audit.label_health_score,

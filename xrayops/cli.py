@@ -471,7 +471,7 @@ def audit_labels_cmd(
     import pandas as pd
 
     from xrayops.monitor.label_audit import AuditConfig, audit_labels, flagged_vs_truth
-    from xrayops.monitor.worklist import write_worklist
+    from xrayops.monitor.worklist import write_audit_worklist
 
     settings = get_settings()
     missing = [str(b) for b in backbone if not b.exists()]
@@ -482,8 +482,7 @@ def audit_labels_cmd(
     data = data_dir or settings.data_dir
     cfg = AuditConfig(n_folds=folds, seed=settings.seed, device=settings.device, flag_below=flag_below or None)
     audit = audit_labels(data, backbone, out, cfg)
-    scores = pd.read_parquet(audit.scores_path)
-    worklist = write_worklist(scores[scores["is_issue"]], data, out, limit=worklist_limit or None)
+    scores, worklist = write_audit_worklist(audit.scores_path, data, out, limit=worklist_limit or None)
     result = {"audit": audit.model_dump(mode="json"), "worklist": worklist.model_dump(mode="json")}
     if truth is not None:
         known = pd.read_csv(truth)

@@ -154,13 +154,12 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
 
     def do_audit():
         from xrayops.monitor.label_audit import AuditConfig, audit_labels, flagged_vs_truth
-        from xrayops.monitor.worklist import write_worklist
+        from xrayops.monitor.worklist import write_audit_worklist
 
         # paper 000 keeps the backbone frozen so the training tags can be re-checked with it.
         audit = audit_labels(data_dir, state["backbone"], out / "label-audit",
                              AuditConfig(seed=cfg.seed, device=settings.device))
-        scores = pd.read_parquet(audit.scores_path)
-        worklist = write_worklist(scores[scores["is_issue"]], data_dir, out / "label-audit", limit=200)
+        scores, worklist = write_audit_worklist(audit.scores_path, data_dir, out / "label-audit", limit=200)
         measured = flagged_vs_truth(scores, pd.read_csv(state["train"].truth_path))
         return (
             {"label_issues": audit.issues_path, "worklist": worklist.html_path},

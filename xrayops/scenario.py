@@ -107,7 +107,7 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
     from xrayops.features import open_store, record_reviews, training_labels
     from xrayops.monitor.label_audit import AuditConfig, audit_labels
     from xrayops.monitor.review import decisions_to_events
-    from xrayops.monitor.worklist import write_worklist
+    from xrayops.monitor.worklist import write_audit_worklist
     from xrayops.versioning import git_commit, version_dataset
 
     out = cfg.out.resolve()
@@ -205,8 +205,7 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
         ingested_at = datetime.now(timezone.utc)
         audit_dir = out / "label-audit"
         audit = audit_labels(data_dir, state["backbone"], audit_dir, AuditConfig(seed=cfg.seed, device=settings.device))
-        scores = pd.read_parquet(audit.scores_path)
-        worklist = write_worklist(scores[scores["is_issue"]], data_dir, audit_dir, limit=cfg.review_budget)
+        _, worklist = write_audit_worklist(audit.scores_path, data_dir, audit_dir, limit=cfg.review_budget)
         decisions = review_from_truth(pd.read_csv(worklist.csv_path, dtype=str, keep_default_na=False), manifest,
                                       state["truth"])
         decisions.to_csv(audit_dir / "review_decisions.csv", index=False)

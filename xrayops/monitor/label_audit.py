@@ -178,15 +178,15 @@ def audit_frame(
     return table, scores, classes
 
 
-def embed_rows(
-    data_dir: Path, rows: pd.DataFrame, backbone_path: Path, rotation_average: bool, device: str,
+def embed_stored_images(
+    images: np.ndarray, backbone_path: Path, rotation_average: bool, device: str,
     stages: Sequence[str] = ("layer4",), batch_size: int = 128,
 ) -> np.ndarray:
-    """Frozen-backbone embeddings (n, D) of manifest rows: the pooled `stages`, averaged over
-    the four right-angle turns with `rotation_average` (as the fine-tuned region head averages)."""
+    """Frozen-backbone embeddings (n, D) of stored images (n, S, S): the pooled `stages`, averaged
+    over the four right-angle turns with `rotation_average` (as the fine-tuned region head averages)."""
     import torch
 
-    from xrayops.data.dataset import load_images, to_unit_float
+    from xrayops.data.dataset import to_unit_float
     from xrayops.models.backbone import load_backbone, stage_features
     from xrayops.train.runtime import configure_threads, resolve_device
 
@@ -194,12 +194,12 @@ def embed_rows(
     torch_device = resolve_device(device)
     backbone, _, _ = load_backbone(Path(backbone_path), torch_device)
     backbone.eval()
-    images = torch.from_numpy(load_images(Path(data_dir), rows))
+    pixels = torch.from_numpy(images)
     turns = range(4) if rotation_average else range(1)
     chunks = []
     with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            x = to_unit_float(images[i : i + batch_size]).unsqueeze(1).to(torch_device)
+        for i in range(0, len(pixels), batch_size):
+            x = to_unit_float(pixels[i : i + batch_size]).unsqueeze(1).to(torch_device)
             turned = [stage_features(backbone, torch.rot90(x, k, dims=(-2, -1)), tuple(stages)) for k in turns]
             chunks.append(torch.stack(turned).mean(0).float().cpu())
     return torch.cat(chunks).numpy()
@@ -228,7 +228,10 @@ def audit_labels(
     if embeddings is None:
         if not paths:
             raise ValueError("an audit needs a backbone (or embeddings)")
-        members = [embed_rows(data_dir, rows, b, cfg.rotation_average, cfg.device, cfg.stages) for b in paths]
+        from xrayops.data.dataset import load_images
+
+        images = load_images(data_dir, rows)  # read once, embedded by every member
+        members = [embed_stored_images(images, b, cfg.rotation_average, cfg.device, cfg.stages) for b in paths]
     else:
         members, paths = [embeddings], []
     table, scores, classes = audit_frame(rows, members, cfg)

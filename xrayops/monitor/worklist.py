@@ -90,3 +90,11 @@ def write_worklist(issues: pd.DataFrame, data_dir: str | Path, out_dir: str | Pa
     images = load_images(Path(data_dir), items[["shard", "shard_index"]]) if len(items) else []
     html_path.write_text(render_html(items, [thumbnail_png(im, thumb_size) for im in images]), encoding="utf-8")
     return Worklist(n_items=len(items), csv_path=csv_path, html_path=html_path)
+
+
+def write_audit_worklist(scores_path: str | Path, data_dir: str | Path, out_dir: str | Path,
+                         limit: int | None = None) -> tuple[pd.DataFrame, Worklist]:
+    """The worklist of an audit's flagged images (label_scores.parquet, `is_issue`), and every
+    image's scores for the caller (e.g. to measure the flags against a truth table)."""
+    scores = pd.read_parquet(scores_path)
+    return scores, write_worklist(scores[scores["is_issue"]], data_dir, out_dir, limit=limit)
