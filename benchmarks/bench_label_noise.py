@@ -40,10 +40,11 @@ from xrayops.monitor.label_audit import AuditConfig, audit_labels, flagged_vs_tr
 from xrayops.train.pretrain import PretrainConfig, pretrain
 
 
-def best_recall_at_precision(scores: pd.DataFrame, wrong: np.ndarray, min_precision: float) -> dict:
-    """Walk the label-quality ranking (most doubtful first): the largest recall whose precision
+def best_recall_at_precision(scores: pd.DataFrame, wrong: np.ndarray, min_precision: float,
+                             column: str = "label_quality") -> dict:
+    """Walk the ranking by `column` (most doubtful first): the largest recall whose precision
     is still >= min_precision, and where that cut falls."""
-    order = np.argsort(scores["label_quality"].to_numpy(), kind="stable")
+    order = np.argsort(scores[column].to_numpy(), kind="stable")
     hits = np.cumsum(wrong[order])
     k = np.arange(1, len(order) + 1)
     precision, recall = hits / k, hits / max(int(wrong.sum()), 1)
@@ -72,7 +73,7 @@ def detection(args, work: Path) -> dict:
         t_pretrain = time.perf_counter()
         data_dir, backbone, truth_path, pretrain_epochs = work / "data", result.backbone_path, synth.truth_path, args.epochs
         n_images = args.n
-    cfg = AuditConfig(n_folds=args.folds, flag_below=args.flag_below or None)
+    cfg = AuditConfig(n_folds=args.folds, flag_below=args.flag_below or None, pool_studies=not args.no_pool_studies)
     audit = audit_labels(data_dir, backbone, work / "audit", cfg)
     t_audit = time.perf_counter()
     scores = pd.read_parquet(audit.scores_path)
@@ -90,7 +91,13 @@ def detection(args, work: Path) -> dict:
         "flags": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in measured.items()},
         "cleanlab_filter_flags": {k: (round(v, 4) if isinstance(v, float) else v)
                                   for k, v in flagged_vs_truth(scores, truth, "cleanlab_issue").items()},
+        "pool_studies": audit.config.pool_studies,
         "ranking_at_precision_0.8": best_recall_at_precision(scores, wrong, 0.8),
+        # the same heads judging every image alone (session 5's rule), for comparison
+        "image_flags": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in flagged_vs_truth(
+            scores.assign(image_issue=scores["image_quality"] < (audit.config.flag_below or 0)), truth,
+            "image_issue").items()},
+        "image_ranking_at_precision_0.8": best_recall_at_precision(scores, wrong, 0.8, "image_quality"),
         "seconds": {"synth_ingest": round(t_data - t0, 1), "pretrain": round(t_pretrain - t_data, 1),
                     "audit": round(t_audit - t_pretrain, 1)},
     }
@@ -149,6 +156,8 @@ def main() -> None:
                         help="audit with this backbone.pt (skips synth, ingest, pretrain); repeat for an ensemble")
     parser.add_argument("--flag-below", type=float, default=0.1,
                         help="flag when the tag's out-of-fold probability is below this (0: cleanlab's filter)")
+    parser.add_argument("--no-pool-studies", action="store_true",
+                        help="judge every image alone, not a study's images with the same tag together")
     parser.add_argument("--data-dir", type=Path, help="with --backbone: the ingested synth data")
     parser.add_argument("--truth", type=Path, help="with --backbone: that synth set's truth.csv")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "label_noise.json")
@@ -158,8 +167,9 @@ def main() -> None:
 
     result = {
         "command": "python benchmarks/bench_label_noise.py " + " ".join(
-            f"--{k.replace('_', '-')} {item}" for k, v in vars(args).items() if k not in ("out", "skip_detection")
-            and v is not None for item in (v if isinstance(v, list) else [v])),
+            f"--{k.replace('_', '-')} {item}" for k, v in vars(args).items() if k not in ("out", "skip_detection",
+            "no_pool_studies") and v is not None for item in (v if isinstance(v, list) else [v]))
+            + (" --no-pool-studies" if args.no_pool_studies else ""),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
     }
     try:

@@ -13,10 +13,12 @@ def audit_labels_op(
     worklist: Output[HTML],
     n_folds: int = 5,
     flag_below: float = 0.1,
+    pool_studies: bool = True,
     worklist_limit: int = 200,
 ) -> NamedTuple("AuditOut", [("n_issues", int), ("label_health_score", float)]):
     """Confident-learning audit of the PACS labels on out-of-fold linear-head probabilities,
-    and the radiologists' review worklist. flag_below 0 leaves the flags to cleanlab's filter."""
+    and the radiologists' review worklist. flag_below 0 leaves the flags to cleanlab's filter;
+    pool_studies judges a study's images with the same tag together."""
     import shutil
     from collections import namedtuple
     from pathlib import Path
@@ -26,7 +28,7 @@ def audit_labels_op(
 
     out = Path(issues.path)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = AuditConfig(n_folds=n_folds, flag_below=flag_below or None)
+    cfg = AuditConfig(n_folds=n_folds, flag_below=flag_below or None, pool_studies=pool_studies)
     audit = audit_labels(dataset.path, Path(backbone.path) / "backbone.pt", out, cfg)
     _, review = write_audit_worklist(audit.scores_path, dataset.path, out, limit=worklist_limit or None)
     shutil.copyfile(review.html_path, worklist.path)

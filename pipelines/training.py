@@ -82,6 +82,7 @@ def build_pipeline(
         alias: str = "champion",
         evidently_workspace: str = CLUSTER_EVIDENTLY_WORKSPACE if cluster else "",
         label_flag_below: float = 0.1,
+        label_pool_studies: bool = True,
     ):
         data = synth_op(
             n=n_images, seed=seed, size=synth_size, mislabel_rate=mislabel_rate, shift=0.0, ood_rate=ood_rate
@@ -107,7 +108,8 @@ def build_pipeline(
         ).set_display_name("finetune")
         # paper 000 keeps the backbone frozen so the training tags can be re-checked with it.
         audit = audit_labels_op(
-            dataset=ingested.outputs["dataset"], backbone=pre.outputs["backbone"], flag_below=label_flag_below
+            dataset=ingested.outputs["dataset"], backbone=pre.outputs["backbone"], flag_below=label_flag_below,
+            pool_studies=label_pool_studies,
         ).set_display_name("audit-labels")
         evaluation = evaluate_op(
             dataset=ingested.outputs["dataset"], bundle=head.outputs["bundle"], dicom=data.outputs["dicom"]

@@ -17,6 +17,7 @@ from xrayops.monitor.label_audit import (
     compact_labels,
     flagged_vs_truth,
     out_of_fold_probabilities,
+    pool_quality,
 )
 from xrayops.monitor.label_noise import label_noise_report, label_noise_table
 from xrayops.monitor.review import decisions_to_events, events_frame, read_decisions
@@ -110,6 +111,47 @@ def test_audit_frame_finds_flipped_labels_with_cleanlab():
     assert filter_only["is_issue"].tolist() == filter_only["cleanlab_issue"].tolist() == table["cleanlab_issue"].tolist()
     with pytest.raises(ValueError, match="not regions"):
         compact_labels(["skull", "spleen"])
+
+
+def test_pool_quality_is_the_geometric_mean_over_a_group():
+    pooled = pool_quality(np.array([0.04, 0.5, 0.9, 0.2]), ["s1|hand", "s1|hand", "s2|knee", "s3|hand"])
+    assert np.allclose(pooled, [0.1414214, 0.1414214, 0.9, 0.2])
+    assert np.array_equal(pool_quality(np.array([0.3, 0.7]), None), [0.3, 0.7])
+    with pytest.raises(ValueError, match="3 group keys for 2 images"):
+        pool_quality(np.array([0.3, 0.7]), ["a", "b", "c"])
+
+
+def test_a_study_tag_is_judged_on_all_the_images_that_carry_it():
+    """Tags are wrong per study (paper 001's study-level labels); pooling a study's images finds
+    more of the wrong tags than judging each image alone when single views are ambiguous."""
+    rng = np.random.default_rng(4)
+    classes = ["skull", "knee", "hand", "pelvis_hip"]
+    n_studies = 240
+    true_study = rng.integers(0, len(classes), n_studies)
+    given_study = true_study.copy()
+    flipped = rng.choice(n_studies, 24, replace=False)
+    given_study[flipped] = (true_study[flipped] + rng.integers(1, len(classes), len(flipped))) % len(classes)
+    study = np.repeat(np.arange(n_studies), 2)  # two views a study
+    true, given = true_study[study], given_study[study]
+    centres = rng.normal(0, 1, (len(classes), 16)) * 1.6  # overlapping: one view is often ambiguous
+    x = centres[true] + rng.normal(0, 1, (len(true), 16))
+    rows = pd.DataFrame({"image_id": [f"i{k}" for k in range(len(true))], "study_id": [f"stu-{s}" for s in study],
+                         "region": [classes[g] for g in given], "source_name": [f"f{k}" for k in range(len(true))]})
+    truth = pd.DataFrame({"file": rows["source_name"], "true_region": [classes[t] for t in true]})
+    pooled, _, _ = audit_frame(rows, x, AuditConfig(n_folds=4))
+    alone, _, _ = audit_frame(rows, x, AuditConfig(n_folds=4, pool_studies=False))
+    assert np.allclose(alone["label_quality"], alone["image_quality"])
+    assert np.allclose(pooled["image_quality"], alone["image_quality"])  # same heads, same image scores
+    expected = np.exp(np.log(pooled["image_quality"]).groupby(study).transform("mean"))
+    assert np.allclose(pooled["label_quality"], expected)
+    # A study's images stand or fall together.
+    assert (pooled.groupby(study)["is_issue"].nunique() == 1).all()
+    p, a = flagged_vs_truth(pooled, truth), flagged_vs_truth(alone, truth)
+    assert p["n_wrong"] == 48
+    assert p["recall"] > a["recall"] and p["precision"] >= a["precision"]
+    # Without study ids every image is its own group.
+    no_ids, _, _ = audit_frame(rows.drop(columns="study_id"), x, AuditConfig(n_folds=4))
+    assert np.allclose(no_ids["label_quality"], no_ids["image_quality"])
 
 
 def test_an_ensemble_averages_its_members_out_of_fold_probabilities():
@@ -212,6 +254,9 @@ def test_worklist_ranking_and_thumbnail():
     issues = pd.DataFrame({"image_id": ["a", "b", "c"], "label_quality": [0.3, 0.1, 0.1],
                            "suggested_probability": [0.6, 0.7, 0.9]})
     assert rank_for_review(issues)["image_id"].tolist() == ["c", "b", "a"]
+    # A study's images share the label quality; the one that contradicts the tag most comes first.
+    study = issues.assign(image_quality=[0.3, 0.02, 0.5])
+    assert rank_for_review(study)["image_id"].tolist() == ["b", "c", "a"]
     assert rank_for_review(issues)["rank"].tolist() == [1, 2, 3]
     png = Image.open(io.BytesIO(base64.b64decode(thumbnail_png(np.full((32, 32), 4000, np.uint16), size=48))))
     assert png.size == (48, 48) and np.asarray(png).max() == 255

@@ -462,8 +462,11 @@ def audit_labels_cmd(
     ),
     folds: Annotated[int, typer.Option(help="Cross-validation folds for the out-of-fold probabilities.")] = 5,
     flag_below: Annotated[float, typer.Option(
-        help="Flag an image when the out-of-fold probability of its own tag is below this (0: cleanlab's "
+        help="Flag a tag when the out-of-fold probability of it is below this (0: cleanlab's "
              "confident-learning filter decides).")] = 0.1,
+    pool_studies: Annotated[bool, typer.Option(
+        help="Judge a study's images that carry the same tag together (geometric mean of their tag "
+             "probabilities); --no-pool-studies judges every image alone.")] = True,
     worklist_limit: Annotated[int, typer.Option(help="At most this many images on the review worklist (0: all).")] = 200,
     truth: Annotated[Optional[Path], typer.Option(help="truth.csv from synth: also print precision/recall of the flags.")] = None,
 ) -> None:
@@ -480,7 +483,8 @@ def audit_labels_cmd(
     if not 0 <= flag_below < 1:
         _fail(f"--flag-below must be in [0, 1), got {flag_below}")
     data = data_dir or settings.data_dir
-    cfg = AuditConfig(n_folds=folds, seed=settings.seed, device=settings.device, flag_below=flag_below or None)
+    cfg = AuditConfig(n_folds=folds, seed=settings.seed, device=settings.device, flag_below=flag_below or None,
+                      pool_studies=pool_studies)
     audit = audit_labels(data, backbone, out, cfg)
     scores, worklist = write_audit_worklist(audit.scores_path, data, out, limit=worklist_limit or None)
     result = {"audit": audit.model_dump(mode="json"), "worklist": worklist.model_dump(mode="json")}

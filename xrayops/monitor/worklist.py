@@ -17,8 +17,8 @@ CSV_NAME = "review_worklist.csv"
 HTML_NAME = "review_worklist.html"
 # What a reviewer fills in; `xrayops.monitor.review` reads exactly these columns back.
 DECISION_COLUMNS = ("decision", "corrected_region", "reviewer", "timestamp")
-WORKLIST_COLUMNS = ("rank", "image_id", "given_region", "suggested_region", "suggested_probability",
-                    "label_quality", "manufacturer", "split")
+WORKLIST_COLUMNS = ("rank", "image_id", "study_id", "given_region", "suggested_region", "suggested_probability",
+                    "label_quality", "image_quality", "manufacturer", "split")
 
 
 class Worklist(BaseModel):
@@ -29,8 +29,10 @@ class Worklist(BaseModel):
 
 def rank_for_review(issues: pd.DataFrame, limit: int | None = None) -> pd.DataFrame:
     """Flagged images ordered by how sure the audit is that the tag is wrong: lowest label
-    quality first, then the more confident suggestion first."""
-    ordered = issues.sort_values(["label_quality", "suggested_probability"], ascending=[True, False], kind="stable")
+    quality first (a study's images share it, so they stay together), then the image that
+    contradicts the tag most, then the more confident suggestion."""
+    keys = [c for c in ("label_quality", "image_quality", "suggested_probability") if c in issues.columns]
+    ordered = issues.sort_values(keys, ascending=[k != "suggested_probability" for k in keys], kind="stable")
     ordered = ordered.head(limit) if limit else ordered
     ordered = ordered.reset_index(drop=True)
     ordered.insert(0, "rank", np.arange(1, len(ordered) + 1))
@@ -57,12 +59,13 @@ def render_html(items: pd.DataFrame, thumbnails: list[str]) -> str:
             f"<td>{int(item['rank'])}</td>"
             f"<td><img alt='image {html.escape(str(item['image_id']))}' src='data:image/png;base64,{thumb}'></td>"
             f"<td><code>{html.escape(str(item['image_id']))}</code></td>"
+            f"<td><code>{html.escape(str(item.get('study_id', '')))}</code></td>"
             f"<td>{html.escape(str(item['given_region']))}</td>"
             f"<td>{html.escape(str(item['suggested_region']))} ({float(item['suggested_probability']):.0%})</td>"
             f"<td>{float(item['label_quality']):.3f}</td>"
             "</tr>"
         )
-    header = "".join(f"<th>{h}</th>" for h in ("#", "image", "image id", "PACS tag", "model suggests", "label quality"))
+    header = "".join(f"<th>{h}</th>" for h in ("#", "image", "image id", "study", "PACS tag", "model suggests", "label quality"))
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>xrayops label review worklist</title>"
         "<style>body{font-family:sans-serif}td,th{padding:4px 8px;border-bottom:1px solid #ddd}"
