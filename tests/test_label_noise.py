@@ -200,6 +200,10 @@ def test_audit_labels_on_a_dataset_writes_issues_and_worklist(tmp_path):
     scores = pd.read_parquet(audit.scores_path)
     assert audit.backbones == [str(backbone)] and audit.config.stages == ["layer2", "layer3", "layer4"]
     assert audit.n_cleanlab_issues == int(scores["cleanlab_issue"].sum())
+    flagged_tags = scores.loc[scores["is_issue"], ["study_id", "given_region"]].drop_duplicates()
+    assert audit.n_issue_tags == len(flagged_tags)
+    # One image a study here, so pooling a study's images leaves every image's quality as it is.
+    assert np.allclose(scores["label_quality"], scores["image_quality"])
     labelled = data.manifest[(data.manifest["status"] == "ok") & data.manifest["split"].isin(["train", "val"])
                              & (data.manifest["region"] != "unknown")]
     assert audit.n_images == len(scores) == len(labelled)

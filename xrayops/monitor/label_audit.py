@@ -63,6 +63,7 @@ class LabelAudit(BaseModel):
     n_images: int
     n_issues: int  # flagged images (the AuditConfig.flag_below rule, else cleanlab's filter)
     n_cleanlab_issues: int  # what cleanlab's confident-learning filter flags, for comparison
+    n_issue_tags: int  # distinct flagged tags: a study's images with one tag count once
     backbones: list[str] = Field(default_factory=list)  # ensemble members, probabilities averaged
     label_health_score: float  # cleanlab overall_label_health_score: ~ share of correct labels
     oof_accuracy: float  # out-of-fold accuracy against the given (noisy) labels
@@ -289,6 +290,7 @@ def audit_labels(
         n_images=len(table),
         n_issues=int(scores.is_issue.sum()),
         n_cleanlab_issues=int(scores.cleanlab_issue.sum()),
+        n_issue_tags=len({g for g, flagged in zip(tag_groups(rows) or range(len(rows)), scores.is_issue) if flagged}),
         backbones=[str(b) for b in paths],
         label_health_score=scores.health,
         oof_accuracy=oof_accuracy,
@@ -300,7 +302,8 @@ def audit_labels(
         config=cfg,
     )
     (out / AUDIT_NAME).write_text(audit.model_dump_json(indent=2))
-    log.info("label audit", n=audit.n_images, issues=audit.n_issues, cleanlab_issues=audit.n_cleanlab_issues,
+    log.info("label audit", n=audit.n_images, issues=audit.n_issues, issue_tags=audit.n_issue_tags,
+             cleanlab_issues=audit.n_cleanlab_issues,
              members=max(len(paths), 1), health=round(audit.label_health_score, 3),
              oof_accuracy=round(oof_accuracy, 3))
     return audit
