@@ -94,9 +94,10 @@ def detection(args, work: Path) -> dict:
         "pool_studies": audit.config.pool_studies,
         "ranking_at_precision_0.8": best_recall_at_precision(scores, wrong, 0.8),
         # the same heads judging every image alone (session 5's rule), for comparison
-        "image_flags": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in flagged_vs_truth(
-            scores.assign(image_issue=scores["image_quality"] < (audit.config.flag_below or 0)), truth,
-            "image_issue").items()},
+        "image_flags": None if audit.config.flag_below is None else {
+            k: (round(v, 4) if isinstance(v, float) else v) for k, v in flagged_vs_truth(
+                scores.assign(image_issue=scores["image_quality"] < audit.config.flag_below), truth,
+                "image_issue").items()},
         "image_ranking_at_precision_0.8": best_recall_at_precision(scores, wrong, 0.8, "image_quality"),
         "seconds": {"synth_ingest": round(t_data - t0, 1), "pretrain": round(t_pretrain - t_data, 1),
                     "audit": round(t_audit - t_pretrain, 1)},
