@@ -14,6 +14,11 @@ truth.csv is given (else against the PACS tags).
     XRAYOPS_PROGRESS=0 .venv/bin/python benchmarks/few_label.py --data-dir D --backbone B.pt \
         --truth truth.csv --out benchmarks/results/few_label
 
+`--subset-seeds K` refits the frozen heads (seconds each) on K labelled subsets per fraction
+and reports mean and sd (`--spread-scratch`: the from-scratch network too, minutes each);
+`--scratch-from` takes the from-scratch column from an earlier run on the same data, since it
+does not depend on the backbone (for comparing backbones).
+
 Labelled subsets: a fraction f of the labelled train images, at least one per class present
 (at f = 1 % of a small dataset that floor dominates; the table gives the image counts). The
 validation split is subsampled at the same fraction for model selection, so no method sees
@@ -72,6 +77,7 @@ def linear_probe(train_x, train_y, val_x, val_y, test_x, steps: int, seed: int) 
     batch = min(64, len(train_x))
     epochs = max(1, round(steps / -(-len(train_x) // batch)))
     cfg = FinetuneConfig(epochs=epochs, batch_size=batch, seed=seed)
+    torch.manual_seed(seed)  # the head's initial weights: else they follow whatever ran before
     head, _, _ = train_linear_head(
         (train_x - mean) / std, train_y, (val_x - mean) / std, val_y, linear_head(train_x.shape[1], len(REGIONS)), cfg
     )
@@ -137,6 +143,43 @@ def train_end_to_end(
     return predict(test_images)
 
 
+def read_scratch(path: Path) -> dict[float, dict]:
+    with open(path, newline="") as handle:
+        return {round(float(r["fraction"]), 6): r for r in csv.DictReader(handle)}
+
+
+def reused_scratch(earlier: dict[float, dict], fraction: float, n_labelled: int, path: Path) -> float:
+    """The earlier run's from-scratch accuracy at `fraction`; refuses a run on another subset."""
+    row = earlier.get(round(fraction, 6))
+    if row is None or int(row["labelled_train_images"]) != n_labelled:
+        raise SystemExit(f"{path} has no from-scratch figure for {fraction:.0%} with {n_labelled} labelled images: "
+                         "it was run on other data, fractions or seed")
+    return float(row["supervised_scratch_accuracy"])
+
+
+def subset_spread(k: int, seed: int, fraction: float, first: dict, heads, scratch=None) -> dict:
+    """Mean and sample sd of the heads' accuracies over `k` labelled subsets (seeds seed..seed+k-1).
+
+    `first` holds the seed's own accuracies (already measured); `heads(s)` gives the frozen heads'
+    accuracies on subset s, `scratch(s)` (optional, minutes each) the from-scratch network's.
+    At 1 % the subset drawn moves a head's accuracy by points, more than some gaps in the table."""
+    if k < 2 or fraction >= 1.0:
+        return {}
+    runs = [first]
+    for s in range(seed + 1, seed + k):
+        run = heads(s)
+        if scratch is not None:
+            run["supervised_scratch"] = scratch(s)
+        runs.append(run)
+    out: dict = {"subset_seeds": k}
+    for name in runs[0]:
+        values = [r[name] for r in runs if name in r]
+        if len(values) == k:
+            out[f"{name}_mean"] = round(float(np.mean(values)), 4)
+            out[f"{name}_sd"] = round(float(np.std(values, ddof=1)), 4)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, required=True)
@@ -149,7 +192,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-ssl-finetune", action="store_true", help="leave out the SSL-initialised fine-tune")
+    parser.add_argument("--scratch-from", type=Path,
+                        help="few_label.csv of an earlier run on the same data, fractions, seed and steps: take the "
+                             "from-scratch column from it (it does not depend on the backbone) instead of retraining")
+    parser.add_argument("--subset-seeds", type=int, default=1,
+                        help="also fit the frozen heads on this many labelled subsets per fraction below 100 %% "
+                             "(seeds seed..seed+K-1) and report their mean and sd; the heads take seconds")
+    parser.add_argument("--spread-scratch", action="store_true",
+                        help="with --subset-seeds: train the from-scratch network on every subset too (minutes each)")
     args = parser.parse_args()
+    earlier = read_scratch(args.scratch_from) if args.scratch_from else None
 
     device = resolve_device(args.device)
     configure_threads()
@@ -170,16 +222,37 @@ def main() -> None:
     train_s, test_s = (embed_stored_images(im.numpy(), args.backbone, True, str(device), stages)
                        for im in (train.images, test_images))
 
+    def accuracy(pred: torch.Tensor) -> float:
+        return round(float((pred == test_y).float().mean()), 4)
+
+    def subsets(fraction: float, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return labelled_subset(train.labels, fraction, s), labelled_subset(val.labels, fraction, s + 1)
+
+    def heads(fraction: float, s: int) -> dict:
+        index, val_index = subsets(fraction, s)
+        linear = linear_probe(train_x[index], train.labels[index], val_x[val_index], val.labels[val_index], test_x,
+                              args.linear_steps, s)
+        probe = stage_probe(train_s[index.numpy()], train.labels[index].numpy(), test_s, s)
+        return {"ssl_linear": accuracy(linear), "stage_probe": accuracy(probe)}
+
+    def scratch_on(fraction: float, s: int) -> float:
+        index, val_index = subsets(fraction, s)
+        return accuracy(train_end_to_end(train, index, val.images[val_index], val.labels[val_index], test_images,
+                                         args.supervised_steps, s, device))
+
     rows = []
     for fraction in args.fractions:
-        index = labelled_subset(train.labels, fraction, args.seed)
-        val_index = labelled_subset(val.labels, fraction, args.seed + 1)
+        index, val_index = subsets(fraction, args.seed)
         t0 = time.perf_counter()
         ssl_pred = linear_probe(train_x[index], train.labels[index], val_x[val_index], val.labels[val_index],
                                 test_x, args.linear_steps, args.seed)
         t1 = time.perf_counter()
-        sup_pred = train_end_to_end(train, index, val.images[val_index], val.labels[val_index], test_images,
-                                           args.supervised_steps, args.seed, device)
+        if earlier is None:
+            sup_pred = train_end_to_end(train, index, val.images[val_index], val.labels[val_index], test_images,
+                                        args.supervised_steps, args.seed, device)
+            scratch = accuracy(sup_pred)
+        else:
+            scratch = reused_scratch(earlier, fraction, len(index), args.scratch_from)
         t2 = time.perf_counter()
         probe_pred = stage_probe(train_s[index.numpy()], train.labels[index].numpy(), test_s, args.seed)
         t3 = time.perf_counter()
@@ -190,20 +263,25 @@ def main() -> None:
         rows.append({
             "fraction": fraction,
             "labelled_train_images": len(index),
-            "ssl_linear_accuracy": round(float((ssl_pred == test_y).float().mean()), 4),
-            "supervised_scratch_accuracy": round(float((sup_pred == test_y).float().mean()), 4),
-            "ssl_stage_probe_accuracy": round(float((probe_pred == test_y).float().mean()), 4),
-            "ssl_finetune_accuracy": None if tuned_pred is None else round(float((tuned_pred == test_y).float().mean()), 4),
+            "ssl_linear_accuracy": accuracy(ssl_pred),
+            "supervised_scratch_accuracy": scratch,
+            "ssl_stage_probe_accuracy": accuracy(probe_pred),
+            "ssl_finetune_accuracy": None if tuned_pred is None else accuracy(tuned_pred),
             "ssl_seconds": round(t1 - t0, 1),
             "supervised_seconds": round(t2 - t1, 1),
             "stage_probe_seconds": round(t3 - t2, 1),
             "ssl_finetune_seconds": round(t4 - t3, 1),
         })
+        rows[-1].update(subset_spread(
+            args.subset_seeds, args.seed, fraction,
+            {"ssl_linear": rows[-1]["ssl_linear_accuracy"], "stage_probe": rows[-1]["ssl_stage_probe_accuracy"],
+             **({"supervised_scratch": scratch} if args.spread_scratch else {})},
+            lambda s: heads(fraction, s), (lambda s: scratch_on(fraction, s)) if args.spread_scratch else None))
         print(json.dumps(rows[-1]), flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "few_label.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
     scored = "true regions" if truth else "PACS tags"
@@ -220,6 +298,15 @@ def main() -> None:
           f"{'-' if r['ssl_finetune_accuracy'] is None else format(r['ssl_finetune_accuracy'], '.3f')} | "
           f"{r['supervised_scratch_accuracy']:.3f} |" for r in rows),
     ]
+    spread = [r for r in rows if "subset_seeds" in r]
+    if spread:
+        names = [n for n in ("ssl_linear", "stage_probe", "supervised_scratch") if f"{n}_mean" in spread[0]]
+        lines += ["", f"Over {spread[0]['subset_seeds']} labelled subsets (mean ± sd):", "",
+                  "| labels | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+                  *("| " + f"{r['fraction']:.0%} | " + " | ".join(
+                      f"{r[n + '_mean']:.3f} ± {r[n + '_sd']:.3f}" for n in names) + " |" for r in spread)]
+    if earlier is not None:
+        lines += ["", f"From-scratch column taken from {args.scratch_from} (same data, subsets and steps)."]
     (args.out / "few_label.md").write_text("\n".join(lines) + "\n")
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()

@@ -85,6 +85,73 @@ def test_supcon_pretrains_on_the_region_tags(tiny, tmp_path):
         pretrain(unlabelled.data_dir, tmp_path / "u-out", cfg, progress=False)
 
 
+def _fresh_ssl_model(cfg):
+    from xrayops.models.backbone import build_backbone
+    from xrayops.models.ssl import build_ssl_model
+
+    backbone, dim = build_backbone(cfg.arch)
+    return build_ssl_model(cfg.method, backbone, dim, cfg.proj_hidden_dim, cfg.proj_out_dim, cfg.temperature,
+                           cfg.tau_base)
+
+
+def test_warm_start_trains_on_from_an_earlier_run(tiny, tmp_path):
+    from xrayops.train.pretrain import warm_start
+
+    cfg = PretrainConfig(epochs=3, batch_size=48, proj_hidden_dim=64, proj_out_dim=16)
+    first = pretrain(tiny.data_dir, tmp_path / "first", cfg, progress=False)
+    more = cfg.model_copy(update={"epochs": 1, "seed": 1})
+    warm = pretrain(tiny.data_dir, tmp_path / "warm", more.model_copy(update={"init_from": first.checkpoint_path}),
+                    progress=False)
+    cold = pretrain(tiny.data_dir, tmp_path / "cold", more, progress=False)
+    assert warm.init_from == first.checkpoint_path and cold.init_from is None
+    # The warm run starts where the first one ended, so its first epoch beats a cold start's.
+    assert warm.losses[0] < cold.losses[0], (warm.losses, cold.losses, first.losses)
+
+    # A checkpoint of the same method and head sizes gives the whole model, projection head included.
+    saved = torch.load(first.checkpoint_path, weights_only=True)["model"]
+    model = _fresh_ssl_model(more)
+    assert warm_start(model, first.checkpoint_path, more) == "model"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())
+    # Another method takes the backbone only; BYOL's target starts as the same backbone.
+    byol = more.model_copy(update={"method": "byol"})
+    model = _fresh_ssl_model(byol)
+    assert warm_start(model, first.checkpoint_path, byol) == "backbone"
+    assert torch.equal(model.backbone.conv1.weight, saved["backbone.conv1.weight"])
+    assert torch.equal(model.backbone_momentum.conv1.weight, saved["backbone.conv1.weight"])
+    # A backbone.pt works too.
+    model = _fresh_ssl_model(more)
+    assert warm_start(model, first.backbone_path, more) == "backbone"
+    a, _, _ = load_backbone(first.backbone_path)
+    assert torch.equal(model.backbone.conv1.weight, a.conv1.weight)
+
+
+def test_warm_start_refuses_what_it_cannot_use(tiny, tmp_path):
+    cfg = PretrainConfig(epochs=1, batch_size=48, proj_hidden_dim=64, proj_out_dim=16)
+    first = pretrain(tiny.data_dir, tmp_path / "first", cfg, progress=False)
+    with pytest.raises(PretrainError, match="holds a resnet18 backbone, this run trains a resnet50"):
+        pretrain(tiny.data_dir, tmp_path / "r50", cfg.model_copy(update={"arch": "resnet50",
+                                                                      "init_from": first.checkpoint_path}),
+                 progress=False)
+    junk = tmp_path / "junk.pt"
+    torch.save({"weights": torch.zeros(2)}, junk)
+    with pytest.raises(PretrainError, match="neither a pretrain checkpoint.pt nor a backbone.pt"):
+        pretrain(tiny.data_dir, tmp_path / "j", cfg.model_copy(update={"init_from": junk}), progress=False)
+    with pytest.raises(PretrainError, match="does not exist"):
+        pretrain(tiny.data_dir, tmp_path / "m", cfg.model_copy(update={"init_from": tmp_path / "nope.pt"}),
+                 progress=False)
+    # Training into the folder it starts from would overwrite the start.
+    with pytest.raises(PretrainError, match="in the output folder"):
+        pretrain(tiny.data_dir, tmp_path / "first", cfg.model_copy(update={"init_from": first.checkpoint_path}),
+                 progress=False)
+    # A checkpoint resumes only under the warm start that began it.
+    warm = cfg.model_copy(update={"init_from": first.checkpoint_path, "max_steps": 1})
+    pretrain(tiny.data_dir, tmp_path / "w", warm, progress=False)
+    with pytest.raises(PretrainError, match="init_from"):
+        pretrain(tiny.data_dir, tmp_path / "w", cfg, progress=False)
+    resumed = pretrain(tiny.data_dir, tmp_path / "w", warm.model_copy(update={"max_steps": None}), progress=False)
+    assert resumed.resumed_from_step == 1 and resumed.init_from == first.checkpoint_path
+
+
 def test_shards_split_every_global_batch_over_the_ranks():
     batch = list(range(10))
     shards = [shard_batch(batch, rank, 3) for rank in range(3)]

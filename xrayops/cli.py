@@ -157,10 +157,16 @@ def pretrain(
     temperature: Annotated[float, typer.Option(help="NT-Xent / SupCon temperature (paper 000: 0.5).")] = 0.5,
     tau_base: Annotated[float, typer.Option(help="BYOL base target momentum (paper 000: 0.9995).")] = 0.9995,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at each epoch's end).")] = 200,
+    init_from: Annotated[
+        Optional[Path],
+        typer.Option(help="Warm start from an earlier run's checkpoint.pt (whole SSL model) or a backbone.pt; "
+                     "a new optimiser and cosine schedule."),
+    ] = None,
 ) -> None:
     """Pretraining (SimCLR, BYOL or SupCon; paper 000) of the backbone; resumes from a checkpoint.
 
     Under `torchrun --nproc_per_node=N` it trains with DDP (one process per GPU, gloo on CPU).
+    With --init-from it trains on from an earlier run's weights (more epochs, a new dataset version).
     """
     from xrayops.train.pretrain import PretrainConfig, pretrain as run_pretrain
 
@@ -168,6 +174,7 @@ def pretrain(
     cfg = PretrainConfig(
         epochs=epochs, batch_size=batch_size, seed=seed, arch=arch, device=settings.device, method=method, lr=lr,
         weight_decay=weight_decay, temperature=temperature, tau_base=tau_base, checkpoint_every_steps=checkpoint_every,
+        init_from=init_from,
     )
     _print_json(run_pretrain(data_dir or settings.data_dir, out, cfg))
 

@@ -42,7 +42,7 @@ log = get_logger(__name__)
 # Fields that shape the training trajectory: a checkpoint only resumes under the same values.
 TRAJECTORY_FIELDS = (
     "arch", "method", "epochs", "batch_size", "lr", "weight_decay", "temperature", "tau_base",
-    "proj_hidden_dim", "proj_out_dim", "seed", "full_rotation",
+    "proj_hidden_dim", "proj_out_dim", "seed", "full_rotation", "init_from",
 )
 
 
@@ -67,6 +67,10 @@ class PretrainConfig(BaseModel):
     # synthetic (and real unsorted PACS) images come at any angle, so by default the views
     # are rotated over the full circle and the embedding learns to ignore orientation.
     full_rotation: bool = True
+    # Warm start: a pretrain checkpoint.pt (the whole SSL model: backbone, projection head, BYOL's
+    # target) or a backbone.pt. A new optimiser and cosine schedule start from those weights, so an
+    # earlier run can be trained on (more epochs, a new dataset version) without starting over.
+    init_from: Path | None = None
     amp: bool = True  # bf16 autocast on CUDA where the GPU supports bf16
     cpu_bf16: bool = False  # bf16 autocast on CPU too (slower than fp32 on most CPUs)
     sync_batchnorm: bool = True  # under DDP on CUDA: batch norm over the global batch
@@ -80,6 +84,7 @@ class PretrainResult(BaseModel):
     epochs_completed: int
     images: int
     resumed_from_step: int = 0
+    init_from: Path | None = None
     seconds: float
     method: str = "simclr"
     world_size: int = 1
@@ -101,7 +106,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
 
 
 def _check_resumable(saved: dict, cfg: PretrainConfig, n_images: int, path: Path) -> None:
-    current = cfg.model_dump()
+    current = cfg.model_dump(mode="json")
     # A field absent from an older checkpoint had its default value then.
     before = {k: saved["config"].get(k, PretrainConfig.model_fields[k].default) for k in TRAJECTORY_FIELDS}
     changed = [f"{k}: {before[k]!r} -> {current[k]!r}" for k in TRAJECTORY_FIELDS if before[k] != current[k]]
@@ -182,6 +187,41 @@ def build_training(cfg: PretrainConfig, device: torch.device, place: Distributed
     return model, loss_module, optimizer, scheduler
 
 
+def warm_start(model: SSLModel, path: Path, cfg: PretrainConfig) -> str:
+    """Load an earlier run's weights into a freshly built SSL model; returns what was loaded.
+
+    A checkpoint.pt of the same arch, method and head sizes gives the whole model; otherwise
+    (another method, or a backbone.pt) only the backbone is taken and the head starts fresh.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainError(f"init_from: {path} does not exist")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise PretrainError(f"init_from: cannot read {path} ({exc})") from exc
+    if isinstance(blob, dict) and {"model", "config"} <= blob.keys():  # a pretrain checkpoint.pt
+        saved = blob["config"]
+        arch, state = saved.get("arch", "resnet18"), blob["model"]
+        same_model = all(saved.get(k, PretrainConfig.model_fields[k].default) == getattr(cfg, k)
+                         for k in ("method", "proj_hidden_dim", "proj_out_dim"))
+        backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    elif isinstance(blob, dict) and {"arch", "state_dict"} <= blob.keys():  # a backbone.pt
+        arch, state, same_model, backbone_state = blob["arch"], None, False, blob["state_dict"]
+    else:
+        raise PretrainError(f"init_from: {path} is neither a pretrain checkpoint.pt nor a backbone.pt")
+    if arch != cfg.arch:
+        raise PretrainError(f"init_from: {path} holds a {arch} backbone, this run trains a {cfg.arch}")
+    if same_model:
+        model.load_state_dict(state)
+        return "model"
+    model.backbone.load_state_dict(backbone_state)
+    momentum = getattr(model, "backbone_momentum", None)
+    if momentum is not None:  # BYOL's target starts as a copy of the online network, as when built
+        momentum.load_state_dict(backbone_state)
+    return "backbone"
+
+
 def pretrain(
     data_dir: Path, out_dir: Path, cfg: PretrainConfig | None = None, progress: bool = True
 ) -> PretrainResult:
@@ -196,6 +236,9 @@ def pretrain(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "checkpoint.pt"
+    if cfg.init_from is not None and Path(cfg.init_from).resolve().parent == out_dir.resolve():
+        raise PretrainError(f"init_from {cfg.init_from} is in the output folder, where this run would overwrite it; "
+                            "write to another --out")
     place, device = init_distributed(cfg.device)
     configure_threads(cfg.num_workers)
     seed_everything(cfg.seed)
@@ -228,6 +271,9 @@ def pretrain(
         epoch_sum = saved["epoch_loss_sum"]
         set_rng_state(saved["rng"])
         log.info("pretrain.resume", step=step, of=total_steps)
+    elif cfg.init_from is not None:  # every rank loads the same weights, so DDP's replicas agree
+        loaded = warm_start(model, cfg.init_from, cfg)
+        log.info("pretrain.warm_start", init_from=str(cfg.init_from), loaded=loaded)
     resumed_from = step
 
     def checkpoint() -> None:
@@ -235,7 +281,7 @@ def pretrain(
             _save_checkpoint(checkpoint_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "step": step, "epoch": step // steps_per_epoch, "losses": losses, "epoch_loss_sum": epoch_sum,
-                "rng": rng_state(), "config": cfg.model_dump(), "images": n,
+                "rng": rng_state(), "config": cfg.model_dump(mode="json"), "images": n,
             })
 
     def flush(running: torch.Tensor) -> float:
@@ -297,6 +343,7 @@ def pretrain(
         epochs_completed=len(losses),
         images=n,
         resumed_from_step=resumed_from,
+        init_from=cfg.init_from,
         seconds=time.perf_counter() - started,
         method=cfg.method,
         world_size=place.world_size,
