@@ -4,8 +4,10 @@ All components run the one xrayops image (XRAYOPS_IMAGE, built from infra/). It 
 holds kfp and xrayops, so the compiled YAML installs nothing at run time.
 """
 from components.audit_labels import audit_labels_op
+from components.champion import champion_op
 from components.evaluate import evaluate_op
 from components.finetune import finetune_op
+from components.gate import gate_op
 from components.ingest import ingest_op, ingest_part_op, merge_ingest_op, plan_ingest_op
 from components.monitor import monitor_op
 from components.pretrain import pretrain_op
@@ -25,5 +27,7 @@ __all__ = [
     "audit_labels_op",
     "evaluate_op",
     "register_op",
+    "champion_op",
+    "gate_op",
     "monitor_op",
 ]

@@ -1,3 +1,5 @@
+from typing import Optional
+
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 from components._image import xrayops_component
@@ -5,9 +7,11 @@ from components._image import xrayops_component
 
 @xrayops_component
 def evaluate_op(
-    dataset: Input[Dataset], bundle: Input[Model], dicom: Input[Dataset], metrics: Output[Metrics], report: Output[HTML]
+    dataset: Input[Dataset], bundle: Input[Model], metrics: Output[Metrics], report: Output[HTML],
+    dicom: Optional[Input[Dataset]] = None,
 ) -> float:
-    """Held-out evaluation: metrics.json, confusion matrix, HTML report. Returns accuracy."""
+    """Held-out evaluation: metrics.json, confusion matrix, HTML report. Returns accuracy. Scored
+    against the truth.csv of the DICOM folder where there is one (synth), else the PACS tags."""
     import shutil
     from pathlib import Path
 
@@ -16,9 +20,9 @@ def evaluate_op(
     from xrayops.data.dataset import read_truth_angles
     from xrayops.evaluate.report import evaluate_bundle
 
-    truth_csv = Path(dicom.path) / "truth.csv"
+    truth_csv = Path(dicom.path) / "truth.csv" if dicom is not None else None
     truth = angles = None
-    if truth_csv.exists():  # synthetic data carries its true labels and orientations
+    if truth_csv is not None and truth_csv.exists():  # synthetic data carries its true labels and orientations
         frame = pd.read_csv(truth_csv)
         truth = dict(zip(frame["file"], frame["true_region"]))
         angles = read_truth_angles(truth_csv)

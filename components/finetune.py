@@ -1,3 +1,5 @@
+from typing import Optional
+
 from kfp.dsl import Dataset, Input, Model, Output
 
 from components._image import xrayops_component
@@ -7,30 +9,33 @@ from components._image import xrayops_component
 def finetune_op(
     dataset: Input[Dataset],
     backbone: Input[Model],
-    dicom: Input[Dataset],
     dataset_md5: str,
     epochs: int,
     seed: int,
     pipeline_run: str,
     bundle: Output[Model],
     finetune_last_stage: bool = False,
+    orientation_assume_upright: bool = False,
+    dicom: Optional[Input[Dataset]] = None,
 ):
     """Linear region head on the frozen backbone (paper 000), plus the orientation head
-    (paper 004) when the DICOM folder has a truth.csv with angles -> model bundle."""
+    (paper 004) from the truth.csv angles when the DICOM folder has them (synth), or, with
+    `orientation_assume_upright`, from the images turned by known amounts -> model bundle."""
     from pathlib import Path
 
     from xrayops.contracts import Lineage
     from xrayops.data.dataset import read_truth_angles
     from xrayops.train.finetune import FinetuneConfig, finetune
 
-    truth_csv = Path(dicom.path) / "truth.csv"
-    angles = read_truth_angles(truth_csv) if truth_csv.exists() else None
+    truth_csv = Path(dicom.path) / "truth.csv" if dicom is not None else None
+    angles = read_truth_angles(truth_csv) if truth_csv is not None and truth_csv.exists() else None
     lineage = Lineage(dataset_md5=dataset_md5, pipeline_run=pipeline_run)
     finetune(
         Path(dataset.path),
         Path(backbone.path) / "backbone.pt",
         Path(bundle.path),
-        FinetuneConfig(epochs=epochs, seed=seed, finetune_last_stage=finetune_last_stage),
+        FinetuneConfig(epochs=epochs, seed=seed, finetune_last_stage=finetune_last_stage,
+                       orientation_assume_upright=orientation_assume_upright),
         lineage=lineage,
         angles=angles,
     )

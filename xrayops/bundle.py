@@ -19,11 +19,11 @@ from xrayops.bundle_meta import (  # re-exported: callers that load models impor
     verify_bundle,
 )
 from xrayops.contracts import ModelBundleMeta
-from xrayops.models.backbone import build_backbone
+from xrayops.models.backbone import build_backbone, save_backbone
 from xrayops.models.heads import RegionClassifier
 
 __all__ = [
-    "META", "WEIGHTS", "BundleError", "BundleIntegrityError", "LoadedBundle", "file_sha256",
+    "META", "WEIGHTS", "BundleError", "BundleIntegrityError", "LoadedBundle", "export_backbone", "file_sha256",
     "load_bundle", "read_bundle_meta", "save_bundle", "verify_bundle",
 ]
 
@@ -73,3 +73,13 @@ def load_bundle(bundle_dir: Path, device: str | torch.device = "cpu") -> LoadedB
         ) from exc
     device = torch.device(device)
     return LoadedBundle(model=model.to(device).eval(), meta=meta, device=device)
+
+
+def export_backbone(bundle_dir: Path, path: Path) -> Path:
+    """Write the bundle's backbone as a backbone.pt (`save_backbone`), after the weights check.
+
+    Retraining starts from the model that serves: its head is retrained (or its backbone warm-
+    started) on the new data, so the challenger differs from the champion only by what was learnt.
+    """
+    loaded = load_bundle(bundle_dir)
+    return save_backbone(path, loaded.model.backbone, loaded.meta.arch, loaded.meta.ssl_method)

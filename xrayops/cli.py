@@ -538,9 +538,16 @@ def retrain_trigger_cmd(
     pipeline_root: Annotated[Path, typer.Option(help="kfp.local pipeline root when no XRAYOPS_KFP_HOST is set.")] = Path(
         "outputs/kfp-retrain"
     ),
+    source_dir: Annotated[
+        Optional[Path], typer.Option(help="The DICOM archive to retrain on: launches the retraining pipeline (gated "
+                                          "against the champion) instead of the synthetic demo loop.")
+    ] = None,
+    source_pvc: Annotated[str, typer.Option(help="On a cluster: the PVC holding the archive (mounted at /mnt/dicom).")] = "xrayops-dicom",
 ) -> None:
-    """Decide on retraining from a monitoring window and launch the KFP training pipeline
-    (XRAYOPS_KFP_HOST: kfp.Client on the cluster; else kfp.local); cooldown and dedup apply."""
+    """Decide on retraining from a monitoring window and launch a KFP run (XRAYOPS_KFP_HOST:
+    kfp.Client on the cluster, the retraining pipeline over the archive on `source_pvc`; else
+    kfp.local, the retraining pipeline over `--source-dir`, or without it the demo loop);
+    cooldown and dedup apply."""
     from datetime import datetime, timezone
 
     from xrayops.monitor.trigger import AuditLog, TriggerPolicy, decide_and_launch, signals_from_monitor
@@ -556,13 +563,22 @@ def retrain_trigger_cmd(
         if settings.kfp_host:
             import kfp
 
-            from pipelines.run import compile_pipeline
+            from pipelines.retraining import compile_retraining
 
-            package = compile_pipeline(settings.output_dir / "pipeline" / "xrayops-retrain.yaml", cluster=True)
+            package = compile_retraining(settings.output_dir / "pipeline" / "xrayops-retraining.yaml", cluster=True,
+                                         source_pvc=source_pvc)
             run = kfp.Client(host=settings.kfp_host).create_run_from_pipeline_package(
                 str(package), arguments={}, run_name=f"retrain {arguments['trigger_window']}"
             )
             return run.run_id
+        if source_dir is not None:
+            from pipelines.retraining import run_retraining_local
+
+            run_retraining_local(pipeline_root, source_dir=str(source_dir.resolve()), dvc_remote_url=settings.dvc_remote(),
+                                 s3_endpoint_url=settings.s3_endpoint_url, mlflow_tracking_uri=settings.tracking_uri(),
+                                 gate_margin=settings.gate_margin, gate_bootstrap_samples=settings.gate_bootstrap_samples,
+                                 gate_confidence=settings.gate_confidence)
+            return str(Path(pipeline_root).resolve())
         from pipelines.run import run_local
 
         return run_local(pipeline_root, dvc_remote_url=settings.dvc_remote(), s3_endpoint_url=settings.s3_endpoint_url,
@@ -606,6 +622,52 @@ def pipeline_compile_ingestion(
     from pipelines.ingestion import compile_ingestion
 
     typer.echo(str(compile_ingestion(out, cluster=cluster, source_pvc=source_pvc, parallelism=parallelism)))
+
+
+@pipeline_app.command("compile-retraining")
+def pipeline_compile_retraining(
+    out: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path("outputs/pipeline/xrayops-retraining.yaml"),
+    cluster: Annotated[bool, typer.Option("--cluster", help="Tasks read xrayops-config and the xrayops-s3/xrayops-deid Secrets.")] = False,
+    source_pvc: Annotated[str, typer.Option(help="PersistentVolumeClaim holding the DICOM archive (mounted at /mnt/dicom).")] = "",
+    gpu: Annotated[bool, typer.Option("--gpu", help="Schedule pretrain/finetune on the GPU node pool.")] = False,
+    gpu_pool: Annotated[
+        Optional[Path], typer.Option(help="JSON/YAML GpuPool of this cluster (accelerator, node selector, tolerations); implies --gpu.")
+    ] = None,
+) -> None:
+    """Compile the retraining pipeline (archive -> new DVC version -> challenger on the champion's
+    backbone -> gate -> alias) to KFP v2 YAML."""
+    from pipelines.gpu_pool import GpuPool
+    from pipelines.retraining import compile_retraining
+
+    pool = GpuPool.from_file(gpu_pool) if gpu_pool else None
+    typer.echo(str(compile_retraining(out, gpu=gpu or pool is not None, cluster=cluster, gpu_pool=pool, source_pvc=source_pvc)))
+
+
+@pipeline_app.command("retrain")
+def pipeline_retrain(
+    source_dir: Annotated[Path, typer.Option(help="The DICOM archive to retrain on (all of it: old and new studies).")],
+    root: Annotated[Path, typer.Option(help="kfp.local pipeline root (artifacts).")] = Path("outputs/kfp-retrain"),
+    pretrain_epochs: Annotated[int, typer.Option(help="0: keep the champion's frozen backbone; N: continue its SSL pretraining N epochs.")] = 0,
+    finetune_epochs: Annotated[int, typer.Option(help="Linear-head epochs.")] = 60,
+    model_name: Annotated[str, typer.Option(help="Registered model name in MLflow.")] = "xrayops-region",
+    promote: Annotated[bool, typer.Option(help="Move the champion alias when the challenger passes the gate.")] = True,
+) -> None:
+    """Run the retraining pipeline here with kfp.local: the champion comes from MLflow
+    (XRAYOPS_MLFLOW_TRACKING_URI), the new dataset version goes to XRAYOPS_DVC_REMOTE_URL."""
+    from pipelines.retraining import run_retraining_local
+
+    settings = get_settings()
+    if not source_dir.is_dir():
+        _fail(f"--source-dir {source_dir} is not a folder")
+    task = run_retraining_local(
+        root, source_dir=str(source_dir.resolve()), pretrain_epochs=pretrain_epochs,
+        finetune_epochs=finetune_epochs, model_name=model_name, promote=promote, dvc_remote_url=settings.dvc_remote(),
+        s3_endpoint_url=settings.s3_endpoint_url, mlflow_tracking_uri=settings.tracking_uri(),
+        gate_margin=settings.gate_margin, gate_bootstrap_samples=settings.gate_bootstrap_samples,
+        gate_confidence=settings.gate_confidence,
+    )
+    decision = json.loads(Path(task.output.path).read_text())
+    _print_json({"pipeline_root": str(Path(root).resolve()), "gate": decision})
 
 
 @pipeline_app.command("run")
@@ -652,10 +714,17 @@ def pipeline_submit(
     if_retrain: Annotated[
         Optional[Path], typer.Option(help="monitor.json of `xrayops monitor`: submit only if its decision is to retrain.")
     ] = None,
+    pipeline: Annotated[
+        Optional[str], typer.Option(help="When compiling: `training` (synthetic demo loop) or `retraining` (the site's "
+                                         "archive, gated against the champion); default retraining with --if-retrain.")
+    ] = None,
+    source_pvc: Annotated[str, typer.Option(help="When compiling the retraining pipeline: PVC of the DICOM archive.")] = "xrayops-dicom",
 ) -> None:
-    """Start a run (or, with --recurring, a recurring run) of the training pipeline on Kubeflow Pipelines."""
+    """Start a run (or, with --recurring, a recurring run) of the training or retraining pipeline on Kubeflow Pipelines."""
     import tempfile
 
+    from pipelines.gpu_pool import GpuPool
+    from pipelines.retraining import compile_retraining
     from pipelines.run import compile_pipeline
     from pipelines.submit import SubmitError, parse_params, submit
     from xrayops.monitor.window import MonitorResult
@@ -667,12 +736,19 @@ def pipeline_submit(
         if not decision.retrain:
             _print_json({"submitted": False, "retrain": False, "reasons": decision.reasons})
             return
+    pipeline = pipeline or ("retraining" if if_retrain is not None else "training")
+    if pipeline not in ("training", "retraining"):
+        _fail(f"--pipeline must be training or retraining, got {pipeline!r}")
     if package is not None and not package.is_file():
         _fail(f"--package {package} does not exist")
     try:
         arguments = parse_params(param or [])
         with tempfile.TemporaryDirectory(prefix="xrayops-submit-") as tmp:
-            if package is None:
+            if package is None and pipeline == "retraining":
+                pool = GpuPool(accelerator_limit=gpu_count, node_selector={"xrayops.io/pool": gpu_node_pool})
+                package = compile_retraining(Path(tmp) / "xrayops-retraining.yaml", gpu=gpu, cluster=True, gpu_pool=pool,
+                                             source_pvc=source_pvc)
+            elif package is None:
                 package = compile_pipeline(
                     Path(tmp) / "xrayops-training.yaml", gpu=gpu, gpu_node_pool=gpu_node_pool, gpu_count=gpu_count, cluster=True
                 )
@@ -795,7 +871,8 @@ def gate(
     difference; promote (move the MLflow alias) when the challenger is not worse beyond XRAYOPS_GATE_MARGIN."""
     from xrayops.data.truth import read_truth
     from xrayops.evaluate.gate import gate as run_gate
-    from xrayops.evaluate.gate import gate_and_promote, score_bundle
+    from xrayops.bundle_meta import read_bundle_meta
+    from xrayops.evaluate.gate import gate_and_promote, lost_outputs, refuse, score_bundle
     from xrayops.registry import RegistryError, parse_model_ref, resolve_bundle
     from xrayops.versioning import read_dvc_file
 
@@ -805,7 +882,7 @@ def gate(
         _fail(f"{dataset_dvc} not found: the gate's test set must be a versioned dataset (xrayops version-dataset)")
     test_set = read_dvc_file(dataset_dvc)["md5"]
     labels = read_truth(truth) if truth else None
-    scored = []
+    scored, metas = [], []
     try:
         target = parse_model_ref(challenger) if promote else None
         if target is not None and target.version is None:
@@ -813,11 +890,13 @@ def gate(
         for role, ref in (("champion", champion), ("challenger", challenger)):
             bundle_dir = resolve_bundle(ref, settings.tracking_uri(), settings.output_dir / "gate" / role)
             scored.append(score_bundle(bundle_dir, data, test_set, ref, labels))
+            metas.append(read_bundle_meta(bundle_dir))
     except (RegistryError, ValueError) as exc:
         _fail(str(exc))
+    lost = lost_outputs(*metas)
     kwargs = dict(margin=settings.gate_margin, samples=settings.gate_bootstrap_samples, confidence=settings.gate_confidence)
-    decision = (gate_and_promote(*scored, settings.tracking_uri(), target.name, target.version, **kwargs) if target
-                else run_gate(*scored, **kwargs))
+    decision = (gate_and_promote(*scored, settings.tracking_uri(), target.name, target.version, lost=lost, **kwargs)
+                if target else refuse(run_gate(*scored, **kwargs), lost))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(decision.model_dump_json(indent=2))
     _print_json(decision)

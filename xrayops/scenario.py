@@ -95,7 +95,8 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
     from xrayops.bundle import load_bundle
     from xrayops.contracts import Lineage, PreprocessingSpec
     from xrayops.data.synth import synthesize
-    from xrayops.evaluate.gate import gate_and_promote, score_bundle
+    from xrayops.bundle_meta import read_bundle_meta
+    from xrayops.evaluate.gate import gate_and_promote, lost_outputs, score_bundle
     from xrayops.ingest import ingest
     from xrayops.inference_log import read_log
     from xrayops.monitor.trigger import AuditLog, TriggerPolicy, decide_and_launch, signals_from_monitor
@@ -261,7 +262,9 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
         decision = gate_and_promote(champion, challenger, settings.tracking_uri(), name, state["challenger"].version,
                                     margin=settings.gate_margin if cfg.gate_margin is None else cfg.gate_margin,
                                     samples=settings.gate_bootstrap_samples,
-                                    confidence=settings.gate_confidence)
+                                    confidence=settings.gate_confidence,
+                                    lost=lost_outputs(read_bundle_meta(out / "champion"),
+                                                      read_bundle_meta(state["challenger_bundle"])))
         state["gate"] = decision
         (out / "gate.json").write_text(decision.model_dump_json(indent=2))
         return ({"gate": out / "gate.json"},

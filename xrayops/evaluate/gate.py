@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 from pydantic import BaseModel
 
+from xrayops.contracts import ModelBundleMeta
 from xrayops.evaluate.metrics import classification_metrics
 from xrayops.logs import get_logger
 
@@ -52,6 +53,7 @@ class GateDecision(BaseModel):
     bootstrap_samples: int
     champion: str
     challenger: str
+    lost: list[str] = []  # champion outputs the challenger lacks (`lost_outputs`); any blocks promotion
 
 
 def paired_bootstrap_difference(
@@ -130,6 +132,25 @@ def gate(
     return decision
 
 
+def lost_outputs(champion: ModelBundleMeta, challenger: ModelBundleMeta) -> list[str]:
+    """What the champion answers and the challenger could not: serving would silently stop
+    returning it (an orientation head trained from truth angles, a binary head, a class)."""
+    lost = []
+    if champion.orientation and not challenger.orientation:
+        lost.append("orientation")
+    lost += [f"binary head {h}" for h in champion.binary_heads if h not in challenger.binary_heads]
+    lost += [f"class {c}" for c in champion.classes if c not in challenger.classes]
+    return lost
+
+
+def refuse(decision: GateDecision, lost: list[str]) -> GateDecision:
+    """The decision with promotion withheld because the challenger lacks `lost`."""
+    if not lost:
+        return decision
+    reason = f"{decision.reason}; but the challenger lacks the champion's {', '.join(lost)}: keep the champion"
+    return decision.model_copy(update={"promote": False, "reason": reason, "lost": list(lost)})
+
+
 def promote(tracking_uri: str, name: str, version: int | str, alias: str = "champion") -> None:
     """Point the registry alias at `version` (MLflow)."""
     from mlflow import MlflowClient
@@ -141,10 +162,11 @@ def promote(tracking_uri: str, name: str, version: int | str, alias: str = "cham
 def gate_and_promote(
     champion: ScoredModel, challenger: ScoredModel, tracking_uri: str, name: str, challenger_version: int | str,
     margin: float = 0.01, samples: int = 2000, confidence: float = 0.95, alias: str = "champion",
-    on_promote: Callable[[GateDecision], None] | None = None,
+    on_promote: Callable[[GateDecision], None] | None = None, lost: list[str] | None = None,
 ) -> GateDecision:
-    """The gate, and on success the alias move plus the serving reload hook."""
-    decision = gate(champion, challenger, margin, samples, confidence)
+    """The gate, and on success the alias move plus the serving reload hook. `lost`: what the
+    challenger cannot answer that the champion can (`lost_outputs`); any of it blocks promotion."""
+    decision = refuse(gate(champion, challenger, margin, samples, confidence), lost or [])
     if decision.promote:
         promote(tracking_uri, name, challenger_version, alias)
         if on_promote is not None:

@@ -2,9 +2,10 @@
 from xrayops.registry.mlflow_registry import (
     RegisteredModel,
     RegistryError,
+    model_version,
     parse_model_ref,
     register_bundle,
     resolve_bundle,
 )
 
-__all__ = ["RegisteredModel", "RegistryError", "parse_model_ref", "register_bundle", "resolve_bundle"]
+__all__ = ["RegisteredModel", "RegistryError", "model_version", "parse_model_ref", "register_bundle", "resolve_bundle"]

@@ -211,6 +211,28 @@ def local_path(model_ref: str) -> Path:
     return Path(model_ref)
 
 
+def _model_version(ref: str, tracking_uri: str | None):
+    """The MLflow ModelVersion a `models:/` reference names (an alias resolved now)."""
+    parsed = parse_model_ref(ref)
+    if not tracking_uri:
+        raise RegistryError(f"a tracking URI is needed to resolve {ref}")
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        if parsed.alias is not None:
+            return client.get_model_version_by_alias(parsed.name, parsed.alias)
+        return client.get_model_version(parsed.name, str(parsed.version))
+    except MlflowException as exc:
+        raise RegistryError(f"cannot resolve {ref} in {tracking_uri}: {exc.message}") from exc
+
+
+def model_version(ref: str, tracking_uri: str | None) -> int:
+    """The version number behind `models:/NAME@ALIAS` (or `models:/NAME/VERSION`), so a run can
+    record which version it used even after the alias moves."""
+    return int(_model_version(ref, tracking_uri).version)
+
+
 def resolve_bundle(model_ref: str | Path, tracking_uri: str | None = None, dest: str | Path | None = None) -> Path:
     """The local bundle folder for a registry reference, a local path or a file:// URI.
 
@@ -227,21 +249,11 @@ def resolve_bundle(model_ref: str | Path, tracking_uri: str | None = None, dest:
         return bundle_dir
 
     parsed = parse_model_ref(ref)
-    if not tracking_uri:
-        raise RegistryError(f"a tracking URI is needed to resolve {ref}")
     if dest is None:
         raise RegistryError(f"a destination folder is needed to download {ref}")
     from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
-    try:
-        if parsed.alias is not None:
-            version = client.get_model_version_by_alias(parsed.name, parsed.alias)
-        else:
-            version = client.get_model_version(parsed.name, str(parsed.version))
-    except MlflowException as exc:
-        raise RegistryError(f"cannot resolve {ref} in {tracking_uri}: {exc.message}") from exc
+    version = _model_version(ref, tracking_uri)
 
     target = Path(dest) / parsed.name / str(version.version)
     if target.exists():

@@ -1,0 +1,132 @@
+"""Retraining on a site's own data: what the monitor's trigger launches on a cluster.
+
+    ingestion (plan ─▶ ParallelFor ingest-part ─▶ merge) ─▶ version (DVC push: the new version)
+    champion (MLflow models:/NAME@champion: bundle + backbone)
+        ─▶ pretrain (0 epochs: the champion's frozen backbone; N: warm-started SSL on the new version)
+        ─▶ finetune ─▶ evaluate ─▶ register (alias challenger) ─▶ gate (same test split, paired
+           bootstrap; promotion moves the champion alias)
+        ─▶ audit-labels (cleanlab over the new version's tags on the challenger's backbone)
+
+Paper 000 keeps the backbone frozen so that training images can be re-checked for label errors,
+so by default only the heads are retrained; `pretrain_epochs` > 0 continues the champion's
+self-supervised pretraining on the new data first (`xrayops pretrain --init-from`).
+"""
+from kfp import compiler, dsl, local
+
+from components import (
+    audit_labels_op,
+    champion_op,
+    evaluate_op,
+    finetune_op,
+    gate_op,
+    pretrain_op,
+    register_op,
+    version_dataset_op,
+)
+from pipelines.gpu_pool import GpuPool
+from pipelines.ingestion import SOURCE_MOUNT, build_ingestion_pipeline
+from pipelines.training import _with_cluster_env
+from xrayops.config import get_settings
+
+PIPELINE_NAME = "xrayops-retraining"
+
+
+def build_retraining_pipeline(
+    gpu: bool = False, cluster: bool = False, gpu_pool: GpuPool | None = None, source_pvc: str = ""
+):
+    """The pipeline function. `gpu` puts pretrain and finetune on the GPU pool (`gpu_pool`, else the
+    default pool), `cluster` wires the ConfigMap/Secrets, `source_pvc` mounts the DICOM archive."""
+    gpu_pool = gpu_pool or GpuPool()
+    settings = get_settings()
+    ingestion = build_ingestion_pipeline(cluster=cluster, source_pvc=source_pvc, version=False)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="xrayops: retrain on the site's DICOM archive, gate against the champion")
+    def retraining_pipeline(
+        source_dir: str = SOURCE_MOUNT,
+        files_per_batch: int = 2000,
+        ingest_workers: int = 2,
+        dvc_remote_url: str = "",
+        s3_endpoint_url: str = "",
+        mlflow_tracking_uri: str = "",
+        model_name: str = "xrayops-region",
+        champion_alias: str = "champion",
+        pretrain_epochs: int = 0,
+        batch_size: int = 128,
+        finetune_epochs: int = 60,
+        orientation_assume_upright: bool = False,
+        seed: int = 0,
+        gate_margin: float = settings.gate_margin,
+        gate_bootstrap_samples: int = settings.gate_bootstrap_samples,
+        gate_confidence: float = settings.gate_confidence,
+        promote: bool = True,
+        label_flag_below: float = 0.1,
+        label_pool_studies: bool = True,
+    ) -> dsl.Artifact:
+        champion = champion_op(
+            tracking_uri=mlflow_tracking_uri, model_name=model_name, alias=champion_alias
+        ).set_display_name("champion")
+        # The alias moves when a run promotes: never reuse a cached champion.
+        champion.set_caching_options(False)
+        # Ingested with the champion's preprocessing, so the gate scores both models on the same pixels.
+        data = ingestion(
+            source_dir=source_dir, files_per_batch=files_per_batch, image_size=champion.outputs["image_size"],
+            workers=ingest_workers,
+        ).set_display_name("ingestion")
+        dataset = data.output
+        version = version_dataset_op(
+            dataset=dataset, remote_url=dvc_remote_url, s3_endpoint_url=s3_endpoint_url
+        ).set_display_name("version")
+        pre = pretrain_op(
+            dataset=dataset, epochs=pretrain_epochs, batch_size=batch_size, seed=seed,
+            method=champion.outputs["ssl_method"], arch=champion.outputs["arch"], init_from=champion.outputs["backbone"],
+        ).set_display_name("pretrain")
+        head = finetune_op(
+            dataset=dataset, backbone=pre.outputs["backbone"], dataset_md5=version.outputs["md5"], epochs=finetune_epochs,
+            seed=seed, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, orientation_assume_upright=orientation_assume_upright,
+        ).set_display_name("finetune")
+        evaluation = evaluate_op(dataset=dataset, bundle=head.outputs["bundle"]).set_display_name("evaluate")
+        registered = register_op(
+            bundle=head.outputs["bundle"], tracking_uri=mlflow_tracking_uri, model_name=model_name, alias="challenger",
+            dataset_md5=version.outputs["md5"], accuracy=evaluation.outputs["Output"],
+            pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        ).set_display_name("register")
+        decision = gate_op(
+            dataset=dataset, champion=champion.outputs["bundle"], champion_uri=champion.outputs["model_uri"],
+            challenger=head.outputs["bundle"], challenger_uri=registered.output, test_set=version.outputs["md5"],
+            tracking_uri=mlflow_tracking_uri, margin=gate_margin, bootstrap_samples=gate_bootstrap_samples,
+            confidence=gate_confidence, promote=promote, alias=champion_alias,
+        ).set_display_name("gate")
+        decision.set_caching_options(False)
+        audit = audit_labels_op(
+            dataset=dataset, backbone=pre.outputs["backbone"], flag_below=label_flag_below, pool_studies=label_pool_studies,
+        ).set_display_name("audit-labels")
+
+        if gpu:
+            for task in (pre, head):
+                gpu_pool.apply(task)
+        if cluster:
+            for task in (version, champion, pre, head, evaluation, registered, decision, audit):
+                _with_cluster_env(task, deid=False)
+        return decision.outputs["decision"]
+
+    return retraining_pipeline
+
+
+def compile_retraining(out, **options):
+    """Compile to YAML (what a cluster runs); options as for build_retraining_pipeline."""
+    from pathlib import Path
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_retraining_pipeline(**options), package_path=str(out))
+    return out
+
+
+def run_retraining_local(pipeline_root, **params):
+    """Run the graph with kfp.local's SubprocessRunner in this environment (see pipelines/run.py);
+    the task's output is the gate's decision (gate.json as an artifact)."""
+    from pathlib import Path
+
+    pipeline_root = Path(pipeline_root).resolve()
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    return build_retraining_pipeline()(**params)

@@ -1,0 +1,163 @@
+"""The retraining pipeline: the site's DICOM archive -> new DVC version -> challenger on the
+champion's backbone -> gate -> alias. Compiled YAML (what a cluster runs) and a kfp.local run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from pipelines.gpu_pool import GpuPool
+from pipelines.retraining import compile_retraining
+from xrayops.contracts import ModelBundleMeta, PreprocessingSpec
+
+STAGES = {"ingestion", "version", "champion", "pretrain", "finetune", "evaluate", "register", "gate", "audit-labels"}
+
+
+def _tasks(spec: dict) -> dict[str, dict]:
+    return {t["taskInfo"]["name"]: t for t in spec["root"]["dag"]["tasks"].values()}
+
+
+def test_compiled_retraining_graph_starts_from_the_champion_and_gates(tmp_path):
+    docs = list(yaml.safe_load_all(compile_retraining(
+        tmp_path / "r.yaml", gpu=True, cluster=True, source_pvc="xrayops-dicom",
+        gpu_pool=GpuPool(accelerator_limit=2, node_selector={"pool": "a100"}),
+    ).read_text()))
+    spec, platform = docs[0], docs[1]
+    tasks = _tasks(spec)
+    assert set(tasks) == STAGES
+    # The challenger starts from the champion's backbone, with the champion's method and arch.
+    pretrain = tasks["pretrain"]["inputs"]
+    assert pretrain["artifacts"]["init_from"]["taskOutputArtifact"] == {"outputArtifactKey": "backbone", "producerTask": "champion-op"}
+    assert pretrain["parameters"]["method"]["taskOutputParameter"]["outputParameterKey"] == "ssl_method"
+    assert pretrain["parameters"]["epochs"]["componentInputParameter"] == "pretrain_epochs"
+    assert spec["root"]["inputDefinitions"]["parameters"]["pretrain_epochs"]["defaultValue"] == 0.0
+    # Both models are gated on the test split of the version this run pushed.
+    gate = tasks["gate"]["inputs"]
+    assert gate["parameters"]["test_set"]["taskOutputParameter"]["producerTask"] == "version-dataset-op"
+    assert gate["artifacts"]["champion"]["taskOutputArtifact"]["producerTask"] == "champion-op"
+    assert gate["artifacts"]["challenger"]["taskOutputArtifact"]["producerTask"] == "finetune-op"
+    assert gate["parameters"]["challenger_uri"]["taskOutputParameter"]["producerTask"] == "register-op"
+    assert tasks["register"]["inputs"]["parameters"]["alias"]["runtimeValue"]["constant"] == "challenger"
+    # A moved alias must be seen: neither the champion lookup nor the gate is cached.
+    assert tasks["champion"]["cachingOptions"] == {} and tasks["gate"]["cachingOptions"] == {}
+    assert tasks["finetune"]["cachingOptions"] == {"enableCache": True}
+    # GPU pool on pretrain and finetune only; the archive volume on the ingestion tasks.
+    executors = spec["deploymentSpec"]["executors"]
+    gpu = {n for n, e in executors.items() if e["container"].get("resources", {}).get("accelerator")}
+    assert gpu == {"exec-pretrain-op", "exec-finetune-op"}
+    assert executors["exec-pretrain-op"]["container"]["resources"]["accelerator"]["resourceCount"] == "2"
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert k8s["exec-pretrain-op"]["nodeSelector"]["labels"] == {"pool": "a100"}
+    mounts = {n for n, e in k8s.items() if any(p.get("constant") == "xrayops-dicom" for p in
+                                                [v.get("pvcNameParameter", {}).get("runtimeValue", {}) for v in e.get("pvcMount", [])])}
+    assert mounts == {"exec-plan-ingest-op", "exec-ingest-part-op"}
+    # Cluster settings everywhere; the de-identification key only where DICOM is read.
+    deid = {n for n, e in k8s.items() if any(s.get("secretName") == "xrayops-deid" or
+                                             s.get("secretNameParameter", {}).get("runtimeValue", {}).get("constant") == "xrayops-deid"
+                                             for s in e.get("secretAsEnv", []))}
+    assert deid == {"exec-ingest-part-op"}
+    assert {"exec-gate-op", "exec-champion-op", "exec-register-op"} <= {n for n, e in k8s.items() if e.get("configMapAsEnv")}
+
+
+def test_retrain_cli_compiles_the_retraining_pipeline(tmp_path):
+    from typer.testing import CliRunner
+
+    from xrayops.cli import app
+
+    out = tmp_path / "retrain.yaml"
+    result = CliRunner().invoke(app, ["pipeline", "compile-retraining", "--out", str(out), "--cluster",
+                                      "--source-pvc", "xrayops-dicom"])
+    assert result.exit_code == 0, result.output
+    spec = next(yaml.safe_load_all(out.read_text()))
+    assert spec["pipelineInfo"]["name"] == "xrayops-retraining" and set(_tasks(spec)) == STAGES
+
+
+@pytest.fixture
+def champion(tmp_path, monkeypatch):
+    """A synthetic export (batch v1), its ingested dataset and a champion registered in MLflow."""
+    from xrayops.bundle import export_backbone
+    from xrayops.data.synth import synthesize
+    from xrayops.ingest import ingest
+    from xrayops.models.backbone import build_backbone, save_backbone
+    from xrayops.registry import register_bundle
+    from xrayops.train.finetune import FinetuneConfig, finetune
+
+    monkeypatch.setenv("XRAYOPS_PROGRESS", "0")
+    archive = tmp_path / "archive"
+    synthesize(archive / "v1", n=160, seed=3, size=64, ood_rate=0.0)
+    (archive / "v1" / "truth.csv").unlink()  # a PACS archive has no truth
+    data = tmp_path / "v1-data"
+    ingest(archive, data, PreprocessingSpec(size=32), "xrayops-dev-key-change-me")
+    torch.manual_seed(0)
+    backbone = save_backbone(tmp_path / "backbone.pt", build_backbone("resnet18")[0], "resnet18", "simclr")
+    bundle = finetune(data, backbone, tmp_path / "champion", FinetuneConfig(epochs=3, seed=0))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registered = register_bundle(bundle, uri, "xrayops-region", alias="champion")
+    export_backbone(bundle, tmp_path / "champion-backbone.pt")
+    return {"archive": archive, "tracking_uri": uri, "registered": registered, "bundle": bundle,
+            "backbone": tmp_path / "champion-backbone.pt"}
+
+
+@pytest.mark.slow
+def test_kfp_local_retraining_gates_and_promotes_a_challenger_on_the_new_version(champion, tmp_path):
+    import mlflow
+
+    from pipelines.retraining import run_retraining_local
+    from xrayops.data.synth import synthesize
+
+    archive = champion["archive"]
+    synthesize(archive / "v2", n=80, seed=4, size=64, ood_rate=0.0, shift=1.0)  # a new vendor's batch arrives
+    (archive / "v2" / "truth.csv").unlink()
+    root = tmp_path / "kfp"
+    run_retraining_local(
+        root, source_dir=str(archive), files_per_batch=100, ingest_workers=1,
+        dvc_remote_url=str(tmp_path / "remote"), mlflow_tracking_uri=champion["tracking_uri"], finetune_epochs=3,
+        gate_margin=1.0, gate_bootstrap_samples=200, label_flag_below=0.0,
+    )
+    (run,) = list(root.iterdir())
+    outputs = {p.parent.name: json.loads(p.read_text()) for p in run.rglob("executor_output.json")}
+    assert sum(1 for p in run.rglob("executor_output.json") if "ingest-part-op" in str(p)) == 3  # 240 files, 100 a batch
+    md5 = outputs["version-dataset-op"]["parameterValues"]["md5"]
+    assert any((tmp_path / "remote").rglob(md5.removesuffix(".dir")[2:] + "*"))
+    assert outputs["champion-op"]["parameterValues"]["model_uri"] == "models:/xrayops-region/1"
+    assert outputs["register-op"]["parameterValues"]["Output"] == "models:/xrayops-region/2"
+
+    # pretrain_epochs=0: the challenger is a new head on the champion's frozen backbone, bit for bit.
+    kept = torch.load(run / "pretrain-op" / "backbone" / "backbone.pt", weights_only=True)["state_dict"]
+    before = torch.load(champion["backbone"], weights_only=True)["state_dict"]
+    assert kept.keys() == before.keys() and all(torch.equal(kept[k], before[k]) for k in kept)
+    weights = torch.load(run / "finetune-op" / "bundle" / "weights.pt", weights_only=True)
+    assert all(torch.equal(weights[f"backbone.{k}"], before[k]) for k in before if not k.endswith("num_batches_tracked"))
+
+    decision = json.loads((run / "gate-op" / "decision").read_text())
+    assert decision["test_set"] == md5 and decision["n"] > 0 and decision["lost"] == []
+    assert decision["champion"] == "models:/xrayops-region/1" and decision["challenger"] == "models:/xrayops-region/2"
+    assert decision["promote"] is True and outputs["gate-op"]["parameterValues"]["promoted"] is True
+    client = mlflow.MlflowClient(champion["tracking_uri"])
+    assert str(client.get_model_version_by_alias("xrayops-region", "champion").version) == "2"
+    tags = client.get_run(client.get_model_version("xrayops-region", "2").run_id).data.tags
+    assert tags["xrayops.dataset_md5"] == md5
+    # The new version's tags are audited on the backbone the challenger uses.
+    audit = outputs["audit-labels-op"]["artifacts"]["issues"]["artifacts"][0]["metadata"]
+    assert audit["n_images"] > 0
+
+
+def test_gate_keeps_a_champion_whose_outputs_the_challenger_lacks():
+    from xrayops.evaluate.gate import ScoredModel, gate, lost_outputs, refuse
+
+    spec = PreprocessingSpec(size=32)
+    champ = ModelBundleMeta(classes=["hand", "knee"], preprocessing=spec, orientation=True, binary_heads=["implant"])
+    chall = ModelBundleMeta(classes=["hand"], preprocessing=spec)
+    assert lost_outputs(champ, chall) == ["orientation", "binary head implant", "class knee"]
+    assert lost_outputs(champ, champ) == [] and lost_outputs(chall, champ) == []
+    ids = [f"i{k}" for k in range(40)]
+    truth = ["hand"] * 40
+    a = ScoredModel(name="a", test_set="m", image_ids=ids, y_true=truth, y_pred=["knee"] * 40)
+    b = ScoredModel(name="b", test_set="m", image_ids=ids, y_true=truth, y_pred=truth)
+    passed = gate(a, b, samples=200)
+    assert passed.promote and passed.lost == []
+    kept = refuse(passed, ["orientation"])
+    assert not kept.promote and kept.lost == ["orientation"] and "lacks the champion's orientation" in kept.reason
+    assert refuse(passed, []) is passed
