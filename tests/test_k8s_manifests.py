@@ -420,6 +420,27 @@ def test_kubectl_errors_are_explained():
         deploy.apply_args("yes")
 
 
+def test_monitor_cronjob_submits_the_overlays_retraining_pipeline(rendered):
+    for name, docs in rendered.items():
+        config = deploy.find(docs, "ConfigMap", deploy.PIPELINE_CONFIG_MAP)["data"]
+        spec, platform = list(yaml.safe_load_all(config[deploy.RETRAINING_KEY]))[:2]
+        assert spec["pipelineInfo"]["name"] == "xrayops-retraining"
+        k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        claims = {n for n, e in k8s.items() for m in e.get("pvcMount", [])
+                  if m["pvcNameParameter"]["runtimeValue"]["constant"] == deploy.ARCHIVE_PVC}
+        assert claims == {"exec-plan-ingest-op", "exec-ingest-part-op"}, name
+        assert ("PersistentVolumeClaim", deploy.ARCHIVE_PVC) in {(d["kind"], d["metadata"]["name"]) for d in docs}
+        gpu = {n for n, e in spec["deploymentSpec"]["executors"].items() if e["container"].get("resources", {}).get("accelerator")}
+        assert gpu == ({"exec-pretrain-op", "exec-finetune-op"} if name == "gpu-cloud" else set()), name
+        job = deploy.find(docs, "CronJob", "xrayops-monitor")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        (retrain,) = [c for c in job["containers"] if c["name"] == "retrain"]
+        assert f"--package=/pipelines/{deploy.RETRAINING_KEY}" in retrain["args"]
+        assert any(v["mountPath"] == "/pipelines" and v["name"] == "pipelines" for v in retrain["volumeMounts"])
+        assert {"name": "pipelines", "configMap": {"name": deploy.PIPELINE_CONFIG_MAP}} in job["volumes"]
+    cloud = {d["metadata"]["name"]: d for d in rendered["gpu-cloud"] if d["kind"] == "PersistentVolumeClaim"}
+    assert cloud[deploy.ARCHIVE_PVC]["spec"]["accessModes"] == ["ReadWriteMany"]  # one pod per ingest batch
+
+
 def test_pipeline_target_reads_the_overlay_config():
     docs = [
         {"kind": "ConfigMap", "metadata": {"name": "xrayops-pipeline"},
@@ -430,6 +451,9 @@ def test_pipeline_target_reads_the_overlay_config():
     target = deploy.pipeline_target(docs, default_image="d:0")
     assert (target.image, target.gpu, target.gpu_node_pool, target.gpu_count) == ("r/x:1", True, "a100", 2)
     assert deploy.compile_args(target, Path("p.yaml"))[-5:] == ["--gpu", "--gpu-node-pool", "a100", "--gpu-count", "2"]
+    retraining = deploy.compile_args(target, Path("r.yaml"), deploy.RETRAINING_KEY)
+    assert retraining[:2] == ["pipeline", "compile-retraining"]
+    assert "--source-pvc" in retraining and retraining[-5:] == ["--gpu", "--gpu-node-pool", "a100", "--gpu-count", "2"]
     assert deploy.pipeline_target(docs[:1], default_image="d:0", image="o:9").image == "o:9"
     assert deploy.pipeline_target([], default_image="d:0").gpu is False
     docs[0]["data"]["gpuCount"] = "many"

@@ -165,6 +165,33 @@ def test_if_retrain_submits_only_when_the_monitor_says_so(tmp_path, package):
     assert proc.returncode == 2 and "no monitoring result" in proc.stderr
 
 
+def test_if_retrain_submits_the_retraining_pipeline_over_the_archive(kfp_api, tmp_path):
+    """What the monitor CronJob runs: no --package, so the retraining pipeline is compiled, with the
+    archive's PVC mounted on the ingestion tasks."""
+    from xrayops.monitor.decision import RetrainDecision
+    from xrayops.monitor.drift import DriftResult
+    from xrayops.monitor.window import MonitorResult
+
+    drift = DriftResult(drift_share=0.5, drifted_columns=["a"], columns=["a"], column_scores={"a": 0.01},
+                        column_methods={"a": "ks"}, column_thresholds={"a": 0.05}, n_reference=10, n_current=10,
+                        html_path=tmp_path / "d.html", json_path=tmp_path / "d.json")
+    result = tmp_path / "monitor.json"
+    result.write_text(MonitorResult(drift=drift, decision=RetrainDecision(retrain=True, reasons=["drift"]),
+                                    result_path=result).model_dump_json())
+    host, state = kfp_api
+    proc = _cli("--host", host, "--if-retrain", str(result), "--source-pvc", "pacs-archive", "--gpu",
+                env_extra={"XRAYOPS_IMAGE": IMAGE})
+    assert proc.returncode == 0, proc.stderr
+    run = state["requests"][-1][1]
+    spec = run["pipeline_spec"]["pipeline_spec"]
+    assert spec["pipelineInfo"]["name"] == "xrayops-retraining"
+    platform = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    claims = [m["pvcNameParameter"]["runtimeValue"]["constant"] for m in platform["exec-ingest-part-op"]["pvcMount"]]
+    assert claims == ["pacs-archive"] and platform["exec-pretrain-op"]["nodeSelector"]["labels"] == {"xrayops.io/pool": "gpu"}
+    proc = _cli("--host", host, "--pipeline", "nightly", "--package", str(tmp_path / "x.yaml"))
+    assert proc.returncode == 2 and "--pipeline must be training or retraining" in proc.stderr
+
+
 def test_cron_and_params_parsing():
     assert kfp_cron("*/30 * * * *") == "0 */30 * * * *"
     assert kfp_cron("0 0 9 ? * 2-6") == "0 0 9 ? * 2-6"

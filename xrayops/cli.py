@@ -630,6 +630,8 @@ def pipeline_compile_retraining(
     cluster: Annotated[bool, typer.Option("--cluster", help="Tasks read xrayops-config and the xrayops-s3/xrayops-deid Secrets.")] = False,
     source_pvc: Annotated[str, typer.Option(help="PersistentVolumeClaim holding the DICOM archive (mounted at /mnt/dicom).")] = "",
     gpu: Annotated[bool, typer.Option("--gpu", help="Schedule pretrain/finetune on the GPU node pool.")] = False,
+    gpu_node_pool: Annotated[str, typer.Option(help="Value of the xrayops.io/pool node label.")] = "gpu",
+    gpu_count: Annotated[int, typer.Option(help="nvidia.com/gpu limit of each GPU task.")] = 1,
     gpu_pool: Annotated[
         Optional[Path], typer.Option(help="JSON/YAML GpuPool of this cluster (accelerator, node selector, tolerations); implies --gpu.")
     ] = None,
@@ -639,8 +641,10 @@ def pipeline_compile_retraining(
     from pipelines.gpu_pool import GpuPool
     from pipelines.retraining import compile_retraining
 
-    pool = GpuPool.from_file(gpu_pool) if gpu_pool else None
-    typer.echo(str(compile_retraining(out, gpu=gpu or pool is not None, cluster=cluster, gpu_pool=pool, source_pvc=source_pvc)))
+    pool = (GpuPool.from_file(gpu_pool) if gpu_pool else
+            GpuPool(accelerator_limit=gpu_count, node_selector={"xrayops.io/pool": gpu_node_pool}))
+    typer.echo(str(compile_retraining(out, gpu=gpu or gpu_pool is not None, cluster=cluster, gpu_pool=pool,
+                                      source_pvc=source_pvc)))
 
 
 @pipeline_app.command("retrain")

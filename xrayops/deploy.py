@@ -28,6 +28,9 @@ log = get_logger(__name__)
 
 PIPELINE_CONFIG_MAP = "xrayops-pipeline"
 PIPELINE_KEY = "xrayops-training.yaml"
+# The monitor CronJob submits this one when its window calls for retraining (mounted at /pipelines).
+RETRAINING_KEY = "xrayops-retraining.yaml"
+ARCHIVE_PVC = "xrayops-dicom"  # infra/k8s/base/monitor/archive-volume.yaml
 # The monitor CronJob always runs the xrayops CLI, so its image is the overlay's xrayops image.
 REFERENCE_WORKLOAD = ("CronJob", "xrayops-monitor")
 DRY_RUN_MODES = ("client", "server")
@@ -172,31 +175,36 @@ def replace_image(docs: list[dict], old: str, new: str) -> list[dict]:
     return docs
 
 
-def compile_args(target: PipelineTarget, out: Path) -> list[str]:
-    args = ["pipeline", "compile", "--out", str(out), "--cluster"]
+def compile_args(target: PipelineTarget, out: Path, key: str = PIPELINE_KEY) -> list[str]:
+    """`xrayops pipeline compile` (training) or `compile-retraining` arguments for `target`."""
+    if key == RETRAINING_KEY:
+        args = ["pipeline", "compile-retraining", "--out", str(out), "--cluster", "--source-pvc", ARCHIVE_PVC]
+    else:
+        args = ["pipeline", "compile", "--out", str(out), "--cluster"]
     if target.gpu:
         args += ["--gpu", "--gpu-node-pool", target.gpu_node_pool, "--gpu-count", str(target.gpu_count)]
     return args
 
 
-def compile_pipeline_yaml(target: PipelineTarget) -> str:
-    """The training pipeline compiled for `target` (image, GPU pool, cluster Secrets), as YAML."""
+def compile_pipeline_yaml(target: PipelineTarget, key: str = PIPELINE_KEY) -> str:
+    """The training (or retraining) pipeline compiled for `target` (image, GPU pool, cluster
+    Secrets), as YAML."""
     with tempfile.TemporaryDirectory(prefix="xrayops-deploy-") as tmp:
-        out = Path(tmp) / PIPELINE_KEY
-        cmd = [sys.executable, "-m", "xrayops.cli", *compile_args(target, out)]
+        out = Path(tmp) / key
+        cmd = [sys.executable, "-m", "xrayops.cli", *compile_args(target, out, key)]
         env = {**os.environ, "XRAYOPS_IMAGE": target.image}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            raise DeployError(f"compiling the pipeline failed: {_last_line(proc.stderr)}")
+            raise DeployError(f"compiling the pipeline {key} failed: {_last_line(proc.stderr)}")
         return out.read_text()
 
 
-def with_pipeline(docs: list[dict], pipeline_yaml: str) -> list[dict]:
-    """Put the compiled pipeline into the xrayops-pipeline ConfigMap."""
+def with_pipeline(docs: list[dict], pipelines: dict[str, str]) -> list[dict]:
+    """Put the compiled pipelines (ConfigMap key -> YAML) into the xrayops-pipeline ConfigMap."""
     config = find(docs, "ConfigMap", PIPELINE_CONFIG_MAP)
     if config is None:
         raise DeployError(f"the overlay has no ConfigMap {PIPELINE_CONFIG_MAP} (infra/k8s/base defines it)")
-    config.setdefault("data", {})[PIPELINE_KEY] = pipeline_yaml
+    config.setdefault("data", {}).update(pipelines)
     return docs
 
 
@@ -208,7 +216,8 @@ def render(k8s_dir: Path, overlay: str, default_image: str, image: str | None = 
         replace_image(docs, overlay_image, image)
     target = pipeline_target(docs, default_image, image)
     log.info("deploy.render", overlay=overlay, image=target.image, gpu=target.gpu, documents=len(docs))
-    return dump_manifests(with_pipeline(docs, compile_pipeline_yaml(target)))
+    pipelines = {key: compile_pipeline_yaml(target, key) for key in (PIPELINE_KEY, RETRAINING_KEY)}
+    return dump_manifests(with_pipeline(docs, pipelines))
 
 
 def apply_args(dry_run: str | None) -> list[str]:
