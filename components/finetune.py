@@ -16,11 +16,14 @@ def finetune_op(
     bundle: Output[Model],
     finetune_last_stage: bool = False,
     orientation_assume_upright: bool = False,
+    labels_from_store: bool = False,
     dicom: Optional[Input[Dataset]] = None,
 ):
     """Linear region head on the frozen backbone (paper 000), plus the orientation head
     (paper 004) from the truth.csv angles when the DICOM folder has them (synth), or, with
-    `orientation_assume_upright`, from the images turned by known amounts -> model bundle."""
+    `orientation_assume_upright`, from the images turned by known amounts -> model bundle.
+    `labels_from_store`: train on the feature store's point-in-time labels (reviewers'
+    corrections over PACS tags) as of now, instead of the manifest's tags."""
     from pathlib import Path
 
     from xrayops.contracts import Lineage
@@ -30,6 +33,19 @@ def finetune_op(
     truth_csv = Path(dicom.path) / "truth.csv" if dicom is not None else None
     angles = read_truth_angles(truth_csv) if truth_csv is not None and truth_csv.exists() else None
     lineage = Lineage(dataset_md5=dataset_md5, pipeline_run=pipeline_run)
+    labels = None
+    if labels_from_store:
+        from datetime import datetime, timezone
+
+        import pandas as pd
+
+        from xrayops.config import get_settings
+        from xrayops.features import dataset_training_labels, open_store
+
+        labels = dataset_training_labels(open_store(get_settings()), Path(dataset.path), datetime.now(timezone.utc))
+        tags = pd.read_parquet(Path(dataset.path) / "manifest.parquet", columns=["image_id", "region"])
+        tags = dict(zip(tags["image_id"].astype(str), tags["region"].astype(str)))
+        bundle.metadata["relabelled_from_store"] = sum(1 for i, label in labels.items() if tags.get(i) != label)
     finetune(
         Path(dataset.path),
         Path(backbone.path) / "backbone.pt",
@@ -38,4 +54,5 @@ def finetune_op(
                        orientation_assume_upright=orientation_assume_upright),
         lineage=lineage,
         angles=angles,
+        labels=labels,
     )

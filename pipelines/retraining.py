@@ -11,7 +11,7 @@ Paper 000 keeps the backbone frozen so that training images can be re-checked fo
 so by default only the heads are retrained; `pretrain_epochs` > 0 continues the champion's
 self-supervised pretraining on the new data first (`xrayops pretrain --init-from`).
 """
-from kfp import compiler, dsl, local
+from kfp import compiler, dsl
 
 from components import (
     audit_labels_op,
@@ -54,6 +54,7 @@ def build_retraining_pipeline(
         batch_size: int = 128,
         finetune_epochs: int = 60,
         orientation_assume_upright: bool = False,
+        labels_from_store: bool = False,
         seed: int = 0,
         gate_margin: float = settings.gate_margin,
         gate_bootstrap_samples: int = settings.gate_bootstrap_samples,
@@ -83,6 +84,7 @@ def build_retraining_pipeline(
         head = finetune_op(
             dataset=dataset, backbone=pre.outputs["backbone"], dataset_md5=version.outputs["md5"], epochs=finetune_epochs,
             seed=seed, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, orientation_assume_upright=orientation_assume_upright,
+            labels_from_store=labels_from_store,
         ).set_display_name("finetune")
         evaluation = evaluate_op(dataset=dataset, bundle=head.outputs["bundle"]).set_display_name("evaluate")
         registered = register_op(
@@ -122,11 +124,11 @@ def compile_retraining(out, **options):
     return out
 
 
-def run_retraining_local(pipeline_root, **params):
-    """Run the graph with kfp.local's SubprocessRunner in this environment (see pipelines/run.py);
-    the task's output is the gate's decision (gate.json as an artifact)."""
+def run_retraining_local(pipeline_root, log_path=None, **params):
+    """Run the graph with kfp.local's SubprocessRunner in this environment (pipelines/run.py;
+    `log_path` takes the stages' output); the task's output is the gate's decision (JSON)."""
     from pathlib import Path
 
-    pipeline_root = Path(pipeline_root).resolve()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
-    return build_retraining_pipeline()(**params)
+    from pipelines.run import run_pipeline_locally
+
+    return run_pipeline_locally(build_retraining_pipeline(), Path(pipeline_root).resolve(), log_path, **params)

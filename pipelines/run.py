@@ -32,15 +32,19 @@ def run_local(pipeline_root: Path, log_path: Path | None = None, **params) -> di
     and kfp.local's own warnings (display names and the image are ignored by a local runner).
     """
     pipeline_root = Path(pipeline_root).resolve()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
-    pipeline = build_pipeline(gpu=False)
-    if log_path is None:
-        task = pipeline(**params)
-    else:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            try:
-                task = pipeline(**params)
-            except RuntimeError as exc:
-                raise RuntimeError(f"{exc} (stage output: {log_path})") from exc
+    task = run_pipeline_locally(build_pipeline(gpu=False), pipeline_root, log_path, **params)
     return {"pipeline_root": str(pipeline_root), "outputs": {k: str(v) for k, v in (task.outputs or {}).items()}}
+
+
+def run_pipeline_locally(pipeline, pipeline_root: Path, log_path: Path | None = None, **params):
+    """kfp.local (SubprocessRunner, this environment) run of `pipeline`; returns its task.
+    With `log_path`, the stages' output goes there instead of stdout."""
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    if log_path is None:
+        return pipeline(**params)
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            return pipeline(**params)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc} (stage output: {log_path})") from exc

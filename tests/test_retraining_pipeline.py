@@ -97,16 +97,37 @@ def champion(tmp_path, monkeypatch):
     registered = register_bundle(bundle, uri, "xrayops-region", alias="champion")
     export_backbone(bundle, tmp_path / "champion-backbone.pt")
     return {"archive": archive, "tracking_uri": uri, "registered": registered, "bundle": bundle,
-            "backbone": tmp_path / "champion-backbone.pt"}
+            "backbone": tmp_path / "champion-backbone.pt", "data": data}
+
+
+def _review_six_tags(data, feature_repo, monkeypatch) -> None:
+    """Reviewers correct six training tags in the Feast store (what `import-reviews` writes)."""
+    from datetime import datetime, timedelta, timezone
+
+    import pandas as pd
+
+    from xrayops.config import Settings
+    from xrayops.features import open_store, record_reviews
+    from xrayops.monitor.review import LabelEvent
+
+    monkeypatch.setenv("XRAYOPS_FEATURE_REPO_DIR", str(feature_repo))  # the pipeline's tasks inherit it
+    manifest = pd.read_parquet(data / "manifest.parquet")
+    train = manifest[(manifest["status"] == "ok") & (manifest["split"] == "train")].head(6)
+    now = datetime.now(timezone.utc)
+    events = [LabelEvent(image_id=i, event_timestamp=now - timedelta(minutes=1), source="reviewer", actor="dr-a",
+                         decision="relabel", region="skull" if tag != "skull" else "knee")
+              for i, tag in zip(train["image_id"], train["region"])]
+    assert record_reviews(open_store(Settings()), manifest, events, now - timedelta(hours=1)) == 6
 
 
 @pytest.mark.slow
-def test_kfp_local_retraining_gates_and_promotes_a_challenger_on_the_new_version(champion, tmp_path):
+def test_kfp_local_retraining_gates_and_promotes_a_challenger_on_the_new_version(champion, tmp_path, monkeypatch):
     import mlflow
 
     from pipelines.retraining import run_retraining_local
     from xrayops.data.synth import synthesize
 
+    _review_six_tags(champion["data"], tmp_path / "feast", monkeypatch)
     archive = champion["archive"]
     synthesize(archive / "v2", n=80, seed=4, size=64, ood_rate=0.0, shift=1.0)  # a new vendor's batch arrives
     (archive / "v2" / "truth.csv").unlink()
@@ -114,7 +135,7 @@ def test_kfp_local_retraining_gates_and_promotes_a_challenger_on_the_new_version
     run_retraining_local(
         root, source_dir=str(archive), files_per_batch=100, ingest_workers=1,
         dvc_remote_url=str(tmp_path / "remote"), mlflow_tracking_uri=champion["tracking_uri"], finetune_epochs=3,
-        gate_margin=1.0, gate_bootstrap_samples=200, label_flag_below=0.0,
+        gate_margin=1.0, gate_bootstrap_samples=200, label_flag_below=0.0, labels_from_store=True,
     )
     (run,) = list(root.iterdir())
     outputs = {p.parent.name: json.loads(p.read_text()) for p in run.rglob("executor_output.json")}
@@ -130,6 +151,9 @@ def test_kfp_local_retraining_gates_and_promotes_a_challenger_on_the_new_version
     assert kept.keys() == before.keys() and all(torch.equal(kept[k], before[k]) for k in kept)
     weights = torch.load(run / "finetune-op" / "bundle" / "weights.pt", weights_only=True)
     assert all(torch.equal(weights[f"backbone.{k}"], before[k]) for k in before if not k.endswith("num_batches_tracked"))
+
+    # The challenger trained on the reviewers' corrections, not the six wrong tags.
+    assert outputs["finetune-op"]["artifacts"]["bundle"]["artifacts"][0]["metadata"]["relabelled_from_store"] == 6
 
     decision = json.loads((run / "gate-op" / "decision").read_text())
     assert decision["test_set"] == md5 and decision["n"] > 0 and decision["lost"] == []
@@ -161,3 +185,26 @@ def test_gate_keeps_a_champion_whose_outputs_the_challenger_lacks():
     kept = refuse(passed, ["orientation"])
     assert not kept.promote and kept.lost == ["orientation"] and "lacks the champion's orientation" in kept.reason
     assert refuse(passed, []) is passed
+
+
+def test_retrain_cli_refuses_a_missing_archive_or_champion(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XRAYOPS_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}", "XRAYOPS_LOG_LEVEL": "WARNING"}
+
+    def retrain(*args):
+        proc = subprocess.run([sys.executable, "-m", "xrayops.cli", "pipeline", "retrain", "--root", str(tmp_path / "kfp"),
+                               *args], capture_output=True, text=True, env=env, cwd=root)
+        return proc.returncode, " ".join(proc.stderr.split())  # rich wraps long lines
+
+    code, err = retrain("--source-dir", str(tmp_path / "nowhere"))
+    assert code == 2 and "is not a folder" in err and "Traceback" not in err
+    (tmp_path / "archive").mkdir()
+    code, err = retrain("--source-dir", str(tmp_path / "archive"))
+    assert code == 2 and "Traceback" not in err
+    assert "models:/xrayops-region@champion" in err and "register a champion first" in err
+    assert not (tmp_path / "kfp").exists()  # nothing was started

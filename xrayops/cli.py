@@ -208,7 +208,7 @@ def finetune(
     import pandas as pd
 
     from xrayops.contracts import Lineage
-    from xrayops.data.dataset import read_ok_rows, read_truth_angles
+    from xrayops.data.dataset import read_truth_angles
     from xrayops.train.finetune import FinetuneConfig, finetune as run_finetune
 
     settings = get_settings()
@@ -218,14 +218,13 @@ def finetune(
     angles = read_truth_angles(truth) if truth else None
     labels, lineage = None, None
     if labels_from_store:
-        from xrayops.features import open_store, training_labels
+        from xrayops.features import dataset_training_labels, open_store
 
         try:
             cutoff = pd.Timestamp(as_of).to_pydatetime() if as_of else datetime.now(timezone.utc)
         except ValueError as exc:
             _fail(f"--as-of {as_of!r} is not an ISO time: {exc}")
-        ids = read_ok_rows(data, ["train", "val"])["image_id"].astype(str).tolist()
-        labels = training_labels(open_store(settings), ids, cutoff)
+        labels = dataset_training_labels(open_store(settings), data, cutoff)
         lineage = Lineage(pipeline_run=f"labels from the feature store as of {pd.Timestamp(cutoff).isoformat()}")
     elif as_of:
         _fail("--as-of needs --labels-from-store")
@@ -574,7 +573,8 @@ def retrain_trigger_cmd(
         if source_dir is not None:
             from pipelines.retraining import run_retraining_local
 
-            run_retraining_local(pipeline_root, source_dir=str(source_dir.resolve()), dvc_remote_url=settings.dvc_remote(),
+            run_retraining_local(pipeline_root, Path(pipeline_root) / "kfp-local.log", source_dir=str(source_dir.resolve()),
+                                 dvc_remote_url=settings.dvc_remote(),
                                  s3_endpoint_url=settings.s3_endpoint_url, mlflow_tracking_uri=settings.tracking_uri(),
                                  gate_margin=settings.gate_margin, gate_bootstrap_samples=settings.gate_bootstrap_samples,
                                  gate_confidence=settings.gate_confidence)
@@ -655,6 +655,9 @@ def pipeline_retrain(
     finetune_epochs: Annotated[int, typer.Option(help="Linear-head epochs.")] = 60,
     model_name: Annotated[str, typer.Option(help="Registered model name in MLflow.")] = "xrayops-region",
     promote: Annotated[bool, typer.Option(help="Move the champion alias when the challenger passes the gate.")] = True,
+    labels_from_store: Annotated[
+        bool, typer.Option("--labels-from-store", help="Train on the Feast store's labels (reviewers' corrections over PACS tags).")
+    ] = False,
 ) -> None:
     """Run the retraining pipeline here with kfp.local: the champion comes from MLflow
     (XRAYOPS_MLFLOW_TRACKING_URI), the new dataset version goes to XRAYOPS_DVC_REMOTE_URL."""
@@ -663,15 +666,25 @@ def pipeline_retrain(
     settings = get_settings()
     if not source_dir.is_dir():
         _fail(f"--source-dir {source_dir} is not a folder")
-    task = run_retraining_local(
-        root, source_dir=str(source_dir.resolve()), pretrain_epochs=pretrain_epochs,
-        finetune_epochs=finetune_epochs, model_name=model_name, promote=promote, dvc_remote_url=settings.dvc_remote(),
-        s3_endpoint_url=settings.s3_endpoint_url, mlflow_tracking_uri=settings.tracking_uri(),
-        gate_margin=settings.gate_margin, gate_bootstrap_samples=settings.gate_bootstrap_samples,
-        gate_confidence=settings.gate_confidence,
-    )
+    from xrayops.registry import RegistryError, model_version
+
+    try:  # before minutes of ingestion: is there a champion to gate against?
+        model_version(f"models:/{model_name}@champion", settings.tracking_uri())
+    except RegistryError as exc:
+        _fail(f"{exc} (register a champion first: `xrayops register`, or `make demo`)")
+    log_path = Path(root) / "kfp-local.log"
+    try:
+        task = run_retraining_local(
+            root, log_path, source_dir=str(source_dir.resolve()), pretrain_epochs=pretrain_epochs,
+            finetune_epochs=finetune_epochs, model_name=model_name, promote=promote, labels_from_store=labels_from_store,
+            dvc_remote_url=settings.dvc_remote(), s3_endpoint_url=settings.s3_endpoint_url, mlflow_tracking_uri=settings.tracking_uri(),
+            gate_margin=settings.gate_margin, gate_bootstrap_samples=settings.gate_bootstrap_samples,
+            gate_confidence=settings.gate_confidence,
+        )
+    except RuntimeError as exc:
+        _fail(str(exc))
     decision = json.loads(Path(task.output.path).read_text())
-    _print_json({"pipeline_root": str(Path(root).resolve()), "gate": decision})
+    _print_json({"pipeline_root": str(Path(root).resolve()), "stage_log": str(log_path.resolve()), "gate": decision})
 
 
 @pipeline_app.command("run")

@@ -4,6 +4,7 @@ from xrayops.features.definitions import ENTITY, JOIN_KEY, TIMESTAMP, VIEWS, fea
 from xrayops.features.repo import feature_store_config, write_feature_repo
 from xrayops.features.store import (
     append_rows,
+    dataset_training_labels,
     embedding_rows,
     historical_features,
     manifest_rows,
@@ -21,6 +22,7 @@ __all__ = [
     "TIMESTAMP",
     "VIEWS",
     "append_rows",
+    "dataset_training_labels",
     "embedding_rows",
     "feature_objects",
     "feature_store_config",

@@ -196,3 +196,12 @@ def training_labels(store, image_ids: Sequence[str], cutoff: datetime) -> dict[s
     frame = training_set(store, image_ids, cutoff, features=["pacs_labels:pacs_region"])
     known = frame[frame["label_source"] != ""]
     return dict(zip(known[JOIN_KEY].astype(str), known["label"].astype(str)))
+
+
+def dataset_training_labels(store, data_dir: Path, cutoff: datetime) -> dict[str, str]:
+    """`training_labels` for the images a head trains and selects on: the ok train and val rows
+    of the ingested dataset at `data_dir`."""
+    from xrayops.data.dataset import read_ok_rows
+
+    ids = read_ok_rows(Path(data_dir), ["train", "val"])["image_id"].astype(str).tolist()
+    return training_labels(store, ids, cutoff)
