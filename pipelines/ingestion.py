@@ -8,7 +8,7 @@ local path. Each batch is a contiguous slice of the sorted file list (xrayops.in
 and the merge re-applies the dataset-wide rules (xrayops.data.merge), so the result matches a
 serial `xrayops ingest` row for row. Within a pod, `workers` processes decode in parallel.
 """
-from kfp import compiler, dsl, kubernetes, local
+from kfp import dsl, kubernetes
 
 from components import ingest_part_op, merge_ingest_op, plan_ingest_op, version_dataset_op
 from pipelines.training import _with_cluster_env
@@ -68,18 +68,15 @@ def build_ingestion_pipeline(
 
 def compile_ingestion(out, **options):
     """Compile to YAML (what a cluster runs); options as for build_ingestion_pipeline."""
-    from pathlib import Path
+    from pipelines.run import compile_to
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_ingestion_pipeline(**options), package_path=str(out))
-    return out
+    return compile_to(build_ingestion_pipeline(**options), out)
 
 
 def run_ingestion_local(pipeline_root, version: bool = False, **params):
     """Run the graph with kfp.local's SubprocessRunner in this environment (see pipelines/run.py)."""
     from pathlib import Path
 
-    pipeline_root = Path(pipeline_root).resolve()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
-    return build_ingestion_pipeline(version=version)(**params)
+    from pipelines.run import run_pipeline_locally
+
+    return run_pipeline_locally(build_ingestion_pipeline(version=version), Path(pipeline_root).resolve(), **params)

@@ -11,7 +11,7 @@ Paper 000 keeps the backbone frozen so that training images can be re-checked fo
 so by default only the heads are retrained; `pretrain_epochs` > 0 continues the champion's
 self-supervised pretraining on the new data first (`xrayops pretrain --init-from`).
 """
-from kfp import compiler, dsl
+from kfp import dsl
 
 from components import (
     audit_labels_op,
@@ -116,12 +116,9 @@ def build_retraining_pipeline(
 
 def compile_retraining(out, **options):
     """Compile to YAML (what a cluster runs); options as for build_retraining_pipeline."""
-    from pathlib import Path
+    from pipelines.run import compile_to
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_retraining_pipeline(**options), package_path=str(out))
-    return out
+    return compile_to(build_retraining_pipeline(**options), out)
 
 
 def run_retraining_local(pipeline_root, log_path=None, **params):

@@ -18,8 +18,14 @@ def compile_pipeline(
     cluster: bool = False,
     gpu_pool: GpuPool | None = None,
 ) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
     pipeline = build_pipeline(gpu=gpu, gpu_node_pool=gpu_node_pool, gpu_count=gpu_count, cluster=cluster, gpu_pool=gpu_pool)
+    return compile_to(pipeline, out)
+
+
+def compile_to(pipeline, out) -> Path:
+    """Compile a pipeline function to KFP v2 YAML at `out` (what a cluster runs)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline, package_path=str(out))
     return out
 
