@@ -120,3 +120,36 @@ def test_cli_logs_a_calm_window_without_launching(tmp_path, monkeypatch):
     logged = AuditLog(tmp_path / "trigger.jsonl").read()
     assert [(d.action, d.window_id, d.model_version) for d in logged] == [("none", "2025-05-01", "4")]
     assert logged[0].signals.label_noise_rate == 0.05 and logged[0].signals.drift_share == 0.1
+
+
+def test_cli_launches_the_retraining_pipeline_over_the_archive(tmp_path, monkeypatch):
+    """A drifted window with --source-dir launches the retraining graph (kfp.local here; the
+    graph itself runs in tests/test_retraining_pipeline.py), and the decision records the run."""
+    import pipelines.retraining
+    from xrayops.cli import retrain_trigger_cmd
+    from xrayops.monitor.decision import RetrainDecision
+    from xrayops.monitor.drift import DriftResult
+    from xrayops.monitor.window import MonitorResult
+
+    launched = []
+    monkeypatch.setattr(pipelines.retraining, "run_retraining_local",
+                        lambda root, log_path=None, **params: launched.append((root, log_path, params)))
+    drift = DriftResult(drift_share=0.5, drifted_columns=["manufacturer"], columns=["manufacturer"], column_scores={},
+                        column_methods={}, column_thresholds={}, n_reference=10, n_current=10,
+                        html_path=tmp_path / "d.html", json_path=tmp_path / "d.json")
+    result = MonitorResult(drift=drift, label_noise_rate=0.05, ood_rate=0.01, result_path=tmp_path / "monitor.json",
+                           decision=RetrainDecision(retrain=True))
+    (tmp_path / "monitor.json").write_text(result.model_dump_json())
+    monkeypatch.setenv("XRAYOPS_OUTPUT_DIR", str(tmp_path))
+    monkeypatch.setenv("XRAYOPS_GATE_MARGIN", "0.02")
+    monkeypatch.delenv("XRAYOPS_KFP_HOST", raising=False)
+    (tmp_path / "archive").mkdir()
+    retrain_trigger_cmd(monitor_result=tmp_path / "monitor.json", window_id="2025-05-02", model_version="4",
+                        audit_log=tmp_path / "trigger.jsonl", pipeline_root=tmp_path / "kfp",
+                        source_dir=tmp_path / "archive", source_pvc="unused")
+    ((root, log_path, params),) = launched
+    assert root == tmp_path / "kfp" and log_path == tmp_path / "kfp" / "kfp-local.log"
+    assert params["source_dir"] == str((tmp_path / "archive").resolve()) and params["gate_margin"] == 0.02
+    (decision,) = AuditLog(tmp_path / "trigger.jsonl").read()
+    assert decision.action == "launched" and decision.crossed == ["drift_share"]
+    assert decision.run_id == str((tmp_path / "kfp").resolve())
