@@ -133,7 +133,8 @@ class XrayModel(Model):
         if self.bundle is None:
             return []
         meta = self.bundle.meta
-        return output_types(len(meta.classes), meta.ood_threshold is not None)
+        findings = sorted({name for m in self.members for name in m.meta.binary_heads})
+        return output_types(len(meta.classes), meta.ood_threshold is not None, findings)
 
     async def preprocess(self, payload, headers: dict[str, str] | None = None) -> ImageBatch:
         # Decoding a large DICOM is CPU work: off the event loop, so health checks stay quick.

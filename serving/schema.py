@@ -20,7 +20,9 @@ v2 outputs, one row per image: `region` BYTES, `confidence` FP32, `probabilities
 (class order in the output's `classes` parameter), `orientation_deg` FP32 (only when the model
 predicts an angle), `ood_score` FP32, `ood` BOOL (only when the model has an OOD threshold),
 `dicom_region` BYTES, `label_disagreement` BOOL, `gradcam` BYTES (base64 PNG, on request),
-`upright` BYTES (base64 PNG, on request), `embedding` FP32 [N, D] (on request).
+`upright` BYTES (base64 PNG, on request), `embedding` FP32 [N, D] (on request), and one
+`finding_<head>` FP32 per binary head of the model (P(positive); abnormality: papers 001/003,
+implant: paper 002; NaN for an image no member scored).
 The model version is in `model_version` and repeated in the response parameters.
 v1 answer: `{"predictions": [ServedResponse, ...]}`.
 """
@@ -51,6 +53,7 @@ PARAM_GRADCAM = "gradcam"
 PARAM_UPRIGHT = "upright"
 PARAM_EMBEDDING = "embedding"
 OUTPUT_EMBEDDING = "embedding"
+FINDING_PREFIX = "finding_"  # one FP32 output per binary head: finding_abnormal, finding_implant
 # Bounds the memory one request can take; larger batches should be split by the client.
 MAX_IMAGES_PER_REQUEST = 256
 
@@ -90,7 +93,7 @@ def input_types(size: int) -> list[dict]:
     ]
 
 
-def output_types(n_classes: int, with_ood_flag: bool) -> list[dict]:
+def output_types(n_classes: int, with_ood_flag: bool, findings: list[str] | tuple[str, ...] = ()) -> list[dict]:
     outputs = [
         {"name": "region", "datatype": "BYTES", "shape": [-1]},
         {"name": "confidence", "datatype": "FP32", "shape": [-1]},
@@ -108,6 +111,7 @@ def output_types(n_classes: int, with_ood_flag: bool) -> list[dict]:
         {"name": "upright", "datatype": "BYTES", "shape": [-1]},
         {"name": OUTPUT_EMBEDDING, "datatype": "FP32", "shape": [-1, -1]},
     ]
+    outputs += [{"name": FINDING_PREFIX + name, "datatype": "FP32", "shape": [-1]} for name in findings]
     return outputs
 
 
@@ -326,6 +330,9 @@ def encode_v2(
         ("dicom_region", "BYTES", np.array([r.dicom_region for r in responses], dtype=np.object_)),
         ("label_disagreement", "BOOL", np.array([r.label_disagreement for r in responses], dtype=bool)),
     ]
+    for name in sorted({n for r in responses for n in r.findings}):
+        values = [r.findings.get(name, np.nan) for r in responses]
+        columns.append((FINDING_PREFIX + name, "FP32", np.array(values, dtype=np.float32)))
     if any(r.gradcam_png is not None for r in responses):
         columns.append(("gradcam", "BYTES", np.array([r.gradcam_png or "" for r in responses], dtype=np.object_)))
     if any(r.upright_png is not None for r in responses):
@@ -375,6 +382,8 @@ def parse_infer_response(response: InferResponse) -> list[ServedResponse]:
     results = []
     for i in range(probs.shape[0]):
         angle = float(out["orientation_deg"][i]) if "orientation_deg" in out else float("nan")
+        findings = {name[len(FINDING_PREFIX):]: float(values[i]) for name, values in out.items()
+                    if name.startswith(FINDING_PREFIX) and not np.isnan(values[i])}
         gradcam = _text(out["gradcam"][i]) if "gradcam" in out else ""
         upright = _text(out["upright"][i]) if "upright" in out else ""
         results.append(
@@ -387,6 +396,7 @@ def parse_infer_response(response: InferResponse) -> list[ServedResponse]:
                 ood=bool(out["ood"][i]) if "ood" in out else None,
                 dicom_region=_text(out["dicom_region"][i]) if "dicom_region" in out else UNKNOWN,
                 label_disagreement=bool(out["label_disagreement"][i]) if "label_disagreement" in out else False,
+                findings=findings,
                 model_name=response.model_name or "",
                 model_version=version,
                 gradcam_png=gradcam or None,

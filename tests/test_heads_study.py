@@ -148,3 +148,43 @@ def test_ensemble_averages_the_members_binary_heads(labelled, tmp_path):
     assert all(m["implant_auc"] > 0.8 for m in members) and result.metrics["implant_auc"] > 0.8
     assert result.metrics["binary"]["implant"]["study_majority"]["n_studies"] == 12
     assert "implant_auc" in result.html_path.read_text()
+
+
+def test_served_answers_carry_the_binary_heads(labelled, tmp_path):
+    """Hospital IT get P(implant) beside the region: per model, averaged over an ensemble, and
+    through the v2 wire format and back."""
+    from serving.schema import ImageBatch, ServedResponse, encode_v2, output_types, parse_infer_response
+    from xrayops.ensemble import predict_ensemble
+    from xrayops.inference import predict_arrays
+
+    data, backbone = labelled
+    bundles = [load_bundle(finetune(data.data_dir, backbone, tmp_path / f"b{seed}", FinetuneConfig(epochs=10, seed=seed)))
+               for seed in (0, 1)]
+    rows = read_ok_rows(data.data_dir, "test")
+    images = list(load_images(data.data_dir, rows))
+    truth = rows["source_name"].map(data.truth)
+    responses, embeddings = predict_arrays(bundles[0], images)
+    with torch.no_grad():
+        expected = bundles[0].model.binary_probabilities(torch.from_numpy(embeddings))["implant"].numpy()
+    p = np.array([r.findings["implant"] for r in responses])
+    assert list(responses[0].findings) == ["implant"] and np.allclose(p, expected, atol=1e-5)
+    positive = truth.isin(["skull", "knee"]).to_numpy()
+    assert p[positive].mean() > 0.5 > p[~positive].mean()  # discs and rings carry the implant
+
+    combined, _ = predict_ensemble(bundles, images, None, "ens", "v")
+    second, _ = predict_arrays(bundles[1], images)
+    both = np.array([[a.findings["implant"], b.findings["implant"]] for a, b in zip(responses, second)])
+    assert np.allclose([r.findings["implant"] for r in combined], both.mean(axis=1), atol=1e-6)
+
+    classes = bundles[0].meta.classes
+    batch = ImageBatch(protocol="v2", request_id="r1", pixels=images, dicom_regions=["unknown"] * len(images))
+    served = [ServedResponse(**r.model_dump()) for r in combined]
+    wire = encode_v2(served, classes, "ens", "v", batch)
+    assert "finding_implant" in {o.name for o in wire.outputs}
+    back = parse_infer_response(wire)
+    assert [round(r.findings["implant"], 5) for r in back] == [round(r.findings["implant"], 5) for r in combined]
+    assert {"name": "finding_implant", "datatype": "FP32", "shape": [-1]} in output_types(len(classes), False, ["implant"])
+    # A model without binary heads answers without findings, and the wire carries none.
+    plain = [r.model_copy(update={"findings": {}}) for r in served]
+    assert "finding_implant" not in {o.name for o in encode_v2(plain, classes, "m", "v", batch).outputs}
+    assert all(r.findings == {} for r in parse_infer_response(encode_v2(plain, classes, "m", "v", batch)))

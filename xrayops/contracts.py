@@ -143,6 +143,8 @@ class InferenceResponse(BaseModel):
     ood: bool | None = None
     dicom_region: str = "unknown"  # normalised from the file's own BodyPartExamined
     label_disagreement: bool = False
+    # P(positive) of each binary head the model has (abnormality: papers 001/003; implant: paper 002).
+    findings: dict[str, float] = Field(default_factory=dict)
     model_name: str = ""
     model_version: str = ""
 

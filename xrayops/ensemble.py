@@ -10,7 +10,8 @@ the OOD score and the region logic are each member's own; this module only combi
   - orientation_deg: the circular mean of the members that predict an angle (paper 004), None
     when none does;
   - label_disagreement: the ensemble's region against the file's tag, at the members' mean
-    confidence threshold.
+    confidence threshold;
+  - findings: per binary head, the mean P(positive) of the members that have it.
 
 A single member is served unchanged (its own responses), so one code path serves both.
 """
@@ -107,6 +108,9 @@ def combine_responses(
             ood = ood_score > 0 if with_thresholds else None
         angles = [r.orientation_deg for r in per_member if r.orientation_deg is not None]
         dicom_region = per_member[0].dicom_region or UNKNOWN
+        # Each finding: the mean over the members that have that head.
+        names = sorted({name for r in per_member for name in r.findings})
+        findings = {n: float(np.mean([r.findings[n] for r in per_member if n in r.findings])) for n in names}
         combined.append(
             InferenceResponse(
                 region=region,
@@ -117,6 +121,7 @@ def combine_responses(
                 ood=ood,
                 dicom_region=dicom_region,
                 label_disagreement=label_disagreement(dicom_region, region, confidence, confidence_threshold),
+                findings=findings,
                 model_name=model_name,
                 model_version=version,
             )

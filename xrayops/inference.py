@@ -65,7 +65,7 @@ def predict_arrays(
         raise ValueError(f"{len(arrays)} images but {len(dicom_regions)} dicom_regions")
     size = meta.preprocessing.size
     images = [to_unit_float(validate_array(i, a, size)) for i, a in enumerate(arrays)]
-    logits, embeddings, orientations = [], [], []
+    logits, embeddings, orientations, findings = [], [], [], []
     for start in range(0, len(images), batch_size):
         batch = torch.stack(images[start : start + batch_size]).unsqueeze(1).to(bundle.device)
         batch_logits, batch_embeddings, batch_orientation = bundle.model.forward_all(batch)
@@ -73,10 +73,12 @@ def predict_arrays(
         embeddings.append(batch_embeddings.float().cpu())
         if batch_orientation is not None:
             orientations.append(vector_to_angle(batch_orientation.float().cpu()))
+        findings.append({k: v.float().cpu() for k, v in bundle.model.binary_probabilities(batch_embeddings).items()})
     if not images:
         return [], np.zeros((0, meta.embedding_dim), dtype=np.float32)
     logits_t = torch.cat(logits)
     angles = torch.cat(orientations).tolist() if orientations else [None] * len(images)
+    positive = {name: torch.cat([f[name] for f in findings]).tolist() for name in meta.binary_heads}
     probabilities = torch.softmax(logits_t / meta.temperature, dim=1).numpy()
     scores = energy_score(logits_t, meta.temperature).numpy()
     version = version if version is not None else model_version(bundle)
@@ -99,6 +101,7 @@ def predict_arrays(
                 ood=None if meta.ood_threshold is None else score > meta.ood_threshold,
                 dicom_region=dicom_region,
                 label_disagreement=label_disagreement(dicom_region, region, confidence, meta.confidence_threshold),
+                findings={name: float(p[i]) for name, p in positive.items()},
                 model_name=meta.name,
                 model_version=version,
             )
