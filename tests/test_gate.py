@@ -83,3 +83,9 @@ def test_promotion_moves_the_champion_alias_and_calls_the_reload_hook(tmp_path):
                              samples=300, on_promote=reloads.append)
     assert moved.promote and str(client.get_model_version_by_alias("gated", "champion").version) == "3"
     assert reloads == [moved]
+    # Why each challenger serves or not stays on its registry version.
+    tags2, tags3 = (client.get_model_version("gated", v).tags for v in ("2", "3"))
+    assert tags2["xrayops.gate.promote"] == "false" and tags3["xrayops.gate.promote"] == "true"
+    assert tags3["xrayops.gate.champion"] == "v1" and tags3["xrayops.gate.n"] == "1500"
+    assert float(tags3["xrayops.gate.difference"]) == pytest.approx(moved.difference, abs=1e-4)
+    assert tags2["xrayops.gate.reason"] == kept.reason and "keep the champion" in kept.reason

@@ -161,8 +161,9 @@ def test_kfp_local_retraining_gates_and_promotes_a_challenger_on_the_new_version
     assert decision["promote"] is True and outputs["gate-op"]["parameterValues"]["promoted"] is True
     client = mlflow.MlflowClient(champion["tracking_uri"])
     assert str(client.get_model_version_by_alias("xrayops-region", "champion").version) == "2"
-    tags = client.get_run(client.get_model_version("xrayops-region", "2").run_id).data.tags
-    assert tags["xrayops.dataset_md5"] == md5
+    version = client.get_model_version("xrayops-region", "2")
+    assert client.get_run(version.run_id).data.tags["xrayops.dataset_md5"] == md5
+    assert version.tags["xrayops.gate.promote"] == "true" and version.tags["xrayops.gate.test_set"] == md5
     # The new version's tags are audited on the backbone the challenger uses.
     audit = outputs["audit-labels-op"]["artifacts"]["issues"]["artifacts"][0]["metadata"]
     assert audit["n_images"] > 0

@@ -159,14 +159,32 @@ def promote(tracking_uri: str, name: str, version: int | str, alias: str = "cham
     log.info("promoted", name=name, version=str(version), alias=alias)
 
 
+def record_decision(tracking_uri: str, name: str, version: int | str, decision: GateDecision) -> None:
+    """The gate's decision as tags of the challenger's registry version, promoted or not: why a
+    version serves (or does not) stays readable in MLflow beside its lineage."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    tags = {
+        "promote": str(decision.promote).lower(), "champion": decision.champion, "test_set": decision.test_set,
+        "n": str(decision.n), "difference": f"{decision.difference:.4f}",
+        "ci": f"[{decision.ci_low:.4f}, {decision.ci_high:.4f}] at {decision.confidence:.0%}",
+        "margin": f"{decision.margin:.4f}", "reason": decision.reason,
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), f"xrayops.gate.{key}", value)
+
+
 def gate_and_promote(
     champion: ScoredModel, challenger: ScoredModel, tracking_uri: str, name: str, challenger_version: int | str,
     margin: float = 0.01, samples: int = 2000, confidence: float = 0.95, alias: str = "champion",
     on_promote: Callable[[GateDecision], None] | None = None, lost: list[str] | None = None,
 ) -> GateDecision:
-    """The gate, and on success the alias move plus the serving reload hook. `lost`: what the
-    challenger cannot answer that the champion can (`lost_outputs`); any of it blocks promotion."""
+    """The gate, its decision recorded on the challenger's version, and on success the alias move
+    plus the serving reload hook. `lost`: what the challenger cannot answer that the champion can
+    (`lost_outputs`); any of it blocks promotion."""
     decision = refuse(gate(champion, challenger, margin, samples, confidence), lost or [])
+    record_decision(tracking_uri, name, challenger_version, decision)
     if decision.promote:
         promote(tracking_uri, name, challenger_version, alias)
         if on_promote is not None:
