@@ -3,7 +3,9 @@
 synth -> ingest -> DVC version -> SimCLR pretrain -> linear head -> label audit + review worklist
 -> evaluate -> MLflow register
 -> kserve ModelServer (127.0.0.1) fed by kserve's REST client -> inference log -> Evidently drift
--> retrain decision -> KFP compile (+ a small kfp.local run).
+-> retrain decision -> the trigger launches the KFP retraining pipeline (kfp.local) over the
+training and shifted exports: a challenger on the champion's backbone, gated against it
+-> KFP compile of the training pipeline (+ a small kfp.local run).
 
 Like the CLI, this is a composition root: it reaches `serving` and `pipelines` lazily.
 """
@@ -41,7 +43,7 @@ class DemoConfig(BaseModel):
     finetune_epochs: int = 100
     workers: int = 2
     repo_dir: Path = Path(".")
-    run_pipeline: bool = True
+    run_pipeline: bool = True  # the kfp.local runs: retraining over both exports, then a small training pipeline
     pipeline_images: int = 140
 
 
@@ -103,6 +105,9 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
     settings = settings.model_copy(update={"output_dir": out})
     summary = DemoSummary(out=out)
     state: dict[str, Any] = {}
+    # One demo is one pass of the loop: an earlier run's trigger decisions would hold this one back
+    # (cooldown, duplicate cause).
+    (out / "monitor" / "trigger.jsonl").unlink(missing_ok=True)
 
     def do_synth():
         train = synthesize(
@@ -235,6 +240,39 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
             },
         )
 
+    def do_retrain():
+        from pipelines.retraining import run_retraining_local
+        from xrayops.monitor.trigger import AuditLog, TriggerPolicy, decide_and_launch, signals_from_monitor
+
+        result, root = state["decision"], out / "kfp-retrain"
+        audit = AuditLog(out / "monitor" / "trigger.jsonl")
+
+        def launch(arguments: dict) -> str:
+            # The archive is both exports (the gate's test split is the new version's); kfp.local's
+            # stage output goes to the log.
+            task = run_retraining_local(
+                root, out / "kfp-retrain.log", source_dir=str(out / "synth"), ingest_workers=cfg.workers,
+                finetune_epochs=cfg.finetune_epochs, seed=cfg.seed, model_name=settings.registered_model_name,
+                dvc_remote_url=settings.dvc_remote(), s3_endpoint_url=settings.s3_endpoint_url,
+                mlflow_tracking_uri=settings.tracking_uri(), gate_margin=settings.gate_margin,
+                gate_bootstrap_samples=settings.gate_bootstrap_samples, gate_confidence=settings.gate_confidence,
+            )
+            state["gate"] = json.loads(Path(task.output.path).read_text())
+            return str(root)
+
+        window = result.snapshot.timestamp.isoformat() if result.snapshot else result.drift.json_path.stem
+        decision = decide_and_launch(signals_from_monitor(result, window, str(state["registered"].version)),
+                                     TriggerPolicy.from_settings(settings), audit, launch)
+        facts: dict[str, Any] = {"trigger": decision.action, "crossed": decision.crossed}
+        if decision.error:
+            facts["error"] = decision.error
+        gate = state.get("gate")
+        if gate is not None:
+            facts.update({"challenger": gate["challenger"], "champion_accuracy": round(gate["champion_accuracy"], 3),
+                          "challenger_accuracy": round(gate["challenger_accuracy"], 3),
+                          "ci": [round(gate["ci_low"], 3), round(gate["ci_high"], 3)], "promoted": gate["promote"]})
+        return {"trigger_log": audit.path, "kfp_retrain_root": root, "kfp_retrain_log": out / "kfp-retrain.log"}, facts
+
     def do_pipeline():
         from pipelines.run import compile_pipeline, run_local
 
@@ -256,7 +294,8 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
     for name, fn in [
         ("synth", do_synth), ("ingest", do_ingest), ("version", do_version), ("pretrain", do_pretrain),
         ("finetune", do_finetune), ("audit", do_audit), ("evaluate", do_evaluate), ("register", do_register),
-        ("serve", do_serve), ("monitor", do_monitor), ("pipeline", do_pipeline),
+        ("serve", do_serve), ("monitor", do_monitor),
+        *([("retrain", do_retrain)] if cfg.run_pipeline else []), ("pipeline", do_pipeline),
     ]:
         _run_step(summary, name, fn)
     return summary
