@@ -153,3 +153,48 @@ def test_cli_launches_the_retraining_pipeline_over_the_archive(tmp_path, monkeyp
     (decision,) = AuditLog(tmp_path / "trigger.jsonl").read()
     assert decision.action == "launched" and decision.crossed == ["drift_share"]
     assert decision.run_id == str((tmp_path / "kfp").resolve())
+
+
+def test_demo_retrain_step_goes_through_the_trigger(tmp_path, monkeypatch):
+    """The demo's retrain step: launched once with the pipeline's gate as its facts, held back by
+    dedup the second time, and a failing launch is logged, not raised (fake pipeline runner)."""
+    from types import SimpleNamespace
+
+    from xrayops.demo import DemoConfig, retrain_through_trigger
+    from xrayops.monitor.decision import RetrainDecision
+    from xrayops.monitor.drift import DriftResult
+    from xrayops.monitor.window import MonitorResult
+
+    drift = DriftResult(drift_share=0.5, drifted_columns=["manufacturer"], columns=["manufacturer"], column_scores={},
+                        column_methods={}, column_thresholds={}, n_reference=10, n_current=10,
+                        html_path=tmp_path / "d.html", json_path=tmp_path / "window-7.json")
+    result = MonitorResult(drift=drift, label_noise_rate=0.0, ood_rate=0.01, result_path=tmp_path / "monitor.json",
+                           decision=RetrainDecision(retrain=True))
+    gate = {"challenger": "models:/xrayops-region/2", "champion_accuracy": 0.62, "challenger_accuracy": 0.5994,
+            "ci_low": -0.0551, "ci_high": 0.0121, "promote": False}
+    calls = []
+
+    def fake_run(root, log_path, **params):
+        calls.append(params)
+        (tmp_path / "gate.json").write_text(json.dumps(gate))
+        return SimpleNamespace(output=SimpleNamespace(path=str(tmp_path / "gate.json")))
+
+    cfg = DemoConfig(out=tmp_path, finetune_epochs=7)
+    settings = Settings(output_dir=tmp_path, gate_margin=0.03)
+    artefacts, facts = retrain_through_trigger(result, "1", tmp_path, cfg, settings, fake_run)
+    assert facts == {"trigger": "launched", "crossed": ["drift_share"], "challenger": "models:/xrayops-region/2",
+                     "champion_accuracy": 0.62, "challenger_accuracy": 0.599, "ci": [-0.055, 0.012], "promoted": False}
+    ((params),) = calls
+    assert params["source_dir"] == str(tmp_path / "synth") and params["finetune_epochs"] == 7
+    assert params["gate_margin"] == 0.03 and artefacts["trigger_log"] == tmp_path / "monitor" / "trigger.jsonl"
+
+    _, again = retrain_through_trigger(result, "1", tmp_path, cfg, settings, fake_run)
+    assert again == {"trigger": "suppressed", "crossed": ["drift_share"]} and len(calls) == 1
+
+    def broken(root, log_path, **params):
+        raise RuntimeError("Task 'champion-op' finished with status FAILURE")
+
+    (tmp_path / "monitor" / "trigger.jsonl").unlink()
+    _, failed = retrain_through_trigger(result, "1", tmp_path, cfg, settings, broken)
+    assert failed["trigger"] == "launch_failed" and "champion-op" in failed["error"]
+    assert [d.action for d in AuditLog(tmp_path / "monitor" / "trigger.jsonl").read()] == ["launch_failed"]

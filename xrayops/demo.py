@@ -84,6 +84,40 @@ def _run_step(summary: DemoSummary, name: str, fn: Callable[[], tuple[dict, dict
     return record
 
 
+def retrain_through_trigger(result, champion_version: str, out: Path, cfg: DemoConfig, settings: Settings,
+                            run_retraining: Callable) -> tuple[dict, dict]:
+    """The monitoring window's signals go through the trigger (policy, cooldown, dedup, audit log);
+    when it launches, `run_retraining` (the retraining pipeline under kfp.local) runs over both
+    exports in `out/synth` and its gate decision becomes the step's facts."""
+    from xrayops.monitor.trigger import AuditLog, TriggerPolicy, decide_and_launch, signals_from_monitor
+
+    root, log_path, audit = out / "kfp-retrain", out / "kfp-retrain.log", AuditLog(out / "monitor" / "trigger.jsonl")
+    gates: list[dict] = []
+
+    def launch(arguments: dict) -> str:
+        task = run_retraining(
+            root, log_path, source_dir=str(out / "synth"), ingest_workers=cfg.workers,
+            finetune_epochs=cfg.finetune_epochs, seed=cfg.seed, model_name=settings.registered_model_name,
+            dvc_remote_url=settings.dvc_remote(), s3_endpoint_url=settings.s3_endpoint_url,
+            mlflow_tracking_uri=settings.tracking_uri(), gate_margin=settings.gate_margin,
+            gate_bootstrap_samples=settings.gate_bootstrap_samples, gate_confidence=settings.gate_confidence,
+        )
+        gates.append(json.loads(Path(task.output.path).read_text()))
+        return str(root)
+
+    window = result.snapshot.timestamp.isoformat() if result.snapshot else result.drift.json_path.stem
+    decision = decide_and_launch(signals_from_monitor(result, window, champion_version),
+                                 TriggerPolicy.from_settings(settings), audit, launch)
+    facts: dict[str, Any] = {"trigger": decision.action, "crossed": decision.crossed}
+    if decision.error:
+        facts["error"] = decision.error
+    for gate in gates:
+        facts.update({"challenger": gate["challenger"], "champion_accuracy": round(gate["champion_accuracy"], 3),
+                      "challenger_accuracy": round(gate["challenger_accuracy"], 3),
+                      "ci": [round(gate["ci_low"], 3), round(gate["ci_high"], 3)], "promoted": gate["promote"]})
+    return {"trigger_log": audit.path, "kfp_retrain_root": root, "kfp_retrain_log": log_path}, facts
+
+
 def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
     import pandas as pd
 
@@ -242,36 +276,9 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
 
     def do_retrain():
         from pipelines.retraining import run_retraining_local
-        from xrayops.monitor.trigger import AuditLog, TriggerPolicy, decide_and_launch, signals_from_monitor
 
-        result, root = state["decision"], out / "kfp-retrain"
-        audit = AuditLog(out / "monitor" / "trigger.jsonl")
-
-        def launch(arguments: dict) -> str:
-            # The archive is both exports (the gate's test split is the new version's); kfp.local's
-            # stage output goes to the log.
-            task = run_retraining_local(
-                root, out / "kfp-retrain.log", source_dir=str(out / "synth"), ingest_workers=cfg.workers,
-                finetune_epochs=cfg.finetune_epochs, seed=cfg.seed, model_name=settings.registered_model_name,
-                dvc_remote_url=settings.dvc_remote(), s3_endpoint_url=settings.s3_endpoint_url,
-                mlflow_tracking_uri=settings.tracking_uri(), gate_margin=settings.gate_margin,
-                gate_bootstrap_samples=settings.gate_bootstrap_samples, gate_confidence=settings.gate_confidence,
-            )
-            state["gate"] = json.loads(Path(task.output.path).read_text())
-            return str(root)
-
-        window = result.snapshot.timestamp.isoformat() if result.snapshot else result.drift.json_path.stem
-        decision = decide_and_launch(signals_from_monitor(result, window, str(state["registered"].version)),
-                                     TriggerPolicy.from_settings(settings), audit, launch)
-        facts: dict[str, Any] = {"trigger": decision.action, "crossed": decision.crossed}
-        if decision.error:
-            facts["error"] = decision.error
-        gate = state.get("gate")
-        if gate is not None:
-            facts.update({"challenger": gate["challenger"], "champion_accuracy": round(gate["champion_accuracy"], 3),
-                          "challenger_accuracy": round(gate["challenger_accuracy"], 3),
-                          "ci": [round(gate["ci_low"], 3), round(gate["ci_high"], 3)], "promoted": gate["promote"]})
-        return {"trigger_log": audit.path, "kfp_retrain_root": root, "kfp_retrain_log": out / "kfp-retrain.log"}, facts
+        return retrain_through_trigger(state["decision"], str(state["registered"].version), out, cfg, settings,
+                                       run_retraining_local)
 
     def do_pipeline():
         from pipelines.run import compile_pipeline, run_local
