@@ -114,6 +114,17 @@ def build_retraining_pipeline(
     return retraining_pipeline
 
 
+def settings_arguments(settings) -> dict:
+    """The pipeline arguments a site's Settings fix (stores, registry, gate), for local launches;
+    on a cluster the tasks read the same from the xrayops-config ConfigMap."""
+    return {
+        "dvc_remote_url": settings.dvc_remote(), "s3_endpoint_url": settings.s3_endpoint_url,
+        "mlflow_tracking_uri": settings.tracking_uri(), "model_name": settings.registered_model_name,
+        "gate_margin": settings.gate_margin, "gate_bootstrap_samples": settings.gate_bootstrap_samples,
+        "gate_confidence": settings.gate_confidence,
+    }
+
+
 def compile_retraining(out, **options):
     """Compile to YAML (what a cluster runs); options as for build_retraining_pipeline."""
     from pipelines.run import compile_to

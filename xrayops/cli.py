@@ -571,13 +571,10 @@ def retrain_trigger_cmd(
             )
             return run.run_id
         if source_dir is not None:
-            from pipelines.retraining import run_retraining_local
+            from pipelines.retraining import run_retraining_local, settings_arguments
 
             run_retraining_local(pipeline_root, Path(pipeline_root) / "kfp-local.log", source_dir=str(source_dir.resolve()),
-                                 dvc_remote_url=settings.dvc_remote(),
-                                 s3_endpoint_url=settings.s3_endpoint_url, mlflow_tracking_uri=settings.tracking_uri(),
-                                 gate_margin=settings.gate_margin, gate_bootstrap_samples=settings.gate_bootstrap_samples,
-                                 gate_confidence=settings.gate_confidence)
+                                 **settings_arguments(settings))
             return str(Path(pipeline_root).resolve())
         from pipelines.run import run_local
 
@@ -661,7 +658,7 @@ def pipeline_retrain(
 ) -> None:
     """Run the retraining pipeline here with kfp.local: the champion comes from MLflow
     (XRAYOPS_MLFLOW_TRACKING_URI), the new dataset version goes to XRAYOPS_DVC_REMOTE_URL."""
-    from pipelines.retraining import run_retraining_local
+    from pipelines.retraining import run_retraining_local, settings_arguments
 
     settings = get_settings()
     if not source_dir.is_dir():
@@ -674,13 +671,11 @@ def pipeline_retrain(
         _fail(f"{exc} (register a champion first: `xrayops register`, or `make demo`)")
     log_path = Path(root) / "kfp-local.log"
     try:
-        task = run_retraining_local(
-            root, log_path, source_dir=str(source_dir.resolve()), pretrain_epochs=pretrain_epochs,
-            finetune_epochs=finetune_epochs, model_name=model_name, promote=promote, labels_from_store=labels_from_store,
-            dvc_remote_url=settings.dvc_remote(), s3_endpoint_url=settings.s3_endpoint_url, mlflow_tracking_uri=settings.tracking_uri(),
-            gate_margin=settings.gate_margin, gate_bootstrap_samples=settings.gate_bootstrap_samples,
-            gate_confidence=settings.gate_confidence,
-        )
+        task = run_retraining_local(root, log_path, **{
+            **settings_arguments(settings), "source_dir": str(source_dir.resolve()), "pretrain_epochs": pretrain_epochs,
+            "finetune_epochs": finetune_epochs, "model_name": model_name, "promote": promote,
+            "labels_from_store": labels_from_store,
+        })
     except RuntimeError as exc:
         _fail(str(exc))
     decision = json.loads(Path(task.output.path).read_text())

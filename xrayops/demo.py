@@ -89,19 +89,15 @@ def retrain_through_trigger(result, champion_version: str, out: Path, cfg: DemoC
     """The monitoring window's signals go through the trigger (policy, cooldown, dedup, audit log);
     when it launches, `run_retraining` (the retraining pipeline under kfp.local) runs over both
     exports in `out/synth` and its gate decision becomes the step's facts."""
+    from pipelines.retraining import settings_arguments
     from xrayops.monitor.trigger import AuditLog, TriggerPolicy, decide_and_launch, signals_from_monitor
 
     root, log_path, audit = out / "kfp-retrain", out / "kfp-retrain.log", AuditLog(out / "monitor" / "trigger.jsonl")
     gates: list[dict] = []
 
     def launch(arguments: dict) -> str:
-        task = run_retraining(
-            root, log_path, source_dir=str(out / "synth"), ingest_workers=cfg.workers,
-            finetune_epochs=cfg.finetune_epochs, seed=cfg.seed, model_name=settings.registered_model_name,
-            dvc_remote_url=settings.dvc_remote(), s3_endpoint_url=settings.s3_endpoint_url,
-            mlflow_tracking_uri=settings.tracking_uri(), gate_margin=settings.gate_margin,
-            gate_bootstrap_samples=settings.gate_bootstrap_samples, gate_confidence=settings.gate_confidence,
-        )
+        task = run_retraining(root, log_path, source_dir=str(out / "synth"), ingest_workers=cfg.workers,
+                              finetune_epochs=cfg.finetune_epochs, seed=cfg.seed, **settings_arguments(settings))
         gates.append(json.loads(Path(task.output.path).read_text()))
         return str(root)
 
