@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure  # pyplot-free: renders with Agg, never opens a display
 from pydantic import BaseModel
 
@@ -208,13 +207,11 @@ def binary_head_metrics(rows, probabilities: dict[str, np.ndarray], n_boot: int 
     return out
 
 
-def bundle_binary_probabilities(bundle, embeddings: np.ndarray) -> dict[str, np.ndarray]:
-    """P(positive) of each of the bundle's binary heads, from its region embeddings."""
-    if not bundle.meta.binary_heads:
-        return {}
-    with torch.no_grad():
-        probs = bundle.model.binary_probabilities(torch.as_tensor(embeddings).to(bundle.device))
-    return {k: v.float().cpu().numpy() for k, v in probs.items()}
+def finding_probabilities(responses) -> dict[str, np.ndarray]:
+    """P(positive) per binary head, one value per image, from the responses' `findings`
+    (`predict_arrays` scores every head the bundle has)."""
+    names = sorted({name for r in responses for name in r.findings})
+    return {name: np.array([r.findings[name] for r in responses], dtype=np.float32) for name in names}
 
 
 def binary_section(rows, probabilities: dict[str, np.ndarray]) -> dict:
@@ -352,11 +349,11 @@ def evaluate_bundle(
     to `gradcam_per_group` right and wrong predictions (vs truth where known, else the tags)."""
     bundle = load_bundle(bundle_dir)
     rows, images = _load_split(bundle.meta, data_dir, split)
-    responses, embeddings = predict_arrays(bundle, list(images), rows["region"].astype(str).tolist())
+    responses, _ = predict_arrays(bundle, list(images), rows["region"].astype(str).tolist())
     classes = list(bundle.meta.classes)
     metrics = {"split": split, "model": bundle.meta.name, "weights_sha256": bundle.meta.weights_sha256}
     metrics.update(evaluate_predictions(rows, responses, classes, truth, bundle.meta.temperature, truth_angles))
-    metrics.update(binary_section(rows, bundle_binary_probabilities(bundle, embeddings)))
+    metrics.update(binary_section(rows, finding_probabilities(responses)))
     scored = [k for k in ("vs_pacs", "vs_truth") if k in metrics]
     if not scored:
         raise DatasetError(f"split {split!r} of {data_dir} has no PACS region labels and no truth: nothing to score")
@@ -413,11 +410,11 @@ def evaluate_ensemble(
     classes = list(first.classes)
     member_responses, members, member_binary = [], {}, []
     for directory, bundle in zip(bundle_dirs, bundles):
-        responses, embeddings = predict_arrays(bundle, list(images), tags)
+        responses, _ = predict_arrays(bundle, list(images), tags)
         member_responses.append(responses)
         key = f"{bundle.meta.ssl_method}:{Path(directory).name}"
         members[key] = evaluate_predictions(rows, responses, classes, truth, bundle.meta.temperature, truth_angles)
-        member_binary.append(bundle_binary_probabilities(bundle, embeddings))
+        member_binary.append(finding_probabilities(responses))
         members[key].update(binary_section(rows, member_binary[-1]))
     responses = ensemble_responses(member_responses, [b.meta for b in bundles])
     metrics = {
