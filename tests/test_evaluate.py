@@ -11,7 +11,7 @@ from xrayops.contracts import PreprocessingSpec
 from xrayops.data.dataset import DatasetError, load_images, read_ok_rows
 from sklearn import metrics as skm
 
-from xrayops.evaluate.ensemble_eval import average_probabilities
+from xrayops.ensemble import average_probabilities
 from xrayops.evaluate.gradcam_figures import grad_cam
 from xrayops.evaluate.metrics import classification_metrics, expected_calibration_error
 from xrayops.evaluate.report import evaluate_bundle, evaluate_ensemble, uncalibrated

@@ -48,14 +48,23 @@ def check_members(metas: Sequence[ModelBundleMeta]) -> None:
             )
 
 
-def average_probabilities(member_probabilities: Sequence[np.ndarray]) -> np.ndarray:
-    """Mean over members of (n_images, n_classes) softmax arrays."""
+def average_probabilities(
+    member_probabilities: Sequence[np.ndarray], weights: Sequence[float] | None = None
+) -> np.ndarray:
+    """(Weighted) mean over members of (n_images, n_classes) softmax arrays. The argmax is that
+    of paper 000's sum; the mean stays a probability distribution."""
     if not member_probabilities:
         raise EnsembleError("no member probabilities to average")
     shapes = {np.shape(p) for p in member_probabilities}
     if len(shapes) != 1:
         raise EnsembleError(f"member probabilities differ in shape: {sorted(shapes)}")
-    return np.mean(np.stack([np.asarray(p, dtype=np.float64) for p in member_probabilities]), axis=0)
+    if len(next(iter(shapes))) != 2:
+        raise EnsembleError(f"expected member arrays of shape (n, k), got {next(iter(shapes))}")
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in member_probabilities])
+    w = np.ones(len(stack)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(stack),) or (w < 0).any() or w.sum() <= 0:
+        raise EnsembleError(f"need one non-negative weight per member, got {list(w)}")
+    return np.tensordot(w / w.sum(), stack, axes=1)
 
 
 def circular_mean_deg(angles: Sequence[float]) -> float:

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure  # pyplot-free: renders with Agg, never ope
 from pydantic import BaseModel
 
 from xrayops.bundle import load_bundle
+from xrayops.ensemble import check_members, combine_responses
 from xrayops.data.dataset import DatasetError, load_images, read_ok_rows, read_preprocessing
 from xrayops.evaluate.metrics import (
     binary_metrics_with_ci,
@@ -31,7 +32,6 @@ from xrayops.evaluate.metrics import (
     roc_auc,
 )
 from xrayops.evaluate.study import RULES, aggregate_binary, aggregate_region
-from xrayops.evaluate.ensemble_eval import ensemble_responses
 from xrayops.evaluate.gradcam_figures import gradcam_figures
 from xrayops.inference import predict_arrays
 
@@ -401,32 +401,27 @@ def evaluate_ensemble(
     if len(bundle_dirs) < 2:
         raise ValueError(f"an ensemble needs at least 2 bundles, got {len(bundle_dirs)}")
     bundles = [load_bundle(d) for d in bundle_dirs]
+    check_members([b.meta for b in bundles])  # before minutes of prediction
     first = bundles[0].meta
-    for b in bundles[1:]:
-        if b.meta.classes != first.classes or b.meta.preprocessing != first.preprocessing:
-            raise ValueError(f"bundle {b.meta.name} ({b.meta.ssl_method}) has other classes or preprocessing than {first.name}")
     rows, images = _load_split(first, data_dir, split)
     tags = rows["region"].astype(str).tolist()
     classes = list(first.classes)
-    member_responses, members, member_binary = [], {}, []
+    member_responses, members = [], {}
     for directory, bundle in zip(bundle_dirs, bundles):
         responses, _ = predict_arrays(bundle, list(images), tags)
         member_responses.append(responses)
         key = f"{bundle.meta.ssl_method}:{Path(directory).name}"
         members[key] = evaluate_predictions(rows, responses, classes, truth, bundle.meta.temperature, truth_angles)
-        member_binary.append(finding_probabilities(responses))
-        members[key].update(binary_section(rows, member_binary[-1]))
-    responses = ensemble_responses(member_responses, [b.meta for b in bundles])
+        members[key].update(binary_section(rows, finding_probabilities(responses)))
+    # Combined exactly as serving combines them (xrayops.ensemble), so the report scores what is served.
+    responses = combine_responses(member_responses, [b.meta for b in bundles], "ensemble", "")
     metrics = {
         "split": split,
         "model": "ensemble(" + ", ".join(members) + ")",
         "weights_sha256": ",".join(b.meta.weights_sha256 for b in bundles),
     }
     metrics.update(evaluate_predictions(rows, responses, classes, truth, None, truth_angles))
-    # Binary heads: the mean probability of the members that have the head (as for the regions).
-    heads = sorted({name for probs in member_binary for name in probs})
-    metrics.update(binary_section(rows, {
-        name: np.mean([probs[name] for probs in member_binary if name in probs], axis=0) for name in heads
-    }))
+    # Binary heads: combine_responses averaged the members that have each head.
+    metrics.update(binary_section(rows, finding_probabilities(responses)))
     metrics["members"] = members
     return _write_result(metrics, classes, split, Path(out_dir), metrics["model"], [])
