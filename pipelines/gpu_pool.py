@@ -41,6 +41,11 @@ class GpuPool(BaseModel):
         data = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
         return cls.model_validate(data or {})
 
+    @classmethod
+    def labelled(cls, node_pool: str = "gpu", count: int = 1) -> "GpuPool":
+        """The default pool (infra/k8s): nodes labelled xrayops.io/pool=`node_pool`, `count` GPUs a task."""
+        return cls(accelerator_limit=count, node_selector={"xrayops.io/pool": node_pool})
+
     def apply(self, task: dsl.PipelineTask) -> dsl.PipelineTask:
         task.set_accelerator_type(self.accelerator_type).set_accelerator_limit(self.accelerator_limit)
         for key, value in self.node_selector.items():

@@ -57,7 +57,7 @@ def build_pipeline(
     else the default pool with node label xrayops.io/pool=`gpu_node_pool` and `gpu_count` GPUs.
     """
     if gpu_pool is None:
-        gpu_pool = GpuPool(accelerator_limit=gpu_count, node_selector={"xrayops.io/pool": gpu_node_pool})
+        gpu_pool = GpuPool.labelled(gpu_node_pool, gpu_count)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="xrayops: DICOM to registered, monitored region model")
     def training_pipeline(

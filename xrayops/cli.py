@@ -638,8 +638,7 @@ def pipeline_compile_retraining(
     from pipelines.gpu_pool import GpuPool
     from pipelines.retraining import compile_retraining
 
-    pool = (GpuPool.from_file(gpu_pool) if gpu_pool else
-            GpuPool(accelerator_limit=gpu_count, node_selector={"xrayops.io/pool": gpu_node_pool}))
+    pool = GpuPool.from_file(gpu_pool) if gpu_pool else GpuPool.labelled(gpu_node_pool, gpu_count)
     typer.echo(str(compile_retraining(out, gpu=gpu or gpu_pool is not None, cluster=cluster, gpu_pool=pool,
                                       source_pvc=source_pvc)))
 
@@ -757,9 +756,8 @@ def pipeline_submit(
         arguments = parse_params(param or [])
         with tempfile.TemporaryDirectory(prefix="xrayops-submit-") as tmp:
             if package is None and pipeline == "retraining":
-                pool = GpuPool(accelerator_limit=gpu_count, node_selector={"xrayops.io/pool": gpu_node_pool})
-                package = compile_retraining(Path(tmp) / "xrayops-retraining.yaml", gpu=gpu, cluster=True, gpu_pool=pool,
-                                             source_pvc=source_pvc)
+                package = compile_retraining(Path(tmp) / "xrayops-retraining.yaml", gpu=gpu, cluster=True,
+                                             gpu_pool=GpuPool.labelled(gpu_node_pool, gpu_count), source_pvc=source_pvc)
             elif package is None:
                 package = compile_pipeline(
                     Path(tmp) / "xrayops-training.yaml", gpu=gpu, gpu_node_pool=gpu_node_pool, gpu_count=gpu_count, cluster=True
