@@ -24,6 +24,11 @@ pipeline_app = typer.Typer(help="Compile or run the KFP pipeline.", no_args_is_h
 app.add_typer(pipeline_app, name="pipeline")
 deploy_app = typer.Typer(help="Render or apply the Kubernetes manifests (infra/k8s overlays + compiled pipeline).", no_args_is_help=True)
 app.add_typer(deploy_app, name="deploy")
+release_app = typer.Typer(
+    help="Publish registry versions to the serving storage and point the InferenceService at them (or back).",
+    no_args_is_help=True,
+)
+app.add_typer(release_app, name="release")
 console = Console(stderr=True)
 
 
@@ -910,6 +915,107 @@ def gate(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(decision.model_dump_json(indent=2))
     _print_json(decision)
+
+
+_MANIFEST_HELP = ("InferenceService manifest to read (offline/GitOps: writes the result to --out); "
+                  "without it the live one is read from the cluster (kubeconfig or in-cluster).")
+
+
+def _manifest_yaml():
+    from ruamel.yaml import YAML
+
+    rt = YAML()  # round trip: a GitOps manifest keeps its comments and layout
+    rt.preserve_quotes = True
+    rt.width = 4096
+    rt.indent(mapping=2, sequence=4, offset=2)  # the repo's manifest style
+    return rt
+
+
+def _read_inference_service(manifest: Optional[Path], name: str, namespace: str) -> dict:
+    from xrayops.release.cluster import get_inference_service
+
+    if manifest is None:
+        return get_inference_service(name, namespace)
+    if not manifest.is_file():
+        _fail(f"manifest {manifest} not found")
+    docs = [d for d in _manifest_yaml().load_all(manifest.read_text()) if d and d.get("kind") == "InferenceService"]
+    if len(docs) != 1:
+        _fail(f"{manifest} must hold exactly one InferenceService, found {len(docs)}")
+    return docs[0]
+
+
+def _write_inference_service(isvc: dict, manifest: Optional[Path], out: Optional[Path], dry_run: bool) -> str:
+    """Where the rolled InferenceService went: a file (offline), nowhere (dry run) or the cluster."""
+    import sys
+
+    from xrayops.release.cluster import replace_inference_service
+
+    if manifest is not None or dry_run:
+        target = out or manifest
+        if target is None:
+            _manifest_yaml().dump(isvc, sys.stdout)
+            return "stdout"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "w") as handle:
+            _manifest_yaml().dump(isvc, handle)
+        return str(target)
+    replace_inference_service(isvc)
+    return f"cluster:{isvc['metadata'].get('namespace')}/{isvc['metadata']['name']}"
+
+
+@release_app.command("publish")
+def release_publish(
+    model: Annotated[list[str], typer.Option(help="Model to serve: models:/NAME@ALIAS, models:/NAME/VERSION or a bundle "
+                                                  "folder; repeat for several ensemble members (one per SSL method).")],
+    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI): s3://BUCKET/PREFIX or a folder.")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(help=_MANIFEST_HELP)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write the rolled InferenceService (default: over --manifest).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="InferenceService name (default XRAYOPS_INFERENCE_SERVICE).")] = None,
+    namespace: Annotated[Optional[str], typer.Option(help="Namespace (default XRAYOPS_SERVING_NAMESPACE).")] = None,
+    replace_all: Annotated[bool, typer.Option(help="Serve exactly these models; by default the live release's other members stay.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Publish, but print the InferenceService instead of replacing the live one.")] = False,
+) -> None:
+    """Publish models as an immutable release (one folder per ensemble member, named by the weights)
+    and point the InferenceService at it: KServe rolls the predictor, whose new pods verify every
+    weights.pt before they take traffic. A retrained member replaces the live member of its SSL
+    method; the others stay."""
+    from xrayops.registry import RegistryError
+    from xrayops.release import ReleaseError, release_models
+
+    settings = get_settings()
+    try:
+        isvc = _read_inference_service(manifest, name or settings.inference_service, namespace or settings.serving_namespace)
+        outcome = release_models(isvc, model, storage or settings.release_storage_uri, settings.tracking_uri(),
+                                 settings.output_dir / "release", settings.s3_endpoint_url, replace_all)
+        where = _write_inference_service(outcome.inference_service, manifest, out, dry_run)
+    except (ReleaseError, RegistryError) as exc:
+        _fail(str(exc))
+    _print_json({"release": outcome.release.model_dump(mode="json"), "uri": outcome.release.uri,
+                 "replaces": outcome.previous, "inference_service": where})
+
+
+@release_app.command("rollback")
+def release_rollback(
+    to: Annotated[Optional[str], typer.Option(help="Release id to serve (default: the one before the live release).")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(help=_MANIFEST_HELP)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write the rolled InferenceService (default: over --manifest).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="InferenceService name (default XRAYOPS_INFERENCE_SERVICE).")] = None,
+    namespace: Annotated[Optional[str], typer.Option(help="Namespace (default XRAYOPS_SERVING_NAMESPACE).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the InferenceService instead of replacing the live one.")] = False,
+) -> None:
+    """Point the InferenceService back at the release it served before (recorded on it), or at --to."""
+    from xrayops.release import ReleaseError, roll_back
+
+    settings = get_settings()
+    try:
+        isvc = _read_inference_service(manifest, name or settings.inference_service, namespace or settings.serving_namespace)
+        outcome = roll_back(isvc, storage or settings.release_storage_uri, settings.s3_endpoint_url, to)
+        where = _write_inference_service(outcome.inference_service, manifest, out, dry_run)
+    except ReleaseError as exc:
+        _fail(str(exc))
+    _print_json({"release": outcome.release.model_dump(mode="json"), "uri": outcome.release.uri,
+                 "replaces": outcome.previous, "inference_service": where})
 
 
 if __name__ == "__main__":

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     gate_margin: float = 0.01
     gate_bootstrap_samples: int = 2000
     gate_confidence: float = 0.95
+    # Serving releases (xrayops.release): where the InferenceService's members are published, and which
+    # InferenceService `xrayops release` points at them.
+    release_storage_uri: str = Field(default="s3://xrayops-models/region", description="serving storage for releases")
+    inference_service: str = "xrayops-region"
+    serving_namespace: str = "xrayops"
     # Feature store (xrayops.features): Feast repo; sqlite online store by default, redis or postgres on a cluster.
     feature_repo_dir: Path | None = None
     feast_project: str = "xrayops"

@@ -1,0 +1,102 @@
+"""Release registry versions to serving: resolve, plan, publish, point the InferenceService.
+
+The InferenceService comes in and goes out as a dict: read from a manifest file or from the
+cluster by the caller (CLI, pipeline component), so the same steps serve GitOps and a live rollout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from xrayops.bundle_meta import read_bundle_meta
+from xrayops.contracts import ModelBundleMeta
+from xrayops.logs import get_logger
+from xrayops.registry import model_version, parse_model_ref, resolve_bundle
+from xrayops.release.plan import (
+    Release,
+    ReleaseError,
+    ReleaseMember,
+    live_release_id,
+    member_of,
+    plan_release,
+    point_inference_service,
+    previous_release_id,
+)
+from xrayops.release.storage import open_store, read_member_meta, read_release, write_release
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ReleaseOutcome:
+    release: Release
+    # The InferenceService that serves it, to apply or write out; the caller's own mapping type
+    # (a round-trip YAML map keeps a manifest's comments), so not a pydantic field.
+    inference_service: dict
+    previous: str | None  # the release it replaces on the InferenceService
+
+
+def pinned_uri(ref: str, tracking_uri: str | None) -> str:
+    """models:/NAME@ALIAS as the version the alias names now: a release never moves with an alias."""
+    if ref.startswith("models:/") and parse_model_ref(ref).alias is not None:
+        return f"models:/{parse_model_ref(ref).name}/{model_version(ref, tracking_uri)}"
+    return ref
+
+
+def resolve_members(
+    refs: list[str], tracking_uri: str | None, work_dir: Path
+) -> list[tuple[ReleaseMember, ModelBundleMeta, Path]]:
+    """Each model (registry reference or bundle folder) downloaded, its weights checked, pinned."""
+    resolved = []
+    for i, ref in enumerate(refs):
+        uri = pinned_uri(ref, tracking_uri)
+        bundle_dir = resolve_bundle(uri, tracking_uri, Path(work_dir) / str(i))
+        meta = read_bundle_meta(bundle_dir)
+        resolved.append((member_of(meta, uri), meta, bundle_dir))
+    return resolved
+
+
+def live_release(store, isvc: dict) -> tuple[Release | None, dict[str, ModelBundleMeta]]:
+    rid = live_release_id(isvc)
+    if rid is None:
+        return None, {}
+    live = read_release(store, rid)
+    return live, {m.member: read_member_meta(store, rid, m.member) for m in live.members}
+
+
+def release_models(
+    isvc: dict,
+    refs: list[str],
+    storage_uri: str,
+    tracking_uri: str | None,
+    work_dir: Path,
+    endpoint_url: str = "",
+    replace_all: bool = False,
+) -> ReleaseOutcome:
+    """Publish `refs` (with the live release's other members unless `replace_all`) to the serving
+    storage and return the InferenceService pointed at the new release."""
+    store = open_store(storage_uri, endpoint_url)
+    resolved = resolve_members(refs, tracking_uri, work_dir)
+    live, live_metas = live_release(store, isvc)
+    if live is None and not replace_all:
+        log.warning("the InferenceService serves no release yet: the first release serves only the given models",
+                    models=[m.model_uri for m, _, _ in resolved])
+    release = plan_release([(m, meta) for m, meta, _ in resolved], live, live_metas, storage_uri, replace_all)
+    release = write_release(store, release, {m.member: path for m, _, path in resolved})
+    log.info("published release", release=release.release_id, uri=release.uri,
+             members={m.member: m.model_uri for m in release.members}, previous=release.previous)
+    return ReleaseOutcome(release=release, inference_service=point_inference_service(isvc, release),
+                          previous=live_release_id(isvc))
+
+
+def roll_back(isvc: dict, storage_uri: str, endpoint_url: str = "", to: str | None = None) -> ReleaseOutcome:
+    """The InferenceService pointed back at the release before the live one (or at release `to`)."""
+    target = to or previous_release_id(isvc)
+    if target is None:
+        raise ReleaseError("nothing to roll back to: the InferenceService records no previous release")
+    if target == live_release_id(isvc):
+        raise ReleaseError(f"release {target} is already live")
+    release = read_release(open_store(storage_uri, endpoint_url), target)
+    log.info("rolling back", release=release.release_id, live=live_release_id(isvc))
+    return ReleaseOutcome(release=release, inference_service=point_inference_service(isvc, release),
+                          previous=live_release_id(isvc))

@@ -1,0 +1,166 @@
+"""The serving storage releases are written to: a local folder (file://) or S3 (MinIO, moto, AWS).
+
+Only this module touches the storage. Files go up first and release.json last, so a release
+whose release.json exists is complete; an interrupted publish leaves no release, only files that
+the next publish of the same members overwrites.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import ValidationError
+
+from xrayops.bundle_meta import META, WEIGHTS
+from xrayops.contracts import ModelBundleMeta
+from xrayops.release.plan import RELEASE_FILE, RELEASES, Release, ReleaseError
+from xrayops.registry.mlflow_registry import local_path
+
+BUNDLE_FILES = (META, WEIGHTS)
+
+
+class LocalStore:
+    """Releases under a folder (a shared volume, or tests and the demo)."""
+
+    def __init__(self, storage_uri: str):
+        self.storage_uri = storage_uri
+        self.root = local_path(storage_uri)
+
+    def _dir(self, release_id: str) -> Path:
+        return self.root / RELEASES / release_id
+
+    def read_text(self, release_id: str, name: str) -> str | None:
+        path = self._dir(release_id) / name
+        return path.read_text() if path.is_file() else None
+
+    def size(self, release_id: str, name: str) -> int | None:
+        path = self._dir(release_id) / name
+        return path.stat().st_size if path.is_file() else None
+
+    def put_file(self, release_id: str, name: str, source: Path) -> None:
+        target = self._dir(release_id) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+
+    def copy(self, from_id: str, to_id: str, name: str) -> None:
+        self.put_file(to_id, name, self._dir(from_id) / name)
+
+    def put_text(self, release_id: str, name: str, text: str) -> None:
+        target = self._dir(release_id) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(target)
+
+
+class S3Store:
+    """Releases under s3://bucket/prefix; credentials from the environment (the serving account's)."""
+
+    def __init__(self, storage_uri: str, endpoint_url: str = ""):
+        import boto3
+
+        parsed = urlparse(storage_uri)
+        self.storage_uri = storage_uri
+        self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
+        self.client = boto3.client("s3", endpoint_url=endpoint_url or None)
+
+    def _key(self, release_id: str, name: str) -> str:
+        return "/".join(p for p in (self.prefix, RELEASES, release_id, name) if p)
+
+    def _missing(self, exc) -> bool:
+        return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+    def read_text(self, release_id: str, name: str) -> str | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(release_id, name))["Body"]
+        except ClientError as exc:
+            if self._missing(exc):
+                return None
+            raise
+        return body.read().decode()
+
+    def size(self, release_id: str, name: str) -> int | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(release_id, name))["ContentLength"])
+        except ClientError as exc:
+            if self._missing(exc):
+                return None
+            raise
+
+    def put_file(self, release_id: str, name: str, source: Path) -> None:
+        self.client.upload_file(str(source), self.bucket, self._key(release_id, name))
+
+    def copy(self, from_id: str, to_id: str, name: str) -> None:  # server side: no download
+        self.client.copy({"Bucket": self.bucket, "Key": self._key(from_id, name)}, self.bucket, self._key(to_id, name))
+
+    def put_text(self, release_id: str, name: str, text: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(release_id, name), Body=text.encode(),
+                               ContentType="application/json")
+
+
+def open_store(storage_uri: str, endpoint_url: str = "") -> LocalStore | S3Store:
+    scheme = urlparse(storage_uri).scheme
+    if scheme == "s3":
+        return S3Store(storage_uri, endpoint_url)
+    if scheme in ("", "file"):
+        return LocalStore(storage_uri)
+    raise ReleaseError(f"unsupported serving storage {storage_uri!r}: use s3://BUCKET/PREFIX or a folder")
+
+
+def read_release(store, release_id: str) -> Release:
+    """A published release, from its release.json."""
+    text = store.read_text(release_id, RELEASE_FILE)
+    if text is None:
+        raise ReleaseError(f"release {release_id} is not in {store.storage_uri} (no {RELEASE_FILE})")
+    try:
+        return Release.model_validate_json(text)
+    except ValidationError as exc:
+        raise ReleaseError(f"release {release_id} in {store.storage_uri} has a bad {RELEASE_FILE}: {exc}") from exc
+
+
+def read_member_meta(store, release_id: str, member: str) -> ModelBundleMeta:
+    text = store.read_text(release_id, f"{member}/{META}")
+    if text is None:
+        raise ReleaseError(f"release {release_id} in {store.storage_uri} has no {member}/{META}")
+    return ModelBundleMeta.model_validate_json(text)
+
+
+def write_release(store, release: Release, bundles: dict[str, Path]) -> Release:
+    """Publish `release`: members in `bundles` from their local folders, the others copied from the
+    previous release. Publishing a release that already exists checks it and writes nothing."""
+    if store.read_text(release.release_id, RELEASE_FILE) is not None:
+        existing = read_release(store, release.release_id)
+        check_published(store, existing)
+        return existing
+    for m in release.members:
+        for name in BUNDLE_FILES:
+            key = f"{m.member}/{name}"
+            if m.member in bundles:
+                store.put_file(release.release_id, key, Path(bundles[m.member]) / name)
+            elif release.previous:
+                store.copy(release.previous, release.release_id, key)
+            else:
+                raise ReleaseError(f"member {m.member!r} has neither a local bundle nor a previous release to copy from")
+    check_published(store, release, bundles)
+    store.put_text(release.release_id, RELEASE_FILE, release.model_dump_json(indent=2))
+    return release
+
+
+def check_published(store, release: Release, bundles: dict[str, Path] | None = None) -> None:
+    """Every member is in the store with the weights it is released with (sha256 in bundle.json;
+    sizes against the local files). Serving checks the weights' sha256 again before it loads them."""
+    for m in release.members:
+        meta = read_member_meta(store, release.release_id, m.member)
+        if meta.weights_sha256 != m.weights_sha256:
+            raise ReleaseError(f"release {release.release_id}: member {m.member} holds weights {meta.weights_sha256[:12]}, "
+                               f"expected {m.weights_sha256[:12]}")
+        size = store.size(release.release_id, f"{m.member}/{WEIGHTS}")
+        if size is None:
+            raise ReleaseError(f"release {release.release_id}: member {m.member} has no {WEIGHTS}")
+        if bundles and m.member in bundles and size != (Path(bundles[m.member]) / WEIGHTS).stat().st_size:
+            raise ReleaseError(f"release {release.release_id}: {m.member}/{WEIGHTS} was not stored whole ({size} bytes)")
