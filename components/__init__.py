@@ -12,6 +12,7 @@ from components.ingest import ingest_op, ingest_part_op, merge_ingest_op, plan_i
 from components.monitor import monitor_op
 from components.pretrain import pretrain_op
 from components.register import register_op
+from components.release import release_op
 from components.synth import synth_op
 from components.version import version_dataset_op
 
@@ -27,6 +28,7 @@ __all__ = [
     "audit_labels_op",
     "evaluate_op",
     "register_op",
+    "release_op",
     "champion_op",
     "gate_op",
     "monitor_op",

@@ -5,11 +5,16 @@
         ─▶ pretrain (0 epochs: the champion's frozen backbone; N: warm-started SSL on the new version)
         ─▶ finetune ─▶ evaluate ─▶ register (alias challenger) ─▶ gate (same test split, paired
            bootstrap; promotion moves the champion alias)
+        ─▶ release (optional, when promoted: publish to the serving storage, roll the InferenceService)
         ─▶ audit-labels (cleanlab over the new version's tags on the challenger's backbone)
 
 Paper 000 keeps the backbone frozen so that training images can be re-checked for label errors,
 so by default only the heads are retrained; `pretrain_epochs` > 0 continues the champion's
 self-supervised pretraining on the new data first (`xrayops pretrain --init-from`).
+
+`release` is off by default: a site decides whether a promoted model reaches patients' studies
+without a person's sign-off. On, a promotion publishes the new version as a serving release and
+points the InferenceService at it (`xrayops release publish`); `xrayops release rollback` undoes it.
 """
 from kfp import dsl
 
@@ -21,6 +26,7 @@ from components import (
     gate_op,
     pretrain_op,
     register_op,
+    release_op,
     version_dataset_op,
 )
 from pipelines.gpu_pool import GpuPool
@@ -62,6 +68,11 @@ def build_retraining_pipeline(
         promote: bool = True,
         label_flag_below: float = 0.1,
         label_pool_studies: bool = True,
+        release: bool = False,
+        release_storage_uri: str = "",
+        inference_service: str = settings.inference_service,
+        serving_namespace: str = settings.serving_namespace,
+        inference_service_manifest: str = "",
     ) -> dsl.Artifact:
         champion = champion_op(
             tracking_uri=mlflow_tracking_uri, model_name=model_name, alias=champion_alias
@@ -99,6 +110,16 @@ def build_retraining_pipeline(
             confidence=gate_confidence, promote=promote, alias=champion_alias,
         ).set_display_name("gate")
         decision.set_caching_options(False)
+        # The run's switch outside, the gate's answer inside: kfp.local resolves a condition on a
+        # named task output only inside a sub-DAG (kfp 2.17), a cluster either way.
+        with dsl.If(release == True, name="release-enabled"):  # noqa: E712 (a pipeline condition)
+            with dsl.If(decision.outputs["promoted"] == True, name="promoted"):  # noqa: E712
+                rollout = release_op(
+                    model_uri=registered.output, tracking_uri=mlflow_tracking_uri, storage_uri=release_storage_uri,
+                    s3_endpoint_url=s3_endpoint_url, inference_service=inference_service, namespace=serving_namespace,
+                    manifest=inference_service_manifest,
+                ).set_display_name("release")
+                rollout.set_caching_options(False)
         audit = audit_labels_op(
             dataset=dataset, backbone=pre.outputs["backbone"], flag_below=label_flag_below, pool_studies=label_pool_studies,
         ).set_display_name("audit-labels")
@@ -107,7 +128,7 @@ def build_retraining_pipeline(
             for task in (pre, head):
                 gpu_pool.apply(task)
         if cluster:
-            for task in (version, champion, pre, head, evaluation, registered, decision, audit):
+            for task in (version, champion, pre, head, evaluation, registered, decision, rollout, audit):
                 _with_cluster_env(task, deid=False)
         return decision.outputs["decision"]
 

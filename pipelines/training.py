@@ -24,7 +24,8 @@ PIPELINE_NAME = "xrayops-training"
 # On a cluster every task reads the non-secret settings (XRAYOPS_*; infra/k8s/base) and the S3
 # credentials; only the ingest tasks, which pseudonymise, get the de-identification key.
 CLUSTER_CONFIG_MAP = "xrayops-config"
-CLUSTER_CONFIG_KEYS = ("XRAYOPS_S3_ENDPOINT_URL", "XRAYOPS_DVC_REMOTE_URL", "XRAYOPS_MLFLOW_TRACKING_URI", "AWS_DEFAULT_REGION")
+CLUSTER_CONFIG_KEYS = ("XRAYOPS_S3_ENDPOINT_URL", "XRAYOPS_DVC_REMOTE_URL", "XRAYOPS_MLFLOW_TRACKING_URI", "AWS_DEFAULT_REGION",
+                       "XRAYOPS_RELEASE_STORAGE_URI", "XRAYOPS_INFERENCE_SERVICE", "XRAYOPS_SERVING_NAMESPACE")
 S3_SECRET, S3_SECRET_KEYS = "xrayops-s3", ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # Secret xrayops-deid holds the key under `key` (as infra/k8s/base/serving reads it).
 DEID_SECRET, DEID_SECRET_KEY = "xrayops-deid", "key"

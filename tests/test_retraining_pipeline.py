@@ -11,8 +11,12 @@ import yaml
 from pipelines.gpu_pool import GpuPool
 from pipelines.retraining import compile_retraining
 from xrayops.contracts import ModelBundleMeta, PreprocessingSpec
+from xrayops.release import release_models
+from xrayops.release.manifest import write_inference_service
+from tests.test_release import BASE_ISVC
 
-STAGES = {"ingestion", "version", "champion", "pretrain", "finetune", "evaluate", "register", "gate", "audit-labels"}
+STAGES = {"ingestion", "version", "champion", "pretrain", "finetune", "evaluate", "register", "gate", "audit-labels",
+          "release-enabled"}  # the condition around the optional release step
 
 
 def _tasks(spec: dict) -> dict[str, dict]:
@@ -58,7 +62,20 @@ def test_compiled_retraining_graph_starts_from_the_champion_and_gates(tmp_path):
                                              s.get("secretNameParameter", {}).get("runtimeValue", {}).get("constant") == "xrayops-deid"
                                              for s in e.get("secretAsEnv", []))}
     assert deid == {"exec-ingest-part-op"}
-    assert {"exec-gate-op", "exec-champion-op", "exec-register-op"} <= {n for n, e in k8s.items() if e.get("configMapAsEnv")}
+    assert {"exec-gate-op", "exec-champion-op", "exec-register-op", "exec-release-op"} <= {
+        n for n, e in k8s.items() if e.get("configMapAsEnv")}
+    # The release runs only for a promoted challenger, and only when the run asks for it (off by default).
+    enabled = tasks["release-enabled"]
+    assert enabled["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--release'] == true"
+    assert spec["root"]["inputDefinitions"]["parameters"]["release"]["defaultValue"] is False
+    (promoted,) = spec["components"][enabled["componentRef"]["name"]]["dag"]["tasks"].values()
+    assert promoted["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-op-promoted'] == true"
+    (release,) = spec["components"][promoted["componentRef"]["name"]]["dag"]["tasks"].values()
+    assert release["taskInfo"]["name"] == "release"
+    assert release["inputs"]["parameters"]["model_uri"]["componentInputParameter"] == "pipelinechannel--register-op-Output"
+    # ...and reads where to publish and which service to roll from the cluster's ConfigMap.
+    keys = {m["configMapKey"] for m in k8s["exec-release-op"]["configMapAsEnv"][0]["keyToEnv"]}
+    assert {"XRAYOPS_RELEASE_STORAGE_URI", "XRAYOPS_INFERENCE_SERVICE", "XRAYOPS_SERVING_NAMESPACE"} <= keys
 
 
 def test_retrain_cli_compiles_the_retraining_pipeline(tmp_path):
@@ -131,11 +148,17 @@ def test_kfp_local_retraining_gates_and_promotes_a_challenger_on_the_new_version
     archive = champion["archive"]
     synthesize(archive / "v2", n=80, seed=4, size=64, ood_rate=0.0, shift=1.0)  # a new vendor's batch arrives
     (archive / "v2" / "truth.csv").unlink()
+    # The champion is live: released to the serving storage, the InferenceService manifest points at it.
+    serving, manifest = tmp_path / "serving", tmp_path / "inferenceservice.yaml"
+    live = release_models(yaml.safe_load(BASE_ISVC.read_text()), [champion["registered"].model_uri], str(serving),
+                          champion["tracking_uri"], tmp_path / "w")
+    write_inference_service(live.inference_service, manifest)
     root = tmp_path / "kfp"
     run_retraining_local(
         root, source_dir=str(archive), files_per_batch=100, ingest_workers=1,
         dvc_remote_url=str(tmp_path / "remote"), mlflow_tracking_uri=champion["tracking_uri"], finetune_epochs=3,
         gate_margin=1.0, gate_bootstrap_samples=200, label_flag_below=0.0, labels_from_store=True,
+        release=True, release_storage_uri=str(serving), inference_service_manifest=str(manifest),
     )
     (run,) = list(root.iterdir())
     outputs = {p.parent.name: json.loads(p.read_text()) for p in run.rglob("executor_output.json")}
@@ -164,6 +187,15 @@ def test_kfp_local_retraining_gates_and_promotes_a_challenger_on_the_new_version
     version = client.get_model_version("xrayops-region", "2")
     assert client.get_run(version.run_id).data.tags["xrayops.dataset_md5"] == md5
     assert version.tags["xrayops.gate.promote"] == "true" and version.tags["xrayops.gate.test_set"] == md5
+    # Promoted and released: version 2 is published over the live release, the manifest rolled to it.
+    released = json.loads((run / "release-op" / "release").read_text())
+    assert [m["model_uri"] for m in released["members"]] == ["models:/xrayops-region/2"]
+    assert released["previous"] == live.release.release_id != released["release_id"]
+    assert outputs["release-op"]["parameterValues"]["release_id"] == released["release_id"]
+    assert (serving / "releases" / released["release_id"] / "release.json").is_file()
+    rolled = yaml.safe_load((run / "release-op" / "rendered").read_text())
+    assert rolled["spec"]["predictor"]["model"]["storageUri"] == outputs["release-op"]["parameterValues"]["uri"]
+    assert rolled["metadata"]["annotations"]["xrayops.io/release-previous"] == live.release.release_id
     # The new version's tags are audited on the backbone the challenger uses.
     audit = outputs["audit-labels-op"]["artifacts"]["issues"]["artifacts"][0]["metadata"]
     assert audit["n_images"] > 0

@@ -921,46 +921,38 @@ _MANIFEST_HELP = ("InferenceService manifest to read (offline/GitOps: writes the
                   "without it the live one is read from the cluster (kubeconfig or in-cluster).")
 
 
-def _manifest_yaml():
-    from ruamel.yaml import YAML
-
-    rt = YAML()  # round trip: a GitOps manifest keeps its comments and layout
-    rt.preserve_quotes = True
-    rt.width = 4096
-    rt.indent(mapping=2, sequence=4, offset=2)  # the repo's manifest style
-    return rt
-
-
 def _read_inference_service(manifest: Optional[Path], name: str, namespace: str) -> dict:
     from xrayops.release.cluster import get_inference_service
+    from xrayops.release.manifest import read_inference_service
 
-    if manifest is None:
-        return get_inference_service(name, namespace)
-    if not manifest.is_file():
-        _fail(f"manifest {manifest} not found")
-    docs = [d for d in _manifest_yaml().load_all(manifest.read_text()) if d and d.get("kind") == "InferenceService"]
-    if len(docs) != 1:
-        _fail(f"{manifest} must hold exactly one InferenceService, found {len(docs)}")
-    return docs[0]
+    return read_inference_service(manifest) if manifest is not None else get_inference_service(name, namespace)
 
 
 def _write_inference_service(isvc: dict, manifest: Optional[Path], out: Optional[Path], dry_run: bool) -> str:
-    """Where the rolled InferenceService went: a file (offline), nowhere (dry run) or the cluster."""
+    """Where the rolled InferenceService went: a file (offline), stdout (dry run) or the cluster."""
     import sys
 
     from xrayops.release.cluster import replace_inference_service
+    from xrayops.release.manifest import dump_inference_service, write_inference_service
 
-    if manifest is not None or dry_run:
-        target = out or manifest
-        if target is None:
-            _manifest_yaml().dump(isvc, sys.stdout)
-            return "stdout"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "w") as handle:
-            _manifest_yaml().dump(isvc, handle)
+    target = out or (None if dry_run else manifest)
+    if target is not None:
+        write_inference_service(isvc, target)
         return str(target)
+    if dry_run:
+        dump_inference_service(isvc, sys.stdout)
+        return "stdout"
     replace_inference_service(isvc)
     return f"cluster:{isvc['metadata'].get('namespace')}/{isvc['metadata']['name']}"
+
+
+def _print_release(outcome, where: str) -> None:
+    summary = {"release": outcome.release.model_dump(mode="json"), "uri": outcome.release.uri,
+               "replaces": outcome.previous, "inference_service": where}
+    if where == "stdout":  # the manifest went to stdout: keep it pipeable
+        console.print_json(json.dumps(summary))
+    else:
+        _print_json(summary)
 
 
 @release_app.command("publish")
@@ -969,11 +961,11 @@ def release_publish(
                                                   "folder; repeat for several ensemble members (one per SSL method).")],
     storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI): s3://BUCKET/PREFIX or a folder.")] = None,
     manifest: Annotated[Optional[Path], typer.Option(help=_MANIFEST_HELP)] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Where to write the rolled InferenceService (default: over --manifest).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the rolled InferenceService here (default: over --manifest, or replace the live one).")] = None,
     name: Annotated[Optional[str], typer.Option(help="InferenceService name (default XRAYOPS_INFERENCE_SERVICE).")] = None,
     namespace: Annotated[Optional[str], typer.Option(help="Namespace (default XRAYOPS_SERVING_NAMESPACE).")] = None,
     replace_all: Annotated[bool, typer.Option(help="Serve exactly these models; by default the live release's other members stay.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Publish, but print the InferenceService instead of replacing the live one.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Publish, but print the rolled InferenceService instead of writing or replacing it.")] = False,
 ) -> None:
     """Publish models as an immutable release (one folder per ensemble member, named by the weights)
     and point the InferenceService at it: KServe rolls the predictor, whose new pods verify every
@@ -990,8 +982,7 @@ def release_publish(
         where = _write_inference_service(outcome.inference_service, manifest, out, dry_run)
     except (ReleaseError, RegistryError) as exc:
         _fail(str(exc))
-    _print_json({"release": outcome.release.model_dump(mode="json"), "uri": outcome.release.uri,
-                 "replaces": outcome.previous, "inference_service": where})
+    _print_release(outcome, where)
 
 
 @release_app.command("rollback")
@@ -999,10 +990,10 @@ def release_rollback(
     to: Annotated[Optional[str], typer.Option(help="Release id to serve (default: the one before the live release).")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
     manifest: Annotated[Optional[Path], typer.Option(help=_MANIFEST_HELP)] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Where to write the rolled InferenceService (default: over --manifest).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the rolled InferenceService here (default: over --manifest, or replace the live one).")] = None,
     name: Annotated[Optional[str], typer.Option(help="InferenceService name (default XRAYOPS_INFERENCE_SERVICE).")] = None,
     namespace: Annotated[Optional[str], typer.Option(help="Namespace (default XRAYOPS_SERVING_NAMESPACE).")] = None,
-    dry_run: Annotated[bool, typer.Option(help="Print the InferenceService instead of replacing the live one.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the rolled InferenceService instead of writing or replacing it.")] = False,
 ) -> None:
     """Point the InferenceService back at the release it served before (recorded on it), or at --to."""
     from xrayops.release import ReleaseError, roll_back
@@ -1014,8 +1005,7 @@ def release_rollback(
         where = _write_inference_service(outcome.inference_service, manifest, out, dry_run)
     except ReleaseError as exc:
         _fail(str(exc))
-    _print_json({"release": outcome.release.model_dump(mode="json"), "uri": outcome.release.uri,
-                 "replaces": outcome.previous, "inference_service": where})
+    _print_release(outcome, where)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,43 @@
+from typing import NamedTuple
+
+from kfp.dsl import Artifact, Output
+
+from components._image import xrayops_component
+
+
+@xrayops_component
+def release_op(
+    model_uri: str,
+    tracking_uri: str,
+    storage_uri: str,
+    s3_endpoint_url: str,
+    inference_service: str,
+    namespace: str,
+    manifest: str,
+    release: Output[Artifact],
+    rendered: Output[Artifact],
+) -> NamedTuple("ReleaseOut", [("release_id", str), ("uri", str)]):
+    """Publish the promoted version as a serving release (it replaces the live member of its SSL
+    method; the others stay) and point the InferenceService at it: the live one through the
+    Kubernetes API, or, with `manifest` (a file), only the rolled manifest as `rendered`."""
+    import tempfile
+    from collections import namedtuple
+    from pathlib import Path
+
+    from xrayops.config import get_settings
+    from xrayops.release import release_models
+    from xrayops.release.cluster import get_inference_service, replace_inference_service
+    from xrayops.release.manifest import read_inference_service, write_inference_service
+
+    settings = get_settings()
+    isvc = read_inference_service(Path(manifest)) if manifest else get_inference_service(inference_service, namespace)
+    with tempfile.TemporaryDirectory() as work:  # the downloaded bundle is not an output of this step
+        outcome = release_models(isvc, [model_uri], storage_uri or settings.release_storage_uri,
+                                 tracking_uri or settings.tracking_uri(), Path(work), s3_endpoint_url or settings.s3_endpoint_url)
+    if not manifest:
+        replace_inference_service(outcome.inference_service)
+    write_inference_service(outcome.inference_service, Path(rendered.path))
+    Path(release.path).write_text(outcome.release.model_dump_json(indent=2))
+    release.metadata.update({"release_id": outcome.release.release_id, "uri": outcome.release.uri,
+                             "replaces": outcome.previous or "", "applied": not manifest})
+    return namedtuple("ReleaseOut", ["release_id", "uri"])(outcome.release.release_id, outcome.release.uri)
