@@ -228,6 +228,15 @@ def test_rbac_is_namespaced_and_least_privilege(rendered):
         }
         runner_secrets = [r for r in roles["xrayops-pipeline-runner"]["rules"] if "secrets" in r["resources"]]
         assert runner_secrets and all(r.get("resourceNames") == ["xrayops-s3"] for r in runner_secrets)
+        # The release step may read and replace the region InferenceService, nothing else of KServe's.
+        kserve = [r for r in roles["xrayops-pipeline-runner"]["rules"] if r["apiGroups"] == ["serving.kserve.io"]]
+        assert kserve == [{"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
+                           "resourceNames": ["xrayops-region"], "verbs": ["get", "update"]}]
+        isvc = deploy.find(docs, "InferenceService", "xrayops-region")
+        config = deploy.find(docs, "ConfigMap", "xrayops-config")["data"]
+        assert config["XRAYOPS_INFERENCE_SERVICE"] == isvc["metadata"]["name"]
+        assert config["XRAYOPS_SERVING_NAMESPACE"] == isvc["metadata"]["namespace"]
+        assert config["XRAYOPS_RELEASE_STORAGE_URI"].startswith("s3://xrayops-models/")
         bindings = {d["metadata"]["name"]: d for d in docs if d["kind"] == "RoleBinding"}
         for sa in ("xrayops-monitor", "xrayops-pipeline-runner"):
             assert bindings[sa]["roleRef"]["name"] == sa and bindings[sa]["subjects"][0]["name"] == sa
@@ -483,3 +492,21 @@ def test_compile_cli_gpu_count_and_cluster_env(tmp_path, rendered):
     assert inputs["evidently_workspace"]["defaultValue"] == "/monitoring/evidently"
     ui = deploy.find(rendered["local"], "Deployment", "evidently-ui")
     assert "/monitoring/evidently" in ui["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_local_minio_creates_every_bucket_the_platform_names(rendered):
+    """A bucket named in the config, the pipeline root or a storageUri but never created fails
+    only at run time (the serving releases' xrayops-models once did)."""
+    import re
+
+    docs = rendered["local"]
+    job = deploy.pod_spec(deploy.find(docs, "Job", "minio-buckets"))
+    created = {a.split("/", 1)[1] for a in job["containers"][0]["args"] if a.startswith("minio/")}
+    named = set()
+    for doc in docs:
+        if doc["kind"] in ("ConfigMap", "InferenceService", "InferenceGraph"):
+            text = yaml.safe_dump(doc) if doc["kind"] != "ConfigMap" else "\n".join(
+                v for k, v in doc["data"].items() if not k.endswith(".yaml"))  # not the compiled pipelines
+            named |= set(re.findall(r"s3://([a-z0-9.-]+)", text))
+    assert {"xrayops-models", "xrayops-data", "xrayops-pipelines"} <= named
+    assert named <= created, f"never created: {sorted(named - created)}"

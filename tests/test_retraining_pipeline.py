@@ -237,6 +237,8 @@ def test_retrain_cli_refuses_a_missing_archive_or_champion(tmp_path):
     code, err = retrain("--source-dir", str(tmp_path / "nowhere"))
     assert code == 2 and "is not a folder" in err and "Traceback" not in err
     (tmp_path / "archive").mkdir()
+    code, err = retrain("--source-dir", str(tmp_path / "archive"), "--release-manifest", str(tmp_path / "isvc.yaml"))
+    assert code == 2 and "manifest" in err and "not found" in err and "Traceback" not in err
     code, err = retrain("--source-dir", str(tmp_path / "archive"))
     assert code == 2 and "Traceback" not in err
     assert "models:/xrayops-region@champion" in err and "register a champion first" in err

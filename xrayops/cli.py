@@ -659,6 +659,9 @@ def pipeline_retrain(
     labels_from_store: Annotated[
         bool, typer.Option("--labels-from-store", help="Train on the Feast store's labels (reviewers' corrections over PACS tags).")
     ] = False,
+    release_manifest: Annotated[Optional[Path], typer.Option(
+        help="Release a promoted challenger (XRAYOPS_RELEASE_STORAGE_URI) and roll this InferenceService manifest "
+             "to it (the rolled manifest is the release step's `rendered` output); default: no release.")] = None,
 ) -> None:
     """Run the retraining pipeline here with kfp.local: the champion comes from MLflow
     (XRAYOPS_MLFLOW_TRACKING_URI), the new dataset version goes to XRAYOPS_DVC_REMOTE_URL."""
@@ -667,6 +670,17 @@ def pipeline_retrain(
     settings = get_settings()
     if not source_dir.is_dir():
         _fail(f"--source-dir {source_dir} is not a folder")
+    release = {}
+    if release_manifest is not None:
+        from xrayops.release import ReleaseError
+        from xrayops.release.manifest import read_inference_service
+
+        try:
+            read_inference_service(release_manifest)
+        except ReleaseError as exc:
+            _fail(str(exc))
+        release = {"release": True, "release_storage_uri": settings.release_storage_uri,
+                   "inference_service_manifest": str(release_manifest.resolve())}
     from xrayops.registry import RegistryError, model_version
 
     try:  # before minutes of ingestion: is there a champion to gate against?
@@ -678,7 +692,7 @@ def pipeline_retrain(
         task = run_retraining_local(root, log_path, **{
             **settings_arguments(settings), "source_dir": str(source_dir.resolve()), "pretrain_epochs": pretrain_epochs,
             "finetune_epochs": finetune_epochs, "model_name": model_name, "promote": promote,
-            "labels_from_store": labels_from_store,
+            "labels_from_store": labels_from_store, **release,
         })
     except RuntimeError as exc:
         _fail(str(exc))
