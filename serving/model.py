@@ -34,6 +34,7 @@ from xrayops.gradcam import grad_cam, heatmap_png_base64
 from xrayops.upright import upright_image
 from xrayops.inference import InferenceInputError, model_version, validate_array
 from xrayops.inference_log import append_records, build_records
+from xrayops.release.storage import release_of_folders
 from xrayops.logs import get_logger
 from xrayops.train.runtime import resolve_device
 
@@ -72,6 +73,7 @@ class XrayModel(Model):
         self.decoder: RequestDecoder | None = None
         self.batcher: MicroBatcher | None = None
         self.load_error = ""
+        self.release = ""  # the serving release the bundles came from (xrayops.release), if any
 
     def load(self) -> bool:
         """Load and verify every member; on any failure stay not-ready and keep the reason."""
@@ -82,10 +84,12 @@ class XrayModel(Model):
             device = resolve_device(self.device)
             members = [load_bundle(d, device=device) for d in self.bundle_dirs]
             check_members([m.meta for m in members])
+            release = release_of_folders(self.bundle_dirs)
             if self.log_path is not None:
                 self.log_path.mkdir(parents=True, exist_ok=True)
-        except (BundleError, EnsembleError, RuntimeError, OSError) as exc:  # RuntimeError: CUDA asked for, none present
-            self.members, self.bundle, self.ready, self.load_error = [], None, False, str(exc)
+        # RuntimeError: CUDA asked for, none present; ReleaseError is one too (folders not the release's)
+        except (BundleError, EnsembleError, RuntimeError, OSError) as exc:
+            self.members, self.bundle, self.ready, self.load_error, self.release = [], None, False, str(exc), ""
             log.error("model not ready", model=self.name, bundles=[str(d) for d in self.bundle_dirs], error=str(exc))
             return False
         if self.deid_key is None:
@@ -93,6 +97,7 @@ class XrayModel(Model):
 
             self.deid_key = get_settings().deid_key.get_secret_value()
         self.members, self.bundle, self.load_error = members, members[0], ""
+        self.release = release.release_id if release is not None else ""
         self.version = self.version or ensemble_version([model_version(m) for m in members])
         self.decoder = RequestDecoder(self.bundle.meta.preprocessing, self.limits, self.deid_key)
         self.batcher = MicroBatcher(self._predict_items, self.max_batch_size, self.max_batch_latency_s)
@@ -121,6 +126,7 @@ class XrayModel(Model):
         return {
             "name": self.name,
             "version": self.version,
+            "release": self.release,
             "ready": self.ready,
             "bundle": meta.model_dump(mode="json") if meta is not None else None,
             "members": self.member_info(),

@@ -3,6 +3,7 @@ moto), the InferenceService pointed at them and back, the result valid against K
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import boto3
@@ -200,7 +201,20 @@ def test_a_released_folder_is_what_serving_loads(registry, tmp_path):
     model = XrayModel("xrayops-region", dirs, device="cpu", deid_key="k")
     assert model.load(), model.load_error
     assert [m.meta.ssl_method for m in model.members] == ["byol", "simclr"]
+    assert model.release == out.release.release_id and model.bundle_info()["release"] == out.release.release_id
     model.stop()
+    transformer_view = XrayModel("xrayops-region", dirs[:1], device="cpu", deid_key="k")  # one member's spec
+    assert transformer_view.load() and transformer_view.release == out.release.release_id
+
+    # A folder swapped for another model under the release's name is not served as the release.
+    shutil.rmtree(mnt / "simclr")
+    shutil.copytree(registry["bundles"]["simclr2"], mnt / "simclr")
+    swapped = XrayModel("xrayops-region", dirs, device="cpu", deid_key="k")
+    assert not swapped.load() and not swapped.ready
+    assert f"simclr in {mnt} is not a member of release {out.release.release_id}" in swapped.load_error
+    # Bundles outside a release serve as before, with no release named.
+    plain = XrayModel("xrayops-region", [registry["bundles"]["byol"]], device="cpu", deid_key="k")
+    assert plain.load() and plain.release == ""
 
 
 def test_a_damaged_release_is_not_taken_for_a_good_one(registry, tmp_path):

@@ -164,3 +164,25 @@ def check_published(store, release: Release, bundles: dict[str, Path] | None = N
             raise ReleaseError(f"release {release.release_id}: member {m.member} has no {WEIGHTS}")
         if bundles and m.member in bundles and size != (Path(bundles[m.member]) / WEIGHTS).stat().st_size:
             raise ReleaseError(f"release {release.release_id}: {m.member}/{WEIGHTS} was not stored whole ({size} bytes)")
+
+
+def release_of_folders(bundle_dirs: list[Path]) -> Release | None:
+    """The release a server's bundle folders were copied from (`/mnt/models/<member>` with
+    release.json beside them), after checking that every folder is one of its members with the
+    weights it lists; None when they are not a release's (a bundle served from a training run)."""
+    parents = {Path(d).resolve().parent for d in bundle_dirs}
+    if len(parents) != 1 or not (next(iter(parents)) / RELEASE_FILE).is_file():
+        return None
+    folder = next(iter(parents))
+    try:
+        release = Release.model_validate_json((folder / RELEASE_FILE).read_text())
+    except ValidationError as exc:
+        raise ReleaseError(f"{folder / RELEASE_FILE} is not a release: {exc}") from exc
+    listed = {m.member: m.weights_sha256 for m in release.members}
+    served = {Path(d).name: ModelBundleMeta.model_validate_json((Path(d) / META).read_text()).weights_sha256
+              for d in bundle_dirs}
+    wrong = sorted(name for name, sha in served.items() if listed.get(name) != sha)
+    if wrong:  # a subset is fine: the transformer reads one member's preprocessing spec
+        raise ReleaseError(f"{', '.join(wrong)} in {folder} is not a member of release {release.release_id} with the "
+                           f"weights it lists ({', '.join(sorted(listed))})")
+    return release
