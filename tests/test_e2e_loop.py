@@ -106,6 +106,29 @@ def test_registered_with_lineage(loop):
     )
 
 
+def test_the_champion_is_served_from_a_release(loop):
+    """register -> release -> serve, as on a cluster: the served folders are the release's, pinned to
+    the champion's version, and the repository's InferenceService manifest is rolled to it."""
+    import yaml
+
+    from xrayops.release.plan import ANNOTATION_RELEASE
+
+    summary, cfg, settings, _ = loop
+    facts, artefacts = summary.step("release").facts, summary.step("release").artefacts
+    version = summary.step("register").facts["version"]
+    assert facts["members"] == {"simclr": f"models:/{settings.registered_model_name}/{version}"}
+    release = json.loads((Path(artefacts["release"]) / "release.json").read_text())
+    assert release["release_id"] == facts["release_id"] and Path(artefacts["release"]).name == facts["release_id"]
+    served = summary.step("serve").artefacts["served_bundles"]
+    assert served == str(Path(artefacts["release"]) / "simclr")
+    weights = (Path(served) / "weights.pt").read_bytes()
+    assert weights == (summary.out / "bundle" / "weights.pt").read_bytes()  # what finetune wrote, bit for bit
+    isvc = yaml.safe_load(Path(artefacts["inference_service"]).read_text())
+    assert isvc["spec"]["predictor"]["model"]["storageUri"] == artefacts["release"]
+    assert isvc["spec"]["predictor"]["model"]["args"] == ["--bundle=/mnt/models/simclr"]
+    assert isvc["metadata"]["annotations"][ANNOTATION_RELEASE] == facts["release_id"]
+
+
 def test_served_predictions_and_inference_log(loop):
     summary, cfg, *_ = loop
     facts = summary.step("serve").facts

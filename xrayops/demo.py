@@ -25,6 +25,9 @@ from xrayops.logs import get_logger
 log = get_logger(__name__)
 
 
+SERVING_MANIFEST = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "base" / "serving" / "inferenceservice.yaml"
+
+
 class DemoConfig(BaseModel):
     out: Path = Path("outputs/demo")
     n: int = 1400
@@ -45,6 +48,9 @@ class DemoConfig(BaseModel):
     repo_dir: Path = Path(".")
     run_pipeline: bool = True  # the kfp.local runs: retraining over both exports, then a small training pipeline
     pipeline_images: int = 140
+    # The InferenceService the release step rolls (into the demo's outputs; the file is not changed).
+    # Absent (an installed package has no infra/), the release is published without it.
+    serving_manifest: Path = SERVING_MANIFEST
 
 
 class StepRecord(BaseModel):
@@ -123,7 +129,7 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
     from xrayops.evaluate.report import evaluate_bundle
     from xrayops.ingest import ingest
     from xrayops.monitor.window import monitor_window
-    from xrayops.registry import register_bundle, resolve_bundle
+    from xrayops.registry import register_bundle
     from xrayops.train.finetune import FinetuneConfig, finetune
     from xrayops.train.pretrain import PretrainConfig, pretrain
     from xrayops.versioning import git_commit, version_dataset
@@ -225,23 +231,41 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
             {"version": registered.version, "alias": registered.alias},
         )
 
+    def do_release():
+        from xrayops.release import release_models
+        from xrayops.release.manifest import read_inference_service, write_inference_service
+
+        # As on a cluster: the champion published as a serving release (a local folder here,
+        # s3://xrayops-models/region there) and the InferenceService manifest rolled to it.
+        ref = f"models:/{settings.registered_model_name}@{state['registered'].alias}"
+        manifest = cfg.serving_manifest
+        isvc = read_inference_service(manifest) if manifest.is_file() else None
+        outcome = release_models(isvc, [ref], str(out / "serving"), settings.tracking_uri(), out / "release-work",
+                                 replace_all=True)
+        release = outcome.release
+        state["served_bundles"] = [Path(release.uri) / m.member for m in release.members]
+        artefacts: dict[str, Any] = {"release": release.uri}
+        if outcome.inference_service is not None:
+            write_inference_service(outcome.inference_service, out / "release" / "inferenceservice.yaml")
+            artefacts["inference_service"] = out / "release" / "inferenceservice.yaml"
+        return artefacts, {"release_id": release.release_id, "members": {m.member: m.model_uri for m in release.members}}
+
     def do_serve():
         from serving.client import predict_files
         from serving.server import running_server
 
-        ref = f"models:/{settings.registered_model_name}@{state['registered'].alias}"
-        bundle_dir = resolve_bundle(ref, settings.tracking_uri(), out / "served-bundle")
+        bundle_dirs = state["served_bundles"]  # the release folder, as KServe's storage initializer lays it out
         log_path = out / "inference-log"
         files = sorted(Path(state["shifted"].dicom_dir).glob("*.dcm"))
         truth = read_truth(state["shifted"].truth_path)
-        with running_server(bundle_dir, log_path=log_path, model_name=settings.registered_model_name) as url:
+        with running_server(bundle_dirs, log_path=log_path, model_name=settings.registered_model_name) as url:
             responses = predict_files(url, settings.registered_model_name, files)
         labelled = [(r, truth[f.name]) for r, f in zip(responses, files) if truth[f.name] != "unknown"]
         served_acc = sum(r.region == t for r, t in labelled) / max(len(labelled), 1)
         state["log_path"] = log_path
         example = responses[0].model_dump(include={"region", "confidence", "dicom_region", "label_disagreement", "ood"})
         return (
-            {"served_bundle": bundle_dir, "inference_log": log_path},
+            {"served_bundles": ", ".join(str(d) for d in bundle_dirs), "inference_log": log_path},
             {
                 "requests": len(responses),
                 "served_accuracy_vs_truth": round(served_acc, 3),
@@ -297,7 +321,7 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
     for name, fn in [
         ("synth", do_synth), ("ingest", do_ingest), ("version", do_version), ("pretrain", do_pretrain),
         ("finetune", do_finetune), ("audit", do_audit), ("evaluate", do_evaluate), ("register", do_register),
-        ("serve", do_serve), ("monitor", do_monitor),
+        ("release", do_release), ("serve", do_serve), ("monitor", do_monitor),
         *([("retrain", do_retrain)] if cfg.run_pipeline else []), ("pipeline", do_pipeline),
     ]:
         _run_step(summary, name, fn)

@@ -18,8 +18,8 @@
 #   lightly's own requirements     (hydra-core, lightly-utils, aenum, pytorch-lightning, ...): the
 #                                   modules xrayops.models.ssl imports (lightly.loss, lightly.models.modules,
 #                                   lightly.models.utils, lightly.utils.dist/scheduler) import none of them.
-# Carried although the device has it: typing-extensions (pydantic/pydantic-core need >= 4.14.1; the
-# device's version is not known, and the pure 45 kB wheel settles it).
+# Carried although the device has it: typing-extensions (pydantic 2.14.4 and pydantic-core 2.50.5 require
+# >= 4.16.0; the device's version is not known, and the pure 45 kB wheel settles it).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -32,7 +32,7 @@ WHEELS=(
   "pydantic-core==2.50.5"       # pydantic (compiled: cp312)
   "annotated-types==0.8.0"      # pydantic
   "typing-inspection==0.4.5"    # pydantic, pydantic-settings
-  "typing-extensions==4.16.0"   # pydantic, pydantic-core (floor 4.14.1); see above
+  "typing-extensions==4.16.0"   # pydantic, pydantic-core (floor 4.16.0); see above
   "pydantic-settings==2.16.3"   # xrayops.config (XRAYOPS_* settings)
   "python-dotenv==1.2.4"        # pydantic-settings (imported at import time)
   "structlog==26.1.0"           # xrayops.logs
@@ -57,12 +57,15 @@ if [[ -x "$ROOT/.venv/bin/pip" ]]; then
   done
 fi
 
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
+tmp="$(mktemp -d)"; err="$(mktemp)"
+trap 'rm -rf "$tmp" "$err"' EXIT
 platform_args=()
 for p in "${PLATFORMS[@]}"; do platform_args+=(--platform "$p"); done
-$PIP download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 \
-  --abi none "${platform_args[@]}" -d "$tmp" "${WHEELS[@]}"
+if ! $PIP download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+    --abi abi3 --abi none "${platform_args[@]}" -d "$tmp" "${WHEELS[@]}" 2>"$err"; then
+  grep -v "is ignored: it is neither" "$err" >&2; exit 1
+fi
+grep -v "is ignored: it is neither" "$err" >&2 || true   # pip's notes on this machine's local index folders
 
 # Exactly one wheel per name, or the device's install stops.
 n="$(ls "$tmp"/*.whl | wc -l)"

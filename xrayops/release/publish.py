@@ -30,9 +30,9 @@ log = get_logger(__name__)
 @dataclass(frozen=True)
 class ReleaseOutcome:
     release: Release
-    # The InferenceService that serves it, to apply or write out; the caller's own mapping type
-    # (a round-trip YAML map keeps a manifest's comments), so not a pydantic field.
-    inference_service: dict
+    # The InferenceService that serves it, to apply or write out (None: none was given); the caller's
+    # own mapping type (a round-trip YAML map keeps a manifest's comments), so not a pydantic field.
+    inference_service: dict | None
     previous: str | None  # the release it replaces on the InferenceService
 
 
@@ -56,8 +56,8 @@ def resolve_members(
     return resolved
 
 
-def live_release(store, isvc: dict) -> tuple[Release | None, dict[str, ModelBundleMeta]]:
-    rid = live_release_id(isvc)
+def live_release(store, isvc: dict | None) -> tuple[Release | None, dict[str, ModelBundleMeta]]:
+    rid = live_release_id(isvc) if isvc is not None else None
     if rid is None:
         return None, {}
     live = read_release(store, rid)
@@ -65,7 +65,7 @@ def live_release(store, isvc: dict) -> tuple[Release | None, dict[str, ModelBund
 
 
 def release_models(
-    isvc: dict,
+    isvc: dict | None,
     refs: list[str],
     storage_uri: str,
     tracking_uri: str | None,
@@ -74,19 +74,21 @@ def release_models(
     replace_all: bool = False,
 ) -> ReleaseOutcome:
     """Publish `refs` (with the live release's other members unless `replace_all`) to the serving
-    storage and return the InferenceService pointed at the new release."""
+    storage and return the InferenceService pointed at the new release (`isvc` None: publish only,
+    with no live release to keep members from)."""
     store = open_store(storage_uri, endpoint_url)
     resolved = resolve_members(refs, tracking_uri, work_dir)
     live, live_metas = live_release(store, isvc)
-    if live is None and not replace_all:
+    if live is None and isvc is not None and not replace_all:
         log.warning("the InferenceService serves no release yet: the first release serves only the given models",
                     models=[m.model_uri for m, _, _ in resolved])
     release = plan_release([(m, meta) for m, meta, _ in resolved], live, live_metas, storage_uri, replace_all)
     release = write_release(store, release, {m.member: path for m, _, path in resolved})
     log.info("published release", release=release.release_id, uri=release.uri,
              members={m.member: m.model_uri for m in release.members}, previous=release.previous)
-    return ReleaseOutcome(release=release, inference_service=point_inference_service(isvc, release),
-                          previous=live_release_id(isvc))
+    return ReleaseOutcome(release=release,
+                          inference_service=point_inference_service(isvc, release) if isvc is not None else None,
+                          previous=live.release_id if live is not None else None)
 
 
 def roll_back(isvc: dict, storage_uri: str, endpoint_url: str = "", to: str | None = None) -> ReleaseOutcome:
