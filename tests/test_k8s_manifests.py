@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import K8S_SCHEMAS
+from xrayops.config import Settings
 from tests.crd_schemas import crd_validator
 from xrayops import deploy
 
@@ -444,6 +445,11 @@ def test_monitor_cronjob_submits_the_overlays_retraining_pipeline(rendered):
         job = deploy.find(docs, "CronJob", "xrayops-monitor")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
         (retrain,) = [c for c in job["containers"] if c["name"] == "retrain"]
         assert f"--package=/pipelines/{deploy.RETRAINING_KEY}" in retrain["args"]
+        # The release switch comes from the site's config, off unless set; the Settings field exists.
+        assert "--param=release=$(XRAYOPS_RELEASE_ON_PROMOTION)" in retrain["args"]
+        assert {"configMapRef": {"name": "xrayops-config"}} in retrain["envFrom"]
+        site = deploy.find(docs, "ConfigMap", "xrayops-config")["data"]
+        assert site["XRAYOPS_RELEASE_ON_PROMOTION"] == "false" and Settings().release_on_promotion is False
         assert any(v["mountPath"] == "/pipelines" and v["name"] == "pipelines" for v in retrain["volumeMounts"])
         assert {"name": "pipelines", "configMap": {"name": deploy.PIPELINE_CONFIG_MAP}} in job["volumes"]
     cloud = {d["metadata"]["name"]: d for d in rendered["gpu-cloud"] if d["kind"] == "PersistentVolumeClaim"}
@@ -497,8 +503,6 @@ def test_compile_cli_gpu_count_and_cluster_env(tmp_path, rendered):
 def test_local_minio_creates_every_bucket_the_platform_names(rendered):
     """A bucket named in the config, the pipeline root or a storageUri but never created fails
     only at run time (the serving releases' xrayops-models once did)."""
-    import re
-
     docs = rendered["local"]
     job = deploy.pod_spec(deploy.find(docs, "Job", "minio-buckets"))
     created = {a.split("/", 1)[1] for a in job["containers"][0]["args"] if a.startswith("minio/")}

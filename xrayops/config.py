@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     release_storage_uri: str = Field(default="s3://xrayops-models/region", description="serving storage for releases")
     inference_service: str = "xrayops-region"
     serving_namespace: str = "xrayops"
+    # Whether the retraining runs the monitor CronJob submits release a promoted challenger to serving
+    # (pipeline parameter `release`); off: a person releases with `xrayops release publish`.
+    release_on_promotion: bool = False
     # Feature store (xrayops.features): Feast repo; sqlite online store by default, redis or postgres on a cluster.
     feature_repo_dir: Path | None = None
     feast_project: str = "xrayops"
