@@ -20,7 +20,6 @@ def release_op(
     """Publish the promoted version as a serving release (it replaces the live member of its SSL
     method; the others stay) and point the InferenceService at it: the live one through the
     Kubernetes API, or, with `manifest` (a file), only the rolled manifest as `rendered`."""
-    import tempfile
     from collections import namedtuple
     from pathlib import Path
 
@@ -31,9 +30,8 @@ def release_op(
 
     settings = get_settings()
     isvc = read_inference_service(Path(manifest)) if manifest else get_inference_service(inference_service, namespace)
-    with tempfile.TemporaryDirectory() as work:  # the downloaded bundle is not an output of this step
-        outcome = release_models(isvc, [model_uri], storage_uri or settings.release_storage_uri,
-                                 tracking_uri or settings.tracking_uri(), Path(work), s3_endpoint_url or settings.s3_endpoint_url)
+    outcome = release_models(isvc, [model_uri], storage_uri or settings.release_storage_uri,
+                             tracking_uri or settings.tracking_uri(), s3_endpoint_url or settings.s3_endpoint_url)
     if not manifest:
         replace_inference_service(outcome.inference_service)
     write_inference_service(outcome.inference_service, Path(rendered.path))

@@ -151,7 +151,7 @@ def test_kfp_local_retraining_gates_and_promotes_a_challenger_on_the_new_version
     # The champion is live: released to the serving storage, the InferenceService manifest points at it.
     serving, manifest = tmp_path / "serving", tmp_path / "inferenceservice.yaml"
     live = release_models(yaml.safe_load(BASE_ISVC.read_text()), [champion["registered"].model_uri], str(serving),
-                          champion["tracking_uri"], tmp_path / "w")
+                          champion["tracking_uri"])
     write_inference_service(live.inference_service, manifest)
     root = tmp_path / "kfp"
     run_retraining_local(

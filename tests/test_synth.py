@@ -191,6 +191,21 @@ def test_same_seed_gives_the_same_bytes(tmp_path):
     assert pa.shape != pc.shape or not np.array_equal(pa, pc)
 
 
+def test_workers_write_the_same_files(tmp_path):
+    """Each image depends only on its plan and the seed, so rendering in processes changes nothing."""
+    serial = synthesize(tmp_path / "serial", n=12, seed=9, mislabel_rate=0.2, shift=0.5, size=48)
+    parallel = synthesize(tmp_path / "parallel", n=12, seed=9, mislabel_rate=0.2, shift=0.5, size=48, workers=2)
+    assert parallel.truth_path.read_bytes() == serial.truth_path.read_bytes()
+    names = sorted(f.name for f in serial.dicom_dir.iterdir())
+    assert names == sorted(f.name for f in parallel.dicom_dir.iterdir()) and len(names) == 12
+    for name in names:
+        assert (parallel.dicom_dir / name).read_bytes() == (serial.dicom_dir / name).read_bytes()
+    assert parallel.model_dump(exclude={"out_dir", "dicom_dir", "truth_path"}) == serial.model_dump(
+        exclude={"out_dir", "dicom_dir", "truth_path"})
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        synthesize(tmp_path / "none", n=4, workers=0)
+
+
 def _noise_level(img: np.ndarray) -> float:
     """Robust sigma of the pixel noise from the 2x2 second difference (MAD)."""
     d = (img[1:, 1:] - img[:-1, 1:] - img[1:, :-1] + img[:-1, :-1]) / 2.0

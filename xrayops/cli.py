@@ -60,11 +60,13 @@ def synth(
     mislabel_rate: Annotated[float, typer.Option(help="Share of images given a wrong BodyPartExamined tag.")] = 0.05,
     shift: Annotated[float, typer.Option(help="Domain shift 0..1: share of images from a second vendor.")] = 0.0,
     ood_rate: Annotated[float, typer.Option(help="Share of out-of-domain images.")] = 0.03,
+    workers: Annotated[int, typer.Option(min=1, help="Processes rendering the images; the files do not depend on it.")] = 1,
 ) -> None:
     """Write synthetic radiographs as real DICOM (CR/DX, several codecs) plus a ground-truth sidecar."""
     from xrayops.data.synth import synthesize
 
-    _print_json(synthesize(out, n=n, seed=seed, size=size, mislabel_rate=mislabel_rate, shift=shift, ood_rate=ood_rate))
+    _print_json(synthesize(out, n=n, seed=seed, size=size, mislabel_rate=mislabel_rate, shift=shift, ood_rate=ood_rate,
+                           workers=workers))
 
 
 @app.command()
@@ -992,7 +994,7 @@ def release_publish(
     try:
         isvc = _read_inference_service(manifest, name or settings.inference_service, namespace or settings.serving_namespace)
         outcome = release_models(isvc, model, storage or settings.release_storage_uri, settings.tracking_uri(),
-                                 settings.output_dir / "release", settings.s3_endpoint_url, replace_all)
+                                 settings.s3_endpoint_url, replace_all)
         where = _write_inference_service(outcome.inference_service, manifest, out, dry_run)
     except (ReleaseError, RegistryError) as exc:
         _fail(str(exc))

@@ -240,8 +240,7 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
         ref = f"models:/{settings.registered_model_name}@{state['registered'].alias}"
         manifest = cfg.serving_manifest
         isvc = read_inference_service(manifest) if manifest.is_file() else None
-        outcome = release_models(isvc, [ref], str(out / "serving"), settings.tracking_uri(), out / "release-work",
-                                 replace_all=True)
+        outcome = release_models(isvc, [ref], str(out / "serving"), settings.tracking_uri(), replace_all=True)
         release = outcome.release
         state["served_bundles"] = [Path(release.uri) / m.member for m in release.members]
         artefacts: dict[str, Any] = {"release": release.uri}

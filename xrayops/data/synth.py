@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import csv
 import math
+import multiprocessing
 import zlib
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import date, timedelta
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -758,39 +762,62 @@ def _check_args(n: int, seed: int, mislabel_rate: float, shift: float, ood_rate:
         raise ValueError(f"size must be >= 32 pixels, got {size}")
 
 
+def write_image(plan: ImagePlan, seed: int, size: int, seed_key: str, dicom_dir: Path) -> dict:
+    """Render, encode and write one planned image; its truth row. Pure in (plan, seed, size): the
+    same file whichever process writes it."""
+    study = plan.study
+    rendered = render_image(plan, seed, size)
+    stored = to_stored(rendered.image, plan.photometric, plan.bits_stored)
+    meta_rng = np.random.default_rng([seed, plan.index, 3])
+    ds = encode(build_dataset(plan, rendered, stored, seed_key, meta_rng), plan.transfer_syntax)
+    name = f"img-{plan.index:06d}.dcm"
+    ds.save_as(Path(dicom_dir) / name, enforce_file_format=True)
+    denoted = tag_region(study)
+    return {
+        "file": name, "sop_instance_uid": ds.SOPInstanceUID, "study_instance_uid": ds.StudyInstanceUID,
+        "patient_id": study.patient.patient_id, "patient_name": study.patient.name, "true_region": study.region,
+        "tag_text": study.tag_text, "study_description": study.description, "tag_region": denoted,
+        "mislabeled": study.region != UNKNOWN and denoted != study.region, "angle_deg": f"{plan.angle_deg:.3f}",
+        "mirrored": rendered.mirrored, "photometric": plan.photometric, "bits_stored": plan.bits_stored,
+        "transfer_syntax": plan.transfer_syntax, "sop_class": study.sop_class, "modality": ds.Modality,
+        "manufacturer": ds.Manufacturer, "vendor": study.vendor, "rows": stored.shape[0], "cols": stored.shape[1],
+        "pixel_spacing_mm": f"{rendered.pixel_spacing_mm:.4f}", "ood": study.region == UNKNOWN,
+        "ood_kind": study.ood_kind, "has_gauge": rendered.n_gauges > 0, "n_gauges": rendered.n_gauges,
+        "has_border": rendered.has_border, "has_marker": bool(rendered.marker_text),
+        "marker_text": rendered.marker_text, "collimated": rendered.collimated,
+    }
+
+
+def _write_images(plans: list[ImagePlan], seed: int, size: int, seed_key: str, dicom_dir: Path,
+                  workers: int) -> Iterator[dict]:
+    """Truth rows in plan order; with `workers` > 1 the images are rendered by that many processes
+    (every image depends only on its plan and the seed, so the files are the same)."""
+    if workers <= 1 or len(plans) <= 1:
+        for plan in plans:
+            yield write_image(plan, seed, size, seed_key, dicom_dir)
+        return
+    # spawn, as ingestion: forking a parent that holds torch/BLAS threads can deadlock the children.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        chunk = max(1, min(64, len(plans) // (4 * workers)))
+        yield from pool.map(write_image, plans, repeat(seed), repeat(size), repeat(seed_key), repeat(dicom_dir),
+                            chunksize=chunk)
+
+
 def synthesize(out_dir: Path, n: int, seed: int = 0, mislabel_rate: float = 0.0, shift: float = 0.0,
-               ood_rate: float = 0.05, size: int = 256) -> SynthSummary:
-    """Write `n` synthetic radiographs to out_dir/dicom/img-NNNNNN.dcm and their truth to out_dir/truth.csv."""
+               ood_rate: float = 0.05, size: int = 256, workers: int = 1) -> SynthSummary:
+    """Write `n` synthetic radiographs to out_dir/dicom/img-NNNNNN.dcm and their truth to out_dir/truth.csv
+    (`workers` processes render them; the files do not depend on how many)."""
     _check_args(n, seed, mislabel_rate, shift, ood_rate, size)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     out_dir = Path(out_dir)
     dicom_dir = out_dir / "dicom"
     dicom_dir.mkdir(parents=True, exist_ok=True)
     seed_key = f"{seed}:{n}:{mislabel_rate}:{shift}:{ood_rate}:{size}"
     plans = plan_images(n, seed, mislabel_rate, shift, ood_rate)
-
-    rows = []
-    for plan in track(plans, "synthesizing radiographs", total=len(plans)):
-        study = plan.study
-        rendered = render_image(plan, seed, size)
-        stored = to_stored(rendered.image, plan.photometric, plan.bits_stored)
-        meta_rng = np.random.default_rng([seed, plan.index, 3])
-        ds = encode(build_dataset(plan, rendered, stored, seed_key, meta_rng), plan.transfer_syntax)
-        name = f"img-{plan.index:06d}.dcm"
-        ds.save_as(dicom_dir / name, enforce_file_format=True)
-        denoted = tag_region(study)
-        rows.append({
-            "file": name, "sop_instance_uid": ds.SOPInstanceUID, "study_instance_uid": ds.StudyInstanceUID,
-            "patient_id": study.patient.patient_id, "patient_name": study.patient.name, "true_region": study.region,
-            "tag_text": study.tag_text, "study_description": study.description, "tag_region": denoted,
-            "mislabeled": study.region != UNKNOWN and denoted != study.region, "angle_deg": f"{plan.angle_deg:.3f}",
-            "mirrored": rendered.mirrored, "photometric": plan.photometric, "bits_stored": plan.bits_stored,
-            "transfer_syntax": plan.transfer_syntax, "sop_class": study.sop_class, "modality": ds.Modality,
-            "manufacturer": ds.Manufacturer, "vendor": study.vendor, "rows": stored.shape[0], "cols": stored.shape[1],
-            "pixel_spacing_mm": f"{rendered.pixel_spacing_mm:.4f}", "ood": study.region == UNKNOWN,
-            "ood_kind": study.ood_kind, "has_gauge": rendered.n_gauges > 0, "n_gauges": rendered.n_gauges,
-            "has_border": rendered.has_border, "has_marker": bool(rendered.marker_text),
-            "marker_text": rendered.marker_text, "collimated": rendered.collimated,
-        })
+    rows = list(track(_write_images(plans, seed, size, seed_key, dicom_dir, workers), "synthesizing radiographs",
+                      total=len(plans)))
 
     truth_path = out_dir / "truth.csv"
     with truth_path.open("w", newline="", encoding="utf-8") as f:

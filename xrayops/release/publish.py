@@ -5,6 +5,7 @@ cluster by the caller (CLI, pipeline component), so the same steps serve GitOps 
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,6 @@ def release_models(
     refs: list[str],
     storage_uri: str,
     tracking_uri: str | None,
-    work_dir: Path,
     endpoint_url: str = "",
     replace_all: bool = False,
 ) -> ReleaseOutcome:
@@ -77,13 +77,14 @@ def release_models(
     storage and return the InferenceService pointed at the new release (`isvc` None: publish only,
     with no live release to keep members from)."""
     store = open_store(storage_uri, endpoint_url)
-    resolved = resolve_members(refs, tracking_uri, work_dir)
     live, live_metas = live_release(store, isvc)
-    if live is None and isvc is not None and not replace_all:
-        log.warning("the InferenceService serves no release yet: the first release serves only the given models",
-                    models=[m.model_uri for m, _, _ in resolved])
-    release = plan_release([(m, meta) for m, meta, _ in resolved], live, live_metas, storage_uri, replace_all)
-    release = write_release(store, release, {m.member: path for m, _, path in resolved})
+    with tempfile.TemporaryDirectory(prefix="xrayops-release-") as work:  # registry downloads, gone once published
+        resolved = resolve_members(refs, tracking_uri, Path(work))
+        if live is None and isvc is not None and not replace_all:
+            log.warning("the InferenceService serves no release yet: the first release serves only the given models",
+                        models=[m.model_uri for m, _, _ in resolved])
+        release = plan_release([(m, meta) for m, meta, _ in resolved], live, live_metas, storage_uri, replace_all)
+        release = write_release(store, release, {m.member: path for m, _, path in resolved})
     log.info("published release", release=release.release_id, uri=release.uri,
              members={m.member: m.model_uri for m in release.members}, previous=release.previous)
     return ReleaseOutcome(release=release,

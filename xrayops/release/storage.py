@@ -68,39 +68,44 @@ class S3Store:
     def _key(self, release_id: str, name: str) -> str:
         return "/".join(p for p in (self.prefix, RELEASES, release_id, name) if p)
 
-    def _missing(self, exc) -> bool:
-        return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+    def _call(self, what: str, fn, *args, missing_ok: bool = False, **kwargs):
+        """One S3 call; a missing key is None where `missing_ok`, any other failure (no bucket,
+        no credentials, no endpoint) a ReleaseError that says what was being done where."""
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if missing_ok and code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise ReleaseError(f"S3 {what} in s3://{self.bucket}/{self.prefix} failed: {code or exc}") from exc
+        except (BotoCoreError, S3UploadFailedError) as exc:
+            raise ReleaseError(f"S3 {what} in s3://{self.bucket}/{self.prefix} failed: {exc}") from exc
 
     def read_text(self, release_id: str, name: str) -> str | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(release_id, name))["Body"]
-        except ClientError as exc:
-            if self._missing(exc):
-                return None
-            raise
-        return body.read().decode()
+        key = self._key(release_id, name)
+        answer = self._call(f"read of {key}", self.client.get_object, Bucket=self.bucket, Key=key, missing_ok=True)
+        return None if answer is None else answer["Body"].read().decode()
 
     def size(self, release_id: str, name: str) -> int | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(release_id, name))["ContentLength"])
-        except ClientError as exc:
-            if self._missing(exc):
-                return None
-            raise
+        key = self._key(release_id, name)
+        head = self._call(f"head of {key}", self.client.head_object, Bucket=self.bucket, Key=key, missing_ok=True)
+        return None if head is None else int(head["ContentLength"])
 
     def put_file(self, release_id: str, name: str, source: Path) -> None:
-        self.client.upload_file(str(source), self.bucket, self._key(release_id, name))
+        key = self._key(release_id, name)
+        self._call(f"upload of {key}", self.client.upload_file, str(source), self.bucket, key)
 
     def copy(self, from_id: str, to_id: str, name: str) -> None:  # server side: no download
-        self.client.copy({"Bucket": self.bucket, "Key": self._key(from_id, name)}, self.bucket, self._key(to_id, name))
+        source, key = self._key(from_id, name), self._key(to_id, name)
+        self._call(f"copy of {source}", self.client.copy, {"Bucket": self.bucket, "Key": source}, self.bucket, key)
 
     def put_text(self, release_id: str, name: str, text: str) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(release_id, name), Body=text.encode(),
-                               ContentType="application/json")
+        key = self._key(release_id, name)
+        self._call(f"write of {key}", self.client.put_object, Bucket=self.bucket, Key=key, Body=text.encode(),
+                   ContentType="application/json")
 
 
 def open_store(storage_uri: str, endpoint_url: str = "") -> LocalStore | S3Store:
