@@ -121,6 +121,7 @@ synth_ingest() {  # synth_ingest NAME N SEED SYNTH_SIZE STORED_SIZE [synth args.
   echo "-- $name: synth $n images (seed $seed, ${size} px) on $KIT_PROCS processes $*"
   # synth --workers writes the same files as one process (tests/test_synth.py), so the 5k and 20k sets
   # are the images of the README's CPU tables.
+  mkdir -p "$dir"
   OMP_NUM_THREADS=1 xr synth "$dir/synth" --n "$n" --seed "$seed" --size "$size" --workers "$KIT_PROCS" "$@" \
     >"$dir/synth.json" || return 1
   echo "-- $name: ingest at $stored px, $KIT_PROCS workers"
