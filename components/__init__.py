@@ -5,7 +5,7 @@ holds kfp and xrayops, so the compiled YAML installs nothing at run time.
 """
 from components.audit_labels import audit_labels_op
 from components.champion import champion_op
-from components.evaluate import evaluate_op
+from components.evaluate import evaluate_ensemble_op, evaluate_op
 from components.finetune import finetune_op
 from components.gate import gate_op
 from components.ingest import ingest_op, ingest_part_op, merge_ingest_op, plan_ingest_op
@@ -27,6 +27,7 @@ __all__ = [
     "finetune_op",
     "audit_labels_op",
     "evaluate_op",
+    "evaluate_ensemble_op",
     "register_op",
     "release_op",
     "champion_op",

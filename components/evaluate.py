@@ -1,4 +1,4 @@
-from typing import Optional
+from typing import List, Optional
 
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
@@ -15,21 +15,40 @@ def evaluate_op(
     import shutil
     from pathlib import Path
 
-    import pandas as pd
-
-    from xrayops.data.dataset import read_truth_angles
+    from xrayops.data.truth import export_truth
     from xrayops.evaluate.report import evaluate_bundle
 
-    truth_csv = Path(dicom.path) / "truth.csv" if dicom is not None else None
-    truth = angles = None
-    if truth_csv is not None and truth_csv.exists():  # synthetic data carries its true labels and orientations
-        frame = pd.read_csv(truth_csv)
-        truth = dict(zip(frame["file"], frame["true_region"]))
-        angles = read_truth_angles(truth_csv)
+    truth, angles = export_truth(dicom.path if dicom is not None else None)
     out = Path(report.path).parent / "evaluation"
     result = evaluate_bundle(Path(bundle.path), Path(dataset.path), out, split="test", truth=truth, truth_angles=angles)
     for name, value in result.metrics.items():
         if isinstance(value, (int, float)) and value == value:  # KFP metrics refuse NaN
             metrics.log_metric(name, float(value))
+    shutil.copyfile(result.html_path, report.path)
+    return float(result.metrics["accuracy"])
+
+
+@xrayops_component
+def evaluate_ensemble_op(
+    dataset: Input[Dataset], bundles: Input[List[Model]], metrics: Output[Metrics], report: Output[HTML],
+    dicom: Optional[Input[Dataset]] = None,
+) -> float:
+    """Paper 000's ensemble (softmax average of the members) evaluated beside each member on the
+    test split: one report comparing them. Returns the ensemble's accuracy."""
+    import shutil
+    from pathlib import Path
+
+    from xrayops.data.truth import export_truth
+    from xrayops.evaluate.report import evaluate_ensemble
+
+    truth, angles = export_truth(dicom.path if dicom is not None else None)
+    out = Path(report.path).parent / "evaluation"
+    result = evaluate_ensemble([Path(b.path) for b in bundles], Path(dataset.path), out, split="test", truth=truth,
+                               truth_angles=angles)
+    for name, value in result.metrics.items():
+        if isinstance(value, (int, float)) and value == value:
+            metrics.log_metric(name, float(value))
+    for key, member in result.metrics["members"].items():  # "simclr:bundle" -> member_simclr_accuracy
+        metrics.log_metric(f"member_{key.split(':')[0]}_accuracy", float(member["accuracy"]))
     shutil.copyfile(result.html_path, report.path)
     return float(result.metrics["accuracy"])

@@ -1,6 +1,6 @@
 from typing import Optional
 
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 from components._image import xrayops_component
 
@@ -18,12 +18,14 @@ def finetune_op(
     orientation_assume_upright: bool = False,
     labels_from_store: bool = False,
     dicom: Optional[Input[Dataset]] = None,
+    dataset_version: Optional[Input[Artifact]] = None,
 ):
     """Linear region head on the frozen backbone (paper 000), plus the orientation head
     (paper 004) from the truth.csv angles when the DICOM folder has them (synth), or, with
     `orientation_assume_upright`, from the images turned by known amounts -> model bundle.
     `labels_from_store`: train on the feature store's point-in-time labels (reviewers'
-    corrections over PACS tags) as of now, instead of the manifest's tags."""
+    corrections over PACS tags) as of now, instead of the manifest's tags. `dataset_version` (the
+    version step's dvc_file) gives the dataset md5 as an artifact, in place of `dataset_md5`."""
     from pathlib import Path
 
     from xrayops.contracts import Lineage
@@ -32,7 +34,8 @@ def finetune_op(
 
     truth_csv = Path(dicom.path) / "truth.csv" if dicom is not None else None
     angles = read_truth_angles(truth_csv) if truth_csv is not None and truth_csv.exists() else None
-    lineage = Lineage(dataset_md5=dataset_md5, pipeline_run=pipeline_run)
+    md5 = dataset_version.metadata["md5"] if dataset_version is not None else dataset_md5
+    lineage = Lineage(dataset_md5=md5, pipeline_run=pipeline_run)
     labels = None
     if labels_from_store:
         from datetime import datetime, timezone

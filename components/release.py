@@ -1,4 +1,4 @@
-from typing import NamedTuple
+from typing import List, NamedTuple
 
 from kfp.dsl import Artifact, Output
 
@@ -7,7 +7,7 @@ from components._image import xrayops_component
 
 @xrayops_component
 def release_op(
-    model_uri: str,
+    model_uris: List[str],
     tracking_uri: str,
     storage_uri: str,
     s3_endpoint_url: str,
@@ -16,10 +16,11 @@ def release_op(
     manifest: str,
     release: Output[Artifact],
     rendered: Output[Artifact],
+    replace_all: bool = False,
 ) -> NamedTuple("ReleaseOut", [("release_id", str), ("uri", str)]):
-    """Publish the promoted version as a serving release (it replaces the live member of its SSL
-    method; the others stay) and point the InferenceService at it: the live one through the
-    Kubernetes API, or, with `manifest` (a file), only the rolled manifest as `rendered`."""
+    """Publish registry versions as a serving release (each replaces the live member of its SSL
+    method; the others stay, unless `replace_all`) and point the InferenceService at it: the live
+    one through the Kubernetes API, or, with `manifest` (a file), only the rolled manifest as `rendered`."""
     from collections import namedtuple
     from pathlib import Path
 
@@ -30,8 +31,9 @@ def release_op(
 
     settings = get_settings()
     isvc = read_inference_service(Path(manifest)) if manifest else get_inference_service(inference_service, namespace)
-    outcome = release_models(isvc, [model_uri], storage_uri or settings.release_storage_uri,
-                             tracking_uri or settings.tracking_uri(), s3_endpoint_url or settings.s3_endpoint_url)
+    outcome = release_models(isvc, list(model_uris), storage_uri or settings.release_storage_uri,
+                             tracking_uri or settings.tracking_uri(), s3_endpoint_url or settings.s3_endpoint_url,
+                             replace_all)
     if not manifest:
         replace_inference_service(outcome.inference_service)
     write_inference_service(outcome.inference_service, Path(rendered.path))

@@ -115,7 +115,7 @@ def build_retraining_pipeline(
         with dsl.If(release == True, name="release-enabled"):  # noqa: E712 (a pipeline condition)
             with dsl.If(decision.outputs["promoted"] == True, name="promoted"):  # noqa: E712
                 rollout = release_op(
-                    model_uri=registered.output, tracking_uri=mlflow_tracking_uri, storage_uri=release_storage_uri,
+                    model_uris=[registered.output], tracking_uri=mlflow_tracking_uri, storage_uri=release_storage_uri,
                     s3_endpoint_url=s3_endpoint_url, inference_service=inference_service, namespace=serving_namespace,
                     manifest=inference_service_manifest,
                 ).set_display_name("release")

@@ -72,7 +72,8 @@ def test_compiled_retraining_graph_starts_from_the_champion_and_gates(tmp_path):
     assert promoted["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-op-promoted'] == true"
     (release,) = spec["components"][promoted["componentRef"]["name"]]["dag"]["tasks"].values()
     assert release["taskInfo"]["name"] == "release"
-    assert release["inputs"]["parameters"]["model_uri"]["componentInputParameter"] == "pipelinechannel--register-op-Output"
+    assert release["inputs"]["parameters"]["model_uris"]["runtimeValue"]["constant"] == [
+        "{{$.inputs.parameters['pipelinechannel--register-op-Output']}}"]  # the registered challenger
     # ...and reads where to publish and which service to roll from the cluster's ConfigMap.
     keys = {m["configMapKey"] for m in k8s["exec-release-op"]["configMapAsEnv"][0]["keyToEnv"]}
     assert {"XRAYOPS_RELEASE_STORAGE_URI", "XRAYOPS_INFERENCE_SERVICE", "XRAYOPS_SERVING_NAMESPACE"} <= keys

@@ -650,6 +650,75 @@ def pipeline_compile_retraining(
                                       source_pvc=source_pvc)))
 
 
+@pipeline_app.command("compile-site-training")
+def pipeline_compile_site_training(
+    out: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path("outputs/pipeline/xrayops-site-training.yaml"),
+    cluster: Annotated[bool, typer.Option("--cluster", help="Tasks read xrayops-config and the xrayops-s3/xrayops-deid Secrets.")] = False,
+    source_pvc: Annotated[str, typer.Option(help="PersistentVolumeClaim holding the DICOM archive (mounted at /mnt/dicom).")] = "",
+    gpu: Annotated[bool, typer.Option("--gpu", help="Schedule every member's pretrain/finetune on the GPU node pool.")] = False,
+    gpu_node_pool: Annotated[str, typer.Option(help="Value of the xrayops.io/pool node label.")] = "gpu",
+    gpu_count: Annotated[int, typer.Option(help="nvidia.com/gpu limit of each GPU task.")] = 1,
+    gpu_pool: Annotated[
+        Optional[Path], typer.Option(help="JSON/YAML GpuPool of this cluster (accelerator, node selector, tolerations); implies --gpu.")
+    ] = None,
+) -> None:
+    """Compile the site-training pipeline (archive -> DVC version -> one SimCLR, BYOL and SupCon member
+    each -> ensemble evaluated beside them -> optional release) to KFP v2 YAML."""
+    from pipelines.gpu_pool import GpuPool
+    from pipelines.site_training import compile_site_training
+
+    pool = GpuPool.from_file(gpu_pool) if gpu_pool else GpuPool.labelled(gpu_node_pool, gpu_count)
+    typer.echo(str(compile_site_training(out, gpu=gpu or gpu_pool is not None, cluster=cluster, gpu_pool=pool,
+                                         source_pvc=source_pvc)))
+
+
+@pipeline_app.command("site-train")
+def pipeline_site_train(
+    source_dir: Annotated[Path, typer.Option(help="The site's DICOM archive.")],
+    root: Annotated[Path, typer.Option(help="kfp.local pipeline root (artifacts).")] = Path("outputs/kfp-site"),
+    method: Annotated[Optional[list[str]], typer.Option(help="SSL method of a member; repeat (default: simclr, byol, supcon, paper 000).")] = None,
+    image_size: Annotated[int, typer.Option(help="Stored image side (paper 000: 224).")] = 224,
+    pretrain_epochs: Annotated[int, typer.Option(help="SSL epochs of every member.")] = 100,
+    finetune_epochs: Annotated[int, typer.Option(help="Linear-head epochs.")] = 60,
+    model_name: Annotated[str, typer.Option(help="Members register as NAME-METHOD in MLflow.")] = "xrayops-region",
+    release_manifest: Annotated[Optional[Path], typer.Option(
+        help="Release the members (XRAYOPS_RELEASE_STORAGE_URI) and roll this InferenceService manifest to them.")] = None,
+) -> None:
+    """Run the site-training pipeline here with kfp.local: paper 000's ensemble on the site's own
+    archive, each member registered as NAME-METHOD with alias champion (the first champions)."""
+    from pipelines.retraining import settings_arguments
+    from pipelines.site_training import PAPER_000_METHODS, run_site_training_local
+    from xrayops.release import ReleaseError
+    from xrayops.release.manifest import read_inference_service
+
+    settings = get_settings()
+    if not source_dir.is_dir():
+        _fail(f"--source-dir {source_dir} is not a folder")
+    unknown = sorted(set(method or []) - set(PAPER_000_METHODS))
+    if unknown:
+        _fail(f"unknown SSL method {unknown[0]!r}: choose from {', '.join(PAPER_000_METHODS)}")
+    release = {}
+    if release_manifest is not None:
+        try:
+            read_inference_service(release_manifest)
+        except ReleaseError as exc:
+            _fail(str(exc))
+        release = {"release": True, "release_storage_uri": settings.release_storage_uri,
+                   "inference_service_manifest": str(release_manifest.resolve())}
+    stores = {k: v for k, v in settings_arguments(settings).items() if not k.startswith("gate_")}
+    log_path = Path(root) / "kfp-local.log"
+    try:
+        task = run_site_training_local(root, log_path, **{
+            **stores, "source_dir": str(source_dir.resolve()), "ssl_methods": list(method or PAPER_000_METHODS),
+            "image_size": image_size, "pretrain_epochs": pretrain_epochs, "finetune_epochs": finetune_epochs,
+            "model_name": model_name, **release,
+        })
+    except RuntimeError as exc:
+        _fail(str(exc))
+    _print_json({"pipeline_root": str(Path(root).resolve()), "stage_log": str(log_path.resolve()),
+                 "ensemble_accuracy": task.output})
+
+
 @pipeline_app.command("retrain")
 def pipeline_retrain(
     source_dir: Annotated[Path, typer.Option(help="The DICOM archive to retrain on (all of it: old and new studies).")],
