@@ -188,8 +188,18 @@ def test_if_retrain_submits_the_retraining_pipeline_over_the_archive(kfp_api, tm
     platform = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     claims = [m["pvcNameParameter"]["runtimeValue"]["constant"] for m in platform["exec-ingest-part-op"]["pvcMount"]]
     assert claims == ["pacs-archive"] and platform["exec-pretrain-op"]["nodeSelector"]["labels"] == {"xrayops.io/pool": "gpu"}
+    # The first champions: the site-training pipeline over the same archive, with the run's arguments.
+    proc = _cli("--host", host, "--pipeline", "site-training", "--source-pvc", "pacs-archive",
+                "--param", "ssl_methods=[simclr, byol]", "--param", "release=true")
+    assert proc.returncode == 0, proc.stderr
+    run = state["requests"][-1][1]
+    assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "xrayops-site-training"
+    assert run["runtime_config"]["parameters"] == {"ssl_methods": ["simclr", "byol"], "release": True}
+    platform = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert [m["pvcNameParameter"]["runtimeValue"]["constant"] for m in platform["exec-ingest-part-op"]["pvcMount"]] \
+        == ["pacs-archive"]
     proc = _cli("--host", host, "--pipeline", "nightly", "--package", str(tmp_path / "x.yaml"))
-    assert proc.returncode == 2 and "--pipeline must be training or retraining" in proc.stderr
+    assert proc.returncode == 2 and "--pipeline must be training, site-training or retraining" in " ".join(proc.stderr.split())
 
 
 def test_cron_and_params_parsing():

@@ -816,17 +816,19 @@ def pipeline_submit(
         Optional[Path], typer.Option(help="monitor.json of `xrayops monitor`: submit only if its decision is to retrain.")
     ] = None,
     pipeline: Annotated[
-        Optional[str], typer.Option(help="When compiling: `training` (synthetic demo loop) or `retraining` (the site's "
-                                         "archive, gated against the champion); default retraining with --if-retrain.")
+        Optional[str], typer.Option(help="When compiling: `training` (synthetic demo loop), `site-training` (paper 000's "
+                                         "ensemble on the site's archive: the first champions) or `retraining` (the "
+                                         "site's archive, gated against the champion); default retraining with --if-retrain.")
     ] = None,
-    source_pvc: Annotated[str, typer.Option(help="When compiling the retraining pipeline: PVC of the DICOM archive.")] = "xrayops-dicom",
+    source_pvc: Annotated[str, typer.Option(help="When compiling the site-training or retraining pipeline: PVC of the DICOM archive.")] = "xrayops-dicom",
 ) -> None:
-    """Start a run (or, with --recurring, a recurring run) of the training or retraining pipeline on Kubeflow Pipelines."""
+    """Start a run (or, with --recurring, a recurring run) of an xrayops pipeline on Kubeflow Pipelines."""
     import tempfile
 
     from pipelines.gpu_pool import GpuPool
     from pipelines.retraining import compile_retraining
     from pipelines.run import compile_pipeline
+    from pipelines.site_training import compile_site_training
     from pipelines.submit import SubmitError, parse_params, submit
     from xrayops.monitor.window import MonitorResult
 
@@ -838,16 +840,18 @@ def pipeline_submit(
             _print_json({"submitted": False, "retrain": False, "reasons": decision.reasons})
             return
     pipeline = pipeline or ("retraining" if if_retrain is not None else "training")
-    if pipeline not in ("training", "retraining"):
-        _fail(f"--pipeline must be training or retraining, got {pipeline!r}")
+    if pipeline not in ("training", "site-training", "retraining"):
+        _fail(f"--pipeline must be training, site-training or retraining, got {pipeline!r}")
     if package is not None and not package.is_file():
         _fail(f"--package {package} does not exist")
     try:
         arguments = parse_params(param or [])
         with tempfile.TemporaryDirectory(prefix="xrayops-submit-") as tmp:
-            if package is None and pipeline == "retraining":
-                package = compile_retraining(Path(tmp) / "xrayops-retraining.yaml", gpu=gpu, cluster=True,
-                                             gpu_pool=GpuPool.labelled(gpu_node_pool, gpu_count), source_pvc=source_pvc)
+            archive_pipelines = {"retraining": compile_retraining, "site-training": compile_site_training}
+            if package is None and pipeline in archive_pipelines:
+                package = archive_pipelines[pipeline](
+                    Path(tmp) / f"xrayops-{pipeline}.yaml", gpu=gpu, cluster=True,
+                    gpu_pool=GpuPool.labelled(gpu_node_pool, gpu_count), source_pvc=source_pvc)
             elif package is None:
                 package = compile_pipeline(
                     Path(tmp) / "xrayops-training.yaml", gpu=gpu, gpu_node_pool=gpu_node_pool, gpu_count=gpu_count, cluster=True
