@@ -109,3 +109,25 @@ def test_kfp_local_trains_registers_evaluates_and_releases_the_ensemble(tmp_path
     rolled = yaml.safe_load(next(run.rglob("release-op/rendered")).read_text())
     assert rolled["spec"]["predictor"]["model"]["args"] == ["--bundle=/mnt/models/simclr", "--bundle=/mnt/models/supcon"]
     assert (serving / "releases" / release["release_id"] / "release.json").is_file()
+
+
+def test_site_train_cli_refuses_before_starting(tmp_path):
+    from typer.testing import CliRunner
+
+    from xrayops.cli import app
+
+    runner = CliRunner()
+    root = tmp_path / "kfp"
+
+    def said(*args) -> tuple[int, str]:
+        res = runner.invoke(app, ["pipeline", "site-train", "--root", str(root), *args])
+        return res.exit_code, " ".join(res.output.split())
+
+    code, out = said("--source-dir", str(tmp_path / "nowhere"))
+    assert code == 2 and "is not a folder" in out
+    (tmp_path / "archive").mkdir()
+    code, out = said("--source-dir", str(tmp_path / "archive"), "--method", "mae")
+    assert code == 2 and "unknown SSL method 'mae'" in out and "simclr, byol, supcon" in out
+    code, out = said("--source-dir", str(tmp_path / "archive"), "--release-manifest", str(tmp_path / "isvc.yaml"))
+    assert code == 2 and "not found" in out
+    assert not root.exists()  # nothing was started
