@@ -628,48 +628,54 @@ def pipeline_compile_ingestion(
     typer.echo(str(compile_ingestion(out, cluster=cluster, source_pvc=source_pvc, parallelism=parallelism)))
 
 
-@pipeline_app.command("compile-retraining")
-def pipeline_compile_retraining(
-    out: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path("outputs/pipeline/xrayops-retraining.yaml"),
-    cluster: Annotated[bool, typer.Option("--cluster", help="Tasks read xrayops-config and the xrayops-s3/xrayops-deid Secrets.")] = False,
-    source_pvc: Annotated[str, typer.Option(help="PersistentVolumeClaim holding the DICOM archive (mounted at /mnt/dicom).")] = "",
-    gpu: Annotated[bool, typer.Option("--gpu", help="Schedule pretrain/finetune on the GPU node pool.")] = False,
-    gpu_node_pool: Annotated[str, typer.Option(help="Value of the xrayops.io/pool node label.")] = "gpu",
-    gpu_count: Annotated[int, typer.Option(help="nvidia.com/gpu limit of each GPU task.")] = 1,
-    gpu_pool: Annotated[
-        Optional[Path], typer.Option(help="JSON/YAML GpuPool of this cluster (accelerator, node selector, tolerations); implies --gpu.")
-    ] = None,
-) -> None:
-    """Compile the retraining pipeline (archive -> new DVC version -> challenger on the champion's
-    backbone -> gate -> alias) to KFP v2 YAML."""
-    from pipelines.gpu_pool import GpuPool
-    from pipelines.retraining import compile_retraining
+def _release_arguments(release_manifest: Optional[Path], settings) -> dict:
+    """Pipeline arguments that release to XRAYOPS_RELEASE_STORAGE_URI and roll the manifest (checked
+    before a run starts); none without a manifest."""
+    from xrayops.release import ReleaseError
+    from xrayops.release.manifest import read_inference_service
 
-    pool = GpuPool.from_file(gpu_pool) if gpu_pool else GpuPool.labelled(gpu_node_pool, gpu_count)
-    typer.echo(str(compile_retraining(out, gpu=gpu or gpu_pool is not None, cluster=cluster, gpu_pool=pool,
-                                      source_pvc=source_pvc)))
+    if release_manifest is None:
+        return {}
+    try:
+        read_inference_service(release_manifest)
+    except ReleaseError as exc:
+        _fail(str(exc))
+    return {"release": True, "release_storage_uri": settings.release_storage_uri,
+            "inference_service_manifest": str(release_manifest.resolve())}
 
 
-@pipeline_app.command("compile-site-training")
-def pipeline_compile_site_training(
-    out: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path("outputs/pipeline/xrayops-site-training.yaml"),
-    cluster: Annotated[bool, typer.Option("--cluster", help="Tasks read xrayops-config and the xrayops-s3/xrayops-deid Secrets.")] = False,
-    source_pvc: Annotated[str, typer.Option(help="PersistentVolumeClaim holding the DICOM archive (mounted at /mnt/dicom).")] = "",
-    gpu: Annotated[bool, typer.Option("--gpu", help="Schedule every member's pretrain/finetune on the GPU node pool.")] = False,
-    gpu_node_pool: Annotated[str, typer.Option(help="Value of the xrayops.io/pool node label.")] = "gpu",
-    gpu_count: Annotated[int, typer.Option(help="nvidia.com/gpu limit of each GPU task.")] = 1,
-    gpu_pool: Annotated[
-        Optional[Path], typer.Option(help="JSON/YAML GpuPool of this cluster (accelerator, node selector, tolerations); implies --gpu.")
-    ] = None,
-) -> None:
-    """Compile the site-training pipeline (archive -> DVC version -> one SimCLR, BYOL and SupCon member
-    each -> ensemble evaluated beside them -> optional release) to KFP v2 YAML."""
-    from pipelines.gpu_pool import GpuPool
-    from pipelines.site_training import compile_site_training
+def _archive_compile_command(name: str, summary: str):
+    """`pipeline compile-NAME` for a pipeline over a site's archive (same options, one body)."""
 
-    pool = GpuPool.from_file(gpu_pool) if gpu_pool else GpuPool.labelled(gpu_node_pool, gpu_count)
-    typer.echo(str(compile_site_training(out, gpu=gpu or gpu_pool is not None, cluster=cluster, gpu_pool=pool,
-                                         source_pvc=source_pvc)))
+    def command(
+        out: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path(f"outputs/pipeline/xrayops-{name}.yaml"),
+        cluster: Annotated[bool, typer.Option("--cluster", help="Tasks read xrayops-config and the xrayops-s3/xrayops-deid Secrets.")] = False,
+        source_pvc: Annotated[str, typer.Option(help="PersistentVolumeClaim holding the DICOM archive (mounted at /mnt/dicom).")] = "",
+        gpu: Annotated[bool, typer.Option("--gpu", help="Schedule pretrain/finetune on the GPU node pool.")] = False,
+        gpu_node_pool: Annotated[str, typer.Option(help="Value of the xrayops.io/pool node label.")] = "gpu",
+        gpu_count: Annotated[int, typer.Option(help="nvidia.com/gpu limit of each GPU task.")] = 1,
+        gpu_pool: Annotated[
+            Optional[Path], typer.Option(help="JSON/YAML GpuPool of this cluster (accelerator, node selector, tolerations); implies --gpu.")
+        ] = None,
+    ) -> None:
+        from pipelines.gpu_pool import GpuPool
+        from pipelines.retraining import compile_retraining
+        from pipelines.site_training import compile_site_training
+
+        compile_fn = {"retraining": compile_retraining, "site-training": compile_site_training}[name]
+        pool = GpuPool.from_file(gpu_pool) if gpu_pool else GpuPool.labelled(gpu_node_pool, gpu_count)
+        typer.echo(str(compile_fn(out, gpu=gpu or gpu_pool is not None, cluster=cluster, gpu_pool=pool, source_pvc=source_pvc)))
+
+    command.__doc__ = summary
+    return command
+
+
+pipeline_app.command("compile-retraining")(_archive_compile_command(
+    "retraining", "Compile the retraining pipeline (archive -> new DVC version -> challenger on the champion's\n"
+                  "backbone -> gate -> alias) to KFP v2 YAML."))
+pipeline_app.command("compile-site-training")(_archive_compile_command(
+    "site-training", "Compile the site-training pipeline (archive -> DVC version -> one SimCLR, BYOL and SupCon\n"
+                     "member each -> ensemble evaluated beside them -> optional release) to KFP v2 YAML."))
 
 
 @pipeline_app.command("site-train")
@@ -688,8 +694,6 @@ def pipeline_site_train(
     archive, each member registered as NAME-METHOD with alias champion (the first champions)."""
     from pipelines.retraining import settings_arguments
     from pipelines.site_training import PAPER_000_METHODS, run_site_training_local
-    from xrayops.release import ReleaseError
-    from xrayops.release.manifest import read_inference_service
 
     settings = get_settings()
     if not source_dir.is_dir():
@@ -697,14 +701,7 @@ def pipeline_site_train(
     unknown = sorted(set(method or []) - set(PAPER_000_METHODS))
     if unknown:
         _fail(f"unknown SSL method {unknown[0]!r}: choose from {', '.join(PAPER_000_METHODS)}")
-    release = {}
-    if release_manifest is not None:
-        try:
-            read_inference_service(release_manifest)
-        except ReleaseError as exc:
-            _fail(str(exc))
-        release = {"release": True, "release_storage_uri": settings.release_storage_uri,
-                   "inference_service_manifest": str(release_manifest.resolve())}
+    release = _release_arguments(release_manifest, settings)
     stores = {k: v for k, v in settings_arguments(settings).items() if not k.startswith("gate_")}
     log_path = Path(root) / "kfp-local.log"
     try:
@@ -741,17 +738,7 @@ def pipeline_retrain(
     settings = get_settings()
     if not source_dir.is_dir():
         _fail(f"--source-dir {source_dir} is not a folder")
-    release = {}
-    if release_manifest is not None:
-        from xrayops.release import ReleaseError
-        from xrayops.release.manifest import read_inference_service
-
-        try:
-            read_inference_service(release_manifest)
-        except ReleaseError as exc:
-            _fail(str(exc))
-        release = {"release": True, "release_storage_uri": settings.release_storage_uri,
-                   "inference_service_manifest": str(release_manifest.resolve())}
+    release = _release_arguments(release_manifest, settings)
     from xrayops.registry import RegistryError, model_version
 
     try:  # before minutes of ingestion: is there a champion to gate against?
