@@ -1,4 +1,4 @@
-from typing import NamedTuple
+from typing import List, NamedTuple
 
 from kfp.dsl import Model, Output
 
@@ -33,3 +33,19 @@ def champion_op(
     return namedtuple("ChampionOut", ["model_uri", "ssl_method", "arch", "image_size"])(
         model_uri, meta.ssl_method, meta.arch, meta.preprocessing.size
     )
+
+
+@xrayops_component
+def no_champions_op(tracking_uri: str, model_name: str, ssl_methods: List[str], alias: str, replace: bool) -> str:
+    """Before a site training spends GPU hours: refuse to move `alias` on members (NAME-METHOD) that
+    already have it, unless `replace`. Later models go through the retraining pipeline's gate."""
+    from xrayops.config import get_settings
+    from xrayops.registry import held_aliases
+
+    held = held_aliases(tracking_uri or get_settings().tracking_uri(), [f"{model_name}-{m}" for m in ssl_methods],
+                        alias)
+    if held and not replace:
+        taken = ", ".join(f"{name} (version {version})" for name, version in sorted(held.items()))
+        raise RuntimeError(f"alias {alias!r} is already held by {taken}: retrain those members with the retraining "
+                           "pipeline (gated against them), or run with replace_champions=true")
+    return ", ".join(sorted(held)) or "none"

@@ -9,13 +9,24 @@
 
 Each member is its own registered model, so the retraining pipeline (model_name=NAME-METHOD)
 retrains and gates one member, and its release replaces that member only. The members are given
-the alias directly: this is how a site gets its first champions; later ones pass retraining's gate.
+the alias directly: this is how a site gets its first champions. A run refuses, before any
+training, to move an alias a member already holds (later models pass retraining's gate), unless
+replace_champions is set.
 """
 from typing import List
 
 from kfp import dsl
 
-from components import evaluate_ensemble_op, evaluate_op, finetune_op, pretrain_op, register_op, release_op, version_dataset_op
+from components import (
+    evaluate_ensemble_op,
+    evaluate_op,
+    finetune_op,
+    no_champions_op,
+    pretrain_op,
+    register_op,
+    release_op,
+    version_dataset_op,
+)
 from pipelines.gpu_pool import GpuPool
 from pipelines.ingestion import SOURCE_MOUNT, build_ingestion_pipeline
 from pipelines.training import _with_cluster_env
@@ -54,15 +65,22 @@ def build_site_training_pipeline(
         mlflow_tracking_uri: str = "",
         model_name: str = settings.registered_model_name,
         alias: str = "champion",
+        replace_champions: bool = False,
         release: bool = False,
         release_storage_uri: str = "",
         inference_service: str = settings.inference_service,
         serving_namespace: str = settings.serving_namespace,
         inference_service_manifest: str = "",
     ) -> float:
+        # First, before hours of GPU work: members that already have champions are retrained, not replaced.
+        preflight = no_champions_op(
+            tracking_uri=mlflow_tracking_uri, model_name=model_name, ssl_methods=ssl_methods, alias=alias,
+            replace=replace_champions,
+        ).set_display_name("no-champions")
+        preflight.set_caching_options(False)
         data = ingestion(
             source_dir=source_dir, files_per_batch=files_per_batch, image_size=image_size, workers=ingest_workers,
-        ).set_display_name("ingestion")
+        ).set_display_name("ingestion").after(preflight)
         dataset = data.output
         version = version_dataset_op(
             dataset=dataset, remote_url=dvc_remote_url, s3_endpoint_url=s3_endpoint_url
@@ -99,7 +117,7 @@ def build_site_training_pipeline(
             for task in (pre, head):
                 gpu_pool.apply(task)
         if cluster:
-            for task in (version, pre, head, evaluation, registered, ensemble, rollout):
+            for task in (preflight, version, pre, head, evaluation, registered, ensemble, rollout):
                 _with_cluster_env(task, deid=False)
         return ensemble.outputs["Output"]
 

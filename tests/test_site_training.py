@@ -23,7 +23,10 @@ def test_compiled_graph_trains_one_member_per_method_and_evaluates_them_together
     ).read_text()))
     spec, platform = docs[0], docs[1]
     root = _tasks(spec["root"]["dag"])
-    assert set(root) == {"ingestion", "version", "members", "evaluate-ensemble", "release-enabled"}
+    assert set(root) == {"no-champions", "ingestion", "version", "members", "evaluate-ensemble", "release-enabled"}
+    # the alias check runs before anything else: no GPU hours are spent on a run that would be refused
+    assert root["ingestion"]["dependentTasks"] == ["no-champions-op"]
+    assert spec["root"]["inputDefinitions"]["parameters"]["replace_champions"]["defaultValue"] is False
     assert spec["root"]["inputDefinitions"]["parameters"]["ssl_methods"]["defaultValue"] == PAPER_000_METHODS
     assert root["members"]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--ssl_methods"
     members = _tasks(spec["components"][root["members"]["componentRef"]["name"]]["dag"])
@@ -131,3 +134,36 @@ def test_site_train_cli_refuses_before_starting(tmp_path):
     code, out = said("--source-dir", str(tmp_path / "archive"), "--release-manifest", str(tmp_path / "isvc.yaml"))
     assert code == 2 and "not found" in out
     assert not root.exists()  # nothing was started
+
+
+def test_a_site_training_does_not_replace_champions_unless_told(tmp_path, monkeypatch):
+    """Members that already have a champion are retrained (gated), not overwritten by a new site training:
+    the pipeline's first step and the local CLI both refuse, before any work."""
+    from typer.testing import CliRunner
+
+    from components import no_champions_op
+    from tests.test_registry import write_dummy_bundle
+    from xrayops.cli import app
+    from xrayops.registry import held_aliases, register_bundle
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    write_dummy_bundle(tmp_path / "b", b"weights")
+    register_bundle(tmp_path / "b", uri, "site-byol", alias="champion")
+    register_bundle(tmp_path / "b", uri, "site-simclr", alias="challenger")
+    assert held_aliases(uri, ["site-simclr", "site-byol", "site-supcon"], "champion") == {"site-byol": 1}
+
+    check = no_champions_op.python_func
+    with pytest.raises(RuntimeError, match=r"alias 'champion' is already held by site-byol \(version 1\)"):
+        check(tracking_uri=uri, model_name="site", ssl_methods=["simclr", "byol"], alias="champion", replace=False)
+    assert check(tracking_uri=uri, model_name="site", ssl_methods=["simclr", "byol"], alias="champion",
+                 replace=True) == "site-byol"
+    assert check(tracking_uri=uri, model_name="site", ssl_methods=["simclr", "supcon"], alias="champion",
+                 replace=False) == "none"
+
+    monkeypatch.setenv("XRAYOPS_MLFLOW_TRACKING_URI", uri)
+    (tmp_path / "archive").mkdir()
+    res = CliRunner().invoke(app, ["pipeline", "site-train", "--source-dir", str(tmp_path / "archive"),
+                                   "--root", str(tmp_path / "kfp"), "--model-name", "site"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "site-byol already have a champion" in out and "--replace-champions" in out
+    assert not (tmp_path / "kfp").exists()

@@ -689,6 +689,8 @@ def pipeline_site_train(
     model_name: Annotated[str, typer.Option(help="Members register as NAME-METHOD in MLflow.")] = "xrayops-region",
     release_manifest: Annotated[Optional[Path], typer.Option(
         help="Release the members (XRAYOPS_RELEASE_STORAGE_URI) and roll this InferenceService manifest to them.")] = None,
+    replace_champions: Annotated[bool, typer.Option(
+        help="Move the champion alias of members that already have one (default: refuse; retrain them instead).")] = False,
 ) -> None:
     """Run the site-training pipeline here with kfp.local: paper 000's ensemble on the site's own
     archive, each member registered as NAME-METHOD with alias champion (the first champions)."""
@@ -702,13 +704,23 @@ def pipeline_site_train(
     if unknown:
         _fail(f"unknown SSL method {unknown[0]!r}: choose from {', '.join(PAPER_000_METHODS)}")
     release = _release_arguments(release_manifest, settings)
+    methods = list(method or PAPER_000_METHODS)
+    from xrayops.registry import RegistryError, held_aliases
+
+    try:  # the pipeline's first step asks the same; here it costs no ingestion
+        held = held_aliases(settings.tracking_uri(), [f"{model_name}-{m}" for m in methods], "champion")
+    except RegistryError as exc:
+        _fail(str(exc))
+    if held and not replace_champions:
+        _fail(f"{', '.join(sorted(held))} already have a champion: retrain them (`xrayops pipeline retrain "
+              f"--model-name NAME`), or pass --replace-champions")
     stores = {k: v for k, v in settings_arguments(settings).items() if not k.startswith("gate_")}
     log_path = Path(root) / "kfp-local.log"
     try:
         task = run_site_training_local(root, log_path, **{
-            **stores, "source_dir": str(source_dir.resolve()), "ssl_methods": list(method or PAPER_000_METHODS),
+            **stores, "source_dir": str(source_dir.resolve()), "ssl_methods": methods,
             "image_size": image_size, "pretrain_epochs": pretrain_epochs, "finetune_epochs": finetune_epochs,
-            "model_name": model_name, **release,
+            "model_name": model_name, "replace_champions": replace_champions, **release,
         })
     except RuntimeError as exc:
         _fail(str(exc))

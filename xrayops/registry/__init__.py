@@ -2,10 +2,11 @@
 from xrayops.registry.mlflow_registry import (
     RegisteredModel,
     RegistryError,
+    held_aliases,
     model_version,
     parse_model_ref,
     register_bundle,
     resolve_bundle,
 )
 
-__all__ = ["RegisteredModel", "RegistryError", "model_version", "parse_model_ref", "register_bundle", "resolve_bundle"]
+__all__ = ["RegisteredModel", "RegistryError", "held_aliases", "model_version", "parse_model_ref", "register_bundle", "resolve_bundle"]

@@ -227,6 +227,23 @@ def _model_version(ref: str, tracking_uri: str | None):
         raise RegistryError(f"cannot resolve {ref} in {tracking_uri}: {exc.message}") from exc
 
 
+def held_aliases(tracking_uri: str, names: list[str], alias: str) -> dict[str, int]:
+    """The registered models among `names` on which `alias` is set, with the version it names. A
+    registry that cannot be asked is an error, not an empty answer."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    held = {}
+    for name in names:
+        try:
+            held[name] = int(client.get_model_version_by_alias(name, alias).version)
+        except MlflowException as exc:
+            # no such model / no such alias on it: not held; anything else is the registry failing
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise RegistryError(f"cannot read alias {alias!r} of {name} in {tracking_uri}: {exc.message}") from exc
+    return held
+
+
 def model_version(ref: str, tracking_uri: str | None) -> int:
     """The version number behind `models:/NAME@ALIAS` (or `models:/NAME/VERSION`), so a run can
     record which version it used even after the alias moves."""
