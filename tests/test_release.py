@@ -328,3 +328,44 @@ def test_cli_without_a_manifest_or_cluster_credentials_says_so(tmp_path, monkeyp
     monkeypatch.setenv("XRAYOPS_OUTPUT_DIR", str(tmp_path / "outputs"))
     res = CliRunner().invoke(app, ["release", "rollback"])
     assert res.exit_code == 2 and "no Kubernetes credentials" in said(res)
+
+
+def test_the_inference_graph_manifest_is_rolled_member_by_member(registry, tmp_path, monkeypatch):
+    """serving/inferencegraph.yaml (members scaling apart): each member's own InferenceService reads its
+    folder of the release, the combiner reads the whole release; the graph itself is untouched; every
+    rolled InferenceService validates against KServe's CRD, and a member the release lacks is refused."""
+    from xrayops.cli import app
+
+    graph = REPO / "infra/k8s/base/serving/inferencegraph.yaml"
+    manifest = tmp_path / "inferencegraph.yaml"
+    manifest.write_text(graph.read_text())
+    monkeypatch.setenv("XRAYOPS_MLFLOW_TRACKING_URI", registry["uri"])
+    monkeypatch.setenv("XRAYOPS_OUTPUT_DIR", str(tmp_path / "outputs"))
+    monkeypatch.setenv("XRAYOPS_RELEASE_STORAGE_URI", str(tmp_path / "store"))
+    runner = CliRunner()
+    res = runner.invoke(app, ["release", "publish", "--model", "models:/xr-simclr@champion", "--manifest", str(manifest)])
+    assert res.exit_code == 2 and "has no member 'byol', which xrayops-member-byol serves" in said(res)
+    assert manifest.read_text() == graph.read_text()  # nothing written
+
+    # a three-member release: a SupCon member on the same spec as the others
+    supcon = make_bundle(tmp_path / "supcon", seed=4, ssl_method="supcon")
+    res = runner.invoke(app, ["release", "publish", "--model", "models:/xr-simclr@champion", "--model",
+                              "models:/xr-byol@champion", "--model", str(supcon), "--manifest", str(manifest)])
+    assert res.exit_code == 0, res.output
+    uri = json.loads(res.stdout[res.stdout.index("{"):])["uri"]
+    before, after = list(yaml.safe_load_all(graph.read_text())), list(yaml.safe_load_all(manifest.read_text()))
+    assert [(d["kind"], d["metadata"]["name"]) for d in after] == [(d["kind"], d["metadata"]["name"]) for d in before]
+    services = {d["metadata"]["name"]: d for d in after if d["kind"] == "InferenceService"}
+    for member in ("simclr", "byol", "supcon"):
+        model = services[f"xrayops-member-{member}"]["spec"]["predictor"]["model"]
+        assert model["storageUri"] == f"{uri}/{member}" and model["args"] == ["--bundle=/mnt/models"]
+        verify_bundle(Path(model["storageUri"]))  # the folder is that member's bundle
+    combiner = services["xrayops-ensemble-combiner"]["spec"]["predictor"]["model"]
+    assert combiner["storageUri"] == uri
+    assert combiner["args"] == ["--role=combiner", "--bundle=/mnt/models/byol", "--bundle=/mnt/models/simclr",
+                                "--bundle=/mnt/models/supcon"]
+    assert [d for d in after if d["kind"] == "InferenceGraph"] == [d for d in before if d["kind"] == "InferenceGraph"]
+    for service in services.values():
+        assert crd_errors(service) == [], service["metadata"]["name"]
+        assert service["metadata"]["annotations"][ANNOTATION_RELEASE] == Path(uri).name
+    assert "# Ensemble members that scale apart" in manifest.read_text()  # comments kept

@@ -12,7 +12,7 @@ from pipelines.gpu_pool import GpuPool
 from pipelines.retraining import compile_retraining
 from xrayops.contracts import ModelBundleMeta, PreprocessingSpec
 from xrayops.release import release_models
-from xrayops.release.manifest import write_inference_service
+from xrayops.release.manifest import write_manifest
 from tests.test_release import BASE_ISVC
 
 STAGES = {"ingestion", "version", "champion", "pretrain", "finetune", "evaluate", "register", "gate", "audit-labels",
@@ -153,7 +153,7 @@ def test_kfp_local_retraining_gates_and_promotes_a_challenger_on_the_new_version
     serving, manifest = tmp_path / "serving", tmp_path / "inferenceservice.yaml"
     live = release_models(yaml.safe_load(BASE_ISVC.read_text()), [champion["registered"].model_uri], str(serving),
                           champion["tracking_uri"])
-    write_inference_service(live.inference_service, manifest)
+    write_manifest([live.inference_service], manifest)
     root = tmp_path / "kfp"
     run_retraining_local(
         root, source_dir=str(archive), files_per_batch=100, ingest_workers=1,

@@ -632,12 +632,12 @@ def _release_arguments(release_manifest: Optional[Path], settings) -> dict:
     """Pipeline arguments that release to XRAYOPS_RELEASE_STORAGE_URI and roll the manifest (checked
     before a run starts); none without a manifest."""
     from xrayops.release import ReleaseError
-    from xrayops.release.manifest import read_inference_service
+    from xrayops.release.manifest import read_manifest
 
     if release_manifest is None:
         return {}
     try:
-        read_inference_service(release_manifest)
+        read_manifest(release_manifest)
     except ReleaseError as exc:
         _fail(str(exc))
     return {"release": True, "release_storage_uri": settings.release_storage_uri,
@@ -1009,27 +1009,29 @@ _MANIFEST_HELP = ("InferenceService manifest to read (offline/GitOps: writes the
                   "without it the live one is read from the cluster (kubeconfig or in-cluster).")
 
 
-def _read_inference_service(manifest: Optional[Path], name: str, namespace: str) -> dict:
+def _release_target(manifest: Optional[Path], name: str, namespace: str) -> list[dict]:
+    """The documents a release rolls: a manifest's (offline/GitOps), or the live InferenceService."""
     from xrayops.release.cluster import get_inference_service
-    from xrayops.release.manifest import read_inference_service
+    from xrayops.release.manifest import read_manifest
 
-    return read_inference_service(manifest) if manifest is not None else get_inference_service(name, namespace)
+    return read_manifest(manifest) if manifest is not None else [get_inference_service(name, namespace)]
 
 
-def _write_inference_service(isvc: dict, manifest: Optional[Path], out: Optional[Path], dry_run: bool) -> str:
-    """Where the rolled InferenceService went: a file (offline), stdout (dry run) or the cluster."""
+def _write_release_target(docs: list[dict], manifest: Optional[Path], out: Optional[Path], dry_run: bool) -> str:
+    """Where the rolled documents went: a file (offline), stdout (dry run) or the cluster."""
     import sys
 
     from xrayops.release.cluster import replace_inference_service
-    from xrayops.release.manifest import dump_inference_service, write_inference_service
+    from xrayops.release.manifest import dump_manifest, write_manifest
 
     target = out or (None if dry_run else manifest)
     if target is not None:
-        write_inference_service(isvc, target)
+        write_manifest(docs, target)
         return str(target)
     if dry_run:
-        dump_inference_service(isvc, sys.stdout)
+        dump_manifest(docs, sys.stdout)
         return "stdout"
+    (isvc,) = docs
     replace_inference_service(isvc)
     return f"cluster:{isvc['metadata'].get('namespace')}/{isvc['metadata']['name']}"
 
@@ -1061,13 +1063,15 @@ def release_publish(
     method; the others stay."""
     from xrayops.registry import RegistryError
     from xrayops.release import ReleaseError, release_models
+    from xrayops.release.manifest import primary_service
+    from xrayops.release.plan import point_manifest
 
     settings = get_settings()
     try:
-        isvc = _read_inference_service(manifest, name or settings.inference_service, namespace or settings.serving_namespace)
-        outcome = release_models(isvc, model, storage or settings.release_storage_uri, settings.tracking_uri(),
-                                 settings.s3_endpoint_url, replace_all)
-        where = _write_inference_service(outcome.inference_service, manifest, out, dry_run)
+        docs = _release_target(manifest, name or settings.inference_service, namespace or settings.serving_namespace)
+        outcome = release_models(primary_service(docs), model, storage or settings.release_storage_uri,
+                                 settings.tracking_uri(), settings.s3_endpoint_url, replace_all)
+        where = _write_release_target(point_manifest(docs, outcome.release), manifest, out, dry_run)
     except (ReleaseError, RegistryError) as exc:
         _fail(str(exc))
     _print_release(outcome, where)
@@ -1085,12 +1089,14 @@ def release_rollback(
 ) -> None:
     """Point the InferenceService back at the release it served before (recorded on it), or at --to."""
     from xrayops.release import ReleaseError, roll_back
+    from xrayops.release.manifest import primary_service
+    from xrayops.release.plan import point_manifest
 
     settings = get_settings()
     try:
-        isvc = _read_inference_service(manifest, name or settings.inference_service, namespace or settings.serving_namespace)
-        outcome = roll_back(isvc, storage or settings.release_storage_uri, settings.s3_endpoint_url, to)
-        where = _write_inference_service(outcome.inference_service, manifest, out, dry_run)
+        docs = _release_target(manifest, name or settings.inference_service, namespace or settings.serving_namespace)
+        outcome = roll_back(primary_service(docs), storage or settings.release_storage_uri, settings.s3_endpoint_url, to)
+        where = _write_release_target(point_manifest(docs, outcome.release), manifest, out, dry_run)
     except ReleaseError as exc:
         _fail(str(exc))
     _print_release(outcome, where)

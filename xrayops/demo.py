@@ -233,19 +233,21 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
 
     def do_release():
         from xrayops.release import release_models
-        from xrayops.release.manifest import read_inference_service, write_inference_service
+        from xrayops.release.manifest import primary_service, read_manifest, write_manifest
+        from xrayops.release.plan import point_manifest
 
         # As on a cluster: the champion published as a serving release (a local folder here,
         # s3://xrayops-models/region there) and the InferenceService manifest rolled to it.
         ref = f"models:/{settings.registered_model_name}@{state['registered'].alias}"
         manifest = cfg.serving_manifest
-        isvc = read_inference_service(manifest) if manifest.is_file() else None
-        outcome = release_models(isvc, [ref], str(out / "serving"), settings.tracking_uri(), replace_all=True)
+        docs = read_manifest(manifest) if manifest.is_file() else None
+        outcome = release_models(primary_service(docs) if docs else None, [ref], str(out / "serving"),
+                                 settings.tracking_uri(), replace_all=True)
         release = outcome.release
         state["served_bundles"] = [Path(release.uri) / m.member for m in release.members]
         artefacts: dict[str, Any] = {"release": release.uri}
-        if outcome.inference_service is not None:
-            write_inference_service(outcome.inference_service, out / "release" / "inferenceservice.yaml")
+        if docs:
+            write_manifest(point_manifest(docs, release), out / "release" / "inferenceservice.yaml")
             artefacts["inference_service"] = out / "release" / "inferenceservice.yaml"
         return artefacts, {"release_id": release.release_id, "members": {m.member: m.model_uri for m in release.members}}
 

@@ -28,6 +28,7 @@ ANNOTATION_RELEASE = "xrayops.io/release"
 ANNOTATION_PREVIOUS = "xrayops.io/release-previous"
 ANNOTATION_MODELS = "xrayops.io/release-models"
 BUNDLE_ARG = "--bundle="
+MEMBER_LABEL = "xrayops.io/member"  # a member's own InferenceService (serving/inferencegraph.yaml)
 
 
 class ReleaseError(RuntimeError):
@@ -139,10 +140,7 @@ def _set_list(parent: dict, key: str, values: list) -> None:
         parent[key] = values
 
 
-def point_inference_service(isvc: dict, release: Release) -> dict:
-    """The InferenceService serving `release`: the predictor loads every member from the release's
-    folder, the transformer reads its preprocessing spec from the first member, and the
-    annotations say which release is live and which was before (for a rollback)."""
+def _point(isvc: dict, release: Release, storage_uri: str, paths: list[str]) -> dict:
     if isvc.get("kind") != "InferenceService":
         raise ReleaseError(f"expected an InferenceService, got kind {isvc.get('kind')!r}")
     out = copy.deepcopy(isvc)
@@ -151,23 +149,56 @@ def point_inference_service(isvc: dict, release: Release) -> dict:
         model = out["spec"]["predictor"]["model"]
     except (KeyError, TypeError):
         raise ReleaseError("the InferenceService has no spec.predictor.model to point at the release") from None
-    paths = [f"{MOUNT}/{m.member}" for m in release.members]
-    model["storageUri"] = release.uri
+    model["storageUri"] = storage_uri
     _set_list(model, "args", _bundle_args(list(model.get("args") or []), paths, "spec.predictor.model.args"))
     for container in ((out["spec"].get("transformer") or {}).get("containers") or []):
         _set_list(container, "args", _bundle_args(list(container.get("args") or []), paths[:1], "the transformer"))
         env = container.setdefault("env", [])
         for var in env:
             if var.get("name") == "STORAGE_URI":
-                var["value"] = release.uri
+                var["value"] = storage_uri
                 var.pop("valueFrom", None)
                 break
         else:
-            env.append({"name": "STORAGE_URI", "value": release.uri})
+            env.append({"name": "STORAGE_URI", "value": storage_uri})
     annotations = out.setdefault("metadata", {}).setdefault("annotations", {})
     current = live_release_id(isvc)
     if current and current != release.release_id:
         annotations[ANNOTATION_PREVIOUS] = current
     annotations[ANNOTATION_RELEASE] = release.release_id
     annotations[ANNOTATION_MODELS] = ",".join(m.model_uri for m in release.members)
+    return out
+
+
+def point_inference_service(isvc: dict, release: Release) -> dict:
+    """The InferenceService serving `release`: the predictor loads every member from the release's
+    folder, the transformer reads its preprocessing spec from the first member, and the
+    annotations say which release is live and which was before (for a rollback)."""
+    return _point(isvc, release, release.uri, [f"{MOUNT}/{m.member}" for m in release.members])
+
+
+def point_member_service(isvc: dict, release: Release, member: str) -> dict:
+    """One member's own InferenceService (the InferenceGraph variant, members scaling apart): its
+    storageUri is that member's folder of the release, mounted whole at /mnt/models."""
+    if member not in {m.member for m in release.members}:
+        raise ReleaseError(f"release {release.release_id} has no member {member!r}, which "
+                           f"{(isvc.get('metadata') or {}).get('name')} serves; release one (or remove it from the graph)")
+    return _point(isvc, release, f"{release.uri}/{member}", [MOUNT])
+
+
+def point_manifest(docs: list[dict], release: Release) -> list[dict]:
+    """Every InferenceService of a manifest pointed at `release`: a member's own (label
+    xrayops.io/member) at its folder, any other (the single-pod ensemble, the graph's combiner) at
+    the whole release. Other documents are kept as they are."""
+    if not any(d.get("kind") == "InferenceService" for d in docs):
+        raise ReleaseError("the manifest holds no InferenceService")
+    out = []
+    for doc in docs:
+        member = ((doc.get("metadata") or {}).get("labels") or {}).get(MEMBER_LABEL)
+        if doc.get("kind") != "InferenceService":
+            out.append(doc)
+        elif member:
+            out.append(point_member_service(doc, release, member))
+        else:
+            out.append(point_inference_service(doc, release))
     return out

@@ -20,7 +20,7 @@ from xrayops.release.plan import (
     live_release_id,
     member_of,
     plan_release,
-    point_inference_service,
+    point_manifest,
     previous_release_id,
 )
 from xrayops.release.storage import open_store, read_member_meta, read_release, write_release
@@ -88,7 +88,7 @@ def release_models(
     log.info("published release", release=release.release_id, uri=release.uri,
              members={m.member: m.model_uri for m in release.members}, previous=release.previous)
     return ReleaseOutcome(release=release,
-                          inference_service=point_inference_service(isvc, release) if isvc is not None else None,
+                          inference_service=point_manifest([isvc], release)[0] if isvc is not None else None,
                           previous=live.release_id if live is not None else None)
 
 
@@ -101,5 +101,5 @@ def roll_back(isvc: dict, storage_uri: str, endpoint_url: str = "", to: str | No
         raise ReleaseError(f"release {target} is already live")
     release = read_release(open_store(storage_uri, endpoint_url), target)
     log.info("rolling back", release=release.release_id, live=live_release_id(isvc))
-    return ReleaseOutcome(release=release, inference_service=point_inference_service(isvc, release),
+    return ReleaseOutcome(release=release, inference_service=point_manifest([isvc], release)[0],
                           previous=live_release_id(isvc))
