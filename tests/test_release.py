@@ -23,7 +23,7 @@ from xrayops.release.plan import (
     plan_release,
     release_id,
 )
-from xrayops.release.storage import open_store, read_release
+from xrayops.release.storage import list_releases, open_store, read_release
 from xrayops.registry import register_bundle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,6 +181,11 @@ def test_publish_to_s3_then_retrain_then_roll_back(registry, s3_endpoint, tmp_pa
     with pytest.raises(ReleaseError, match="S3 read of region/releases/.*xrayops-nobucket/region failed: NoSuchBucket"):
         release_models(base_isvc(), [refs["simclr"]], "s3://xrayops-nobucket/region", uri, endpoint)
 
+    # Listing: both releases, oldest first; an unfinished publish (no release.json) is named apart.
+    s3.put_object(Bucket="xrayops-models", Key="region/releases/r-unfinished00/simclr/bundle.json", Body=b"{}")
+    listed, incomplete = list_releases(store)
+    assert [r.release_id for r in listed] == [rid, second.release.release_id] and incomplete == ["r-unfinished00"]
+
     back = roll_back(second.inference_service, storage, endpoint)
     assert back.release == first.release
     assert back.inference_service["spec"]["predictor"]["model"]["storageUri"] == first.release.uri
@@ -262,10 +267,23 @@ def test_cli_publish_and_rollback_edit_a_manifest_keeping_its_comments(registry,
     second = json.loads(res.stdout[res.stdout.index("{"):])
     assert second["replaces"] == first["release"]["release_id"]
 
+    res = runner.invoke(app, ["release", "show", "--manifest", str(manifest)])
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.stdout[res.stdout.index("{"):])
+    assert shown["release"]["release_id"] == second["release"]["release_id"]
+    assert shown["rollback_to"] == first["release"]["release_id"] and shown["inference_service"] == "xrayops-region"
+    res = runner.invoke(app, ["release", "list"])
+    assert res.exit_code == 0, res.output
+    listed = json.loads(res.stdout[res.stdout.index("{"):])
+    assert [r["release_id"] for r in listed["releases"]] == [first["release"]["release_id"], second["release"]["release_id"]]
+    assert listed["releases"][1]["members"]["simclr"] == "models:/xr-simclr2/1" and listed["incomplete"] == []
+
     res = runner.invoke(app, ["release", "rollback", "--manifest", str(manifest), "--out", str(tmp_path / "back.yaml")])
     assert res.exit_code == 0, res.output
     back = yaml.safe_load((tmp_path / "back.yaml").read_text())
     assert back["spec"]["predictor"]["model"]["storageUri"] == first["uri"]
+    res = runner.invoke(app, ["release", "show", "--manifest", str(BASE_ISVC)])
+    assert res.exit_code == 2 and "serves no release yet" in said(res)
 
     res = runner.invoke(app, ["release", "publish", "--model", "models:/xr-supcon64@champion", "--manifest", str(manifest)])
     assert res.exit_code == 2 and "do not make one ensemble" in said(res)

@@ -1102,5 +1102,52 @@ def release_rollback(
     _print_release(outcome, where)
 
 
+@release_app.command("list")
+def release_list(
+    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
+) -> None:
+    """The releases in the serving storage, oldest first, with their members' registry versions."""
+    from xrayops.release import ReleaseError
+    from xrayops.release.storage import list_releases, open_store
+
+    settings = get_settings()
+    try:
+        releases, incomplete = list_releases(open_store(storage or settings.release_storage_uri, settings.s3_endpoint_url))
+    except ReleaseError as exc:
+        _fail(str(exc))
+    _print_json({"releases": [{"release_id": r.release_id, "created_at": r.created_at.isoformat(), "previous": r.previous,
+                               "members": {m.member: m.model_uri for m in r.members}} for r in releases],
+                 "incomplete": incomplete})
+
+
+@release_app.command("show")
+def release_show(
+    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(help=_MANIFEST_HELP)] = None,
+    name: Annotated[Optional[str], typer.Option(help="InferenceService name (default XRAYOPS_INFERENCE_SERVICE).")] = None,
+    namespace: Annotated[Optional[str], typer.Option(help="Namespace (default XRAYOPS_SERVING_NAMESPACE).")] = None,
+) -> None:
+    """What the InferenceService serves: its release, the members' registry versions and weights, and
+    the release a rollback would return to."""
+    from xrayops.release import ReleaseError
+    from xrayops.release.manifest import primary_service
+    from xrayops.release.plan import live_release_id, previous_release_id
+    from xrayops.release.storage import open_store, read_release
+
+    settings = get_settings()
+    try:
+        service = primary_service(_release_target(manifest, name or settings.inference_service,
+                                                  namespace or settings.serving_namespace))
+        live = live_release_id(service)
+        if live is None:
+            _fail(f"{service['metadata']['name']} serves no release yet "
+                  f"(storageUri {service['spec']['predictor']['model'].get('storageUri')})")
+        release = read_release(open_store(storage or settings.release_storage_uri, settings.s3_endpoint_url), live)
+    except ReleaseError as exc:
+        _fail(str(exc))
+    _print_json({"inference_service": service["metadata"]["name"], "release": release.model_dump(mode="json"),
+                 "uri": release.uri, "rollback_to": previous_release_id(service)})
+
+
 if __name__ == "__main__":
     app()

@@ -46,6 +46,10 @@ class LocalStore:
     def copy(self, from_id: str, to_id: str, name: str) -> None:
         self.put_file(to_id, name, self._dir(from_id) / name)
 
+    def release_ids(self) -> list[str]:
+        folder = self.root / RELEASES
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
     def put_text(self, release_id: str, name: str, text: str) -> None:
         target = self._dir(release_id) / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +98,12 @@ class S3Store:
         head = self._call(f"head of {key}", self.client.head_object, Bucket=self.bucket, Key=key, missing_ok=True)
         return None if head is None else int(head["ContentLength"])
 
+    def release_ids(self) -> list[str]:
+        prefix = "/".join(p for p in (self.prefix, RELEASES) if p) + "/"
+        pages = self._call(f"listing of {prefix}", lambda: list(self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix, Delimiter="/")))
+        return sorted(c["Prefix"][len(prefix):].rstrip("/") for page in pages for c in page.get("CommonPrefixes", []))
+
     def put_file(self, release_id: str, name: str, source: Path) -> None:
         key = self._key(release_id, name)
         self._call(f"upload of {key}", self.client.upload_file, str(source), self.bucket, key)
@@ -126,6 +136,18 @@ def read_release(store, release_id: str) -> Release:
         return Release.model_validate_json(text)
     except ValidationError as exc:
         raise ReleaseError(f"release {release_id} in {store.storage_uri} has a bad {RELEASE_FILE}: {exc}") from exc
+
+
+def list_releases(store) -> tuple[list[Release], list[str]]:
+    """The published releases, oldest first, and the ids of folders without a release.json (a
+    publish that did not finish; the next publish of the same members completes it)."""
+    releases, incomplete = [], []
+    for rid in store.release_ids():
+        if store.read_text(rid, RELEASE_FILE) is None:
+            incomplete.append(rid)
+        else:
+            releases.append(read_release(store, rid))
+    return sorted(releases, key=lambda r: r.created_at), incomplete
 
 
 def read_member_meta(store, release_id: str, member: str) -> ModelBundleMeta:
