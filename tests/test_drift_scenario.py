@@ -3,6 +3,7 @@ a vendor-shifted batch with more wrong tags arrives, monitoring sees it, the tri
 the new DVC version, the gate promotes the challenger and serving answers from it."""
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -83,6 +84,16 @@ def test_serving_reloads_onto_the_new_champion(story):
     reload = summary.step("reload").facts
     assert reload["served_versions"] == [reload["champion_alias_version"]]
     assert reload["champion_alias_version"] != str(summary.step("champion").facts["champion_version"])
+    # ... through a serving release, as on a cluster: the promoted version replaces the first release,
+    # and the InferenceService manifest records the one before for a rollback.
+    import yaml
+
+    from xrayops.release.plan import ANNOTATION_PREVIOUS, ANNOTATION_RELEASE
+
+    assert reload["members"] == {"simclr": f"models:/xrayops-region/{reload['champion_alias_version']}"}
+    assert reload["replaces"] and reload["replaces"] != reload["release_id"]
+    notes = yaml.safe_load(Path(summary.step("reload").artefacts["inference_service"]).read_text())["metadata"]["annotations"]
+    assert (notes[ANNOTATION_RELEASE], notes[ANNOTATION_PREVIOUS]) == (reload["release_id"], reload["replaces"])
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="headless Chromium not installed")

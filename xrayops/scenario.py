@@ -102,7 +102,7 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
     from xrayops.monitor.trigger import AuditLog, TriggerPolicy, decide_and_launch, signals_from_monitor
     from xrayops.monitor.window import monitor_window
     from xrayops.monitor.workspace import default_workspace
-    from xrayops.registry import register_bundle, resolve_bundle
+    from xrayops.registry import register_bundle
     from xrayops.train.finetune import FinetuneConfig, finetune
     from xrayops.train.pretrain import PretrainConfig, pretrain
     from xrayops.features import open_store, record_reviews, training_labels
@@ -160,15 +160,33 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
         return ({"bundle": bundle, "model_uri": registered.model_uri},
                 {"v1_md5": v1.md5, "ok": summary_v1.n_ok, "champion_version": registered.version})
 
+    def release_champion() -> tuple[Any, list[Path]]:
+        """The champion released as on a cluster (xrayops.release): published to the serving storage
+        (a folder here) and the InferenceService manifest rolled to it; served from the release folder."""
+        from xrayops.demo import SERVING_MANIFEST
+        from xrayops.release import release_models
+        from xrayops.release.manifest import primary_service, read_manifest, write_manifest
+        from xrayops.release.plan import point_manifest
+
+        manifest = out / "release" / "inferenceservice.yaml"
+        if not manifest.is_file() and SERVING_MANIFEST.is_file():
+            write_manifest(read_manifest(SERVING_MANIFEST), manifest)
+        docs = read_manifest(manifest) if manifest.is_file() else None
+        outcome = release_models(primary_service(docs) if docs else None, [f"models:/{name}@champion"],
+                                 str(out / "serving"), settings.tracking_uri(), replace_all=True)
+        if docs:
+            write_manifest(point_manifest(docs, outcome.release), manifest)
+        return outcome.release, [Path(outcome.release.uri) / m.member for m in outcome.release.members]
+
     def serve_ref(ref_version: str, files: list[Path], log_path: Path | None):
         from serving.client import predict_files
         from serving.server import running_server
 
-        bundle_dir = resolve_bundle(f"models:/{name}@champion", settings.tracking_uri(), out / "served" / ref_version)
-        with running_server(bundle_dir, log_path=log_path, model_name=name, model_version=ref_version,
+        release, bundle_dirs = release_champion()
+        with running_server(bundle_dirs, log_path=log_path, model_name=name, model_version=ref_version,
                             enable_grpc=False) as url:
             return [r for k in range(0, len(files), cfg.n_window)
-                    for r in predict_files(url, name, files[k:k + cfg.n_window])], bundle_dir
+                    for r in predict_files(url, name, files[k:k + cfg.n_window])], release
 
     def do_traffic():
         calm = sorted(Path(state["calm"].dicom_dir).glob("*.dcm"))
@@ -178,10 +196,11 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
         from serving.server import running_server
 
         version = str(state["champion"].version)
-        bundle_dir = resolve_bundle(f"models:/{name}@champion", settings.tracking_uri(), out / "served" / version)
+        release, bundle_dirs = release_champion()
+        state["first_release"] = release.release_id
         batches = [calm[:cfg.n_window], calm[cfg.n_window:], shifted[:cfg.n_window], shifted[cfg.n_window:]]
         bounds = []
-        with running_server(bundle_dir, log_path=log_path, model_name=name, model_version=version,
+        with running_server(bundle_dirs, log_path=log_path, model_name=name, model_version=version,
                             enable_grpc=False) as url:
             for batch in batches:
                 start = datetime.now(timezone.utc)
@@ -280,9 +299,11 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
         client = MlflowClient(tracking_uri=settings.tracking_uri(), registry_uri=settings.tracking_uri())
         version = str(client.get_model_version_by_alias(name, "champion").version)
         files = sorted(Path(state["shifted"].dicom_dir).glob("*.dcm"))[:8]
-        responses, bundle_dir = serve_ref(version, files, None)
-        return ({"served_bundle": bundle_dir},
-                {"champion_alias_version": version, "served_versions": sorted({r.model_version for r in responses})})
+        responses, release = serve_ref(version, files, None)
+        return ({"release": release.uri, "inference_service": out / "release" / "inferenceservice.yaml"},
+                {"champion_alias_version": version, "served_versions": sorted({r.model_version for r in responses}),
+                 "release_id": release.release_id, "replaces": release.previous,
+                 "members": {m.member: m.model_uri for m in release.members}})
 
     def do_dashboard():
         from xrayops.monitor.ui import capture_workspace, find_chromium
