@@ -445,6 +445,15 @@ def test_monitor_cronjob_submits_the_overlays_retraining_pipeline(rendered):
         job = deploy.find(docs, "CronJob", "xrayops-monitor")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
         (retrain,) = [c for c in job["containers"] if c["name"] == "retrain"]
         assert f"--package=/pipelines/{deploy.RETRAINING_KEY}" in retrain["args"]
+        # The site-training pipeline (the first champions) is deployed beside it, for the same archive and pool.
+        site, site_platform = list(yaml.safe_load_all(config[deploy.SITE_TRAINING_KEY]))[:2]
+        assert site["pipelineInfo"]["name"] == "xrayops-site-training"
+        site_k8s = site_platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        assert {n for n, e in site_k8s.items() for m in e.get("pvcMount", [])
+                if m["pvcNameParameter"]["runtimeValue"]["constant"] == deploy.ARCHIVE_PVC} == claims
+        site_gpu = {n for n, e in site["deploymentSpec"]["executors"].items()
+                    if e["container"].get("resources", {}).get("accelerator")}
+        assert site_gpu == gpu, name
         # The release switch comes from the site's config, off unless set; the Settings field exists.
         assert "--param=release=$(XRAYOPS_RELEASE_ON_PROMOTION)" in retrain["args"]
         assert {"configMapRef": {"name": "xrayops-config"}} in retrain["envFrom"]

@@ -30,6 +30,7 @@ PIPELINE_CONFIG_MAP = "xrayops-pipeline"
 PIPELINE_KEY = "xrayops-training.yaml"
 # The monitor CronJob submits this one when its window calls for retraining (mounted at /pipelines).
 RETRAINING_KEY = "xrayops-retraining.yaml"
+SITE_TRAINING_KEY = "xrayops-site-training.yaml"  # the first ensemble on the site's archive
 ARCHIVE_PVC = "xrayops-dicom"  # infra/k8s/base/monitor/archive-volume.yaml
 # The monitor CronJob always runs the xrayops CLI, so its image is the overlay's xrayops image.
 REFERENCE_WORKLOAD = ("CronJob", "xrayops-monitor")
@@ -176,9 +177,10 @@ def replace_image(docs: list[dict], old: str, new: str) -> list[dict]:
 
 
 def compile_args(target: PipelineTarget, out: Path, key: str = PIPELINE_KEY) -> list[str]:
-    """`xrayops pipeline compile` (training) or `compile-retraining` arguments for `target`."""
-    if key == RETRAINING_KEY:
-        args = ["pipeline", "compile-retraining", "--out", str(out), "--cluster", "--source-pvc", ARCHIVE_PVC]
+    """`xrayops pipeline compile` (training), `compile-retraining` or `compile-site-training` arguments for `target`."""
+    archive = {RETRAINING_KEY: "compile-retraining", SITE_TRAINING_KEY: "compile-site-training"}
+    if key in archive:
+        args = ["pipeline", archive[key], "--out", str(out), "--cluster", "--source-pvc", ARCHIVE_PVC]
     else:
         args = ["pipeline", "compile", "--out", str(out), "--cluster"]
     if target.gpu:
@@ -216,7 +218,7 @@ def render(k8s_dir: Path, overlay: str, default_image: str, image: str | None = 
         replace_image(docs, overlay_image, image)
     target = pipeline_target(docs, default_image, image)
     log.info("deploy.render", overlay=overlay, image=target.image, gpu=target.gpu, documents=len(docs))
-    pipelines = {key: compile_pipeline_yaml(target, key) for key in (PIPELINE_KEY, RETRAINING_KEY)}
+    pipelines = {key: compile_pipeline_yaml(target, key) for key in (PIPELINE_KEY, SITE_TRAINING_KEY, RETRAINING_KEY)}
     return dump_manifests(with_pipeline(docs, pipelines))
 
 
