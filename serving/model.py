@@ -84,7 +84,7 @@ class XrayModel(Model):
             device = resolve_device(self.device)
             members = [load_bundle(d, device=device) for d in self.bundle_dirs]
             check_members([m.meta for m in members])
-            release = release_of_folders(self.bundle_dirs)
+            release = release_of_folders(self.bundle_dirs, [m.meta for m in members])
             if self.log_path is not None:
                 self.log_path.mkdir(parents=True, exist_ok=True)
         # RuntimeError: CUDA asked for, none present; ReleaseError is one too (folders not the release's)

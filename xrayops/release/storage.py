@@ -193,10 +193,11 @@ def check_published(store, release: Release, bundles: dict[str, Path] | None = N
             raise ReleaseError(f"release {release.release_id}: {m.member}/{WEIGHTS} was not stored whole ({size} bytes)")
 
 
-def release_of_folders(bundle_dirs: list[Path]) -> Release | None:
+def release_of_folders(bundle_dirs: list[Path], metas: list[ModelBundleMeta]) -> Release | None:
     """The release a server's bundle folders were copied from (`/mnt/models/<member>` with
-    release.json beside them), after checking that every folder is one of its members with the
-    weights it lists; None when they are not a release's (a bundle served from a training run)."""
+    release.json beside them), after checking that every folder (its loaded bundle.json in `metas`)
+    is one of its members with the weights it lists; None when they are not a release's (a bundle
+    served from a training run)."""
     parents = {Path(d).resolve().parent for d in bundle_dirs}
     if len(parents) != 1 or not (next(iter(parents)) / RELEASE_FILE).is_file():
         return None
@@ -206,9 +207,7 @@ def release_of_folders(bundle_dirs: list[Path]) -> Release | None:
     except ValidationError as exc:
         raise ReleaseError(f"{folder / RELEASE_FILE} is not a release: {exc}") from exc
     listed = {m.member: m.weights_sha256 for m in release.members}
-    served = {Path(d).name: ModelBundleMeta.model_validate_json((Path(d) / META).read_text()).weights_sha256
-              for d in bundle_dirs}
-    wrong = sorted(name for name, sha in served.items() if listed.get(name) != sha)
+    wrong = sorted(Path(d).name for d, meta in zip(bundle_dirs, metas) if listed.get(Path(d).name) != meta.weights_sha256)
     if wrong:  # a subset is fine: the transformer reads one member's preprocessing spec
         raise ReleaseError(f"{', '.join(wrong)} in {folder} is not a member of release {release.release_id} with the "
                            f"weights it lists ({', '.join(sorted(listed))})")
