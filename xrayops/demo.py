@@ -21,11 +21,9 @@ from pydantic import BaseModel, Field
 
 from xrayops.config import Settings
 from xrayops.logs import get_logger
+from xrayops.release.manifest import REPO_MANIFEST
 
 log = get_logger(__name__)
-
-
-SERVING_MANIFEST = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "base" / "serving" / "inferenceservice.yaml"
 
 
 class DemoConfig(BaseModel):
@@ -50,7 +48,7 @@ class DemoConfig(BaseModel):
     pipeline_images: int = 140
     # The InferenceService the release step rolls (into the demo's outputs; the file is not changed).
     # Absent (an installed package has no infra/), the release is published without it.
-    serving_manifest: Path = SERVING_MANIFEST
+    serving_manifest: Path = REPO_MANIFEST
 
 
 class StepRecord(BaseModel):
@@ -232,23 +230,18 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
         )
 
     def do_release():
-        from xrayops.release import release_models
-        from xrayops.release.manifest import primary_service, read_manifest, write_manifest
-        from xrayops.release.plan import point_manifest
+        from xrayops.release.publish import release_to_folder
 
         # As on a cluster: the champion published as a serving release (a local folder here,
         # s3://xrayops-models/region there) and the InferenceService manifest rolled to it.
-        ref = f"models:/{settings.registered_model_name}@{state['registered'].alias}"
-        manifest = cfg.serving_manifest
-        docs = read_manifest(manifest) if manifest.is_file() else None
-        outcome = release_models(primary_service(docs) if docs else None, [ref], str(out / "serving"),
-                                 settings.tracking_uri(), replace_all=True)
-        release = outcome.release
-        state["served_bundles"] = [Path(release.uri) / m.member for m in release.members]
+        rolled = out / "release" / "inferenceservice.yaml"
+        rolled.unlink(missing_ok=True)  # one demo, one first release: no earlier run's to roll back to
+        release, state["served_bundles"] = release_to_folder(
+            [f"models:/{settings.registered_model_name}@{state['registered'].alias}"], out / "serving",
+            settings.tracking_uri(), rolled, cfg.serving_manifest)
         artefacts: dict[str, Any] = {"release": release.uri}
-        if docs:
-            write_manifest(point_manifest(docs, release), out / "release" / "inferenceservice.yaml")
-            artefacts["inference_service"] = out / "release" / "inferenceservice.yaml"
+        if rolled.is_file():
+            artefacts["inference_service"] = rolled
         return artefacts, {"release_id": release.release_id, "members": {m.member: m.model_uri for m in release.members}}
 
     def do_serve():

@@ -160,23 +160,17 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
         return ({"bundle": bundle, "model_uri": registered.model_uri},
                 {"v1_md5": v1.md5, "ok": summary_v1.n_ok, "champion_version": registered.version})
 
-    def release_champion() -> tuple[Any, list[Path]]:
-        """The champion released as on a cluster (xrayops.release): published to the serving storage
-        (a folder here) and the InferenceService manifest rolled to it; served from the release folder."""
-        from xrayops.demo import SERVING_MANIFEST
-        from xrayops.release import release_models
-        from xrayops.release.manifest import primary_service, read_manifest, write_manifest
-        from xrayops.release.plan import point_manifest
+    def release_champion(first: bool = False) -> tuple[Any, list[Path]]:
+        """The champion released as on a cluster (xrayops.release.release_to_folder); the first
+        release of a run starts the manifest afresh, later ones roll it on (a rollback target)."""
+        from xrayops.release.manifest import REPO_MANIFEST
+        from xrayops.release.publish import release_to_folder
 
-        manifest = out / "release" / "inferenceservice.yaml"
-        if not manifest.is_file() and SERVING_MANIFEST.is_file():
-            write_manifest(read_manifest(SERVING_MANIFEST), manifest)
-        docs = read_manifest(manifest) if manifest.is_file() else None
-        outcome = release_models(primary_service(docs) if docs else None, [f"models:/{name}@champion"],
-                                 str(out / "serving"), settings.tracking_uri(), replace_all=True)
-        if docs:
-            write_manifest(point_manifest(docs, outcome.release), manifest)
-        return outcome.release, [Path(outcome.release.uri) / m.member for m in outcome.release.members]
+        rolled = out / "release" / "inferenceservice.yaml"
+        if first:
+            rolled.unlink(missing_ok=True)
+        return release_to_folder([f"models:/{name}@champion"], out / "serving", settings.tracking_uri(), rolled,
+                                 REPO_MANIFEST)
 
     def serve_ref(ref_version: str, files: list[Path], log_path: Path | None):
         from serving.client import predict_files
@@ -196,8 +190,7 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
         from serving.server import running_server
 
         version = str(state["champion"].version)
-        release, bundle_dirs = release_champion()
-        state["first_release"] = release.release_id
+        release, bundle_dirs = release_champion(first=True)
         batches = [calm[:cfg.n_window], calm[cfg.n_window:], shifted[:cfg.n_window], shifted[cfg.n_window:]]
         bounds = []
         with running_server(bundle_dirs, log_path=log_path, model_name=name, model_version=version,

@@ -11,6 +11,10 @@ from typing import TextIO
 from xrayops.release.plan import ReleaseError, live_release_id
 
 
+# The repository's single-pod InferenceService (absent from an installed package, which has no infra/).
+REPO_MANIFEST = Path(__file__).resolve().parents[2] / "infra" / "k8s" / "base" / "serving" / "inferenceservice.yaml"
+
+
 def _yaml():
     from ruamel.yaml import YAML
 

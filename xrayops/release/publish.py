@@ -103,3 +103,21 @@ def roll_back(isvc: dict, storage_uri: str, endpoint_url: str = "", to: str | No
     log.info("rolling back", release=release.release_id, live=live_release_id(isvc))
     return ReleaseOutcome(release=release, inference_service=point_manifest([isvc], release)[0],
                           previous=live_release_id(isvc))
+
+
+def release_to_folder(
+    refs: list[str], storage_dir: Path, tracking_uri: str | None, rolled: Path, start_from: Path | None,
+) -> tuple[Release, list[Path]]:
+    """A release on one machine (demo, scenario), as on a cluster: published into `storage_dir` and
+    the InferenceService manifest `rolled` pointed at it, which continues from itself once written,
+    else starts as a copy of `start_from` (none there: publish only). Returns the release and its
+    member folders, laid out as KServe's storage initializer mounts them."""
+    from xrayops.release.manifest import primary_service, read_manifest, write_manifest
+
+    source = rolled if rolled.is_file() else start_from
+    docs = read_manifest(source) if source is not None and source.is_file() else None
+    outcome = release_models(primary_service(docs) if docs else None, refs, str(storage_dir), tracking_uri,
+                             replace_all=True)
+    if docs:
+        write_manifest(point_manifest(docs, outcome.release), rolled)
+    return outcome.release, [Path(outcome.release.uri) / m.member for m in outcome.release.members]
