@@ -135,14 +135,20 @@ def build_retraining_pipeline(
     return retraining_pipeline
 
 
-def settings_arguments(settings) -> dict:
-    """The pipeline arguments a site's Settings fix (stores, registry, gate), for local launches;
-    on a cluster the tasks read the same from the xrayops-config ConfigMap."""
+def store_arguments(settings) -> dict:
+    """The pipeline arguments a site's Settings fix for every pipeline over its archive (stores,
+    registry), for local launches; on a cluster the tasks read the same from xrayops-config."""
     return {
         "dvc_remote_url": settings.dvc_remote(), "s3_endpoint_url": settings.s3_endpoint_url,
         "mlflow_tracking_uri": settings.tracking_uri(), "model_name": settings.registered_model_name,
-        "gate_margin": settings.gate_margin, "gate_bootstrap_samples": settings.gate_bootstrap_samples,
-        "gate_confidence": settings.gate_confidence,
+    }
+
+
+def settings_arguments(settings) -> dict:
+    """store_arguments plus the gate's settings: what a local retraining launch takes from Settings."""
+    return {
+        **store_arguments(settings), "gate_margin": settings.gate_margin,
+        "gate_bootstrap_samples": settings.gate_bootstrap_samples, "gate_confidence": settings.gate_confidence,
     }
 
 

@@ -644,6 +644,20 @@ def _release_arguments(release_manifest: Optional[Path], settings) -> dict:
             "inference_service_manifest": str(release_manifest.resolve())}
 
 
+def _roll_local_manifest(root: Path, release_manifest: Optional[Path]) -> dict:
+    """After a local run with a release: the release step's rolled manifest written over the one the
+    user gave (as `xrayops release publish --manifest` does); nothing when no release ran."""
+    if release_manifest is None:
+        return {}
+    runs = sorted((d for d in Path(root).iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime)
+    rendered = sorted(runs[-1].rglob("release-op/rendered")) if runs else []
+    if not rendered:
+        return {"release": "none (not promoted)"}
+    release_manifest.write_text(rendered[0].read_text())
+    released = json.loads((rendered[0].parent / "release").read_text())
+    return {"release": released["release_id"], "release_manifest": str(release_manifest)}
+
+
 def _archive_compile_command(name: str, summary: str):
     """`pipeline compile-NAME` for a pipeline over a site's archive (same options, one body)."""
 
@@ -688,13 +702,14 @@ def pipeline_site_train(
     finetune_epochs: Annotated[int, typer.Option(help="Linear-head epochs.")] = 60,
     model_name: Annotated[str, typer.Option(help="Members register as NAME-METHOD in MLflow.")] = "xrayops-region",
     release_manifest: Annotated[Optional[Path], typer.Option(
-        help="Release the members (XRAYOPS_RELEASE_STORAGE_URI) and roll this InferenceService manifest to them.")] = None,
+        help="Release the members (XRAYOPS_RELEASE_STORAGE_URI) and roll this InferenceService manifest to them "
+             "(written over it after the run).")] = None,
     replace_champions: Annotated[bool, typer.Option(
         help="Move the champion alias of members that already have one (default: refuse; retrain them instead).")] = False,
 ) -> None:
     """Run the site-training pipeline here with kfp.local: paper 000's ensemble on the site's own
     archive, each member registered as NAME-METHOD with alias champion (the first champions)."""
-    from pipelines.retraining import settings_arguments
+    from pipelines.retraining import store_arguments
     from pipelines.site_training import PAPER_000_METHODS, run_site_training_local
 
     settings = get_settings()
@@ -714,18 +729,17 @@ def pipeline_site_train(
     if held and not replace_champions:
         _fail(f"{', '.join(sorted(held))} already have a champion: retrain them (`xrayops pipeline retrain "
               f"--model-name NAME`), or pass --replace-champions")
-    stores = {k: v for k, v in settings_arguments(settings).items() if not k.startswith("gate_")}
     log_path = Path(root) / "kfp-local.log"
     try:
         task = run_site_training_local(root, log_path, **{
-            **stores, "source_dir": str(source_dir.resolve()), "ssl_methods": methods,
+            **store_arguments(settings), "source_dir": str(source_dir.resolve()), "ssl_methods": methods,
             "image_size": image_size, "pretrain_epochs": pretrain_epochs, "finetune_epochs": finetune_epochs,
             "model_name": model_name, "replace_champions": replace_champions, **release,
         })
     except RuntimeError as exc:
         _fail(str(exc))
     _print_json({"pipeline_root": str(Path(root).resolve()), "stage_log": str(log_path.resolve()),
-                 "ensemble_accuracy": task.output})
+                 "ensemble_accuracy": task.output, **_roll_local_manifest(root, release_manifest)})
 
 
 @pipeline_app.command("retrain")
@@ -741,7 +755,7 @@ def pipeline_retrain(
     ] = False,
     release_manifest: Annotated[Optional[Path], typer.Option(
         help="Release a promoted challenger (XRAYOPS_RELEASE_STORAGE_URI) and roll this InferenceService manifest "
-             "to it (the rolled manifest is the release step's `rendered` output); default: no release.")] = None,
+             "to it (written over it after the run); default: no release.")] = None,
 ) -> None:
     """Run the retraining pipeline here with kfp.local: the champion comes from MLflow
     (XRAYOPS_MLFLOW_TRACKING_URI), the new dataset version goes to XRAYOPS_DVC_REMOTE_URL."""
@@ -767,7 +781,8 @@ def pipeline_retrain(
     except RuntimeError as exc:
         _fail(str(exc))
     decision = json.loads(Path(task.output.path).read_text())
-    _print_json({"pipeline_root": str(Path(root).resolve()), "stage_log": str(log_path.resolve()), "gate": decision})
+    _print_json({"pipeline_root": str(Path(root).resolve()), "stage_log": str(log_path.resolve()), "gate": decision,
+                 **_roll_local_manifest(root, release_manifest)})
 
 
 @pipeline_app.command("run")
