@@ -23,7 +23,7 @@ from xrayops.release.plan import (
     plan_release,
     release_id,
 )
-from xrayops.release.storage import list_releases, open_store, read_release
+from xrayops.release.storage import list_releases, open_store, read_release, verify_release
 from xrayops.registry import register_bundle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,6 +181,14 @@ def test_publish_to_s3_then_retrain_then_roll_back(registry, s3_endpoint, tmp_pa
     with pytest.raises(ReleaseError, match="S3 read of region/releases/.*xrayops-nobucket/region failed: NoSuchBucket"):
         release_models(base_isvc(), [refs["simclr"]], "s3://xrayops-nobucket/region", uri, endpoint)
 
+    # The audit: every member's weights hashed in S3 against the release; a swapped file is named.
+    assert verify_release(store, rid) == {"simclr": "ok", "byol": "ok"}
+    s3.put_object(Bucket="xrayops-models", Key=f"region/releases/{rid}/byol/weights.pt", Body=b"not the weights")
+    found = verify_release(store, rid)
+    assert found["simclr"] == "ok" and found["byol"].startswith("weights sha256 ") and "released " in found["byol"]
+    s3.upload_file(str(registry["bundles"]["byol"] / "weights.pt"), "xrayops-models",
+                   f"region/releases/{rid}/byol/weights.pt")
+
     # Listing: both releases, oldest first; an unfinished publish (no release.json) is named apart.
     s3.put_object(Bucket="xrayops-models", Key="region/releases/r-unfinished00/simclr/bundle.json", Body=b"{}")
     listed, incomplete = list_releases(store)
@@ -272,6 +280,17 @@ def test_cli_publish_and_rollback_edit_a_manifest_keeping_its_comments(registry,
     shown = json.loads(res.stdout[res.stdout.index("{"):])
     assert shown["release"]["release_id"] == second["release"]["release_id"]
     assert shown["rollback_to"] == first["release"]["release_id"] and shown["inference_service"] == "xrayops-region"
+    res = runner.invoke(app, ["release", "verify", second["release"]["release_id"]])
+    assert res.exit_code == 0 and json.loads(res.stdout[res.stdout.index("{"):])["ok"] is True, res.output
+    weights = tmp_path / "store" / "releases" / first["release"]["release_id"] / "byol" / "weights.pt"
+    good = weights.read_bytes()
+    weights.write_bytes(b"tampered")
+    res = runner.invoke(app, ["release", "verify", first["release"]["release_id"]])
+    verdict = json.loads(res.stdout[res.stdout.index("{"):])
+    assert res.exit_code == 1 and verdict["ok"] is False and verdict["members"]["simclr"] == "ok"
+    weights.write_bytes(good)
+    res = runner.invoke(app, ["release", "verify", "r-000000000000"])
+    assert res.exit_code == 2 and "is not in" in said(res)
     res = runner.invoke(app, ["release", "list"])
     assert res.exit_code == 0, res.output
     listed = json.loads(res.stdout[res.stdout.index("{"):])

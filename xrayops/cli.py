@@ -1135,6 +1135,26 @@ def release_list(
                  "incomplete": incomplete})
 
 
+@release_app.command("verify")
+def release_verify(
+    release_id: Annotated[str, typer.Argument(help="Release id (r-...), e.g. from `xrayops release show`.")],
+    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
+) -> None:
+    """Hash every member's weights in the serving storage against the release (an audit: is what serving
+    loads what was released?). Exit 1 when any member differs."""
+    from xrayops.release import ReleaseError
+    from xrayops.release.storage import open_store, verify_release
+
+    settings = get_settings()
+    try:
+        found = verify_release(open_store(storage or settings.release_storage_uri, settings.s3_endpoint_url), release_id)
+    except ReleaseError as exc:
+        _fail(str(exc))
+    _print_json({"release_id": release_id, "members": found, "ok": all(v == "ok" for v in found.values())})
+    if any(v != "ok" for v in found.values()):
+        raise typer.Exit(1)
+
+
 @release_app.command("show")
 def release_show(
     storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,

@@ -6,13 +6,14 @@ the next publish of the same members overwrites.
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
-from xrayops.bundle_meta import META, WEIGHTS
+from xrayops.bundle_meta import META, WEIGHTS, file_sha256
 from xrayops.contracts import ModelBundleMeta
 from xrayops.release.plan import RELEASE_FILE, RELEASES, Release, ReleaseError
 from xrayops.registry.mlflow_registry import local_path
@@ -45,6 +46,10 @@ class LocalStore:
 
     def copy(self, from_id: str, to_id: str, name: str) -> None:
         self.put_file(to_id, name, self._dir(from_id) / name)
+
+    def sha256(self, release_id: str, name: str) -> str | None:
+        path = self._dir(release_id) / name
+        return file_sha256(path) if path.is_file() else None
 
     def release_ids(self) -> list[str]:
         folder = self.root / RELEASES
@@ -98,6 +103,17 @@ class S3Store:
         head = self._call(f"head of {key}", self.client.head_object, Bucket=self.bucket, Key=key, missing_ok=True)
         return None if head is None else int(head["ContentLength"])
 
+    def sha256(self, release_id: str, name: str) -> str | None:
+        """Hashed as it streams down: a weights file is not held in memory."""
+        key = self._key(release_id, name)
+        answer = self._call(f"read of {key}", self.client.get_object, Bucket=self.bucket, Key=key, missing_ok=True)
+        if answer is None:
+            return None
+        digest = hashlib.sha256()
+        for chunk in answer["Body"].iter_chunks(1 << 20):
+            digest.update(chunk)
+        return digest.hexdigest()
+
     def release_ids(self) -> list[str]:
         prefix = "/".join(p for p in (self.prefix, RELEASES) if p) + "/"
         pages = self._call(f"listing of {prefix}", lambda: list(self.client.get_paginator("list_objects_v2").paginate(
@@ -148,6 +164,26 @@ def list_releases(store) -> tuple[list[Release], list[str]]:
         else:
             releases.append(read_release(store, rid))
     return sorted(releases, key=lambda r: r.created_at), incomplete
+
+
+def verify_release(store, release_id: str) -> dict[str, str]:
+    """Every member's weights in the store hashed against the sha256 the release lists (an audit:
+    is what serving loads exactly what was released?): member -> "ok" or what is wrong."""
+    release = read_release(store, release_id)
+    found = {}
+    for m in release.members:
+        text = store.read_text(release_id, f"{m.member}/{META}")
+        recorded = ModelBundleMeta.model_validate_json(text).weights_sha256 if text is not None else None
+        actual = store.sha256(release_id, f"{m.member}/{WEIGHTS}")
+        if recorded is None or actual is None:
+            found[m.member] = f"missing {META if recorded is None else WEIGHTS}"
+        elif actual != m.weights_sha256:
+            found[m.member] = f"weights sha256 {actual[:12]}, released {m.weights_sha256[:12]}"
+        elif recorded != m.weights_sha256:
+            found[m.member] = f"{META} records {recorded[:12]}, released {m.weights_sha256[:12]}"
+        else:
+            found[m.member] = "ok"
+    return found
 
 
 def read_member_meta(store, release_id: str, member: str) -> ModelBundleMeta:
