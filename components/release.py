@@ -27,18 +27,16 @@ def release_op(
     from xrayops.config import get_settings
     from xrayops.release import release_models
     from xrayops.release.cluster import get_inference_service, replace_inference_service
-    from xrayops.release.manifest import primary_service, read_manifest, write_manifest
-    from xrayops.release.plan import point_manifest
+    from xrayops.release.manifest import read_manifest, write_manifest
 
     settings = get_settings()
     docs = read_manifest(Path(manifest)) if manifest else [get_inference_service(inference_service, namespace)]
-    outcome = release_models(primary_service(docs), list(model_uris), storage_uri or settings.release_storage_uri,
+    outcome = release_models(docs, list(model_uris), storage_uri or settings.release_storage_uri,
                              tracking_uri or settings.tracking_uri(), s3_endpoint_url or settings.s3_endpoint_url,
                              replace_all)
-    rolled = point_manifest(docs, outcome.release)
     if not manifest:
-        replace_inference_service(rolled[0])
-    write_manifest(rolled, Path(rendered.path))
+        replace_inference_service(outcome.inference_service)
+    write_manifest(outcome.documents, Path(rendered.path))
     Path(release.path).write_text(outcome.release.model_dump_json(indent=2))
     release.metadata.update({"release_id": outcome.release.release_id, "uri": outcome.release.uri,
                              "replaces": outcome.previous or "", "applied": not manifest})

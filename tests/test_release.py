@@ -143,7 +143,7 @@ def test_publish_to_s3_then_retrain_then_roll_back(registry, s3_endpoint, tmp_pa
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="xrayops-models")
     storage, refs, uri = "s3://xrayops-models/region", registry["refs"], registry["uri"]
 
-    first = release_models(base_isvc(), [refs["simclr"], refs["byol"]], storage, uri, endpoint)
+    first = release_models([base_isvc()], [refs["simclr"], refs["byol"]], storage, uri, endpoint)
     assert first.previous is None and first.release.previous is None
     assert {m.member for m in first.release.members} == {"simclr", "byol"}
     s3 = boto3.client("s3", endpoint_url=endpoint)
@@ -158,7 +158,7 @@ def test_publish_to_s3_then_retrain_then_roll_back(registry, s3_endpoint, tmp_pa
     by_member = {m.member: m.model_uri for m in first.release.members}
     assert by_member == {"simclr": "models:/xr-simclr/1", "byol": "models:/xr-byol/1"}
 
-    second = release_models(first.inference_service, [refs["simclr2"]], storage, uri, endpoint)
+    second = release_models(first.documents, [refs["simclr2"]], storage, uri, endpoint)
     assert second.previous == rid and second.release.previous == rid
     assert {m.member: m.model_uri for m in second.release.members} == {
         "simclr": "models:/xr-simclr2/1", "byol": "models:/xr-byol/1"}
@@ -173,13 +173,13 @@ def test_publish_to_s3_then_retrain_then_roll_back(registry, s3_endpoint, tmp_pa
 
     # Same members again: the same release, nothing rewritten.
     before = s3.head_object(Bucket="xrayops-models", Key=f"region/releases/{rid}/release.json")["LastModified"]
-    again = release_models(base_isvc(), [refs["simclr"], refs["byol"]], storage, uri, endpoint)
+    again = release_models([base_isvc()], [refs["simclr"], refs["byol"]], storage, uri, endpoint)
     assert again.release == first.release
     assert s3.head_object(Bucket="xrayops-models", Key=f"region/releases/{rid}/release.json")["LastModified"] == before
 
     # A bucket that does not exist is a clear error, not a traceback from botocore.
     with pytest.raises(ReleaseError, match="S3 read of region/releases/.*xrayops-nobucket/region failed: NoSuchBucket"):
-        release_models(base_isvc(), [refs["simclr"]], "s3://xrayops-nobucket/region", uri, endpoint)
+        release_models([base_isvc()], [refs["simclr"]], "s3://xrayops-nobucket/region", uri, endpoint)
 
     # The audit: every member's weights hashed in S3 against the release; a swapped file is named.
     assert verify_release(store, rid) == {"simclr": "ok", "byol": "ok"}
@@ -194,12 +194,12 @@ def test_publish_to_s3_then_retrain_then_roll_back(registry, s3_endpoint, tmp_pa
     listed, incomplete = list_releases(store)
     assert [r.release_id for r in listed] == [rid, second.release.release_id] and incomplete == ["r-unfinished00"]
 
-    back = roll_back(second.inference_service, storage, endpoint)
+    back = roll_back(second.documents, storage, endpoint)
     assert back.release == first.release
     assert back.inference_service["spec"]["predictor"]["model"]["storageUri"] == first.release.uri
     assert back.inference_service["metadata"]["annotations"][ANNOTATION_PREVIOUS] == second.release.release_id
     with pytest.raises(ReleaseError, match="no previous release"):
-        roll_back(first.inference_service, storage, endpoint)
+        roll_back(first.documents, storage, endpoint)
 
 
 def test_a_released_folder_is_what_serving_loads(registry, tmp_path):
@@ -208,7 +208,7 @@ def test_a_released_folder_is_what_serving_loads(registry, tmp_path):
     from serving.model import XrayModel
 
     storage = tmp_path / "store"
-    out = release_models(base_isvc(), [registry["refs"]["simclr"], registry["refs"]["byol"]], str(storage),
+    out = release_models([base_isvc()], [registry["refs"]["simclr"], registry["refs"]["byol"]], str(storage),
                          registry["uri"])
     mnt = storage / "releases" / out.release.release_id
     args = out.inference_service["spec"]["predictor"]["model"]["args"]
@@ -236,13 +236,13 @@ def test_a_released_folder_is_what_serving_loads(registry, tmp_path):
 
 def test_a_damaged_release_is_not_taken_for_a_good_one(registry, tmp_path):
     storage = tmp_path / "store"
-    out = release_models(base_isvc(), [registry["refs"]["simclr"]], str(storage), registry["uri"])
+    out = release_models([base_isvc()], [registry["refs"]["simclr"]], str(storage), registry["uri"])
     folder = storage / "releases" / out.release.release_id
     meta = json.loads((folder / "simclr" / "bundle.json").read_text())
     meta["weights_sha256"] = "0" * 64
     (folder / "simclr" / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(ReleaseError, match="member simclr holds weights 000000000000"):
-        release_models(base_isvc(), [registry["refs"]["simclr"]], str(storage), registry["uri"])
+        release_models([base_isvc()], [registry["refs"]["simclr"]], str(storage), registry["uri"])
     (folder / "release.json").write_text("{not json")
     with pytest.raises(ReleaseError, match="bad release.json"):
         read_release(open_store(str(storage)), out.release.release_id)

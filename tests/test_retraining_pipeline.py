@@ -151,9 +151,9 @@ def test_kfp_local_retraining_gates_and_promotes_a_challenger_on_the_new_version
     (archive / "v2" / "truth.csv").unlink()
     # The champion is live: released to the serving storage, the InferenceService manifest points at it.
     serving, manifest = tmp_path / "serving", tmp_path / "inferenceservice.yaml"
-    live = release_models(yaml.safe_load(BASE_ISVC.read_text()), [champion["registered"].model_uri], str(serving),
+    live = release_models([yaml.safe_load(BASE_ISVC.read_text())], [champion["registered"].model_uri], str(serving),
                           champion["tracking_uri"])
-    write_manifest([live.inference_service], manifest)
+    write_manifest(live.documents, manifest)
     root = tmp_path / "kfp"
     run_retraining_local(
         root, source_dir=str(archive), files_per_batch=100, ingest_workers=1,

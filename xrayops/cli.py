@@ -1078,15 +1078,13 @@ def release_publish(
     method; the others stay."""
     from xrayops.registry import RegistryError
     from xrayops.release import ReleaseError, release_models
-    from xrayops.release.manifest import primary_service
-    from xrayops.release.plan import point_manifest
 
     settings = get_settings()
     try:
         docs = _release_target(manifest, name or settings.inference_service, namespace or settings.serving_namespace)
-        outcome = release_models(primary_service(docs), model, storage or settings.release_storage_uri,
-                                 settings.tracking_uri(), settings.s3_endpoint_url, replace_all)
-        where = _write_release_target(point_manifest(docs, outcome.release), manifest, out, dry_run)
+        outcome = release_models(docs, model, storage or settings.release_storage_uri, settings.tracking_uri(),
+                                 settings.s3_endpoint_url, replace_all)
+        where = _write_release_target(outcome.documents, manifest, out, dry_run)
     except (ReleaseError, RegistryError) as exc:
         _fail(str(exc))
     _print_release(outcome, where)
@@ -1104,14 +1102,12 @@ def release_rollback(
 ) -> None:
     """Point the InferenceService back at the release it served before (recorded on it), or at --to."""
     from xrayops.release import ReleaseError, roll_back
-    from xrayops.release.manifest import primary_service
-    from xrayops.release.plan import point_manifest
 
     settings = get_settings()
     try:
         docs = _release_target(manifest, name or settings.inference_service, namespace or settings.serving_namespace)
-        outcome = roll_back(primary_service(docs), storage or settings.release_storage_uri, settings.s3_endpoint_url, to)
-        where = _write_release_target(point_manifest(docs, outcome.release), manifest, out, dry_run)
+        outcome = roll_back(docs, storage or settings.release_storage_uri, settings.s3_endpoint_url, to)
+        where = _write_release_target(outcome.documents, manifest, out, dry_run)
     except ReleaseError as exc:
         _fail(str(exc))
     _print_release(outcome, where)

@@ -12,6 +12,7 @@ from pathlib import Path
 from xrayops.bundle_meta import read_bundle_meta
 from xrayops.contracts import ModelBundleMeta
 from xrayops.logs import get_logger
+from xrayops.release.manifest import primary_service
 from xrayops.registry import model_version, parse_model_ref, resolve_bundle
 from xrayops.release.plan import (
     Release,
@@ -31,10 +32,16 @@ log = get_logger(__name__)
 @dataclass(frozen=True)
 class ReleaseOutcome:
     release: Release
-    # The InferenceService that serves it, to apply or write out (None: none was given); the caller's
-    # own mapping type (a round-trip YAML map keeps a manifest's comments), so not a pydantic field.
-    inference_service: dict | None
+    # The documents given (a manifest's, or the live InferenceService) pointed at the release, to
+    # apply or write out (None: none were given); the caller's own mapping type (a round-trip YAML
+    # map keeps a manifest's comments), so not a pydantic field.
+    documents: list[dict] | None
     previous: str | None  # the release it replaces on the InferenceService
+
+    @property
+    def inference_service(self) -> dict | None:
+        """The rolled InferenceService that names the release (the only one, outside a graph)."""
+        return primary_service(self.documents) if self.documents else None
 
 
 def pinned_uri(ref: str, tracking_uri: str | None) -> str:
@@ -66,7 +73,7 @@ def live_release(store, isvc: dict | None) -> tuple[Release | None, dict[str, Mo
 
 
 def release_models(
-    isvc: dict | None,
+    docs: list[dict] | None,
     refs: list[str],
     storage_uri: str,
     tracking_uri: str | None,
@@ -74,9 +81,10 @@ def release_models(
     replace_all: bool = False,
 ) -> ReleaseOutcome:
     """Publish `refs` (with the live release's other members unless `replace_all`) to the serving
-    storage and return the InferenceService pointed at the new release (`isvc` None: publish only,
-    with no live release to keep members from)."""
+    storage and return `docs` (a manifest's documents, or the live InferenceService) pointed at the
+    new release (None: publish only, with no live release to keep members from)."""
     store = open_store(storage_uri, endpoint_url)
+    isvc = primary_service(docs) if docs else None
     live, live_metas = live_release(store, isvc)
     with tempfile.TemporaryDirectory(prefix="xrayops-release-") as work:  # registry downloads, gone once published
         resolved = resolve_members(refs, tracking_uri, Path(work))
@@ -87,13 +95,14 @@ def release_models(
         release = write_release(store, release, {m.member: path for m, _, path in resolved})
     log.info("published release", release=release.release_id, uri=release.uri,
              members={m.member: m.model_uri for m in release.members}, previous=release.previous)
-    return ReleaseOutcome(release=release,
-                          inference_service=point_manifest([isvc], release)[0] if isvc is not None else None,
+    return ReleaseOutcome(release=release, documents=point_manifest(docs, release) if docs else None,
                           previous=live.release_id if live is not None else None)
 
 
-def roll_back(isvc: dict, storage_uri: str, endpoint_url: str = "", to: str | None = None) -> ReleaseOutcome:
-    """The InferenceService pointed back at the release before the live one (or at release `to`)."""
+def roll_back(docs: list[dict], storage_uri: str, endpoint_url: str = "", to: str | None = None) -> ReleaseOutcome:
+    """`docs` (a manifest's, or the live InferenceService) pointed back at the release before the
+    live one (or at release `to`)."""
+    isvc = primary_service(docs)
     target = to or previous_release_id(isvc)
     if target is None:
         raise ReleaseError("nothing to roll back to: the InferenceService records no previous release")
@@ -101,8 +110,7 @@ def roll_back(isvc: dict, storage_uri: str, endpoint_url: str = "", to: str | No
         raise ReleaseError(f"release {target} is already live")
     release = read_release(open_store(storage_uri, endpoint_url), target)
     log.info("rolling back", release=release.release_id, live=live_release_id(isvc))
-    return ReleaseOutcome(release=release, inference_service=point_manifest([isvc], release)[0],
-                          previous=live_release_id(isvc))
+    return ReleaseOutcome(release=release, documents=point_manifest(docs, release), previous=live_release_id(isvc))
 
 
 def release_to_folder(
@@ -112,12 +120,11 @@ def release_to_folder(
     the InferenceService manifest `rolled` pointed at it, which continues from itself once written,
     else starts as a copy of `start_from` (none there: publish only). Returns the release and its
     member folders, laid out as KServe's storage initializer mounts them."""
-    from xrayops.release.manifest import primary_service, read_manifest, write_manifest
+    from xrayops.release.manifest import read_manifest, write_manifest
 
     source = rolled if rolled.is_file() else start_from
     docs = read_manifest(source) if source is not None and source.is_file() else None
-    outcome = release_models(primary_service(docs) if docs else None, refs, str(storage_dir), tracking_uri,
-                             replace_all=True)
-    if docs:
-        write_manifest(point_manifest(docs, outcome.release), rolled)
+    outcome = release_models(docs, refs, str(storage_dir), tracking_uri, replace_all=True)
+    if outcome.documents:
+        write_manifest(outcome.documents, rolled)
     return outcome.release, [Path(outcome.release.uri) / m.member for m in outcome.release.members]

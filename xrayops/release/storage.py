@@ -143,15 +143,19 @@ def open_store(storage_uri: str, endpoint_url: str = "") -> LocalStore | S3Store
     raise ReleaseError(f"unsupported serving storage {storage_uri!r}: use s3://BUCKET/PREFIX or a folder")
 
 
+def parse_release(text: str, where: str) -> Release:
+    try:
+        return Release.model_validate_json(text)
+    except ValidationError as exc:
+        raise ReleaseError(f"{where} has a bad {RELEASE_FILE}: {exc}") from exc
+
+
 def read_release(store, release_id: str) -> Release:
     """A published release, from its release.json."""
     text = store.read_text(release_id, RELEASE_FILE)
     if text is None:
         raise ReleaseError(f"release {release_id} is not in {store.storage_uri} (no {RELEASE_FILE})")
-    try:
-        return Release.model_validate_json(text)
-    except ValidationError as exc:
-        raise ReleaseError(f"release {release_id} in {store.storage_uri} has a bad {RELEASE_FILE}: {exc}") from exc
+    return parse_release(text, f"release {release_id} in {store.storage_uri}")
 
 
 def list_releases(store) -> tuple[list[Release], list[str]]:
@@ -159,10 +163,11 @@ def list_releases(store) -> tuple[list[Release], list[str]]:
     publish that did not finish; the next publish of the same members completes it)."""
     releases, incomplete = [], []
     for rid in store.release_ids():
-        if store.read_text(rid, RELEASE_FILE) is None:
+        text = store.read_text(rid, RELEASE_FILE)
+        if text is None:
             incomplete.append(rid)
         else:
-            releases.append(read_release(store, rid))
+            releases.append(parse_release(text, f"release {rid} in {store.storage_uri}"))
     return sorted(releases, key=lambda r: r.created_at), incomplete
 
 
@@ -172,8 +177,10 @@ def verify_release(store, release_id: str) -> dict[str, str]:
     release = read_release(store, release_id)
     found = {}
     for m in release.members:
-        text = store.read_text(release_id, f"{m.member}/{META}")
-        recorded = ModelBundleMeta.model_validate_json(text).weights_sha256 if text is not None else None
+        try:
+            recorded = read_member_meta(store, release_id, m.member).weights_sha256
+        except ReleaseError:
+            recorded = None
         actual = store.sha256(release_id, f"{m.member}/{WEIGHTS}")
         if recorded is None or actual is None:
             found[m.member] = f"missing {META if recorded is None else WEIGHTS}"
@@ -196,8 +203,9 @@ def read_member_meta(store, release_id: str, member: str) -> ModelBundleMeta:
 def write_release(store, release: Release, bundles: dict[str, Path]) -> Release:
     """Publish `release`: members in `bundles` from their local folders, the others copied from the
     previous release. Publishing a release that already exists checks it and writes nothing."""
-    if store.read_text(release.release_id, RELEASE_FILE) is not None:
-        existing = read_release(store, release.release_id)
+    text = store.read_text(release.release_id, RELEASE_FILE)
+    if text is not None:
+        existing = parse_release(text, f"release {release.release_id} in {store.storage_uri}")
         check_published(store, existing)
         return existing
     for m in release.members:
@@ -238,10 +246,7 @@ def release_of_folders(bundle_dirs: list[Path], metas: list[ModelBundleMeta]) ->
     if len(parents) != 1 or not (next(iter(parents)) / RELEASE_FILE).is_file():
         return None
     folder = next(iter(parents))
-    try:
-        release = Release.model_validate_json((folder / RELEASE_FILE).read_text())
-    except ValidationError as exc:
-        raise ReleaseError(f"{folder / RELEASE_FILE} is not a release: {exc}") from exc
+    release = parse_release((folder / RELEASE_FILE).read_text(), str(folder))
     listed = {m.member: m.weights_sha256 for m in release.members}
     wrong = sorted(Path(d).name for d, meta in zip(bundle_dirs, metas) if listed.get(Path(d).name) != meta.weights_sha256)
     if wrong:  # a subset is fine: the transformer reads one member's preprocessing spec
