@@ -20,7 +20,7 @@ def ingest_op(dicom: Input[Dataset], image_size: int, workers: int, dataset: Out
     summary = ingest(
         source,
         Path(dataset.path),
-        PreprocessingSpec(size=image_size),
+        PreprocessingSpec(size=image_size, admission=settings.admission_policy()),
         key=settings.deid_key.get_secret_value(),
         workers=workers,
         synonyms_path=settings.body_part_synonyms,
@@ -56,7 +56,7 @@ def ingest_part_op(
     summary = ingest(
         Path(source_dir),
         Path(dataset.path),
-        PreprocessingSpec(size=image_size),
+        PreprocessingSpec(size=image_size, admission=settings.admission_policy()),
         key=settings.deid_key.get_secret_value(),
         workers=workers,
         synonyms_path=settings.body_part_synonyms,

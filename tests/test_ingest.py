@@ -11,6 +11,7 @@ from dicom_factory import make_dataset, ramp, to_bytes, write
 from pydicom.uid import generate_uid
 
 import xrayops.ingest as ingest_module
+from xrayops.dicom.admission import AdmissionPolicy
 from xrayops.contracts import PreprocessingSpec
 from xrayops.data.manifest import read_manifest
 from xrayops.data.shards import load_shards
@@ -173,7 +174,9 @@ KNOWN_REASONS = {
 def real_ingest(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("real") / "data"
     # full resolution: the pixel hashes then prove bit-exact decoding across syntaxes (test below)
-    summary = ingest(SAMPLES, data_dir, PreprocessingSpec(reduce_early=False), KEY, workers=2)
+    # every instance admitted: these tests are about decoding (the admission tests use the default policy)
+    spec = PreprocessingSpec(reduce_early=False, admission=AdmissionPolicy(any_instance=True))
+    summary = ingest(SAMPLES, data_dir, spec, KEY, workers=2)
     return summary, read_manifest(summary.manifest_path).set_index("source_name"), load_shards(data_dir)
 
 

@@ -81,8 +81,20 @@ def ingest(
     dicomweb: Annotated[Optional[str], typer.Option(help="DICOMweb base URL: QIDO-RS search + WADO-RS retrieve into the landing folder first.")] = None,
     study: Annotated[Optional[list[str]], typer.Option(help="With --dicomweb: only these Study Instance UIDs (repeat).")] = None,
     contact_sheet: Annotated[Optional[Path], typer.Option(help="Also write a PNG grid of the processed images here.")] = None,
+    admit_modality: Annotated[Optional[list[str]], typer.Option(help="Admitted Modality (repeat; default XRAYOPS_ADMIT_MODALITIES: CR, DX).")] = None,
+    admit_sop_class: Annotated[Optional[list[str]], typer.Option(help="Admitted SOP Class UID (repeat; default CR and DX Image Storage).")] = None,
+    admit_localizers: Annotated[bool, typer.Option("--admit-localizers", help="Admit localizer/scout images.")] = False,
+    admit_secondary: Annotated[bool, typer.Option("--admit-secondary", help="Admit derived secondary images (ImageType SECONDARY).")] = False,
+    pixels_cleaned: Annotated[
+        bool, typer.Option("--pixels-cleaned", help="The site has removed burned-in text and recognizable features "
+                           "upstream (PS3.15 Clean Pixel Data): admit images flagged with them.")
+    ] = False,
 ) -> None:
-    """Decode, de-identify and preprocess DICOM into a manifest and pixel shards; failures are quarantined."""
+    """Decode, de-identify and preprocess DICOM into a manifest and pixel shards; failures are quarantined.
+
+    Only human projection radiographs enter the dataset (the admission policy: CR and DX by default);
+    every other instance is quarantined with its reason, and the policy is written into preprocessing.json.
+    """
     from xrayops.contracts import PreprocessingSpec
     from xrayops.ingest import ingest as run_ingest
     from xrayops.ingest import write_contact_sheet
@@ -98,7 +110,13 @@ def ingest(
     if source is None or not source.exists():
         _fail(f"source folder {source} does not exist")
     try:
-        spec = PreprocessingSpec(size=size, output_dtype=output_dtype, multiframe=multiframe)
+        overrides = {k: v for k, v in {
+            "admit_modalities": admit_modality, "admit_sop_classes": admit_sop_class,
+            "admit_localizers": admit_localizers or None, "admit_secondary": admit_secondary or None,
+            "admit_pixels_cleaned": pixels_cleaned or None,
+        }.items() if v}  # fmt: skip
+        policy = settings.model_copy(update=overrides).admission_policy()
+        spec = PreprocessingSpec(size=size, output_dtype=output_dtype, multiframe=multiframe, admission=policy)
     except ValueError as exc:  # pydantic's ValidationError names the bad option
         _fail(f"invalid preprocessing option: {exc}")
     summary = run_ingest(

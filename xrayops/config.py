@@ -6,6 +6,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from xrayops.dicom.admission import AdmissionPolicy
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="XRAYOPS_", env_file=".env", extra="ignore")
@@ -28,6 +30,15 @@ class Settings(BaseSettings):
 
     # A site's own BodyPartExamined synonyms (JSON/YAML), merged over the built-in table.
     body_part_synonyms: Path | None = None
+
+    # Admission (xrayops.dicom.admission): what ingestion lets into a dataset. Serving applies the
+    # policy stored in the model's bundle instead. Lists are JSON in env, e.g. '["CR","DX","RG"]'.
+    admit_modalities: list[str] = Field(default_factory=lambda: list(AdmissionPolicy().modalities))
+    admit_sop_classes: list[str] = Field(default_factory=lambda: list(AdmissionPolicy().sop_classes))
+    admit_localizers: bool = False
+    admit_secondary: bool = False
+    # Only a site that removes burned-in text upstream (PS3.15 Clean Pixel Data) may set this.
+    admit_pixels_cleaned: bool = False
 
     # Compute.
     device: str = "auto"  # auto | cpu | cuda
@@ -93,6 +104,16 @@ class Settings(BaseSettings):
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         return f"sqlite:///{(self.output_dir / 'mlflow' / 'mlflow.db').resolve()}"
+
+    def admission_policy(self) -> AdmissionPolicy:
+        """The admission policy these settings describe (ingestion's; serving reads the bundle's)."""
+        return AdmissionPolicy(
+            modalities=tuple(m.strip().upper() for m in self.admit_modalities),
+            sop_classes=tuple(u.strip() for u in self.admit_sop_classes),
+            refuse_localizers=not self.admit_localizers,
+            refuse_secondary=not self.admit_secondary,
+            pixels_cleaned=self.admit_pixels_cleaned,
+        )
 
     def dvc_remote(self) -> str:
         return self.dvc_remote_url or str((self.output_dir / "dvc-remote").resolve())

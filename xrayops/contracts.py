@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from xrayops.dicom.admission import AdmissionPolicy
+
 CONTRACT_VERSION = "1"
 # ManifestRow's optional binary label columns, each of which can train a binary head.
 BINARY_LABEL_COLUMNS = ("abnormal", "implant")
@@ -42,6 +44,9 @@ class PreprocessingSpec(BaseModel):
     # other images box-averaged before windowing (xrayops.dicom.pixels.decode_for_spec). Faster
     # by 3-10x on full-size radiographs; False gives full-resolution windowing.
     reduce_early: bool = True
+    # Which instances are images at all for this model (xrayops.dicom.admission): ingestion
+    # quarantines what it refuses, serving answers it as not applicable. Older specs: the default.
+    admission: AdmissionPolicy = Field(default_factory=AdmissionPolicy)
 
 
 class ManifestRow(BaseModel):
@@ -77,6 +82,9 @@ class ManifestRow(BaseModel):
     pixel_sha256: str = ""  # sha256 of the decoded frame: duplicate pixels under another SOP UID
     quality_flags: str = ""  # comma-separated: tiny, extreme_aspect, low_contrast
     burned_in_annotation: str = ""  # BurnedInAnnotation as found (YES/NO/""): text in the pixels may be PHI
+    # Lossy compressed now or before (LossyImageCompression 01, or a lossy transfer syntax): of two
+    # copies of one instance ingestion keeps the lossless one.
+    lossy_compression: bool = False
     # Optional binary labels (issue 4), 1.0 / 0.0, empty where unknown; a binary head is trained
     # when a column has both values: abnormality/fracture (papers 001, 003), implant (paper 002).
     abnormal: float | None = None
@@ -108,7 +116,15 @@ class ModelBundleMeta(BaseModel):
     classes: list[str]
     preprocessing: PreprocessingSpec
     temperature: float = 1.0
+    # The served ood_score and its threshold (ood = score > threshold). "energy" of the logits
+    # (Liu et al. 2020) in older bundles; "mahalanobis" (Lee et al. 2018) or "knn" (Sun et al.
+    # 2022) on the region embedding, their arrays in weights.pt (xrayops.models.ood).
+    ood_method: Literal["energy", "mahalanobis", "knn"] = "energy"
     ood_threshold: float | None = None
+    ood_k: int = 0  # knn: the neighbour whose distance is the score
+    # The in-domain validation scores' 95th minus 50th percentile: an ensemble averages its
+    # members' margins over their thresholds in these units (None: raw margins).
+    ood_scale: float | None = None
     confidence_threshold: float = 0.9  # for label_disagreement
     # The embedding is the mean over the four right-angle rotations of the image
     # (xrayops.models.heads.RegionClassifier), so the region does not depend on orientation.

@@ -20,10 +20,14 @@ and technical tags only.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import multiprocessing
+import os
+import threading
+import time
 from collections import Counter, deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -36,7 +40,10 @@ from xrayops.contracts import ManifestRow, PreprocessingSpec
 from xrayops.data.journal import Journal, JournalEntry, file_key, journal_fingerprint
 from xrayops.data.manifest import Deduplicator, assign_split, write_manifest
 from xrayops.data.shards import SHARD_GLOB, ShardWriter
-from xrayops.dicom.decode import MAX_FILE_BYTES, DicomError, check_pixel_module, frame_indices, quiet_pydicom, read_dicom
+from xrayops.dicom.admission import REASONS as ADMISSION_REASONS
+from xrayops.dicom.admission import admit
+from xrayops.dicom.codec_messages import captured_stderr
+from xrayops.dicom.decode import MAX_FILE_BYTES, DicomError, check_pixel_module, frame_indices, is_lossy, quiet_pydicom, read_dicom
 from xrayops.dicom.deid import pseudonymize, public_source_name, safe_metadata
 from xrayops.dicom.labels import default_synonyms, load_synonyms, region_from_dataset, unmapped_report
 from xrayops.dicom.pixels import decode_for_spec, image_statistics, preprocess_array
@@ -46,7 +53,7 @@ from xrayops.regions import UNKNOWN
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 QUARANTINE_COLUMNS = ["source_name", "image_id", "reason", "detail"]
-JOURNAL_VERSION = "1"  # bump when process_file's output changes for the same input
+JOURNAL_VERSION = "2"  # bump when process_file's output changes for the same input
 # Quality flags (kept rows, for filtering downstream). A radiograph's short side is >= 1000 px;
 # below 256 it is a thumbnail or a secondary capture. Long-leg and whole-spine stitches reach
 # about 1:3; beyond that it is a strip, a ruler or a cropped label.
@@ -66,6 +73,8 @@ class IngestSummary(BaseModel):
     n_processed: int = 0  # files decoded in this run
     n_reused: int = 0  # files taken from the journal of an earlier (or killed) run
     reasons: dict[str, int]  # quarantine reason -> rows
+    refused: dict[str, int] = {}  # the reasons that are the admission policy's (not for this model)
+    skipped: dict[str, int] = {}  # files passed over before decoding (hidden, foreign extension, bad link)
     regions: dict[str, int]  # region -> ok images
     splits: dict[str, int]  # split -> ok images
     quality_flags: dict[str, int] = {}  # flag -> ok images
@@ -107,7 +116,10 @@ def ingest(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     synonyms = load_synonyms(synonyms_path) if synonyms_path else dict(default_synonyms())
     journal_dir = Path(journal_dir) if journal_dir else default_journal_dir(data_dir)
-    paths = find_dicom_files(source_dir, exclude=[data_dir, journal_dir])
+    scan = scan_source(source_dir, exclude=[data_dir, journal_dir])
+    paths = scan.paths
+    if scan.skipped:  # once per run, by reason: the names themselves may hold identifiers
+        log.info("ingest.skipped", skipped=scan.skipped)
     if part is not None:
         paths = slice_for_part(paths, *part)
     names = [public_source_name(p.relative_to(source_dir).as_posix(), key) for p in paths]
@@ -129,7 +141,7 @@ def ingest(
             batch = []
     if batch:
         journal.write_part(batch)
-    return _assemble(journal, keys, data_dir, spec, synonyms, shard_size, n_processed=len(todo))
+    return _assemble(journal, keys, data_dir, spec, synonyms, shard_size, n_processed=len(todo), skipped=scan.skipped)
 
 
 def write_contact_sheet(data_dir: Path, path: Path, limit: int = 64, columns: int = 8) -> Path:
@@ -181,6 +193,7 @@ def _assemble(
     synonyms: Mapping[str, str],
     shard_size: int,
     n_processed: int,
+    skipped: dict[str, int] | None = None,
 ) -> IngestSummary:
     """Journal entries of `keys`, in order, to the dataset files: dedup, splits, shards, tables."""
     shards_dir = data_dir / "shards"
@@ -190,11 +203,16 @@ def _assemble(
     rows: list[ManifestRow] = []
     details: list[str] = []
     dedup = Deduplicator()
+    kept = preferred_copies((k, j, e.row) for k in keys for j, e in enumerate(journal.read(k)))
     with ShardWriter(shards_dir, shard_size) as writer:
         for k in keys:
-            for entry in journal.read(k):
+            for j, entry in enumerate(journal.read(k)):
                 row, detail = entry.row, entry.detail
-                if row.status == "ok":
+                winner = kept.get(row.image_id) if row.status == "ok" else None
+                if winner is not None and winner[:2] != (k, j):
+                    reason = "duplicate_file" if winner[2].source_sha256 == row.source_sha256 else "duplicate_sop_instance_uid"
+                    row, detail = _quarantined_row(row, reason), _kept_copy_detail(winner[2])
+                elif row.status == "ok":
                     reason = dedup.check(row.image_id, row.pixel_sha256, row.source_sha256)
                     if reason:
                         row, detail = _quarantined_row(row, reason), "an earlier file (in sorted order) holds the same image"
@@ -218,6 +236,7 @@ def _assemble(
         n_files=len(keys),
         n_processed=n_processed,
         n_reused=len(keys) - n_processed,
+        skipped=skipped or {},
         **row_counts(rows),
         data_dir=data_dir,
         manifest_path=manifest_path,
@@ -227,35 +246,114 @@ def _assemble(
         unmapped_path=unmapped_path,
     )
     log.info("ingest.done", ok=summary.n_ok, quarantined=summary.n_quarantined, reasons=summary.reasons,
-             processed=n_processed, reused=summary.n_reused)  # fmt: skip
+             refused=summary.refused, skipped=summary.skipped, processed=n_processed, reused=summary.n_reused)  # fmt: skip
     return summary
 
 
-def find_dicom_files(source_dir: Path, exclude: Path | list[Path] | None = None) -> list[Path]:
+def preferred_copies(entries: Iterable[tuple[str, int, ManifestRow]]) -> dict[str, tuple[str, int, ManifestRow]]:
+    """For each SOP Instance (image_id) held by more than one ok entry, the copy to keep.
+
+    A lossless copy beats a lossy one (a re-export through a lossy gateway is the usual second copy);
+    between equals the first in sorted order wins, so a re-run keeps the same one.
+    """
+    best: dict[str, tuple[str, int, ManifestRow]] = {}
+    counts: Counter = Counter()
+    for key, index, row in entries:
+        if row.status != "ok" or not row.image_id:
+            continue
+        counts[row.image_id] += 1
+        current = best.get(row.image_id)
+        if current is None or (current[2].lossy_compression and not row.lossy_compression):
+            best[row.image_id] = (key, index, row)
+    return {image_id: copy for image_id, copy in best.items() if counts[image_id] > 1}
+
+
+def _kept_copy_detail(kept: ManifestRow) -> str:
+    quality = "lossy" if kept.lossy_compression else "lossless"
+    return f"another copy of this instance was kept ({quality}: {kept.source_name})"
+
+
+class SourceScan(BaseModel):
+    """The candidate files of a source folder, and what was passed over before decoding, by reason."""
+
+    paths: list[Path]
+    skipped: dict[str, int] = {}  # hidden, not_dicom_extension, dangling_link, symlink_loop, folder_link, ...
+
+
+def scan_source(source_dir: Path, exclude: Path | list[Path] | None = None) -> SourceScan:
     """Candidate files, sorted: .dcm/.dicom/.dic or no extension (UID-style names count as none),
     plus every file a DICOMDIR references, whatever its name.
 
-    Hidden files and anything under `exclude` are skipped. A DICOMDIR is an index, not an image:
-    it is followed, and only listed itself (to be quarantined with a reason) when it cannot be read.
-    A referenced file that is absent is listed too, so it gets a "missing_file" row.
+    Hidden files, known non-DICOM extensions, dangling links and symlink loops are passed over and
+    counted by reason (never listed by name: names can hold identifiers); links to folders are not
+    followed (counted as folder_link). A DICOMDIR is an index, not an image: it is followed, and only listed itself (to be
+    quarantined with a reason) when it cannot be read. A referenced file that is absent is listed
+    too, so it gets a "missing_file" row.
     """
     excluded = [Path(e).resolve() for e in ([] if exclude is None else [exclude] if isinstance(exclude, Path) else exclude)]
     source_dir = Path(source_dir)
     found: set[Path] = set()
-    for path in source_dir.rglob("*"):
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        if any(path.resolve().is_relative_to(e) for e in excluded):
-            continue
-        if path.name.upper() == "DICOMDIR":
-            referenced = dicomdir_files(path)
-            found.update(referenced if referenced is not None else [path])
-            continue
-        suffix = path.suffix.lower()
-        if suffix and suffix not in DICOM_SUFFIXES and not suffix[1:].isdigit():
-            continue
-        found.add(path)
-    return sorted(found, key=lambda p: p.relative_to(source_dir).as_posix())
+    skipped: Counter = Counter()
+
+    def on_error(_: OSError) -> None:
+        skipped["unreadable_folder"] += 1
+
+    for folder, dirnames, filenames in os.walk(source_dir, onerror=on_error):
+        folder_path = Path(folder)
+        keep = []
+        for name in sorted(dirnames):
+            child = folder_path / name
+            if name.startswith("."):
+                skipped["hidden"] += 1
+            elif child.is_symlink():  # not followed: a link can loop, or list a folder twice
+                skipped[_link_reason(child) or "folder_link"] += 1
+            elif not any(child.resolve().is_relative_to(e) for e in excluded):
+                keep.append(name)
+        dirnames[:] = keep
+        for name in filenames:
+            path = folder_path / name
+            reason = _skip_reason(path)
+            if reason is None and any(path.resolve().is_relative_to(e) for e in excluded):
+                continue
+            if reason is not None:
+                skipped[reason] += 1
+                continue
+            if name.upper() == "DICOMDIR":
+                referenced = dicomdir_files(path)
+                found.update(referenced if referenced is not None else [path])
+                continue
+            found.add(path)
+    paths = sorted(found, key=lambda p: p.relative_to(source_dir).as_posix())
+    return SourceScan(paths=paths, skipped=dict(sorted(skipped.items())))
+
+
+def _skip_reason(path: Path) -> str | None:
+    if path.name.startswith("."):
+        return "hidden"
+    if path.is_symlink() and (reason := _link_reason(path)):
+        return reason
+    if not path.is_file():
+        return "not_a_file"
+    suffix = path.suffix.lower()
+    if suffix and suffix not in DICOM_SUFFIXES and not suffix[1:].isdigit() and path.name.upper() != "DICOMDIR":
+        return "not_dicom_extension"
+    return None
+
+
+def _link_reason(path: Path) -> str | None:
+    """Why a symbolic link cannot be read: it loops, or points at nothing; None when it resolves."""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:
+        return "symlink_loop"
+    except OSError as exc:
+        return "symlink_loop" if exc.errno == errno.ELOOP else "dangling_link"
+    return None
+
+
+def find_dicom_files(source_dir: Path, exclude: Path | list[Path] | None = None) -> list[Path]:
+    """The candidate files of `scan_source`, sorted."""
+    return scan_source(source_dir, exclude).paths
 
 
 def dicomdir_files(dicomdir: Path) -> list[Path] | None:
@@ -291,7 +389,22 @@ def _resolve_case(root: Path, components: list[str]) -> Path:
 def process_file(
     path: Path, source_name: str, spec: PreprocessingSpec, key: str | bytes, synonyms: Mapping[str, str]
 ) -> list[JournalEntry]:
-    """One file to its entries (one per kept frame); never raises (a failure is one quarantined entry)."""
+    """One file to its entries (one per kept frame); never raises (a failure is one quarantined entry).
+
+    What a C codec prints on stderr while the file decodes is logged once, naming the image by its
+    pseudonym (the codecs themselves name no file).
+    """
+    with captured_stderr() as codec_lines:
+        entries = _process_file(path, source_name, spec, key, synonyms)
+    if codec_lines:
+        image_id = entries[0].row.image_id if entries else ""
+        log.warning("decode.codec_message", image_id=image_id, file=source_name, messages=codec_lines)
+    return entries
+
+
+def _process_file(
+    path: Path, source_name: str, spec: PreprocessingSpec, key: str | bytes, synonyms: Mapping[str, str]
+) -> list[JournalEntry]:
     try:
         data, sha = _read_and_hash(path)
     except FileNotFoundError:
@@ -313,7 +426,10 @@ def process_file(
         sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
         meta["image_id"] = meta["image_id"] or fallback_id
         _, region = region_from_dataset(ds, synonyms)
-        row = row.model_copy(update={**meta, "region": region})
+        row = row.model_copy(update={**meta, "region": region, "lossy_compression": is_lossy(ds)})
+        admission = admit(ds, spec.admission, "training")
+        if not admission.admitted:  # never a region label for what the model is not for
+            return [_quarantine(row.model_copy(update={"region": UNKNOWN}), admission.reason, admission.detail)]
         check_pixel_module(ds)  # no pixels is the reason, whatever the frame policy
         indices = frame_indices(ds, spec.multiframe)
         entries = []
@@ -359,6 +475,7 @@ def row_counts(rows: list[ManifestRow]) -> dict:
         "n_ok": len(ok),
         "n_quarantined": len(rows) - len(ok),
         "reasons": dict(sorted(Counter(r.reason for r in rows if r.status != "ok").items())),
+        "refused": dict(sorted(Counter(r.reason for r in rows if r.reason in ADMISSION_REASONS).items())),
         "regions": dict(sorted(Counter(r.region for r in ok).items())),
         "splits": dict(sorted(Counter(r.split for r in ok).items())),
         "quality_flags": dict(sorted(flags.items())),
@@ -393,6 +510,34 @@ _WORKER_ARGS: tuple = ()
 def _init_worker(spec: PreprocessingSpec, key: str | bytes, synonyms: Mapping[str, str]) -> None:
     global _WORKER_ARGS
     _WORKER_ARGS = (spec, key, synonyms)
+    die_with_parent()
+
+
+def die_with_parent(poll_seconds: float = 1.0) -> None:
+    """End this worker when the ingest process that started it dies, even by SIGKILL.
+
+    A killed parent cannot shut its pool down, and a decode worker holds hundreds of MB. Linux's
+    parent-death signal covers it at once; a watchdog thread covers other systems (and a parent
+    thread that exits before the process does).
+    """
+    parent = os.getppid()
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def _worker_process(path: Path, name: str) -> list[JournalEntry]:
