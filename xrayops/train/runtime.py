@@ -11,13 +11,81 @@ import torch
 from torch import distributed as dist
 
 
+# The Linux driver each CUDA toolkit release needs (NVIDIA, CUDA Toolkit release notes, "CUDA
+# Toolkit and Corresponding Driver Versions"). A driver older than the one torch was built against
+# makes torch.cuda.is_available() False: the GPU is held but unused.
+MIN_DRIVER = {
+    "11.8": "520.61.05", "12.0": "525.60.13", "12.1": "530.30.02", "12.2": "535.54.03", "12.3": "545.23.06",
+    "12.4": "550.54.14", "12.5": "555.42.02", "12.6": "560.28.03", "12.8": "570.26", "12.9": "575.51.03",
+    "13.0": "580.65.06",
+}
+# Minor-version compatibility: the oldest driver of a major release (same release notes).
+MIN_DRIVER_OF_MAJOR = {"11": "450.80.02", "12": "525.60.13", "13": "580.65.06"}
+# What the NVIDIA container runtime / device plugin puts in NVIDIA_VISIBLE_DEVICES when no GPU is given.
+_NO_GPU = {"", "void", "none"}
+DRIVER_VERSION_FILE = "/proc/driver/nvidia/version"
+
+
+class DeviceError(RuntimeError):
+    """A GPU was asked for and CUDA cannot use it; the message names the driver requirement."""
+
+
+def gpu_requested(environ: dict[str, str] | None = None) -> bool:
+    """Whether this container was given a GPU: the NVIDIA device plugin (a `nvidia.com/gpu` limit)
+    and `docker --gpus` set NVIDIA_VISIBLE_DEVICES to the devices handed over."""
+    value = (os.environ if environ is None else environ).get("NVIDIA_VISIBLE_DEVICES")
+    return value is not None and value.strip().lower() not in _NO_GPU
+
+
+def driver_requirement(cuda_version: str | None = None) -> str:
+    """The driver this torch build needs, in words."""
+    cuda_version = torch.version.cuda if cuda_version is None else cuda_version
+    if not cuda_version:
+        return f"this torch build ({torch.__version__}) has no CUDA support: install a CUDA build of torch"
+    minor = ".".join(cuda_version.split(".")[:2])
+    needed = MIN_DRIVER.get(minor)
+    if needed is None:
+        floor = MIN_DRIVER_OF_MAJOR.get(minor.split(".")[0], "the one NVIDIA lists for it")
+        return (f"torch {torch.__version__} is built with CUDA {cuda_version}: it needs the NVIDIA driver that "
+                f"CUDA {minor} lists in NVIDIA's release notes (at least {floor} with minor-version compatibility)")
+    return f"torch {torch.__version__} is built with CUDA {cuda_version}, which needs NVIDIA driver >= {needed} (Linux)"
+
+
+def installed_driver(path: str = DRIVER_VERSION_FILE) -> str | None:
+    """The loaded NVIDIA kernel driver's version, when the container can see it."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError:
+        return None
+    for word in text.split():
+        parts = word.split(".")
+        if len(parts) >= 2 and all(p.isdigit() for p in parts):
+            return word
+    return None
+
+
+def _cuda_unusable(why: str) -> DeviceError:
+    found = installed_driver()
+    driver = f"the node's driver is {found}" if found else f"no NVIDIA driver version is readable ({DRIVER_VERSION_FILE})"
+    return DeviceError(f"{why} but CUDA is not available: {driver}; {driver_requirement()}. "
+                       "Upgrade the node's driver (GPU operator: driver.version) or run a torch build for the "
+                       "installed driver; refusing to fall back to the CPU while holding the GPU")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA when present, else CPU. Asking for CUDA without one is an error."""
+    """`auto` picks CUDA when present, else CPU, unless the container was given a GPU
+    (NVIDIA_VISIBLE_DEVICES): then an unusable CUDA is an error, not a silent CPU run. Asking for
+    CUDA without one is an error too."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if gpu_requested():
+            visible = os.environ.get("NVIDIA_VISIBLE_DEVICES", "")
+            raise _cuda_unusable(f"a GPU was given to this container (NVIDIA_VISIBLE_DEVICES={visible})")
+        return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
+        raise _cuda_unusable(f"device {name!r} requested")
     return device
 
 
