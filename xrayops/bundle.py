@@ -1,6 +1,9 @@
-"""Model bundles: a directory with weights.pt (RegionClassifier state_dict) and bundle.json
-(ModelBundleMeta, including the sha256 of weights.pt). Loading refuses weights whose hash
-does not match."""
+"""Model bundles: a directory with weights.pt (RegionClassifier state_dict, plus the arrays of a
+feature-space out-of-domain detector under `ood_detector.*`) and bundle.json (ModelBundleMeta,
+including the sha256 of weights.pt). Loading refuses weights whose hash does not match.
+
+The detector's arrays live in weights.pt rather than in a file of their own so that the one
+hash covers them and every copy of a bundle (registry, releases) carries them unchanged."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from xrayops.bundle_meta import (  # re-exported: callers that load models impor
 from xrayops.contracts import ModelBundleMeta
 from xrayops.models.backbone import build_backbone, save_backbone
 from xrayops.models.heads import RegionClassifier
+from xrayops.models.ood import STATE_PREFIX, OodDetector, OodError, detector_from_state, detector_state
 
 __all__ = [
     "META", "WEIGHTS", "BundleError", "BundleIntegrityError", "LoadedBundle", "export_backbone", "file_sha256",
@@ -33,13 +37,27 @@ class LoadedBundle:
     model: RegionClassifier  # in eval mode, on `device`
     meta: ModelBundleMeta
     device: torch.device
+    # The feature-space OOD detector (meta.ood_method "mahalanobis"/"knn"); None: energy score.
+    ood: OodDetector | None = None
 
 
-def save_bundle(bundle_dir: Path, model: RegionClassifier, meta: ModelBundleMeta) -> ModelBundleMeta:
-    """Write weights.pt and bundle.json; returns the meta as written (with weights_sha256)."""
+def save_bundle(
+    bundle_dir: Path, model: RegionClassifier, meta: ModelBundleMeta, ood: OodDetector | None = None
+) -> ModelBundleMeta:
+    """Write weights.pt and bundle.json; returns the meta as written (with weights_sha256).
+
+    With `ood`, its arrays go into weights.pt and meta.ood_method/ood_k are taken from it
+    (meta.ood_threshold must then be a threshold of its scores); without, the bundle serves
+    the energy score."""
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
+    if ood is None and meta.ood_method != "energy":
+        raise BundleError(f"bundle.json names the {meta.ood_method} OOD detector but none was given to save")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if ood is not None:
+        if ood.dim != meta.embedding_dim:
+            raise BundleError(f"the OOD detector has {ood.dim} dimensions, the model embeds to {meta.embedding_dim}")
+        state.update(detector_state(ood))
     torch.save(state, bundle_dir / WEIGHTS)
     meta = meta.model_copy(
         update={
@@ -48,6 +66,8 @@ def save_bundle(bundle_dir: Path, model: RegionClassifier, meta: ModelBundleMeta
             "rotation_average": model.rotation_average,  # how the weights must be used
             "orientation": model.orientation_head is not None,
             "binary_heads": list(model.binary_heads),
+            "ood_method": ood.method if ood is not None else "energy",
+            "ood_k": ood.k if ood is not None else 0,
         }
     )
     (bundle_dir / META).write_text(meta.model_dump_json(indent=2))
@@ -66,13 +86,23 @@ def load_bundle(bundle_dir: Path, device: str | torch.device = "cpu") -> LoadedB
         model = RegionClassifier(
             backbone, embedding_dim, len(meta.classes), meta.rotation_average, meta.orientation, meta.binary_heads
         )
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        detector = {k: state.pop(k) for k in [k for k in state if k.startswith(STATE_PREFIX)]}
+        model.load_state_dict(state)
     except Exception as exc:  # unknown arch, wrong shapes, damaged file
         raise BundleError(
             f"cannot load {weights} as a {meta.arch} RegionClassifier with {len(meta.classes)} classes: {exc}"
         ) from exc
+    ood = None
+    if meta.ood_method != "energy":
+        try:
+            ood = detector_from_state(detector, meta.ood_method, meta.ood_k)
+        except OodError as exc:
+            raise BundleError(f"{weights}: {exc}") from exc
+        if ood.dim != meta.embedding_dim:
+            raise BundleError(f"{weights}: the OOD detector has {ood.dim} dimensions, bundle.json says {meta.embedding_dim}")
     device = torch.device(device)
-    return LoadedBundle(model=model.to(device).eval(), meta=meta, device=device)
+    return LoadedBundle(model=model.to(device).eval(), meta=meta, device=device, ood=ood)
 
 
 def export_backbone(bundle_dir: Path, path: Path) -> Path:

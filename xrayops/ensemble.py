@@ -5,8 +5,11 @@ a probability distribution).
 Each member is predicted by `xrayops.inference.predict_arrays`, so calibration (temperature),
 the OOD score and the region logic are each member's own; this module only combines them:
   - probabilities: the mean of the members' calibrated softmax;
-  - ood_score: the mean of the members' margins over their own thresholds (score - threshold)
-    when every member has a threshold, flag when that mean is > 0; else the mean raw score;
+  - ood_score: each member scores with its own detector (Mahalanobis, kNN or energy) against
+    its own threshold; the ensemble's score is the mean of the members' margins
+    (score - threshold), each divided by that member's in-domain spread (`ood_scale`) when every
+    member has one (a Mahalanobis distance and a kNN distance live on different scales), and
+    the image is flagged when that mean is > 0. Without thresholds: the mean raw score, no flag;
   - orientation_deg: the circular mean of the members that predict an angle (paper 004), None
     when none does;
   - label_disagreement: the ensemble's region against the file's tag, at the members' mean
@@ -103,6 +106,8 @@ def combine_responses(
     )
     thresholds = [m.ood_threshold for m in metas]
     with_thresholds = all(t is not None for t in thresholds)
+    scales = [m.ood_scale for m in metas]
+    scales = scales if with_thresholds and all(c is not None and c > 0 for c in scales) else [1.0] * len(metas)
     confidence_threshold = float(np.mean([m.confidence_threshold for m in metas]))
     combined = []
     for i, p in enumerate(probs):
@@ -112,7 +117,7 @@ def combine_responses(
         scores = [r.ood_score for r in per_member]
         ood_score, ood = None, None
         if all(s is not None for s in scores):
-            margins = [s - t for s, t in zip(scores, thresholds)] if with_thresholds else scores
+            margins = [(s - t) / c for s, t, c in zip(scores, thresholds, scales)] if with_thresholds else scores
             ood_score = float(np.mean(margins))
             ood = ood_score > 0 if with_thresholds else None
         angles = [r.orientation_deg for r in per_member if r.orientation_deg is not None]

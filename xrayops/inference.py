@@ -12,6 +12,7 @@ from xrayops.contracts import InferenceLogRecord, InferenceResponse
 from xrayops.inference_log import build_records
 from xrayops.data.dataset import to_unit_float
 from xrayops.models.heads import energy_score, vector_to_angle
+from xrayops.models.ood import ood_scores
 from xrayops.regions import UNKNOWN
 
 
@@ -80,7 +81,13 @@ def predict_arrays(
     angles = torch.cat(orientations).tolist() if orientations else [None] * len(images)
     positive = {name: torch.cat([f[name] for f in findings]).tolist() for name in meta.binary_heads}
     probabilities = torch.softmax(logits_t / meta.temperature, dim=1).numpy()
-    scores = energy_score(logits_t, meta.temperature).numpy()
+    embeddings_t = torch.cat(embeddings)
+    # The bundle's feature-space detector on the region embedding (Lee et al. 2018 / Sun et al.
+    # 2022); bundles without one serve the energy of the logits as before.
+    if bundle.ood is not None:
+        scores = ood_scores(bundle.ood, embeddings_t.numpy())
+    else:
+        scores = energy_score(logits_t, meta.temperature).numpy()
     version = version if version is not None else model_version(bundle)
 
     responses = []
@@ -106,7 +113,7 @@ def predict_arrays(
                 model_version=version,
             )
         )
-    return responses, torch.cat(embeddings).numpy()
+    return responses, embeddings_t.numpy()
 
 
 def predict_datasets(

@@ -173,6 +173,28 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def auroc_ci(
+    y_true: Sequence, score: Sequence, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the ROC AUC, positives and negatives resampled apart
+    (stratified): each resample keeps both groups' sizes, so none is undefined, which matters
+    when positives are few (a handful of out-of-domain images in a test split)."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=float)
+    positives, negatives = s[y], s[~y]
+    if len(positives) == 0 or len(negatives) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(len(positives), bool), np.zeros(len(negatives), bool)]
+    values = [
+        roc_auc(labels, np.r_[rng.choice(positives, len(positives)), rng.choice(negatives, len(negatives))])
+        for _ in range(n_boot)
+    ]
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def binary_metrics_with_ci(
     y_true: Sequence, score: Sequence, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0
 ) -> dict:

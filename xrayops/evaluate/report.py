@@ -3,7 +3,9 @@ metrics.json, confusion_matrix.png, Grad-CAM overlays and a self-contained repor
 
 Beside the classification metrics (paper 000; kappa and MCC as papers 002/003 report them):
 ECE before and after temperature scaling, out-of-domain AUROC against the truth's `unknown`
-images, and orientation MAE / share within +-4 deg (paper 004) where angles are known.
+images with a percentile-bootstrap 95 % CI (the served `ood_score`: the bundle's Mahalanobis or
+kNN detector, or the energy of older bundles), and orientation MAE / share within +-4 deg
+(paper 004) where angles are known.
 
 Accuracy is measured against the PACS tags (noisy, what a hospital has) and, when a truth
 table is given (the synthetic sidecar), against the true regions too; the gap between the
@@ -25,6 +27,7 @@ from xrayops.bundle import load_bundle
 from xrayops.ensemble import check_members, combine_responses
 from xrayops.data.dataset import DatasetError, load_images, read_ok_rows, read_preprocessing
 from xrayops.evaluate.metrics import (
+    auroc_ci,
     binary_metrics_with_ci,
     classification_metrics,
     expected_calibration_error,
@@ -144,9 +147,12 @@ def evaluate_predictions(
             metrics["n_truth_out_of_domain"] = int(out_of_domain.sum())
             metrics["ood_detection_rate"] = float(ood[out_of_domain].mean())
             scored = np.array([r.ood_score is not None for r in responses])
-            if in_domain.any() and scored.all():  # how well the energy score separates the two
-                energy = np.array([r.ood_score for r in responses])
-                metrics["ood_auroc"] = roc_auc(out_of_domain[known], energy[known])
+            if in_domain.any() and scored.all():  # how well the served score separates the two
+                score = np.array([r.ood_score for r in responses])
+                y, s = out_of_domain[known], score[known]
+                metrics["ood_auroc"] = roc_auc(y, s)
+                # Few out-of-domain images in a test split: the interval says how little that pins down.
+                metrics["ood_auroc_ci_low"], metrics["ood_auroc_ci_high"] = auroc_ci(y, s, n_boot=1000)
         both = in_domain & labelled
         if both.any():
             wrong_tag = pacs[both] != true[both]
@@ -245,6 +251,27 @@ def _fmt(value) -> str:
     return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+OOD_KEYS = ("ood_method", "ood_auroc", "ood_auroc_ci_low", "ood_auroc_ci_high", "ood_false_alarm_rate",
+            "ood_detection_rate", "n_truth_out_of_domain")
+
+
+def ood_table(metrics: dict) -> str:
+    """Out-of-domain detection against the truth: AUROC with its bootstrap CI, and the rates at
+    the bundle's threshold ("" without out-of-domain images in the truth)."""
+    if "ood_auroc" not in metrics:
+        return ""
+    n_in = metrics.get("vs_truth", {}).get("n", "")
+    rows = [
+        ["score", str(metrics.get("ood_method", "combined members' margins"))],
+        ["AUROC (out of domain positive), 95 % bootstrap CI",
+         f"{_fmt(metrics['ood_auroc'])} [{_fmt(metrics['ood_auroc_ci_low'])}, {_fmt(metrics['ood_auroc_ci_high'])}]"],
+        ["false-alarm rate at the threshold (in-domain images)", f"{_fmt(metrics.get('ood_false_alarm_rate'))} (n={n_in})"],
+        ["detection rate at the threshold (out-of-domain images)",
+         f"{_fmt(metrics.get('ood_detection_rate'))} (n={metrics.get('n_truth_out_of_domain', '')})"],
+    ]
+    return "<h2>Out-of-domain detection (vs truth)</h2>" + _table(["measure", "value"], rows)
+
+
 def render_report(metrics: dict, meta_name: str, split: str, images: list[Path]) -> str:
     """A self-contained HTML page: summary, per-class table, embedded confusion matrices."""
     sources = [k for k in ("vs_pacs", "vs_truth") if k in metrics]
@@ -254,7 +281,10 @@ def render_report(metrics: dict, meta_name: str, split: str, images: list[Path])
         [[k, *(_fmt(metrics[s].get(k)) for s in sources)] for k in SCALAR_KEYS],
     )
     scored = set(SCALAR_KEYS) | {"chance_accuracy"}
-    rest = {k: v for k, v in metrics.items() if not isinstance(v, dict) and k.removeprefix("truth_") not in scored}
+    ood_section = ood_table(metrics)
+    shown = set(OOD_KEYS) if ood_section else set()
+    rest = {k: v for k, v in metrics.items()
+            if not isinstance(v, dict) and k.removeprefix("truth_") not in scored and k not in shown}
     other = _table(["quantity", "value"], [[k, _fmt(v)] for k, v in rest.items()])
     classes = metrics[sources[0]]["classes"] if sources else []
     per_class_rows = []
@@ -300,7 +330,7 @@ def render_report(metrics: dict, meta_name: str, split: str, images: list[Path])
         f"<h1>{html.escape(meta_name)}: evaluation on split “{html.escape(split)}”</h1>"
         "<p>Chance levels: uniform guessing (chance_uniform) and always answering the most frequent "
         "class (chance_majority).</p>"
-        f"<h2>Summary</h2>{summary}{comparison}{binary}<h2>Detection, orientation and labels</h2>{other}"
+        f"<h2>Summary</h2>{summary}{comparison}{binary}{ood_section}<h2>Detection, orientation and labels</h2>{other}"
         f"<h2>Per class (accuracy = recall)</h2>{per_class}<h2>Figures</h2>"
         "<p>Confusion matrices; Grad-CAM overlays (what the backbone looked at) for a sample of right and "
         f"wrong predictions.</p>{figures}</body></html>"
@@ -351,7 +381,8 @@ def evaluate_bundle(
     rows, images = _load_split(bundle.meta, data_dir, split)
     responses, _ = predict_arrays(bundle, list(images), rows["region"].astype(str).tolist())
     classes = list(bundle.meta.classes)
-    metrics = {"split": split, "model": bundle.meta.name, "weights_sha256": bundle.meta.weights_sha256}
+    metrics = {"split": split, "model": bundle.meta.name, "weights_sha256": bundle.meta.weights_sha256,
+               "ood_method": bundle.meta.ood_method}
     metrics.update(evaluate_predictions(rows, responses, classes, truth, bundle.meta.temperature, truth_angles))
     metrics.update(binary_section(rows, finding_probabilities(responses)))
     scored = [k for k in ("vs_pacs", "vs_truth") if k in metrics]
