@@ -102,7 +102,7 @@ def decode_dicom(blob: bytes, spec: PreprocessingSpec, limits: DecodeLimits, key
     except DicomError as exc:
         raise dicom_error(exc, where) from exc
     meta = safe_metadata(ds, key)
-    return DecodedImage(pixels, region_from_dataset(ds)[1], {k: meta.get(k) for k in HEADER_FIELDS})
+    return DecodedImage(pixels, region_from_dataset(ds).region, {k: meta.get(k) for k in HEADER_FIELDS})
 
 
 def dicom_error(exc: DicomError, where: str) -> InvalidInput:

@@ -63,6 +63,9 @@ class ManifestRow(BaseModel):
     bits_stored: int = 0
     body_part_raw: str = ""  # raw BodyPartExamined free text
     region: str = "unknown"  # normalised from the raw tags, or "unknown"
+    # Where `region` came from and what matched (xrayops.dicom.labels.RegionMatch); "" in older manifests.
+    region_source: Literal["anatomic_region_code", "body_part_examined", "description", "none", ""] = ""
+    region_match: str = ""  # vocabulary term ("knie"; "~ankle" for a typo) or code ("SCT:72696002"), never tag text
     view_position: str = ""
     laterality: str = ""
     manufacturer: str = ""

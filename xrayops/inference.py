@@ -143,7 +143,7 @@ def predict_datasets(
             arrays.append(preprocess(ds, bundle.meta.preprocessing))
         except DicomError as exc:
             raise InferenceInputError(i, f"{exc.reason}: {exc.detail}") from exc
-        regions.append(region_from_dataset(ds)[1])
+        regions.append(region_from_dataset(ds).region)
         metadata.append(safe_metadata(ds, key))
     responses, embeddings = predict_arrays(bundle, arrays, regions, version=version)
     return responses, build_records(responses, arrays, embeddings, request_id, metadata)

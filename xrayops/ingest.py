@@ -425,8 +425,8 @@ def _process_file(
         meta = safe_metadata(ds, key)
         sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
         meta["image_id"] = meta["image_id"] or fallback_id
-        _, region = region_from_dataset(ds, synonyms)
-        row = row.model_copy(update={**meta, "region": region, "lossy_compression": is_lossy(ds)})
+        region = region_from_dataset(ds, synonyms).manifest_fields()
+        row = row.model_copy(update={**meta, **region, "lossy_compression": is_lossy(ds)})
         admission = admit(ds, spec.admission, "training")
         if not admission.admitted:  # never a region label for what the model is not for
             return [_quarantine(row.model_copy(update={"region": UNKNOWN}), admission.reason, admission.detail)]

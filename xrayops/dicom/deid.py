@@ -14,6 +14,8 @@ import re
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from xrayops.dicom.labels import code_string
+
 # DICOM PS3.15 Annex E, Table E.1-1 (Basic Application Level Confidentiality Profile): the action
 # for every attribute ingestion reads, and what it does. U: replace UIDs consistently; Z/D: replace
 # with a (consistent) dummy; X: remove. Those marked "not listed" are not in Table E.1-1 (technical
@@ -86,7 +88,7 @@ def safe_metadata(ds: Dataset, key: bytes | str) -> dict:
         "photometric_interpretation": _text(ds, "PhotometricInterpretation"),
         "transfer_syntax": transfer_syntax[:MAX_TEXT_CHARS],
         "bits_stored": _int(ds, "BitsStored"),
-        "body_part_raw": _text(ds, "BodyPartExamined"),
+        "body_part_raw": code_string(_text(ds, "BodyPartExamined")),  # strict CS: no free text
         "view_position": _text(ds, "ViewPosition"),
         "laterality": _text(ds, "ImageLaterality") or _text(ds, "Laterality"),
         "manufacturer": _text(ds, "Manufacturer"),

@@ -1,45 +1,66 @@
-"""Free-text DICOM body-part tags to the 14 regions of paper 000, or "unknown".
+"""The body part of a DICOM image as one of the 14 regions of Langer et al. 2023, or "unknown".
 
-BodyPartExamined is free text: one site in paper 001 had 187 distinct values in mixed
-languages, case and accents, so matching has to be fuzzy. The synonym table lives in
-body_parts.json (package data); a site extends or overrides it with its own JSON/YAML file.
+Sources, most reliable first; the first that names a body part decides, even when the part lies
+outside the label space (a chest code or BodyPartExamined "CHEST" gives "unknown" whatever a
+description says):
+1. Anatomic Region Sequence (0008,2218): a SNOMED CT code (scheme SCT, or the legacy SNOMED-RT
+   ids under SRT/SNM3) looked up in anatomic_region_codes.json (CID 4009 DX Anatomy Imaged and
+   CID 4031 Common Anatomic Regions, plus a few codes of earlier editions);
+2. BodyPartExamined: free text in practice (one site in de Cid 2021 had 187 distinct values in
+   several languages), matched against the synonym table body_parts.json;
+3. StudyDescription, SeriesDescription, ProtocolName, RequestedProcedureDescription.
 
-Matching, in order, on accent-stripped lower-case words; the first step that finds a term wins:
-1. region terms found as whole words; the longest term wins, so "HANDGELENK" is wrist, not
-   hand, and "CHEST RIBS" is rib;
-2. terms of the "unknown" list (chest, abdomen, spine, femur...) found as whole words;
-3. any term as the start or end of a compound word ("Beckenuebersicht", "Handgelenkli"), longest
-   first, so "Oberschenkelschaft" stays unknown rather than matching the Dutch "enkel" (ankle);
-4. a fuzzy match (difflib) of each word against all terms, for typos ("SHOULDR").
-Laterality and view words ("li", "RT", "LEFT", "AP") never match a term, so they drop out.
+Free text matches only whole words of the vocabulary: "RANGE" is not the French "crane" and
+"KNEEL" is not a knee. Exceptions, each narrow:
+- a laterality word glued to a term ("HANDGELENKLI") is split off;
+- BodyPartExamined alone (a field meant to name anatomy) also allows one typo in words of five
+  or more letters: a letter left out, doubled or swapped ("SHOULDR", "ANKEL"), never a letter
+  replaced or added (that turns words into other real words: "BECKER" is not "BECKEN", "HANDLE"
+  not "HANDE"), and only towards a term of the label space, starting with the same letter.
+Descriptions are never matched fuzzily: they hold names, test patterns and report titles.
+
+What is kept is the source and the vocabulary term or code that matched, never the text itself
+(descriptions can hold names). A site extends or overrides the synonyms with its own JSON/YAML.
 """
 from __future__ import annotations
 
-import difflib
 import json
+import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import yaml
+from pydantic import BaseModel, ConfigDict
 from pydicom.dataset import Dataset
 
 from xrayops.regions import REGIONS, UNKNOWN
 
-# Tags that may name the body part, most specific first.
-BODY_PART_TAGS = ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName")
-MAX_RAW_CHARS = 64
-# Compound-word (prefix/suffix) matches need terms this long: shorter ones ("kopf", "main",
-# "teen") occur inside unrelated words.
-MIN_AFFIX_CHARS = 5
-# Fuzzy matching starts at five letters: "test" is one edit from the Italian "testa" (head).
+RegionSource = Literal["anatomic_region_code", "body_part_examined", "description", "none"]
+# Free-text tags after BodyPartExamined, in order. All are removed by PS3.15 (X, X/D, X/Z).
+DESCRIPTION_TAGS = ("StudyDescription", "SeriesDescription", "ProtocolName", "RequestedProcedureDescription")
+BODY_PART_TAGS = ("BodyPartExamined", *DESCRIPTION_TAGS)
+# Coding schemes of Anatomic Region Sequence items we read: SNOMED CT, and SNOMED-RT ids ("T-D8700")
+# that older devices write under SRT or SNM3.
+SNOMED_SCHEMES = {"SCT": "SCT", "SRT": "SRT", "SNM3": "SRT"}
+MAX_TEXT_CHARS = 256  # longer than any LO/LT value we read; bounds the work on garbage
+MAX_TERM_WORDS = 6  # longest vocabulary term, in words, that is looked for
+# CS: upper-case letters, digits, space and underscore, at most 16 characters (PS3.5 Table 6.2-1).
+_CS = re.compile(r"[A-Z0-9 _]{1,16}")
+# One typo: terms and words of at least this many letters; from TYPO2_CHARS two typos.
 MIN_FUZZY_CHARS = 5
-FUZZY_CUTOFF = 0.8
-# Laterality, view and protocol words in the languages of the table; ignored by the fuzzy step.
+TYPO2_CHARS = 10
+# Laterality words that PACS glue to a term ("HANDGELENKLI", "KNIERE"); split off, nothing else is.
+GLUED_SUFFIXES = ("links", "rechts", "left", "right", "li", "re", "lt", "rt", "bds")
+MIN_GLUED_STEM = 4
+# Protocol phrases whose words would otherwise read as anatomy.
+IGNORED_PHRASES = ("head first", "feet first")
+# Laterality, view and protocol words in the languages of the table; never fuzzily matched.
 NOISE_WORDS = frozenset(
     """
     left right lt rt li re links rechts bds beidseits bilateral bil both izq izquierda izquierdo
@@ -53,12 +74,48 @@ NOISE_WORDS = frozenset(
 _UMLAUTS = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue"})
 
 
+class RegionMatch(BaseModel):
+    """Which region a dataset shows, where that came from and what matched.
+
+    `match` is a vocabulary term ("knie"), "~term" for a typo match, or "SCHEME:code" for coded
+    anatomy ("SCT:72696002"); never the text of the tag. Empty when source is "none".
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    region: str = UNKNOWN
+    source: RegionSource = "none"
+    match: str = ""
+
+    def manifest_fields(self) -> dict[str, str]:
+        """The ManifestRow fields this match fills."""
+        return {"region": self.region, "region_source": self.source, "region_match": self.match}
+
+
+NO_MATCH = RegionMatch()
+
+
 def normalize_text(text: object) -> str:
     """Lower-case ASCII words: accents stripped, punctuation to spaces ("SCHÄDEL li." -> "schadel li")."""
     decomposed = unicodedata.normalize("NFKD", str(text or "").casefold())
     plain = "".join(c for c in decomposed if not unicodedata.combining(c))
     words = "".join(c if ("a" <= c <= "z" or "0" <= c <= "9") else " " for c in plain)
     return " ".join(words.split())
+
+
+def code_string(text: object) -> str:
+    """`text` if it is a valid CS value (A-Z, 0-9, space, underscore; at most 16), else ""."""
+    value = str(text or "").strip(" ")
+    return value if _CS.fullmatch(value) else ""
+
+
+def to_code_string(text: object) -> str:
+    """Free text as the nearest valid CS value: "Hüfte li." -> "HUEFTE LI", "C-SPINE" -> "C SPINE"."""
+    upper = str(text or "").translate(_UMLAUTS).translate(str.maketrans({"Ä": "AE", "Ö": "OE", "Ü": "UE"}))
+    upper = unicodedata.normalize("NFKD", upper.replace("ß", "SS")).upper()
+    upper = "".join(c for c in upper if not unicodedata.combining(c))
+    plain = "".join(c if ("A" <= c <= "Z" or "0" <= c <= "9" or c == "_") else " " for c in upper)
+    return " ".join(plain.split())[:16].strip()
 
 
 def load_synonyms(extra_path: Path | None = None) -> dict[str, str]:
@@ -82,58 +139,180 @@ def default_synonyms() -> Mapping[str, str]:
     return load_synonyms(None)
 
 
+@lru_cache(maxsize=1)
+def anatomic_region_codes() -> Mapping[str, str]:
+    """"SCT:code" / "SRT:code" -> region or "unknown", from anatomic_region_codes.json."""
+    text = resources.files("xrayops.dicom").joinpath("anatomic_region_codes.json").read_text(encoding="utf-8")
+    table = json.loads(text)
+    codes: dict[str, str] = {}
+    for region, entries in table.items():
+        if region.startswith("_"):
+            continue
+        if region not in REGIONS and region != UNKNOWN:
+            raise ValueError(f"anatomic_region_codes.json: {region!r} is not a region")
+        for entry in entries:
+            for key in (f"SCT:{entry['sct']}", f"SRT:{entry['srt']}" if entry.get("srt") else ""):
+                if key and codes.setdefault(key, region) != region:
+                    raise ValueError(f"anatomic_region_codes.json: {key} is listed under two regions")
+    return codes
+
+
 def normalize_body_part(text: object, synonyms: Mapping[str, str] | None = None) -> str:
-    """Map free text ("Hand li", "L-SPINE", "HANDGELENK", "SCHÄDEL") to a region or "unknown"."""
+    """Map BodyPartExamined-like text ("Hand li", "L-SPINE", "HANDGELENK", "SCHÄDEL") to a region or "unknown"."""
     return classify_body_part(text, synonyms) or UNKNOWN
 
 
 def classify_body_part(text: object, synonyms: Mapping[str, str] | None = None) -> str | None:
     """A region; "unknown" for a recognised part outside the label space (CHEST); None if unrecognised."""
-    synonyms = default_synonyms() if synonyms is None else synonyms
-    normalized = normalize_text(text)
-    if not normalized:
-        return None
-    regions = {t: r for t, r in synonyms.items() if r != UNKNOWN}
-    found = _longest_match(normalized, regions, compounds=False)
-    if found is not None:
-        return found
-    unknowns = {t: r for t, r in synonyms.items() if r == UNKNOWN}
-    if _longest_match(normalized, unknowns, compounds=False) is not None:
-        return UNKNOWN
-    found = _longest_match(normalized, synonyms, compounds=True)
-    if found is not None:
-        return found
-    return _fuzzy_match(normalized, synonyms)
+    found = match_text(text, synonyms, typos=True)
+    return None if found is None else found[0]
 
 
-def region_from_dataset(ds: Dataset, synonyms: Mapping[str, str] | None = None) -> tuple[str, str]:
-    """(raw text, region) from the first of BODY_PART_TAGS whose text names a body part.
+def match_text(text: object, synonyms: Mapping[str, str] | None = None, typos: bool = False) -> tuple[str, str] | None:
+    """(region, matched term) for free text, or None when no vocabulary term occurs in it.
 
-    A recognised part outside the label space stops the search: BodyPartExamined "CHEST" gives
-    "unknown" even if a description mentions a head. When no tag names a part, the raw text is
-    the first non-empty tag and the region "unknown".
+    Whole words only, in order: the longest term of the label space; else a term of the "unknown"
+    list (chest, abdomen, femur...); else, with `typos`, a one-typo match (module docstring).
     """
-    first_raw = ""
+    synonyms = default_synonyms() if synonyms is None else synonyms
+    words = _words(text, synonyms)
+    if not words:
+        return None
+    longest = min(len(words), MAX_TERM_WORDS)
+    phrases = [(" ".join(words[i:i + n]), i) for n in range(1, longest + 1) for i in range(len(words) - n + 1)]
+    found = [(len(p), -i, p) for p, i in phrases if p in synonyms]
+    for wanted_unknown in (False, True):
+        hits = [h for h in found if (synonyms[h[2]] == UNKNOWN) == wanted_unknown]
+        if hits:
+            term = max(hits)[2]
+            return synonyms[term], term
+    if typos:
+        term = _typo_match(words, synonyms)
+        if term is not None:
+            return synonyms[term], f"~{term}"
+    return None
+
+
+def region_from_code(ds: Dataset) -> RegionMatch | None:
+    """The region of the first Anatomic Region Sequence item whose code is in our table, if any."""
+    try:
+        items = list(ds.get("AnatomicRegionSequence") or [])
+    except Exception:  # a malformed sequence is no code, not a failed file
+        return None
+    codes = anatomic_region_codes()
+    for item in items:
+        scheme = SNOMED_SCHEMES.get(str(item.get("CodingSchemeDesignator", "") or "").strip().upper())
+        value = str(item.get("CodeValue", "") or item.get("LongCodeValue", "") or "").strip()
+        if scheme and value and f"{scheme}:{value}" in codes:
+            return RegionMatch(region=codes[f"{scheme}:{value}"], source="anatomic_region_code", match=f"{scheme}:{value}")
+    return None
+
+
+def region_from_dataset(ds: Dataset, synonyms: Mapping[str, str] | None = None) -> RegionMatch:
+    """Region of a dataset from its coded anatomy, else BodyPartExamined, else the descriptions."""
+    coded = region_from_code(ds)
+    if coded is not None:
+        return coded
     for tag in BODY_PART_TAGS:
-        raw = str(ds.get(tag, "") or "").strip()[:MAX_RAW_CHARS]
-        if not raw:
+        try:
+            text = str(ds.get(tag, "") or "")[:MAX_TEXT_CHARS]
+        except Exception:  # an undecodable value names nothing
             continue
-        first_raw = first_raw or raw
-        region = classify_body_part(raw, synonyms)
-        if region is not None:
-            return raw, region
-    return first_raw, UNKNOWN
+        is_body_part = tag == "BodyPartExamined"
+        found = match_text(text, synonyms, typos=is_body_part)
+        if found is not None:
+            source: RegionSource = "body_part_examined" if is_body_part else "description"
+            return RegionMatch(region=found[0], source=source, match=found[1])
+    return NO_MATCH
 
 
 def unmapped_report(values: Iterable[str], synonyms: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """(value, count) of the raw texts that map to "unknown", most frequent first.
+    """(value, count) of BodyPartExamined values that map to "unknown", most frequent first.
 
-    A site reads this to decide which terms to add to its synonym file.
+    A site reads this to decide which terms to add to its synonym file. Values that are not valid
+    CS strings are counted as "" (free text there may hold anything, names included).
     """
-    counts = Counter(str(v or "") for v in values)
-    rows = [(v, n) for v, n in counts.items() if normalize_body_part(v, synonyms) == UNKNOWN]
+    found = Counter(str(v or "") for v in values)
+    counts = Counter()
+    for value, n in found.items():
+        if normalize_body_part(value, synonyms) == UNKNOWN:
+            counts[code_string(value)] += n
+    rows = list(counts.items())
     rows.sort(key=lambda vn: (-vn[1], vn[0]))
     return pd.DataFrame(rows, columns=["value", "count"]).astype({"value": str, "count": "int64"})
+
+
+def _words(text: object, synonyms: Mapping[str, str]) -> list[str]:
+    """Normalised words with ignored phrases dropped and glued laterality split off."""
+    normalized = f" {normalize_text(str(text or '')[:MAX_TEXT_CHARS])} "
+    for phrase in IGNORED_PHRASES:
+        normalized = normalized.replace(f" {phrase} ", " ")
+    words: list[str] = []
+    for word in normalized.split():
+        if word not in synonyms:
+            suffix = next((s for s in GLUED_SUFFIXES if word.endswith(s) and len(word) - len(s) >= MIN_GLUED_STEM
+                           and word[: -len(s)] in synonyms), None)
+            if suffix is not None:
+                words += [word[: -len(suffix)], suffix]
+                continue
+        words.append(word)
+    return words
+
+
+def _typo_match(words: list[str], synonyms: Mapping[str, str]) -> str | None:
+    """The term of the label space one typo (two from TYPO2_CHARS letters) away from a content word or
+    from all content words run together ("C-SPNE"); None when there is none or the nearest are of two regions."""
+    content = [w for w in words if w not in NOISE_WORDS and not w.isdigit()]
+    queries = {q for q in [*content, "".join(content)] if len(q) >= MIN_FUZZY_CHARS}
+    best: dict[int, set[str]] = {}
+    for term in _typo_candidates(tuple(sorted(synonyms.items()))):
+        for query in queries:
+            if query[0] != term[0] or abs(len(query) - len(term)) > 2:
+                continue
+            allowed = 2 if min(len(query), len(term)) >= TYPO2_CHARS else 1
+            distance = _typo_distance(query, term, allowed)
+            if distance <= allowed:
+                best.setdefault(distance, set()).add(term)
+    if not best:
+        return None
+    terms = best[min(best)]
+    if len({synonyms[t] for t in terms}) > 1:
+        return None
+    return max(terms, key=lambda t: (len(t), t))
+
+
+@lru_cache(maxsize=4)
+def _typo_candidates(items: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
+    return tuple(t for t, r in items if r != UNKNOWN and " " not in t and len(t) >= MIN_FUZZY_CHARS)
+
+
+def _typo_distance(query: str, term: str, limit: int) -> int:
+    """Typos between a word and a term: letters left out, neighbours swapped, letters doubled
+    ("SHOULLDER"); not replaced and not inserted otherwise ("HANDLE" is not "HANDE"). Optimal string
+    alignment; anything above `limit` is returned as limit + 1."""
+    if query == term:
+        return 0
+    big = limit + 1
+    previous2: list[int] = []
+    previous = list(range(len(term) + 1))
+    for i in range(1, len(query) + 1):
+        letter = query[i - 1]
+        doubled = letter in query[max(i - 2, 0):i - 1] + query[i:i + 1]
+        current = [i if doubled and previous[0] < big else big] + [big] * len(term)
+        for j in range(1, len(term) + 1):
+            if letter == term[j - 1]:
+                current[j] = previous[j - 1]
+            else:
+                current[j] = current[j - 1] + 1  # a letter of the term left out
+                if doubled:
+                    current[j] = min(current[j], previous[j] + 1)
+                if i > 1 and j > 1 and letter == term[j - 2] and query[i - 2] == term[j - 1]:
+                    current[j] = min(current[j], previous2[j - 2] + 1)
+            current[j] = min(current[j], big)
+        if min(current) > limit:
+            return big
+        previous2, previous = previous, current
+    return previous[-1]
 
 
 def _terms_from_table(table: object, source: str, allow_override: bool) -> dict[str, str]:
@@ -159,37 +338,3 @@ def _variants(word: str) -> set[str]:
     forms = {normalize_text(word), normalize_text(word.casefold().translate(_UMLAUTS))}
     forms |= {f.replace(" ", "") for f in forms}
     return {f for f in forms if f}
-
-
-def _longest_match(normalized: str, terms: Mapping[str, str], compounds: bool) -> str | None:
-    """Region of the longest term present as whole words (or, with `compounds`, as a word's start or end)."""
-    padded = f" {normalized} "
-    words = normalized.split()
-    best: tuple[int, int] | None = None
-    best_region = None
-    for term, region in terms.items():
-        position = padded.find(f" {term} ")
-        if position < 0 and compounds and len(term) >= MIN_AFFIX_CHARS and " " not in term:
-            position = next(
-                (padded.find(w) for w in words if w != term and (w.startswith(term) or w.endswith(term))), -1
-            )
-        if position < 0:
-            continue
-        key = (len(term), -position)
-        if best is None or key > best:
-            best, best_region = key, region
-    return best_region
-
-
-def _fuzzy_match(normalized: str, synonyms: Mapping[str, str]) -> str | None:
-    """Closest term to any content word (or to all content words run together), if close enough."""
-    words = [w for w in normalized.split() if w not in NOISE_WORDS and not w.isdigit()]
-    queries = [q for q in [*words, "".join(words)] if len(q) >= MIN_FUZZY_CHARS]
-    candidates = sorted(t for t in synonyms if len(t) >= MIN_FUZZY_CHARS - 1)
-    best_ratio, best_region = 0.0, None
-    for query in queries:
-        for term in difflib.get_close_matches(query, candidates, n=1, cutoff=FUZZY_CUTOFF):
-            ratio = difflib.SequenceMatcher(None, query, term).ratio()
-            if ratio > best_ratio:
-                best_ratio, best_region = ratio, synonyms[term]
-    return best_region
