@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -95,3 +100,43 @@ def test_split_is_deterministic_and_close_to_64_16_20():
     assert counts["train"] / 20000 == pytest.approx(0.64, abs=0.02)
     assert counts["val"] / 20000 == pytest.approx(0.16, abs=0.02)
     assert counts["test"] / 20000 == pytest.approx(0.20, abs=0.02)
+
+
+def _export_of_three_patients(root):
+    """30 images, 10 per patient, every UID fixed: the outcome is the same on every run."""
+    from tests.dicom_factory import make_dataset, write
+
+    for p in range(3):
+        for i in range(10):
+            pixels = (np.random.default_rng(100 * p + i).random((24, 20)) * 4000).astype(np.uint16)
+            ds = make_dataset(pixels, patient_id=f"PATIENT-{p}", sop_uid=f"1.2.826.0.1.3680043.10.1.{p}.{i}",
+                              study_uid=f"1.2.826.0.1.3680043.10.2.{p}.{i % 3}")
+            write(root / f"p{p}" / f"i{i}.dcm", ds)
+    return root
+
+
+def test_every_image_of_a_patient_lands_in_one_split(tmp_path):
+    from xrayops.contracts import PreprocessingSpec
+    from xrayops.ingest import ingest
+
+    summary = ingest(_export_of_three_patients(tmp_path / "export"), tmp_path / "data", PreprocessingSpec(size=16),
+                     "split-test-key")
+    frame = read_manifest(summary.manifest_path)
+    assert (frame.status == "ok").sum() == 30
+    per_patient = frame.groupby("patient_id").split.agg(set)
+    assert len(per_patient) == 3 and all(len(s) == 1 for s in per_patient)
+    # The test can fail: split per image, these patients' images would scatter over the splits.
+    scattered = frame.groupby("patient_id").image_id.agg(lambda ids: len({assign_split(i) for i in ids}))
+    assert (scattered > 1).all()
+
+
+def test_a_patients_split_does_not_depend_on_the_process_hash_seed():
+    patients = [f"pat-{i:016x}" for i in range(40)]
+    here = [assign_split(p) for p in patients]
+    code = ("import json, sys; from xrayops.data.manifest import assign_split; "
+            "print(json.dumps([assign_split(p) for p in json.loads(sys.argv[1])]))")
+    for seed in ("0", "4242"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(patients)], env=env, capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+        assert json.loads(out.stdout) == here, f"splits moved under PYTHONHASHSEED={seed}"
