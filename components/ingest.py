@@ -12,6 +12,7 @@ def ingest_op(dicom: Input[Dataset], image_size: int, workers: int, dataset: Out
 
     from xrayops.config import get_settings
     from xrayops.contracts import PreprocessingSpec
+    from xrayops.dicom.deid import require_key
     from xrayops.ingest import ingest
 
     settings = get_settings()
@@ -21,7 +22,7 @@ def ingest_op(dicom: Input[Dataset], image_size: int, workers: int, dataset: Out
         source,
         Path(dataset.path),
         PreprocessingSpec(size=image_size, admission=settings.admission_policy()),
-        key=settings.deid_key.get_secret_value(),
+        key=require_key(settings),
         workers=workers,
         synonyms_path=settings.body_part_synonyms,
     )
@@ -50,6 +51,7 @@ def ingest_part_op(
 
     from xrayops.config import get_settings
     from xrayops.contracts import PreprocessingSpec
+    from xrayops.dicom.deid import require_key
     from xrayops.ingest import ingest
 
     settings = get_settings()
@@ -57,7 +59,7 @@ def ingest_part_op(
         Path(source_dir),
         Path(dataset.path),
         PreprocessingSpec(size=image_size, admission=settings.admission_policy()),
-        key=settings.deid_key.get_secret_value(),
+        key=require_key(settings),
         workers=workers,
         synonyms_path=settings.body_part_synonyms,
         part=(part_index, n_parts),

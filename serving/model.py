@@ -15,6 +15,7 @@ which the server turns into a 4xx with the message.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter as Tally
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from xrayops.ensemble import EnsembleError, check_members, ensemble_version, pre
 from xrayops.gradcam import grad_cam, heatmap_png_base64
 from xrayops.upright import upright_image
 from xrayops.inference import InferenceInputError, model_version, validate_array
-from xrayops.inference_log import append_records, build_records
+from xrayops.inference_log import append_records, build_records, sanitize_image_meta
 from xrayops.release.storage import release_of_folders
 from xrayops.logs import get_logger
 from xrayops.train.runtime import resolve_device
@@ -43,6 +44,10 @@ log = get_logger(__name__)
 IMAGES = Counter("xrayops_images_total", "Images predicted", ["model", "region"])
 LABEL_DISAGREEMENTS = Counter("xrayops_label_disagreements_total", "Confident predictions against the DICOM tag", ["model"])
 OOD_IMAGES = Counter("xrayops_ood_images_total", "Images flagged out of domain", ["model"])
+# image_meta fields a request sent in no known format (xrayops.inference_log.sanitize_image_meta):
+# dropped before the log, counted by field name; the value is never logged.
+IMAGE_META_REJECTED = Counter("xrayops_image_meta_rejected_total", "image_meta fields dropped as not in a known format",
+                              ["model", "field"])
 
 
 class XrayModel(Model):
@@ -94,8 +99,9 @@ class XrayModel(Model):
             return False
         if self.deid_key is None:
             from xrayops.config import get_settings
+            from xrayops.dicom.deid import require_key
 
-            self.deid_key = get_settings().deid_key.get_secret_value()
+            self.deid_key = require_key(get_settings())
         self.members, self.bundle, self.load_error = members, members[0], ""
         self.release = release.release_id if release is not None else ""
         self.version = self.version or ensemble_version([model_version(m) for m in members])
@@ -200,9 +206,17 @@ class XrayModel(Model):
         return [r.model_copy(update={"gradcam_png": heatmap_png_base64(h)}) for r, h in zip(responses, heatmaps)]
 
     def log_batch(self, batch: ImageBatch, responses: list[ServedResponse], embeddings: np.ndarray) -> None:
+        metas = None
+        if batch.image_meta:  # a client's header fields: only known formats reach the log (never the rest)
+            checked = [sanitize_image_meta(m) for m in batch.image_meta]
+            rejected = Tally(f for c in checked for f in c.rejected)
+            for name, n in rejected.items():
+                IMAGE_META_REJECTED.labels(self.name, name).inc(n)
+            if rejected:
+                log.warning("image_meta.rejected", model=self.name, fields=dict(sorted(rejected.items())))
+            metas = [c.fields for c in checked]
         if self.log_path is None:
             return
-        metas = batch.image_meta or None
         append_records(self.log_path, build_records(responses, batch.pixels, embeddings, batch.request_id, metas))
 
     def count(self, responses: list[ServedResponse]) -> None:

@@ -300,19 +300,26 @@ def serve(
         raise RuntimeError("no model bundle given")
     name = model_name or read_bundle_meta(Path(dirs[0])).name
     limits = limits or DecodeLimits()
+    deid_key = None
+    if role != "combiner":  # the predictor and the transformer pseudonymise: no key, no server
+        from xrayops.config import get_settings
+        from xrayops.dicom.deid import DeidKeyError, require_key
+
+        try:
+            deid_key = require_key(get_settings())
+        except DeidKeyError as exc:
+            raise RuntimeError(str(exc)) from exc
     predictor_config = None
     if role == "transformer":
         if not predictor_host:
             raise RuntimeError("the transformer role needs --predictor-host")
-        from xrayops.config import get_settings
-
-        model = DicomTransformer(name, dirs[0], limits, get_settings().deid_key.get_secret_value())
+        model = DicomTransformer(name, dirs[0], limits, deid_key)
         predictor_config = PredictorConfig(predictor_host=predictor_host, predictor_protocol=predictor_protocol)
     elif role == "combiner":
         model = EnsembleCombiner(name, dirs)
     else:
         model = XrayModel(
-            name, dirs, log_path=log_path, version=model_version, device=device, limits=limits,
+            name, dirs, log_path=log_path, version=model_version, device=device, limits=limits, deid_key=deid_key,
             max_batch_size=max_batch_size, max_batch_latency_ms=max_batch_latency_ms,
         )
     if not model.load():

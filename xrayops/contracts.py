@@ -55,8 +55,12 @@ class ManifestRow(BaseModel):
     image_id: str  # HMAC pseudonym of SOPInstanceUID
     study_id: str  # HMAC pseudonym of StudyInstanceUID
     patient_id: str  # HMAC pseudonym of PatientID
+    # Keyed HMAC-SHA256 of the file's bytes (xrayops.dicom.deid.keyed_hash): same file, same value
+    # under one key; unkeyed, anyone holding the file could find its row. The name is historical.
     source_sha256: str
-    source_name: str  # file name relative to the source root (synthetic names carry no PHI)
+    # `src-` + keyed HMAC of the file's path relative to the source root (+ .dcm): never a folder or
+    # file name, which hold patient names, IDs and dates (xrayops.dicom.deid.source_pseudonym).
+    source_name: str
     modality: str = ""
     photometric_interpretation: str = ""
     transfer_syntax: str = ""
@@ -82,7 +86,7 @@ class ManifestRow(BaseModel):
     pixel_std: float | None = None
     # Added with issue 3 (older manifests read back with these defaults).
     frame: int = 0  # frame of a multi-frame file this row holds (0 for single-frame files)
-    pixel_sha256: str = ""  # sha256 of the decoded frame: duplicate pixels under another SOP UID
+    pixel_sha256: str = ""  # keyed HMAC-SHA256 of the decoded frame: duplicate pixels under another SOP UID
     quality_flags: str = ""  # comma-separated: tiny, extreme_aspect, low_contrast
     burned_in_annotation: str = ""  # BurnedInAnnotation as found (YES/NO/""): text in the pixels may be PHI
     # Lossy compressed now or before (LossyImageCompression 01, or a lossy transfer syntax): of two

@@ -12,6 +12,7 @@ Like the CLI, this is a composition root: it reaches `serving` and `pipelines` l
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +65,22 @@ class DemoSummary(BaseModel):
 
     def step(self, name: str) -> StepRecord:
         return next(s for s in self.steps if s.name == name)
+
+
+def with_demo_key(settings: Settings) -> Settings:
+    """The demo's settings: the public DEMO_KEY (xrayops.dicom.deid), in this process and in the
+    ones it starts (kfp.local tasks, the model server), whatever key the environment holds.
+
+    The demo's data are synthetic, and one fixed key makes its dataset (and data.dvc's md5) the
+    same on every machine; its pseudonyms protect nothing, which is why no real command uses it.
+    """
+    from pydantic import SecretStr
+
+    from xrayops.dicom.deid import DEMO_KEY, KEY_ENV, KEY_FILE_ENV
+
+    os.environ[KEY_ENV] = DEMO_KEY
+    os.environ.pop(KEY_FILE_ENV, None)
+    return settings.model_copy(update={"deid_key": SecretStr(DEMO_KEY), "deid_key_file": None})
 
 
 def numeric_metrics(metrics: dict) -> dict[str, float]:
@@ -119,11 +136,11 @@ def retrain_through_trigger(result, champion_version: str, out: Path, cfg: DemoC
 
 
 def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
-    import pandas as pd
 
     from xrayops.contracts import Lineage, PreprocessingSpec
     from xrayops.data.synth import synthesize
-    from xrayops.data.truth import read_truth
+    from xrayops.data.truth import read_truth, read_truth_files, read_truth_table
+    from xrayops.dicom.deid import require_key
     from xrayops.evaluate.report import evaluate_bundle
     from xrayops.ingest import ingest
     from xrayops.monitor.window import monitor_window
@@ -139,6 +156,7 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
     settings = settings.model_copy(update={"output_dir": out})
     summary = DemoSummary(out=out)
     state: dict[str, Any] = {}
+    key = require_key(settings)
     # One demo is one pass of the loop: an earlier run's trigger decisions would hold this one back
     # (cooldown, duplicate cause).
     (out / "monitor" / "trigger.jsonl").unlink(missing_ok=True)
@@ -161,7 +179,7 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
     def do_ingest():
         result = ingest(
             state["train"].dicom_dir, data_dir, PreprocessingSpec(size=cfg.image_size),
-            settings.deid_key.get_secret_value(), workers=cfg.workers, synonyms_path=settings.body_part_synonyms,
+            key, workers=cfg.workers, synonyms_path=settings.body_part_synonyms,
         )
         return (
             {"dataset": data_dir, "manifest": data_dir / "manifest.parquet"},
@@ -199,7 +217,7 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
         audit = audit_labels(data_dir, state["backbone"], out / "label-audit",
                              AuditConfig(seed=cfg.seed, device=settings.device))
         scores, worklist = write_audit_worklist(audit.scores_path, data_dir, out / "label-audit", limit=200)
-        measured = flagged_vs_truth(scores, pd.read_csv(state["train"].truth_path))
+        measured = flagged_vs_truth(scores, read_truth_table(state["train"].truth_path, key))
         return (
             {"label_issues": audit.issues_path, "worklist": worklist.html_path},
             {"audited": audit.n_images, "flagged": audit.n_issues, "wrong_tags": measured["n_wrong"],
@@ -208,7 +226,7 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
         )
 
     def do_evaluate():
-        truth = read_truth(state["train"].truth_path)
+        truth = read_truth(state["train"].truth_path, key)
         result = evaluate_bundle(state["bundle"], data_dir, out / "evaluation", split="test", truth=truth)
         state["metrics"] = result.metrics
         keys = ("accuracy", "balanced_accuracy", "macro_f1", "chance_accuracy", "truth_accuracy", "n")
@@ -251,7 +269,7 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
         bundle_dirs = state["served_bundles"]  # the release folder, as KServe's storage initializer lays it out
         log_path = out / "inference-log"
         files = sorted(Path(state["shifted"].dicom_dir).glob("*.dcm"))
-        truth = read_truth(state["shifted"].truth_path)
+        truth = read_truth_files(state["shifted"].truth_path)  # by file: the server is sent the files
         with running_server(bundle_dirs, log_path=log_path, model_name=settings.registered_model_name) as url:
             responses = predict_files(url, settings.registered_model_name, files)
         labelled = [(r, truth[f.name]) for r, f in zip(responses, files) if truth[f.name] != "unknown"]

@@ -135,8 +135,9 @@ def predict_datasets(
 
     if key is None:
         from xrayops.config import get_settings
+        from xrayops.dicom.deid import require_key
 
-        key = get_settings().deid_key.get_secret_value()
+        key = require_key(get_settings())
     arrays, regions, metadata = [], [], []
     for i, ds in enumerate(datasets):
         try:

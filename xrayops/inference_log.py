@@ -8,9 +8,11 @@ is written under a hidden temporary name and renamed into place.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -49,20 +51,61 @@ LOG_SCHEMA = pa.schema(
 # The DICOM header fields a record carries (`xrayops.dicom.deid.safe_metadata` keys): pseudonyms
 # and acquisition facts only, never PHI.
 HEADER_FIELDS = ("image_id", "manufacturer", "photometric_interpretation", "pixel_spacing")
+IMAGE_ID_PATTERN = re.compile(r"^img-[0-9a-f]{16}$")  # xrayops.dicom.deid.pseudonymize(uid, key, "img-")
+
+
+class SanitizedMeta(NamedTuple):
+    fields: dict  # the header fields that passed, ready for a record
+    rejected: tuple[str, ...]  # names (never values) of the fields dropped
+
+
+def sanitize_image_meta(meta: object) -> SanitizedMeta:
+    """The header fields of one image's `image_meta` that are in a known format, and the names of
+    those dropped. A client sends image_meta with a pixel request; only this reaches the log:
+
+        image_id                    a pseudonym: "img-" + 16 lower-case hex digits
+        manufacturer                a maker's name within VR LO (xrayops.dicom.deid.bounded)
+        photometric_interpretation  a code string within VR CS
+        pixel_spacing               a finite positive number (mm)
+
+    Anything else (a UID, a name, a date, free text, another key) is dropped, and its value is
+    never logged: the caller counts the field names only.
+    """
+    from xrayops.dicom.deid import bounded
+
+    if not isinstance(meta, dict):
+        return SanitizedMeta({}, ("image_meta",) if meta else ())
+    fields: dict = {}
+    rejected: list[str] = []
+    for name, value in meta.items():
+        if value is None or value == "":
+            continue
+        if name == "image_id":
+            ok = isinstance(value, str) and bool(IMAGE_ID_PATTERN.fullmatch(value))
+            clean = value
+        elif name == "manufacturer":
+            clean = bounded(value, "LO")
+            ok = bool(clean)
+        elif name == "photometric_interpretation":
+            clean = bounded(value, "CS")
+            ok = bool(clean)
+        elif name == "pixel_spacing":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value)) and value > 0
+            clean = float(value) if ok else None
+        else:
+            ok = False  # an unknown field: nothing else belongs in the log
+            name = "other"
+        if ok:
+            fields[name] = clean
+        else:
+            rejected.append(name)
+    return SanitizedMeta(fields, tuple(rejected))
 
 
 def header_fields(meta: dict | None) -> dict:
-    """The record's header fields from one image's `safe_metadata` (or the same keys sent over
-    the wire by the DICOM transformer); missing, empty or mistyped values are left out."""
-    meta = meta or {}
-    fields: dict = {}
-    for key in ("image_id", "manufacturer", "photometric_interpretation"):
-        if isinstance(meta.get(key), str) and meta[key]:
-            fields[key] = meta[key]
-    spacing = meta.get("pixel_spacing")
-    if isinstance(spacing, (int, float)) and not isinstance(spacing, bool) and np.isfinite(spacing):
-        fields["pixel_spacing"] = float(spacing)
-    return fields
+    """The record's header fields from one image's `safe_metadata` (or the same keys sent over the
+    wire by the DICOM transformer or a client): only values in a known format (`sanitize_image_meta`)."""
+    return sanitize_image_meta(meta or {}).fields
 
 
 def build_records(

@@ -15,13 +15,13 @@ Re-runs are incremental and a killed run resumes: finished batches are recorded 
 dataset files are then assembled from the journal, streaming pixels into shards, so memory
 holds one batch of images per worker plus the (small) manifest rows, whatever the dataset size.
 
-PHI stays here: rows, files and logs carry pseudonyms, file names (UIDs in them pseudonymised)
-and technical tags only.
+PHI stays here: rows, files and logs carry keyed pseudonyms (of UIDs, patient IDs and of the
+files' relative paths: source_name is `src-<HMAC>.dcm`, never a folder or file name), keyed hashes
+and VR-bounded technical tags only. Files are processed in the order of their pseudonyms.
 """
 from __future__ import annotations
 
 import errno
-import hashlib
 import multiprocessing
 import os
 import threading
@@ -44,7 +44,7 @@ from xrayops.dicom.admission import REASONS as ADMISSION_REASONS
 from xrayops.dicom.admission import admit
 from xrayops.dicom.codec_messages import captured_stderr
 from xrayops.dicom.decode import MAX_FILE_BYTES, DicomError, check_pixel_module, frame_indices, is_lossy, quiet_pydicom, read_dicom
-from xrayops.dicom.deid import pseudonymize, public_source_name, safe_metadata
+from xrayops.dicom.deid import keyed_hash, keyed_hasher, pseudonymize, safe_metadata, source_pseudonym
 from xrayops.dicom.labels import default_synonyms, load_synonyms, region_from_dataset, unmapped_report
 from xrayops.dicom.pixels import decode_for_spec, image_statistics, preprocess_array
 from xrayops.logs import get_logger
@@ -103,11 +103,13 @@ def ingest(
     batch_size: int = 64,
     journal_dir: Path | None = None,
     part: tuple[int, int] | None = None,
+    source_map: Path | None = None,
 ) -> IngestSummary:
     """Ingest every DICOM file under `source_dir` into `data_dir` (see module docstring).
 
     `part=(i, n)` ingests only the i-th of n contiguous slices of the sorted file list (the
-    fan-out of pipelines/ingestion.py; xrayops.data.merge joins the slices).
+    fan-out of pipelines/ingestion.py; xrayops.data.merge joins the slices). `source_map` also
+    writes the pseudonym -> relative path map there (PHI: xrayops.data.source_map).
     """
     source_dir, data_dir = Path(source_dir), Path(data_dir)
     if not source_dir.is_dir():
@@ -122,7 +124,17 @@ def ingest(
         log.info("ingest.skipped", skipped=scan.skipped)
     if part is not None:
         paths = slice_for_part(paths, *part)
-    names = [public_source_name(p.relative_to(source_dir).as_posix(), key) for p in paths]
+    relatives = [p.relative_to(source_dir).as_posix() for p in paths]
+    names = [source_pseudonym(r, key) for r in relatives]
+    # Files go in the order of their pseudonyms, the manifest's order: a serial run and the merge
+    # of a fan-out (xrayops.data.merge) then keep the same copy of a duplicate.
+    order = sorted(range(len(paths)), key=lambda i: names[i])
+    paths, names, relatives = [paths[i] for i in order], [names[i] for i in order], [relatives[i] for i in order]
+    if source_map is not None:
+        from xrayops.data.source_map import check_source_map_path, write_source_map
+
+        check_source_map_path(source_map, [data_dir, journal_dir])
+        write_source_map(source_map, list(zip(names, relatives)))
     keys = [file_key(n, p) for n, p in zip(names, paths)]
 
     fingerprint = journal_fingerprint(
@@ -406,7 +418,7 @@ def _process_file(
     path: Path, source_name: str, spec: PreprocessingSpec, key: str | bytes, synonyms: Mapping[str, str]
 ) -> list[JournalEntry]:
     try:
-        data, sha = _read_and_hash(path)
+        data, sha = _read_and_hash(path, key)
     except FileNotFoundError:
         row = ManifestRow(image_id="", study_id="", patient_id="", source_sha256="", source_name=source_name)
         return [_quarantine(row, "missing_file", "listed (e.g. in a DICOMDIR) but not on disk")]
@@ -440,7 +452,7 @@ def _process_file(
                 frame_row = row.model_copy(update={"image_id": frame_id, "frame": index})
             elif index is not None:
                 frame_row = row.model_copy(update={"frame": index})
-            entries.append(_process_frame(ds, index, frame_row, spec))
+            entries.append(_process_frame(ds, index, frame_row, spec, key))
         return entries
     except DicomError as exc:
         return [_quarantine(row, exc.reason, exc.detail)]
@@ -448,20 +460,23 @@ def _process_file(
         return [_quarantine(row, "internal_error", type(exc).__name__)]
 
 
-def _process_frame(ds: pydicom.Dataset, index: int | None, row: ManifestRow, spec: PreprocessingSpec) -> JournalEntry:
+def _process_frame(
+    ds: pydicom.Dataset, index: int | None, row: ManifestRow, spec: PreprocessingSpec, key: str | bytes
+) -> JournalEntry:
     """Decode once, hash the decoded frame (duplicate pixels under another UID), preprocess, flag.
+
+    The pixel hash is keyed (HMAC): an unkeyed one would let anyone holding the image find its row.
 
     The hash is of the frame as decoded: with spec.reduce_early a JPEG 2000 frame is decoded at
     reduced resolution, so its lossless copy in another syntax is not matched by pixels (by SOP
     UID it still is). reduce_early=False compares full-resolution pixels across all syntaxes.
     """
     frame = decode_for_spec(ds, spec, index)  # the one decode (maybe at reduced resolution)
-    digest = hashlib.sha256(f"{frame.shape}{frame.dtype.str}".encode())
-    digest.update(np.ascontiguousarray(frame).data)
+    digest = keyed_hash(key, "pixels", [f"{frame.shape}{frame.dtype.str}".encode(), np.ascontiguousarray(frame).data])
     pixels = preprocess_array(frame, ds, spec)
     del frame
     mean, std = image_statistics(pixels)
-    row = row.model_copy(update={"pixel_mean": mean, "pixel_std": std, "pixel_sha256": digest.hexdigest()})
+    row = row.model_copy(update={"pixel_mean": mean, "pixel_std": std, "pixel_sha256": digest})
     if not std > 0:
         return _quarantine(row, "blank_image", "every preprocessed pixel has the same value")
     return JournalEntry(row.model_copy(update={"quality_flags": ",".join(quality_flags(row, std))}), "", pixels)
@@ -584,13 +599,17 @@ def _quarantine(row: ManifestRow, reason: str, detail: str) -> JournalEntry:
     return JournalEntry(_quarantined_row(row, reason), detail, None)
 
 
-def _read_and_hash(path: Path) -> tuple[bytes | None, str]:
-    """File bytes and sha256; bytes is None for a file too large to read whole (hashed in chunks)."""
+def _read_and_hash(path: Path, key: str | bytes) -> tuple[bytes | None, str]:
+    """File bytes and their keyed hash (HMAC-SHA256: an unkeyed hash of a hospital's file would let
+    anyone holding the file find its row); bytes is None for a file too large to read whole."""
     if path.stat().st_size > MAX_FILE_BYTES:
+        hasher = keyed_hasher(key, "file")
         with path.open("rb") as handle:
-            return None, hashlib.file_digest(handle, "sha256").hexdigest()
+            while chunk := handle.read(1 << 20):
+                hasher.update(chunk)
+        return None, hasher.hexdigest()
     data = path.read_bytes()
-    return data, hashlib.sha256(data).hexdigest()
+    return data, keyed_hash(key, "file", [data])
 
 
 def _quarantine_table(rows: list[ManifestRow], details: list[str]) -> pd.DataFrame:

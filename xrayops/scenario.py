@@ -64,11 +64,12 @@ class DriftScenarioConfig(BaseModel):
     review_budget: int = Field(200, ge=0)
 
 
-def _truth(*sets: tuple[str, Any]) -> dict[str, str]:
+def _truth(key: bytes | str, *sets: tuple[str, Any]) -> dict[str, str]:
     """source_name -> true region, for synth sets landed in sub-folders of the PACS export."""
-    from xrayops.data.truth import read_truth
+    from xrayops.data.truth import by_source_name, read_truth_files
 
-    return {f"{prefix}/{name}": region for prefix, s in sets for name, region in read_truth(s.truth_path).items()}
+    by_file = {f"{prefix}/{name}": region for prefix, s in sets for name, region in read_truth_files(s.truth_path).items()}
+    return by_source_name(by_file, key)
 
 
 def review_from_truth(worklist: pd.DataFrame, manifest: pd.DataFrame, truth: dict[str, str],
@@ -121,7 +122,9 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
     summary = DemoSummary(out=out)
     state: dict[str, Any] = {}
     spec = PreprocessingSpec(size=cfg.image_size)
-    key = settings.deid_key.get_secret_value()
+    from xrayops.dicom.deid import require_key
+
+    key = require_key(settings)
     pacs = out / "pacs"
 
     def do_synth():
@@ -134,7 +137,7 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
                                       ood_rate=cfg.ood_rate)
         # The PACS export ingestion reads: v1 now, the shifted batch joins it (as v2/) when retraining.
         shutil.copytree(state["train"].dicom_dir, pacs / "v1", dirs_exist_ok=True)
-        state["truth"] = _truth(("v1", state["train"]), ("v2", state["shifted"]))  # source_name -> true region
+        state["truth"] = _truth(key, ("v1", state["train"]), ("v2", state["shifted"]))  # source_name -> true region
         return ({"train": state["train"].dicom_dir, "calm": state["calm"].dicom_dir, "shifted": state["shifted"].dicom_dir},
                 {"n_train": state["train"].n_files, "n_shifted": state["shifted"].n_files,
                  "shifted_mislabeled": state["shifted"].n_mislabeled})

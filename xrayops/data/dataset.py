@@ -89,14 +89,17 @@ def load_images(data_dir: Path, rows: pd.DataFrame) -> np.ndarray:
     return out
 
 
-def read_truth_angles(path: Path) -> dict[str, float]:
-    """Orientation labels from a synthetic truth.csv: file name (the manifest's source_name) ->
-    angle in degrees by which the anatomy is turned counter-clockwise on screen (paper 004)."""
+def read_truth_angles(path: Path, key: str | bytes | None = None) -> dict[str, float]:
+    """Orientation labels from a synthetic truth.csv: the manifest's source_name (the file's
+    pseudonym under `key`, default the configured key) -> angle in degrees by which the anatomy is
+    turned counter-clockwise on screen (paper 004)."""
+    from xrayops.data.truth import by_source_name
+
     frame = pd.read_csv(path)
     if "angle_deg" not in frame.columns:
         raise DatasetError(f"{path} has no angle_deg column: no orientation labels there")
     frame = frame[pd.to_numeric(frame["angle_deg"], errors="coerce").notna()]
-    return dict(zip(frame["file"].astype(str), frame["angle_deg"].astype(float) % 360.0))
+    return by_source_name(dict(zip(frame["file"].astype(str), frame["angle_deg"].astype(float) % 360.0)), key)
 
 
 _PIXEL_MAX = {torch.uint8: 255.0, torch.uint16: 65535.0}

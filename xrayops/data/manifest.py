@@ -77,6 +77,8 @@ class Deduplicator:
 
     Same file bytes: duplicate_file; same SOP Instance UID (pseudonym) with other bytes, e.g. a
     re-export: duplicate_sop_instance_uid; same decoded pixels under another UID: duplicate_pixels.
+    The hashes compared are keyed HMACs (xrayops.dicom.deid.keyed_hash) of one dataset's key, so
+    equal content still compares equal while nobody without the key can match a file to a row.
     """
 
     def __init__(self) -> None:

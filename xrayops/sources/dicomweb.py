@@ -3,7 +3,8 @@
 Studies are found with QIDO-RS (all, or the given Study Instance UIDs), their instances listed
 with QIDO-RS, and each instance not yet landed retrieved with WADO-RS in its stored transfer
 syntax (`application/dicom; transfer-syntax=*`: no server-side transcoding, ingestion decodes
-every syntax). A re-run skips instances already in the landing folder, so an interrupted fetch
+every syntax); private tags and overlay groups are dropped before the instance lands (see
+xrayops.sources). A re-run skips instances already in the landing folder, so an interrupted fetch
 carries on. A failing instance or study is counted with its reason and the fetch goes on.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pydicom.filewriter import dcmwrite
 from xrayops.dicom.deid import pseudonymize
 from xrayops.logs import get_logger
 from xrayops.progress import track
-from xrayops.sources import landing_name, write_atomically
+from xrayops.sources import landing_name, strip_for_landing, write_atomically
 
 log = get_logger(__name__)
 
@@ -49,10 +50,11 @@ def fetch_dicomweb(
     timeout: float = 60.0,
     headers: dict[str, str] | None = None,
     retries: int = 5,
+    keep_private: bool = False,
 ) -> FetchSummary:
     """Land every instance of the matching studies in `landing_dir` (see module docstring)."""
     landing_dir = Path(landing_dir)
-    landing_dir.mkdir(parents=True, exist_ok=True)
+    landing_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     client = DICOMwebClient(url=url, timeout=timeout, headers=headers)
     # dicomweb-client retries busy/unavailable answers with exponential back-off
     client.set_http_retry_params(retry=retries > 1, max_attempts=max(1, retries))
@@ -80,6 +82,8 @@ def fetch_dicomweb(
             continue
         try:
             ds = client.retrieve_instance(study, series, sop, media_types=ANY_TRANSFER_SYNTAX)
+            if not keep_private:  # as the listener: no private tags, no overlays (xrayops.sources)
+                strip_for_landing(ds)
             buffer = io.BytesIO()
             dcmwrite(buffer, ds, enforce_file_format=True)
         except requests.RequestException as exc:
