@@ -108,11 +108,13 @@ def test_the_test_pattern_that_became_skull():
     "text, region, term",
     [
         ("CHEST PA", UNKNOWN, "chest"), ("THORAX", UNKNOWN, "thorax"), ("Thorax-free", UNKNOWN, "thorax"),
-        ("Knie links", "knee", "knie"), ("L-SPINE", "lumbar_spine", "l spine"), ("C SPINE", "cervical_spine", "c spine"),
+        ("Knie links", "knee", "knie"), ("L-SPINE", "lumbar_spine", "l spine"),
+        ("C SPINE", "cervical_spine", "c spine"),
         ("XRAY RIGHT HAND", "hand", "hand"), ("Röntgen Hüfte li", "pelvis_hip", "hufte"),
         ("RÖ Schädel in 2 Ebenen", "skull", "schadel"), ("Radiografía de MUÑECA", "wrist", "muneca"),
         ("Radiographie ÉPAULE gauche", "shoulder", "epaule"), ("RX GINOCCHIO dx", "knee", "ginocchio"),
-        ("X-ENKEL links", "ankle", "enkel"), ("Radiografia de PÉ", "foot", "pe"), ("HANDGELENKLI", "wrist", "handgelenk"),
+        ("X-ENKEL links", "ankle", "enkel"), ("Radiografia de PÉ", "foot", "pe"),
+        ("HANDGELENKLI", "wrist", "handgelenk"),
     ],
 )  # fmt: skip
 def test_descriptions_that_name_a_part_still_map(text, region, term):
@@ -234,7 +236,8 @@ def test_legacy_snomed_rt_codes_and_long_code_values():
 
 @pytest.mark.parametrize(
     "code, scheme",
-    [("999999999", "SCT"), ("85562004", "LN"), ("85562004", "SRT"), ("T-D8700", "SCT"), ("", "SCT"), ("hand", "99LOCAL")],
+    [("999999999", "SCT"), ("85562004", "LN"), ("85562004", "SRT"), ("T-D8700", "SCT"), ("", "SCT"),
+     ("hand", "99LOCAL")],
 )
 def test_unknown_codes_fall_back_to_the_tags(code, scheme):
     ds = _coded(code, scheme, body_part="KNIE")

@@ -22,11 +22,13 @@ from sklearn.preprocessing import StandardScaler
 from xrayops.data.phantoms import OOD_KINDS, draw_region
 from xrayops.data.synth import (
     BODY_PART_VOCABULARY,
+    REGION_CODES,
     TRUTH_COLUMNS,
     VENDORS,
     synthesize,
     to_stored,
 )
+from xrayops.dicom.labels import anatomic_region_codes, code_string, region_from_dataset, to_code_string
 from xrayops.regions import REGIONS, UNKNOWN
 
 
@@ -97,7 +99,7 @@ def test_every_format_occurs(export):
     assert set(truth.bits_stored) == {8, 12, 16}
     assert set(truth.sop_class) == {ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation}
     assert truth.has_gauge.any() and truth.has_marker.any() and truth.has_border.any()
-    assert not truth.has_gauge.all()  # lower rate than paper 000's augmentation
+    assert not truth.has_gauge.all()  # lower rate than the augmentation of Langer et al. 2023
     assert {"L", "R"} <= set(truth.marker_text)
 
 
@@ -141,17 +143,57 @@ def test_mislabels_have_the_requested_share_and_are_exactly_the_wrong_tags(expor
 def test_tags_are_messy_free_text_from_the_site_vocabulary(export):
     _, truth, _ = export
     for row in truth[(truth.tag_text != "") & (truth.tag_region != UNKNOWN)].itertuples():
-        tag = row.tag_text.lower()
-        words = [w.lower() for ws in BODY_PART_VOCABULARY[row.tag_region].values() for w in ws]
+        tag = row.tag_text
+        words = [to_code_string(w) for ws in BODY_PART_VOCABULARY[row.tag_region].values() for w in ws]
         assert any(tag.startswith(w) or w.startswith(tag) for w in words), row.tag_text
     empty = truth[truth.tag_text == ""]
     assert len(empty) > 0 and (empty.study_description != "").all()  # region only in StudyDescription
-    assert truth.tag_text.str.contains("[a-z]").any()  # mixed case
+    # BodyPartExamined is a valid CS string (the IOD checks demand it); descriptions are LO, any case
+    assert all(code_string(t) == t for t in truth.tag_text if t)
+    descriptions = truth.study_description
+    assert descriptions.str.contains("[a-z]").any() and descriptions.str.contains("[ÄÖÜÉÑÃäöüéñã]").any()
     assert truth.tag_text.nunique() >= 15
     for region, languages in BODY_PART_VOCABULARY.items():
         assert len(languages) == 7 and sum(len(v) for v in languages.values()) >= 9, region
     flat = {w for languages in BODY_PART_VOCABULARY.values() for ws in languages.values() for w in ws}
     assert {"HWS", "BWS", "LWS", "MANO", "GENOU", "Becken", "SCHULTER", "TOBILLO", "VOET", "CRANEO"} <= flat
+
+
+def test_coded_anatomy_is_wrong_exactly_where_the_tags_are_and_sometimes_missing(export):
+    """The Anatomic Region Sequence names what the other tags name (a mislabelled study's code is
+    wrong as well), SNOMED CT from vendor A and legacy SNOMED-RT ids from vendor B; a share of the
+    images carries none, and DX then carries no BodyPartExamined either (PS3.3 General Anatomy macro)."""
+    _, truth, files = export
+    coded = truth[truth.region_code != ""]
+    assert 0.05 <= 1 - len(coded) / len(truth) <= 0.4
+    known = anatomic_region_codes()
+    for row in truth.itertuples():
+        ds = files[row.file]
+        items = ds.get("AnatomicRegionSequence")
+        if row.region_code:
+            scheme, code = row.region_code.split(":")
+            assert (items[0].CodingSchemeDesignator, items[0].CodeValue) == (scheme, code)
+            assert scheme == ("SRT" if row.vendor == "B" else "SCT")
+            assert known[row.region_code] == row.tag_region  # the matcher's table agrees with synth's
+            found = region_from_dataset(ds)
+            assert (found.region, found.match) == (row.tag_region, row.region_code)
+            assert found.source == "anatomic_region_code"
+        elif ds.Modality == "DX":
+            assert len(items) == 0 and row.tag_text == ""
+        else:
+            assert items is None
+    assert coded.mislabeled.any() and (coded[coded.mislabeled].tag_region != coded[coded.mislabeled].true_region).all()
+    assert {sct for codes in REGION_CODES.values() for sct, _, _ in codes} <= {k[4:] for k in known if k[:4] == "SCT:"}
+
+
+def test_the_region_matcher_never_contradicts_the_tags(export):
+    """Reading the files as ingestion does gives the region the tags denote, or "unknown" (a typo it
+    does not accept, a generic description), never another region: no false positives."""
+    _, truth, files = export
+    found = [region_from_dataset(files[row.file]).region for row in truth.itertuples()]
+    agree = [f == t for f, t in zip(found, truth.tag_region)]
+    assert all(a or f == UNKNOWN for a, f in zip(agree, found))
+    assert sum(agree) >= 0.9 * len(truth)
 
 
 def test_out_of_domain_images_still_carry_tags(export):

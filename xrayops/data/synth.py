@@ -1,13 +1,19 @@
 """Synthetic PACS export: phantom radiographs as messy, realistic DICOM files plus a truth table.
 
-The embedded default data set. It reproduces what paper 000 and paper 001 report about real
-exports: free-text BodyPartExamined in several languages, a known share of wrong region tags,
+The embedded default data set. It reproduces what Langer et al. 2023 and de Cid 2021 report about
+real exports: BodyPartExamined in several languages, abbreviations and typos, free-text
+descriptions, coded anatomy that is sometimes missing, a known share of wrong region tags (the
+code, BodyPartExamined and description of a mislabelled study are wrong alike),
 rotated captures with burnt-in white borders, surgery-planning gauges, laterality markers,
 MONOCHROME1/2, 8/12/16-bit pixels, compressed transfer syntaxes, CR and DX objects, fake PHI,
 out-of-domain images, and an optional second vendor (domain shift).
 
 Every nuisance attribute (exposure, noise, framing, format, vendor, clutter) is drawn
 independently of the region, so only the anatomy's shape identifies the class.
+
+The files pass the DICOM standard's IOD checks (dciodvfy: no errors) for CR and DX For
+Presentation: messiness lives in the values (languages, typos, wrong tags), not in broken
+encodings, so BodyPartExamined is always a valid CS string.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from pydicom.uid import (
 from scipy.ndimage import gaussian_filter, zoom
 
 from xrayops.data.phantoms import OOD_KINDS, bitmap_font, draw_out_of_domain, draw_region
+from xrayops.dicom.labels import to_code_string
 from xrayops.logs import get_logger
 from xrayops.progress import track
 from xrayops.regions import REGIONS, UNKNOWN
@@ -48,7 +55,8 @@ from xrayops.regions import REGIONS, UNKNOWN
 log = get_logger(__name__)
 
 # --- site vocabulary ------------------------------------------------------------------------------
-# paper 001: one site's BodyPartExamined had 187 distinct values: languages, case, accents, typos.
+# de Cid 2021: one site's BodyPartExamined had 187 distinct values: languages, case, accents, typos.
+# Written into BodyPartExamined as CS (to_code_string: "Schädel" -> "SCHAEDEL"); descriptions keep them as they are.
 BODY_PART_VOCABULARY: dict[str, dict[str, tuple[str, ...]]] = {
     "clavicle": {
         "en": ("CLAVICLE", "Clavicle", "CLAV", "CLAVICEL"),
@@ -200,7 +208,7 @@ _DESCRIPTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "nl": ("Röntgen {t}", "X-{t}"),
     "pt": ("RX {t}", "Radiografia de {t}"),
 }
-# paper 000 label audit: wrong tags cluster in spine levels, clavicle/shoulder and hand/wrist.
+# Langer et al. 2023 label audit: wrong tags cluster in spine levels, clavicle/shoulder and hand/wrist.
 _CONFUSIONS: dict[str, tuple[str, ...]] = {
     "clavicle": ("shoulder", "rib"),
     "shoulder": ("clavicle", "elbow"),
@@ -218,6 +226,43 @@ _CONFUSIONS: dict[str, tuple[str, ...]] = {
     "lumbar_spine": ("thoracic_spine", "pelvis_hip"),
 }
 _PLAUSIBLE_CONFUSION_P = 0.75
+# Anatomic Region Sequence codes a device writes for the region it was told (SNOMED CT, DICOM CID 4009
+# DX Anatomy Imaged); the older vendor B writes the legacy SNOMED-RT ids of the same concepts.
+REGION_CODES: dict[str, tuple[tuple[str, str, str], ...]] = {  # region -> (SCT code, SRT id, meaning)
+    "clavicle": (("51299004", "T-12310", "Clavicle"),),
+    "shoulder": (("16982005", "T-D2220", "Shoulder"), ("79601000", "T-12280", "Scapula")),
+    "skull": (("89546000", "T-11100", "Skull"), ("69536005", "T-D1100", "Head")),
+    "rib": (("113197003", "T-11300", "Rib"),),
+    "elbow": (("16953009", "T-15430", "Elbow joint"),),
+    "knee": (("72696002", "T-D9200", "Knee"),),
+    "wrist": (("74670003", "T-15460", "Wrist joint"),),
+    "hand": (("85562004", "T-D8700", "Hand"),),
+    "foot": (("56459004", "T-D9700", "Foot"),),
+    "ankle": (("70258002", "T-15750", "Ankle joint"),),
+    "pelvis_hip": (("29836001", "T-D2500", "Hip"), ("24136001", "T-15710", "Hip joint"),
+                   ("12921003", "T-D6000", "Pelvis")),
+    "cervical_spine": (("122494005", "T-11501", "Cervical spine"),),
+    "thoracic_spine": (("122495006", "T-11502", "Thoracic spine"),),
+    "lumbar_spine": (("122496007", "T-11503", "Lumbar spine"),),
+}
+# Codes for the tags of images outside the label space: chest and abdomen as tagged, else a long bone.
+_NON_REGION_CODES: dict[str, tuple[str, str, str]] = {
+    "chest": ("51185008", "T-D3000", "Chest"), "abdomen": ("113345001", "T-D4000", "Abdomen"),
+    "femur": ("71341001", "T-12710", "Femur"), "humerus": ("85050009", "T-12410", "Humerus"),
+    "lower leg": ("30021000", "T-D9400", "Lower leg"), "forearm": ("14975008", "T-D8500", "Forearm"),
+}
+# Laterality follows what the tags name (PS3.3 General Series: required for a paired part, absent
+# for an unpaired one, empty when unknown): the code decides; without one, DICOM's unpaired
+# BodyPartExamined terms mean none, and other words leave it unknown unless a paired region is named.
+_SIDED_REGIONS = _PAIRED | {"rib"}
+_PAIRED_CODE_MEANINGS = frozenset({"Clavicle", "Shoulder", "Scapula", "Rib", "Elbow joint", "Knee", "Wrist joint",
+                                   "Hand", "Foot", "Ankle joint", "Hip", "Hip joint", "Femur", "Humerus",
+                                   "Lower leg", "Forearm"})
+_UNPAIRED_BODY_PARTS = frozenset({"ABDOMEN", "CHEST", "CSPINE", "HEAD", "LSPINE", "PELVIS", "SKULL", "SPINE", "TSPINE"})
+# Share of CR studies whose device writes no Anatomic Region Sequence (older digitisers). DX must
+# code what BodyPartExamined names (PS3.3 General Anatomy macro: empty only when the part is
+# unknown), so a DX study lacks a code only when it lacks BodyPartExamined too.
+_CODE_ABSENT_P = 0.5
 
 # --- fake PHI (no real persons; small built-in lists) ----------------------------------------------
 _SURNAMES = ("MUELLER", "SCHMIDT", "SCHNEIDER", "FISCHER", "WEBER", "BECKER", "HOFFMANN", "GARCIA", "MARTINEZ",
@@ -260,25 +305,33 @@ VENDORS: dict[str, Vendor] = {
 TRANSFER_SYNTAXES: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, JPEG2000Lossless)
 PHOTOMETRICS: tuple[str, ...] = ("MONOCHROME1", "MONOCHROME2")
 BITS_STORED: tuple[int, ...] = (8, 12, 16)
-_VIEWS = ("AP", "PA", "LAT", "LL", "RL", "OBL", "")
+_VIEWS = ("AP", "PA", "LL", "RL", "RLO", "LLO", "")  # ViewPosition defined terms (CR and DX)
+# View Code Sequence (CID 4010 DX View) of each view but "".
+_VIEW_CODES = {"AP": ("399348003", "antero-posterior"), "PA": ("272479007", "postero-anterior"),
+               "LL": ("399173006", "left lateral"), "RL": ("399198007", "right lateral"),
+               "RLO": ("399236003", "right oblique"), "LLO": ("399184004", "left oblique")}
+# Patient Orientation (row, column direction) of the unrotated pose as seen from the tube.
+_ORIENTATION = {"PA": ("R", "F"), "LL": ("P", "F"), "RL": ("A", "F"), "RLO": ("L", "F"), "LLO": ("R", "F")}
 
-# Clutter rates in synth. paper 000 pastes 0/1/2 gauges with p = 1/3 each as augmentation; a PACS
+# Clutter rates in synth. Langer et al. 2023 pastes 0/1/2 gauges with p = 1/3 each as augmentation; a PACS
 # export has far fewer, so the gauge rate here is lower.
 _GAUGE_COUNT_P = (0.8, 0.12, 0.08)
-_GAUGE_SCALE = (0.8, 1.2)  # paper 000
-_GAUGE_OPACITY = (0.75, 1.0)  # paper 000
+_GAUGE_SCALE = (0.8, 1.2)  # Langer et al. 2023
+_GAUGE_OPACITY = (0.75, 1.0)  # Langer et al. 2023
 _GAUGE_DIAMETER_MM = 25.0  # common calibration sphere
 _BORDER_P = 0.25
 _MARKER_P = 0.5
 _COLLIMATION_P = 0.3
 _PORTRAIT_P = 0.3
 _EMPTY_TAG_P = 0.1
+MIN_SIZE = 42  # smallest `size` whose every image is at least 32 pixels a side (OpenJPEG's default 6 levels)
 
 TRUTH_COLUMNS: tuple[str, ...] = (
     "file", "sop_instance_uid", "study_instance_uid", "patient_id", "patient_name", "true_region", "tag_text",
     "study_description", "tag_region", "mislabeled", "angle_deg", "mirrored", "photometric", "bits_stored",
     "transfer_syntax", "sop_class", "modality", "manufacturer", "vendor", "rows", "cols", "pixel_spacing_mm", "ood",
     "ood_kind", "has_gauge", "n_gauges", "has_border", "has_marker", "marker_text", "collimated",
+    "region_code",
 )
 
 
@@ -322,6 +375,7 @@ class Study:
     institution: str
     physician: str
     accession: str
+    region_code: tuple[str, str, str] = ("", "", "")  # (scheme, code, meaning) written; scheme "" when absent
 
 
 @dataclass(frozen=True)
@@ -379,18 +433,14 @@ def _wrong_region(region: str, rng: np.random.Generator) -> str:
 
 
 def _tag_text(region: str, left: bool, rng: np.random.Generator) -> tuple[str, str]:
-    """A messy BodyPartExamined value for `region`, and the language it came from."""
+    """A messy BodyPartExamined value for `region` (a valid CS string: upper case, at most 16
+    characters, as PACS truncate), and the language it came from."""
     vocab = BODY_PART_VOCABULARY[region]
     lang = str(rng.choice(sorted(vocab)))
     text = str(rng.choice(vocab[lang]))
     if region in _PAIRED and rng.random() < 0.35:
         text += str(rng.choice(_SIDE_SUFFIX[lang][0 if left else 1]))
-    u = rng.random()
-    if u < 0.12:
-        text = text.lower()
-    elif u < 0.2:
-        text = text.title()
-    return text[:16], lang  # CS is at most 16 characters; PACS truncate
+    return to_code_string(text), lang
 
 
 def _description(label_region: str, tag_text: str, lang: str, rng: np.random.Generator) -> str:
@@ -403,6 +453,8 @@ def _description(label_region: str, tag_text: str, lang: str, rng: np.random.Gen
         vocab = BODY_PART_VOCABULARY[label_region]
         lang = lang if lang in vocab else str(rng.choice(sorted(vocab)))
         word = str(rng.choice(vocab[lang]))
+    u = rng.random()  # descriptions are LO: any case
+    word = word.lower() if u < 0.12 else (word.title() if u < 0.2 else word)
     return str(rng.choice(_DESCRIPTION_TEMPLATES.get(lang, _DESCRIPTION_TEMPLATES["en"]))).format(t=word)
 
 
@@ -432,8 +484,8 @@ def _stratified(values: tuple, n: int, rng: np.random.Generator) -> list:
 def plan_images(n: int, seed: int, mislabel_rate: float, shift: float, ood_rate: float) -> list[ImagePlan]:
     """Decide everything about every image except its pixels. Pure and deterministic in `seed`."""
     root = np.random.SeedSequence(seed)
-    rng_people, rng_ood, rng_region, rng_label, rng_vendor, rng_format, rng_site = (
-        np.random.default_rng(s) for s in root.spawn(7))
+    rng_people, rng_ood, rng_region, rng_label, rng_vendor, rng_format, rng_site, rng_code = (
+        np.random.default_rng(s) for s in root.spawn(8))
     patients = _patients_and_sizes(n, rng_people)
     owners = [p for p, sizes in patients for _ in sizes]
     sizes = [m for _, s in patients for m in s]
@@ -456,7 +508,7 @@ def plan_images(n: int, seed: int, mislabel_rate: float, shift: float, ood_rate:
         else:
             label = _wrong_region(region, rng_label) if wrong[k] else region
         if label == UNKNOWN:
-            tag, lang = str(rng_site.choice(NON_REGION_TAGS)), "en"
+            tag, lang = to_code_string(rng_site.choice(NON_REGION_TAGS)), "en"
         else:
             tag, lang = _tag_text(label, left, rng_site)
         if rng_site.random() < _EMPTY_TAG_P and region != UNKNOWN:
@@ -464,12 +516,13 @@ def plan_images(n: int, seed: int, mislabel_rate: float, shift: float, ood_rate:
         description = _description(label, tag, lang, rng_site)
         vendor = VENDORS["B" if rng_vendor.random() < shift else "A"]
         model, sop_class = vendor.models[int(rng_vendor.integers(0, len(vendor.models)))]
+        code = _region_code(label, tag, vendor.name, sop_class == DigitalXRayImageStorageForPresentation, rng_code)
         studies.append(Study(
             index=k, patient=owners[k], n_images=sizes[k], region=region, ood_kind=ood_kind, label_region=label,
             tag_text=tag, description=description, left=left, vendor=vendor.name, model=model, sop_class=sop_class,
             study_date=date(2019, 1, 1) + timedelta(days=int(rng_site.integers(0, 6 * 365))),
             institution=str(rng_site.choice(_INSTITUTIONS)), physician=str(rng_site.choice(_PHYSICIANS)),
-            accession=f"A{int(rng_site.integers(10_000_000, 99_999_999))}",
+            accession=f"A{int(rng_site.integers(10_000_000, 99_999_999))}", region_code=code,
         ))
 
     # angles: one per stratum of the circle, shuffled, so even small n spans [0, 360)
@@ -486,9 +539,26 @@ def plan_images(n: int, seed: int, mislabel_rate: float, shift: float, ood_rate:
     return plans
 
 
+def _region_code(label: str, tag: str, vendor: str, is_dx: bool, rng: np.random.Generator) -> tuple[str, str, str]:
+    """(scheme, code, meaning) of the Anatomic Region Sequence for a study tagged `label`, or
+    ("", "", "") when the device writes none. A wrong label has the wrong code too: both come from
+    what the operator selected."""
+    absent = rng.random() < _CODE_ABSENT_P and not (is_dx and tag)
+    if label == UNKNOWN:
+        kind = next((k for k in ("chest", "abdomen") if k in tag.lower() or (k == "chest" and "THORAX" in tag)), "")
+        sct, srt, meaning = _NON_REGION_CODES[kind or str(rng.choice(["femur", "humerus", "lower leg", "forearm"]))]
+    else:
+        options = REGION_CODES[label]
+        sct, srt, meaning = options[int(rng.integers(0, len(options)))]
+    if absent:
+        return "", "", ""
+    return ("SRT", srt, meaning) if vendor == "B" else ("SCT", sct, meaning)
+
+
 def tag_region(study: Study) -> str:
-    """The region the file's own tags denote: BodyPartExamined, else StudyDescription, else unknown."""
-    if study.tag_text or study.label_region == UNKNOWN:
+    """The region the file's own tags denote: the code, BodyPartExamined or StudyDescription
+    (a mislabelled study's are wrong alike), else unknown."""
+    if study.region_code[0] or study.tag_text or study.label_region == UNKNOWN:
         return study.label_region
     return UNKNOWN if study.description in _GENERIC_DESCRIPTIONS else study.label_region
 
@@ -620,7 +690,7 @@ def render_image(plan: ImagePlan, seed: int, size: int) -> Rendered:
             np.maximum(patch, mask * nuisance.uniform(0.93, 0.99), out=patch)
 
     has_border = bool(nuisance.random() < _BORDER_P)
-    if has_border:  # paper 000: rotated capture inside a burnt-in white frame
+    if has_border:  # Langer et al. 2023: rotated capture inside a burnt-in white frame
         theta = math.radians(plan.angle_deg)
         yy, xx = np.mgrid[0:rows, 0:cols]
         x = (xx + 0.5) / cols * 2 - 1
@@ -653,6 +723,25 @@ def _uid(seed_key: str, *parts: object) -> str:
     return generate_uid(entropy_srcs=["xrayops-synth", seed_key, *map(str, parts)])
 
 
+def _laterality(study: Study, mirrored: bool) -> str | None:
+    """"L"/"R" when the tags name a part of one side, "" when it is not known whether they do,
+    None when they name an unpaired part. The side is the image's own for a paired region."""
+    side = ("L" if mirrored else "R") if study.region in _PAIRED else ("L" if study.left else "R")
+    scheme, _, meaning = study.region_code
+    if scheme:
+        return side if meaning in _PAIRED_CODE_MEANINGS else None
+    if study.tag_text in _UNPAIRED_BODY_PARTS:
+        return None
+    return side if study.region in _PAIRED or study.label_region in _SIDED_REGIONS else ""
+
+
+def _code_item(code: str, scheme: str, meaning: str) -> Dataset:
+    """A Code Sequence item (Basic Code Sequence Macro)."""
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code, scheme, meaning
+    return item
+
+
 def _messy(ds: Dataset, keyword_tag: int, vr: str, value: str) -> None:
     """Write free text as a PACS does, without pydicom's value-validation warnings (case, length)."""
     ds.add(DataElement(keyword_tag, vr, value, validation_mode=dicom_config.IGNORE))
@@ -676,7 +765,6 @@ def build_dataset(plan: ImagePlan, rendered: Rendered, stored: np.ndarray, seed_
     ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = _uid(seed_key, "study", study.index)
     ds.SeriesInstanceUID = _uid(seed_key, "series", plan.index)
-    ds.FrameOfReferenceUID = _uid(seed_key, "frame", plan.index)
     ds.Modality = "DX" if is_dx else "CR"
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = study.study_date.strftime("%Y%m%d")
     minutes, seconds = int(rng.integers(7 * 60, 20 * 60)), int(rng.integers(0, 60))
@@ -693,14 +781,20 @@ def build_dataset(plan: ImagePlan, rendered: Rendered, stored: np.ndarray, seed_
     ds.DeviceSerialNumber = f"SN{zlib.crc32(study.model.encode()) % 100_000:05d}"
     ds.SoftwareVersions = "4.2.1" if study.vendor == "A" else "11.0"
     _messy(ds, 0x00081030, "LO", study.description)  # StudyDescription
-    _messy(ds, 0x00180015, "CS", study.tag_text)  # BodyPartExamined: free text in practice
-    ds.ViewPosition = str(rng.choice(_VIEWS))
-    side = ("L" if rendered.mirrored else "R") if study.region in _PAIRED else ""
+    ds.BodyPartExamined = study.tag_text  # a site's own words, as a valid CS string
+    view = str(rng.choice(_VIEWS))
+    ds.ViewPosition = view
+    side = _laterality(study, rendered.mirrored)
     if is_dx:
-        ds.ImageLaterality = side or "U"
-    else:
+        ds.ImageLaterality = side or "U"  # U: unpaired (or not known)
+    elif side is not None:
         ds.Laterality = side
-    ds.PatientOrientation = ""
+    ds.PatientOrientation = list(_ORIENTATION.get(view, ("L", "F")))
+    scheme, code, meaning = study.region_code
+    if scheme:
+        ds.AnatomicRegionSequence = [_code_item(code, scheme, meaning)]
+    elif is_dx:
+        ds.AnatomicRegionSequence = []  # Type 2 in DX: present, empty when the device wrote none
     ds.KVP = f"{float(rng.uniform(50, 90)):.0f}"
 
     ds.PatientName = patient.name
@@ -721,12 +815,18 @@ def build_dataset(plan: ImagePlan, rendered: Rendered, stored: np.ndarray, seed_
     slope, intercept = (1.0, 0.0) if is_dx else [(1.0, 0.0), (2.0, 0.0), (1.0, -512.0)][int(rng.integers(0, 3))]
     ds.RescaleSlope = f"{slope:g}"
     ds.RescaleIntercept = f"{intercept:g}"
+    ds.RescaleType = "US"  # unspecified: stored values are not calibrated to a physical unit
     if is_dx:  # DX For Presentation: required presentation attributes and a VOI window
         ds.PresentationIntentType = "FOR PRESENTATION"
-        ds.RescaleType = "US"
+        ds.PresentationLUTShape = "INVERSE" if plan.photometric == "MONOCHROME1" else "IDENTITY"
         ds.DetectorType = "SCINTILLATOR"
         ds.PixelIntensityRelationship = "LOG"
         ds.PixelIntensityRelationshipSign = 1 if plan.photometric == "MONOCHROME1" else -1
+        ds.PositionerType = "COLUMN"
+        ds.AcquisitionContextSequence = []  # Type 2: no acquisition context recorded
+        if view in _VIEW_CODES:
+            view_code, view_meaning = _VIEW_CODES[view]
+            ds.ViewCodeSequence = [_code_item(view_code, "SCT", view_meaning)]
     if is_dx or rng.random() < 0.5:
         lo, hi = np.percentile(stored, (1.0, 99.0)) * slope + intercept
         width = max(float(hi - lo) * float(rng.uniform(1.0, 1.3)), 2.0)
@@ -758,8 +858,9 @@ def _check_args(n: int, seed: int, mislabel_rate: float, shift: float, ood_rate:
     for name, value in (("mislabel_rate", mislabel_rate), ("shift", shift), ("ood_rate", ood_rate)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
-    if size < 32:
-        raise ValueError(f"size must be >= 32 pixels, got {size}")
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be >= {MIN_SIZE} pixels (JPEG 2000 needs 32 a side after vendor B's coarser "
+                         f"matrix and the portrait crop), got {size}")
 
 
 def write_image(plan: ImagePlan, seed: int, size: int, seed_key: str, dicom_dir: Path) -> dict:
@@ -785,6 +886,7 @@ def write_image(plan: ImagePlan, seed: int, size: int, seed_key: str, dicom_dir:
         "ood_kind": study.ood_kind, "has_gauge": rendered.n_gauges > 0, "n_gauges": rendered.n_gauges,
         "has_border": rendered.has_border, "has_marker": bool(rendered.marker_text),
         "marker_text": rendered.marker_text, "collimated": rendered.collimated,
+        "region_code": f"{study.region_code[0]}:{study.region_code[1]}" if study.region_code[0] else "",
     }
 
 

@@ -71,7 +71,7 @@ NOISE_WORDS = frozenset(
     with mit con avec met com
     """.split()
 )
-_UMLAUTS = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue"})
+_UMLAUTS = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue", "Ä": "AE", "Ö": "OE", "Ü": "UE", "ß": "SS"})
 
 
 class RegionMatch(BaseModel):
@@ -111,8 +111,7 @@ def code_string(text: object) -> str:
 
 def to_code_string(text: object) -> str:
     """Free text as the nearest valid CS value: "Hüfte li." -> "HUEFTE LI", "C-SPINE" -> "C SPINE"."""
-    upper = str(text or "").translate(_UMLAUTS).translate(str.maketrans({"Ä": "AE", "Ö": "OE", "Ü": "UE"}))
-    upper = unicodedata.normalize("NFKD", upper.replace("ß", "SS")).upper()
+    upper = unicodedata.normalize("NFKD", str(text or "").translate(_UMLAUTS)).upper()
     upper = "".join(c for c in upper if not unicodedata.combining(c))
     plain = "".join(c if ("A" <= c <= "Z" or "0" <= c <= "9" or c == "_") else " " for c in upper)
     return " ".join(plain.split())[:16].strip()
@@ -187,9 +186,9 @@ def match_text(text: object, synonyms: Mapping[str, str] | None = None, typos: b
             term = max(hits)[2]
             return synonyms[term], term
     if typos:
-        term = _typo_match(words, synonyms)
-        if term is not None:
-            return synonyms[term], f"~{term}"
+        near = _typo_match(words, synonyms)
+        if near is not None:
+            return synonyms[near], f"~{near}"
     return None
 
 
@@ -203,8 +202,9 @@ def region_from_code(ds: Dataset) -> RegionMatch | None:
     for item in items:
         scheme = SNOMED_SCHEMES.get(str(item.get("CodingSchemeDesignator", "") or "").strip().upper())
         value = str(item.get("CodeValue", "") or item.get("LongCodeValue", "") or "").strip()
-        if scheme and value and f"{scheme}:{value}" in codes:
-            return RegionMatch(region=codes[f"{scheme}:{value}"], source="anatomic_region_code", match=f"{scheme}:{value}")
+        key = f"{scheme}:{value}"
+        if scheme and value and key in codes:
+            return RegionMatch(region=codes[key], source="anatomic_region_code", match=key)
     return None
 
 
@@ -233,7 +233,7 @@ def unmapped_report(values: Iterable[str], synonyms: Mapping[str, str] | None = 
     CS strings are counted as "" (free text there may hold anything, names included).
     """
     found = Counter(str(v or "") for v in values)
-    counts = Counter()
+    counts: Counter[str] = Counter()
     for value, n in found.items():
         if normalize_body_part(value, synonyms) == UNKNOWN:
             counts[code_string(value)] += n
