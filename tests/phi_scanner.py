@@ -231,3 +231,22 @@ def scan_text(label: str, text: str, secrets: Iterable[Secret], allow: Iterable[
 
 def report(hits: list[Hit], limit: int = 20) -> str:
     return "\n".join(f"{h.kind} {h.value!r} in {h.file} at {h.location}" for h in hits[:limit])
+
+
+def description_vocabulary(files: Iterable[Path]) -> set[str]:
+    """Description values that are body-part vocabulary, not PHI: those equal (ignoring case) to a
+    BodyPartExamined value or a region name of the same inputs. Synthetic exports describe studies
+    with region synonyms ("Knie"), which the manifest rightly keeps as BodyPartExamined elsewhere."""
+    from xrayops.regions import REGIONS
+
+    vocabulary = {r.lower() for r in REGIONS} | {r.replace("_", " ").lower() for r in REGIONS}
+    described = set()
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        except Exception:
+            continue
+        vocabulary.add(str(ds.get("BodyPartExamined", "") or "").strip().lower())
+        for keyword in ("StudyDescription", "SeriesDescription", "ProtocolName", "RequestedProcedureDescription"):
+            described.add(str(ds.get(keyword, "") or "").strip())
+    return {d for d in described if d and d.lower() in vocabulary}

@@ -23,7 +23,7 @@ def story(tmp_path_factory):
     repo = root / "repo"
     repo.mkdir()
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
-    settings = Settings(data_dir=repo / "data", dvc_remote_url=str(root / "remote"), deid_key="drift-test-key")
+    settings = Settings(data_dir=repo / "data", dvc_remote_url=str(root / "remote"), deid_key="drift-test-key-not-secret")
     # At this scale both models are near chance and their accuracies differ by noise, so the gate
     # margin is opened to exercise promotion and reload; the gate's own decisions are tested in
     # test_gate.py, and the demo-scale run (README) gates with the configured 0.01.

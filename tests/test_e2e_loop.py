@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from xrayops.config import Settings
+from xrayops.data.truth import read_truth_table
 from xrayops.demo import DemoConfig, run_demo
 from xrayops.regions import REGIONS
 
@@ -41,7 +42,7 @@ def loop(tmp_path_factory, request):
             data_dir=repo / "data",
             dvc_remote_url="s3://xrayops/dvc",
             s3_endpoint_url=endpoint,
-            deid_key="e2e-test-key",
+            deid_key="e2e-test-key-not-secret",
         )
         cfg = DemoConfig(
             out=root / "out", repo_dir=repo, n=420, n_shifted=60, synth_size=96, image_size=48,
@@ -83,7 +84,8 @@ def test_training_tags_are_audited_and_a_worklist_written(loop):
     scores = pd.read_parquet(summary.out / "label-audit" / "label_scores.parquet")
     assert facts["audited"] == len(scores) > 0 and facts["flagged"] == int(scores["is_issue"].sum())
     # synth wrote 5 % wrong tags; the ones among the audited train/val images are counted against the truth.
-    truth = pd.read_csv(summary.step("synth").artefacts["train_truth"]).set_index("file")["true_region"]
+    truth = read_truth_table(summary.step("synth").artefacts["train_truth"], settings.deid_key.get_secret_value())
+    truth = truth.set_index("file")["true_region"]  # keyed by the manifest's source_name pseudonyms
     wrong = scores["source_name"].map(truth).astype(str) != scores["given_region"].astype(str)
     assert facts["wrong_tags"] == int(wrong.sum()) and 0 < facts["wrong_tags"] < 0.15 * len(scores)
     hits = int((wrong & scores["is_issue"]).sum())
@@ -149,3 +151,20 @@ def test_shifted_batch_triggers_retraining(loop):
     # The window is a snapshot in the demo's Evidently workspace (what `xrayops dashboard` shows).
     workspace = Path(summary.step("monitor").artefacts["evidently_workspace"])
     assert facts["snapshot"] and any(workspace.rglob(f"*{facts['snapshot']}*"))
+
+
+def test_no_identifier_of_the_synthetic_export_survives_the_loop(loop):
+    """synth writes fake PHI into every identifying tag and names files img-NNNNNN; not one value
+    reaches the dataset, DVC, MLflow, the audit worklist, the evaluation, the release, the served
+    inference log or the Evidently workspace (the synthetic export itself is the input, skipped)."""
+    from phi_scanner import collect_secrets, description_vocabulary, report, scan
+
+    summary, cfg, settings, _ = loop
+    exports = [Path(summary.step("synth").artefacts[k]) for k in ("train_dicom", "shifted_dicom")]
+    files = sorted(f for d in exports for f in d.rglob("*.dcm"))
+    secrets = {s for d in exports for s in collect_secrets(sorted(d.rglob("*.dcm")), d)}
+    assert any(s.kind == "name" for s in secrets) and any(s.kind == "tag:AccessionNumber" for s in secrets)
+    outputs = [p for p in summary.out.iterdir() if p.name != "synth"]
+    outputs += [settings.data_dir, cfg.repo_dir / "data.dvc", cfg.repo_dir / ".dvc"]
+    hits = scan(outputs, secrets, allow=description_vocabulary(files))
+    assert not hits, report(hits)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import TEST_DEID_KEY
 import torch
 import yaml
 
@@ -107,7 +108,7 @@ def champion(tmp_path, monkeypatch):
     synthesize(archive / "v1", n=160, seed=3, size=64, ood_rate=0.0)
     (archive / "v1" / "truth.csv").unlink()  # a PACS archive has no truth
     data = tmp_path / "v1-data"
-    ingest(archive, data, PreprocessingSpec(size=32), "xrayops-dev-key-change-me")
+    ingest(archive, data, PreprocessingSpec(size=32), TEST_DEID_KEY)  # the tasks' key (conftest's environment)
     torch.manual_seed(0)
     backbone = save_backbone(tmp_path / "backbone.pt", build_backbone("resnet18")[0], "resnet18", "simclr")
     bundle = finetune(data, backbone, tmp_path / "champion", FinetuneConfig(epochs=3, seed=0))
@@ -200,6 +201,16 @@ def test_kfp_local_retraining_gates_and_promotes_a_challenger_on_the_new_version
     # The new version's tags are audited on the backbone the challenger uses.
     audit = outputs["audit-labels-op"]["artifacts"]["issues"]["artifacts"][0]["metadata"]
     assert audit["n_images"] > 0
+
+    # No identifier of the archive (synthetic PHI in every tag, file names) in any artefact of the
+    # run: KFP outputs and metadata, the DVC remote, MLflow, the serving storage, the rolled manifest.
+    from phi_scanner import collect_secrets, description_vocabulary, report, scan
+
+    files = sorted(archive.rglob("*.dcm"))
+    secrets = collect_secrets(files, archive)
+    hits = scan([root, tmp_path / "remote", tmp_path / "mlflow.db", serving, manifest, tmp_path / "feast"], secrets,
+                allow=description_vocabulary(files))
+    assert not hits, report(hits)
 
 
 def test_gate_keeps_a_champion_whose_outputs_the_challenger_lacks():

@@ -62,5 +62,13 @@ def export_truth(
     path = Path(dicom_dir) / "truth.csv" if dicom_dir is not None else None
     if path is None or not path.exists():
         return None, None
-    key = _key(key)
+    from xrayops.dicom.deid import DeidKeyError
+
+    try:
+        key = _key(key)
+    except DeidKeyError as exc:  # a task without the key cannot name files as the manifest does
+        from xrayops.logs import get_logger
+
+        get_logger(__name__).warning("truth.unjoinable", reason=str(exc).split(";")[0])
+        return None, None
     return read_truth(path, key), read_truth_angles(path, key)
