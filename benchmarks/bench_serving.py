@@ -7,7 +7,7 @@ sequentially and round-robin (a, b, c, a, b, c, ...), each image one request:
   (a) in-process baseline: `serving.transformer.decode_dicom` (read_dicom + the ingestion pixel
       function) + `xrayops.ensemble.predict_ensemble` (the model forward), no server;
   (b) REST v2 with the binary data extension, kserve's InferenceRESTClient, against
-      `python -m serving.server` on 127.0.0.1 (which also appends the inference log);
+      `xrayops serve` on 127.0.0.1 (which also appends the inference log);
   (c) gRPC v2, kserve's InferenceGRPCClient, same server.
 Server overhead at p50 = p50(server) / p50(in-process) - 1 (target <= 15%).
 Then a bounded load run: `--concurrency` threads posting REST v2 for `--duration` s, counting
@@ -144,7 +144,7 @@ def main() -> None:
     import torch
     from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
-    from serving.server import start_server_process
+    from serving.harness import start_server_process
     from serving.transformer import DecodeLimits, decode_dicom
     from xrayops.bundle import load_bundle
     from xrayops.ensemble import predict_ensemble

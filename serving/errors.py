@@ -1,7 +1,7 @@
 """Client errors with an HTTP status more specific than kserve's 400 for `InvalidInput`.
 
 They subclass `InvalidInput`, so gRPC still answers INVALID_ARGUMENT with the message and any
-handler that knows only kserve's errors still gives a 400; `serving.server` registers a
+handler that knows only kserve's errors still gives a 400; `serving.kserve_compat` registers a
 handler per class for the REST status.
 """
 from __future__ import annotations

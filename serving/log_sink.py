@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,7 +43,8 @@ from serving.schema import (
     parse_infer_response,
 )
 from xrayops.contracts import InferenceLogRecord
-from xrayops.inference_log import append_records, build_records
+from xrayops.inference_log import build_records
+from xrayops.log_buffer import LogBuffer
 from xrayops.logs import get_logger
 
 log = get_logger(__name__)
@@ -178,10 +180,21 @@ class PendingPairs:
 
 
 def create_app(log_path: str | Path, max_event_bytes: int = 64 * MB, pending_ttl_s: float = 300.0,
-               max_pending: int = 1000) -> FastAPI:
-    """The sink as an ASGI app: POST / takes CloudEvents; GET /healthz for probes."""
+               max_pending: int = 1000, flush_records: int = 512, flush_seconds: float = 10.0) -> FastAPI:
+    """The sink as an ASGI app: POST / takes CloudEvents; GET /healthz for probes.
+
+    Records are buffered into parts of `flush_records` (or what waited `flush_seconds`), and what
+    waits is written when the app shuts down (SIGTERM)."""
     log_path = Path(log_path)
-    app = FastAPI(title="xrayops inference-log sink", docs_url=None, redoc_url=None, openapi_url=None)
+    buffer = LogBuffer(log_path, flush_records, flush_seconds)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        buffer.close()
+
+    app = FastAPI(title="xrayops inference-log sink", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
     pending = PendingPairs(pending_ttl_s, max_pending)
     lock = asyncio.Lock()
     stats = {"records": 0, "events": 0}
@@ -226,21 +239,24 @@ def create_app(log_path: str | Path, max_event_bytes: int = 64 * MB, pending_ttl
         responses, embeddings = response_half.value
         stamp = request_half.timestamp or response_half.timestamp
         records = pair_records(request_half.value, responses, embeddings, stamp)
-        part = await run_in_threadpool(append_records, log_path, records)
+        part = await run_in_threadpool(buffer.add, records)
         async with lock:
             stats["records"] += len(records)
-        log.info("inference-log records written", ce_id=ce_id, records=len(records),
-                 inference_service=headers.get("ce-inferenceservicename", ""), part=str(part))
-        return JSONResponse({"status": "written", "records": len(records)}, status_code=201)
+        log.info("inference-log records taken", ce_id=ce_id, records=len(records),
+                 inference_service=headers.get("ce-inferenceservicename", ""), part=str(part or ""))
+        status = "written" if part is not None and buffer.waiting == 0 else "buffered"
+        return JSONResponse({"status": status, "records": len(records)}, status_code=201)
 
     return app
 
 
-def run(log_path: str | Path, host: str = "127.0.0.1", port: int = 8090, max_event_mb: int = 64) -> None:
+def run(log_path: str | Path, host: str = "127.0.0.1", port: int = 8090, max_event_mb: int = 64,
+        flush_records: int = 512, flush_seconds: float = 10.0) -> None:
     """Serve the sink with uvicorn until SIGTERM/SIGINT."""
     import uvicorn
 
     Path(log_path).mkdir(parents=True, exist_ok=True)  # fail at start, not on the first event
     log.info("inference-log sink", host=host, port=port, log_path=str(log_path))
-    uvicorn.run(create_app(log_path, max_event_bytes=max_event_mb * MB), host=host, port=port,
+    app = create_app(log_path, max_event_bytes=max_event_mb * MB, flush_records=flush_records, flush_seconds=flush_seconds)
+    uvicorn.run(app, host=host, port=port,
                 log_level="warning", access_log=False)

@@ -34,7 +34,9 @@ from xrayops.ensemble import EnsembleError, check_members, ensemble_version, pre
 from xrayops.gradcam import grad_cam, heatmap_png_base64
 from xrayops.upright import upright_image
 from xrayops.inference import InferenceInputError, model_version, validate_array
-from xrayops.inference_log import append_records, build_records, sanitize_image_meta
+from xrayops.inference_log import build_records, sanitize_image_meta
+from xrayops.log_buffer import LogBuffer
+from xrayops.refusals import not_applicable, with_refusals
 from xrayops.release.storage import release_of_folders
 from xrayops.logs import get_logger
 from xrayops.train.runtime import resolve_device
@@ -62,12 +64,16 @@ class XrayModel(Model):
         deid_key: str | None = None,
         max_batch_size: int = 32,
         max_batch_latency_ms: float = 5.0,
+        log_flush_records: int = 512,
+        log_flush_seconds: float = 10.0,
     ) -> None:
         super().__init__(name)
         dirs = [bundle_dir] if isinstance(bundle_dir, (str, Path)) else list(bundle_dir)
         self.bundle_dirs = [Path(d) for d in dirs]
         self.bundle_dir = self.bundle_dirs[0]
         self.log_path = Path(log_path) if log_path is not None else None
+        self.log_flush = (log_flush_records, log_flush_seconds)
+        self.log_buffer: LogBuffer | None = None
         self.device = device
         self.version = version or ""  # default: the weights' content hash (ensemble: over members), set by load()
         self.limits = limits or DecodeLimits()
@@ -92,6 +98,7 @@ class XrayModel(Model):
             release = release_of_folders(self.bundle_dirs, [m.meta for m in members])
             if self.log_path is not None:
                 self.log_path.mkdir(parents=True, exist_ok=True)
+                self.log_buffer = self.log_buffer or LogBuffer(self.log_path, *self.log_flush)
         # RuntimeError: CUDA asked for, none present; ReleaseError is one too (folders not the release's)
         except (BundleError, EnsembleError, RuntimeError, OSError) as exc:
             self.members, self.bundle, self.ready, self.load_error, self.release = [], None, False, str(exc), ""
@@ -119,6 +126,8 @@ class XrayModel(Model):
         self.ready = False
         if self.batcher is not None:
             self.batcher.close()
+        if self.log_buffer is not None:  # SIGTERM comes here: what is buffered is written, not lost
+            self.log_buffer.close()
 
     def member_info(self) -> list[dict]:
         return [
@@ -168,17 +177,27 @@ class XrayModel(Model):
         return payload
 
     async def predict(self, payload: ImageBatch, headers: dict[str, str] | None = None, response_headers=None):
-        items = list(zip(payload.pixels, payload.dicom_regions))
-        answers = await self.batcher.submit(items)
-        responses = [ServedResponse(**r.model_dump()) for r, _ in answers]
-        embeddings = np.stack([e for _, e in answers])
-        loop = asyncio.get_running_loop()
-        if payload.gradcam:
-            responses = await loop.run_in_executor(None, self.add_gradcam, payload.pixels, responses)
-        if payload.upright:
-            responses = [add_upright(p, r) for p, r in zip(payload.pixels, responses)]
-        await loop.run_in_executor(None, self.log_batch, payload, responses, embeddings)
-        self.count(responses)
+        responses: list[ServedResponse] = []
+        embeddings = np.zeros((0, self.bundle.meta.embedding_dim), dtype=np.float32)
+        if payload.pixels:  # a request of refused images only has nothing to predict
+            answers = await self.batcher.submit(list(zip(payload.pixels, payload.dicom_regions)))
+            responses = [ServedResponse(**r.model_dump()) for r, _ in answers]
+            embeddings = np.stack([e for _, e in answers])
+            loop = asyncio.get_running_loop()
+            if payload.gradcam:
+                responses = await loop.run_in_executor(None, self.add_gradcam, payload.pixels, responses)
+            if payload.upright:
+                responses = [add_upright(p, r) for p, r in zip(payload.pixels, responses)]
+            await loop.run_in_executor(None, self.log_batch, payload, responses, embeddings)
+            self.count(responses)
+        if payload.refusals:
+            refused = {i: ServedResponse(**not_applicable(a, self.name, self.version).model_dump())
+                       for i, a in payload.refusals.items()}  # fmt: skip
+            answered_rows = iter(range(len(responses)))
+            rows = [None if i in refused else next(answered_rows) for i in range(len(responses) + len(refused))]
+            responses = with_refusals(responses, refused)
+            nan_row = np.full(embeddings.shape[1], np.nan, dtype=np.float32)
+            embeddings = np.stack([nan_row if r is None else embeddings[r] for r in rows])
         if payload.protocol == "v1":
             return encode_v1(responses)
         return encode_v2(responses, self.bundle.meta.classes, self.name, self.version, payload,
@@ -215,9 +234,9 @@ class XrayModel(Model):
             if rejected:
                 log.warning("image_meta.rejected", model=self.name, fields=dict(sorted(rejected.items())))
             metas = [c.fields for c in checked]
-        if self.log_path is None:
+        if self.log_buffer is None:
             return
-        append_records(self.log_path, build_records(responses, batch.pixels, embeddings, batch.request_id, metas))
+        self.log_buffer.add(build_records(responses, batch.pixels, embeddings, batch.request_id, metas))
 
     def count(self, responses: list[ServedResponse]) -> None:
         for r in responses:

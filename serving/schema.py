@@ -25,6 +25,16 @@ predicts an angle), `ood_score` FP32, `ood` BOOL (only when the model has an OOD
 implant: paper 002; NaN for an image no member scored).
 The model version is in `model_version` and repeated in the response parameters.
 v1 answer: `{"predictions": [ServedResponse, ...]}`.
+
+Images the model is not for. A DICOM that the model's admission policy refuses (xrayops.dicom.admission:
+by default anything but a human CR/DX greyscale radiograph, e.g. a CT, an ultrasound, a secondary
+capture) is not an error: the request succeeds (200, the same on v1, v2 REST and gRPC) and that
+image's row says `applicable` false, `refusal_reason` (a code such as `not_radiograph`,
+`colour_image`, `secondary_capture`, `localizer`, `non_human`) and `refusal_detail` (one line such as
+"modality CT"), with no region: v1 gives `region`, `confidence` null and no probabilities; v2 gives
+`region` "" and NaN in the numeric outputs of that row. The other images of the request are answered
+as usual. `applicable`, `refusal_reason` and `refusal_detail` are in every v2 answer. Files that are
+not usable DICOM at all stay 4xx errors.
 """
 from __future__ import annotations
 
@@ -78,6 +88,9 @@ class ImageBatch:
     infer_request: InferRequest | None = None  # the v2 request, for requested outputs
     upright: bool = False
     embedding: bool = False
+    # Images the admission policy refused, by their position in the request: they are not in
+    # `pixels` and are answered not applicable (xrayops.dicom.admission.Admission values).
+    refusals: dict[int, Any] = field(default_factory=dict)
 
 
 # decode_dicoms(blobs, input_name) -> [DecodedImage]; serving.transformer provides it.
@@ -110,6 +123,9 @@ def output_types(n_classes: int, with_ood_flag: bool, findings: list[str] | tupl
         {"name": "gradcam", "datatype": "BYTES", "shape": [-1]},
         {"name": "upright", "datatype": "BYTES", "shape": [-1]},
         {"name": OUTPUT_EMBEDDING, "datatype": "FP32", "shape": [-1, -1]},
+        {"name": "applicable", "datatype": "BOOL", "shape": [-1]},
+        {"name": "refusal_reason", "datatype": "BYTES", "shape": [-1]},
+        {"name": "refusal_detail", "datatype": "BYTES", "shape": [-1]},
     ]
     outputs += [{"name": FINDING_PREFIX + name, "datatype": "FP32", "shape": [-1]} for name in findings]
     return outputs
@@ -260,9 +276,8 @@ def decode_v2(request: InferRequest, size: int, request_id: str, decode_dicoms: 
         elements = list(_tensor_values(tensor).reshape(-1))
         check_count(len(elements))
         images = decode_dicoms([dicom_bytes(e, i) for i, e in enumerate(elements)], INPUT_DICOM)
-        return ImageBatch(
-            "v2", request_id, [d.pixels for d in images], [d.dicom_region for d in images],
-            [d.meta for d in images], gradcam, request, flag(request.parameters, PARAM_UPRIGHT),
+        return batch_of_decoded(
+            images, "v2", request_id, gradcam, request, flag(request.parameters, PARAM_UPRIGHT),
             flag(request.parameters, PARAM_EMBEDDING),
         )
     if tensor.datatype != "FP32":
@@ -298,9 +313,20 @@ def decode_v1(body, request_id: str, decode_dicoms: DicomDecoder) -> ImageBatch:
     if parameters is not None and not isinstance(parameters, dict):
         raise InvalidInput('"parameters" must be a JSON object')
     images = decode_dicoms(blobs, "instances")
+    return batch_of_decoded(images, "v1", request_id, gradcam_requested(parameters), upright=flag(parameters, PARAM_UPRIGHT))
+
+
+def batch_of_decoded(
+    images: list, protocol: Literal["v1", "v2"], request_id: str, gradcam: bool,
+    infer_request: InferRequest | None = None, upright: bool = False, embedding: bool = False,
+) -> ImageBatch:
+    """Decoded DICOMs (serving.transformer.DecodedImage) to a batch: the admitted ones as model
+    inputs, the refused ones as refusals at their positions."""
+    admitted = [d for d in images if d.refusal is None]
     return ImageBatch(
-        "v1", request_id, [d.pixels for d in images], [d.dicom_region for d in images], [d.meta for d in images],
-        gradcam_requested(parameters), upright=flag(parameters, PARAM_UPRIGHT),
+        protocol, request_id, [d.pixels for d in admitted], [d.dicom_region for d in admitted],
+        [d.meta for d in admitted], gradcam, infer_request, upright, embedding,
+        refusals={i: d.refusal for i, d in enumerate(images) if d.refusal is not None},
     )
 
 
@@ -313,18 +339,19 @@ def encode_v2(
     embeddings: np.ndarray | None = None,
 ) -> InferResponse:
     """The v2 answer; `embeddings` (n, D) become the `embedding` output when given."""
-    probabilities = [[r.probabilities[c] for c in classes] for r in responses]
+    probabilities = [[r.probabilities.get(c, np.nan) for c in classes] for r in responses]
     ood_scores = [np.nan if r.ood_score is None else r.ood_score for r in responses]
     columns = [
-        ("region", "BYTES", np.array([r.region for r in responses], dtype=np.object_)),
-        ("confidence", "FP32", np.array([r.confidence for r in responses], dtype=np.float32)),
+        ("region", "BYTES", np.array([r.region or "" for r in responses], dtype=np.object_)),
+        ("confidence", "FP32", np.array([np.nan if r.confidence is None else r.confidence for r in responses],
+                                        dtype=np.float32)),
         ("probabilities", "FP32", np.array(probabilities, dtype=np.float32).reshape(len(responses), len(classes))),
     ]
     if any(r.orientation_deg is not None for r in responses):
         angles = [np.nan if r.orientation_deg is None else r.orientation_deg for r in responses]
         columns.append(("orientation_deg", "FP32", np.array(angles, dtype=np.float32)))
     columns.append(("ood_score", "FP32", np.array(ood_scores, dtype=np.float32)))
-    if responses and responses[0].ood is not None:
+    if any(r.ood is not None for r in responses):
         columns.append(("ood", "BOOL", np.array([bool(r.ood) for r in responses], dtype=bool)))
     columns += [
         ("dicom_region", "BYTES", np.array([r.dicom_region for r in responses], dtype=np.object_)),
@@ -339,6 +366,15 @@ def encode_v2(
         columns.append(("upright", "BYTES", np.array([r.upright_png or "" for r in responses], dtype=np.object_)))
     if embeddings is not None:
         columns.append((OUTPUT_EMBEDDING, "FP32", np.asarray(embeddings, dtype=np.float32).reshape(len(responses), -1)))
+    columns += [
+        ("applicable", "BOOL", np.array([r.applicable for r in responses], dtype=bool)),
+        ("refusal_reason", "BYTES", np.array([r.refusal_reason for r in responses], dtype=np.object_)),
+        ("refusal_detail", "BYTES", np.array([r.refusal_detail for r in responses], dtype=np.object_)),
+    ]
+    request = batch.infer_request
+    requested = [o.name for o in (request.request_outputs or [])] if request is not None else []
+    if requested:  # only what was asked for, on REST and gRPC alike (kserve's gRPC path returns all)
+        columns = [c for c in columns if c[0] in requested]
     outputs = []
     for name, datatype, values in columns:
         output = InferOutput(
@@ -348,7 +384,6 @@ def encode_v2(
         # As plain lists: kserve 0.21's gRPC encoder cannot take numpy data for raw-input requests.
         output.set_data_from_numpy(values, binary_data=False)
         outputs.append(output)
-    request = batch.infer_request
     return InferResponse(
         response_id=batch.request_id,
         model_name=model_name,
@@ -386,6 +421,15 @@ def parse_infer_response(response: InferResponse) -> list[ServedResponse]:
                     if name.startswith(FINDING_PREFIX) and not np.isnan(values[i])}
         gradcam = _text(out["gradcam"][i]) if "gradcam" in out else ""
         upright = _text(out["upright"][i]) if "upright" in out else ""
+        applicable = bool(out["applicable"][i]) if "applicable" in out else True
+        if not applicable:
+            results.append(ServedResponse(
+                region=None, confidence=None, applicable=False,
+                refusal_reason=_text(out["refusal_reason"][i]) if "refusal_reason" in out else "",
+                refusal_detail=_text(out["refusal_detail"][i]) if "refusal_detail" in out else "",
+                model_name=response.model_name or "", model_version=version,
+            ))  # fmt: skip
+            continue
         results.append(
             ServedResponse(
                 region=_text(out["region"][i]),

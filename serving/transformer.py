@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from kserve import InferInput, InferRequest, InferResponse, Model
 from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import RequestedOutput
+from prometheus_client import Counter
 from pydicom.dataset import Dataset
 
 from serving.errors import PayloadTooLarge, UnsupportedMedia
@@ -34,21 +36,28 @@ from serving.schema import (
     PARAM_GRADCAM,
     PARAM_UPRIGHT,
     ImageBatch,
+    ServedResponse,
     decode_v1,
     decode_v2,
     encode_v1,
+    encode_v2,
     parse_infer_response,
 )
 from xrayops.bundle_meta import verify_bundle
 from xrayops.contracts import PreprocessingSpec
+from xrayops.dicom.admission import Admission, admit
 from xrayops.dicom.decode import DicomError, read_dicom
 from xrayops.dicom.deid import safe_metadata
 from xrayops.dicom.labels import region_from_dataset
 from xrayops.dicom.pixels import preprocess
+from xrayops.refusals import not_applicable, with_refusals
 from xrayops.inference_log import HEADER_FIELDS
 from xrayops.logs import get_logger
+from xrayops.regions import UNKNOWN
 
 log = get_logger(__name__)
+
+REFUSED = Counter("xrayops_not_applicable_total", "DICOM instances the admission policy refused", ["reason"])
 
 # Reasons from xrayops.dicom.decode that mean "valid DICOM in an encoding we cannot read".
 UNSUPPORTED_REASONS = ("unsupported_transfer_syntax", "unsupported_photometric")
@@ -64,9 +73,10 @@ class DecodeLimits:
 
 @dataclass
 class DecodedImage:
-    pixels: np.ndarray  # (size, size) as PreprocessingSpec.output_dtype says
+    pixels: np.ndarray | None  # (size, size) as PreprocessingSpec.output_dtype says; None when refused
     dicom_region: str
     meta: dict
+    refusal: Admission | None = None  # the admission policy's refusal: answered not applicable
 
 
 def check_header(ds: Dataset, limits: DecodeLimits, where: str) -> None:
@@ -89,13 +99,18 @@ def check_header(ds: Dataset, limits: DecodeLimits, where: str) -> None:
 
 
 def decode_dicom(blob: bytes, spec: PreprocessingSpec, limits: DecodeLimits, key: str, where: str) -> DecodedImage:
-    """One DICOM file to model pixels, its tag region and its pseudonymised log fields."""
+    """One DICOM file to model pixels, its tag region and its pseudonymised log fields; or, for an
+    instance the bundle's admission policy refuses, the refusal (decided on the header, nothing decoded)."""
     if not blob:
         raise InvalidInput(f"{where}: empty file")
     try:
         ds = read_dicom(blob)
     except DicomError as exc:
         raise dicom_error(exc, where) from exc
+    admission = admit(ds, spec.admission, "inference")
+    if not admission.admitted:
+        REFUSED.labels(admission.reason).inc()
+        return DecodedImage(None, UNKNOWN, {}, admission)
     check_header(ds, limits, where)
     try:
         pixels = preprocess(ds, spec)
@@ -156,9 +171,12 @@ def pixels_request(model_name: str, batch: ImageBatch) -> InferRequest:
         tensor = InferInput(name=name, shape=[len(values)], datatype="BYTES")
         tensor.set_data_from_numpy(np.array(values, dtype=np.object_), binary_data=False)
         inputs.append(tensor)
+    asked = batch.infer_request.request_outputs if batch.infer_request is not None else None
+    outputs = [RequestedOutput(o.name, o.parameters) for o in asked] + [RequestedOutput(OUTPUT_EMBEDDING)] if asked else None
     return InferRequest(
         model_name=model_name, infer_inputs=inputs, request_id=batch.request_id,
         parameters={PARAM_GRADCAM: batch.gradcam, PARAM_UPRIGHT: batch.upright, PARAM_EMBEDDING: True},
+        request_outputs=outputs,  # the client's, plus the embedding the payload log needs
     )
 
 
@@ -181,6 +199,7 @@ class DicomTransformer(Model):
         self.bundle_dir = Path(bundle_dir)
         self.limits, self.key = limits, key
         self.decoder: RequestDecoder | None = None
+        self.meta = None
         self.load_error = ""
 
     def load(self) -> bool:
@@ -192,6 +211,7 @@ class DicomTransformer(Model):
             self.ready, self.load_error = False, str(exc)
             return False
         self.decoder = RequestDecoder(meta.preprocessing, self.limits, self.key)
+        self.meta = meta
         self.ready = True
         return True
 
@@ -202,7 +222,18 @@ class DicomTransformer(Model):
         return payload
 
     async def predict(self, payload: ImageBatch, headers: dict[str, str] | None = None, response_headers=None):
-        response: InferResponse = strip_embedding(await super().predict(pixels_request(self.name, payload), headers))
+        """Admitted images go to the predictor; refused ones never leave the transformer and are put
+        back into the answer, not applicable, at their positions."""
+        response: InferResponse | None = None
+        if payload.pixels:
+            response = strip_embedding(await super().predict(pixels_request(self.name, payload), headers))
+        if response is not None and not payload.refusals:
+            return encode_v1(parse_infer_response(response)) if payload.protocol == "v1" else response
+        answered = parse_infer_response(response) if response is not None else []
+        version = answered[0].model_version if answered else ""
+        refusals = {i: ServedResponse(**not_applicable(a, self.name, version).model_dump())
+                    for i, a in payload.refusals.items()}  # fmt: skip
+        responses = with_refusals(answered, refusals)
         if payload.protocol == "v1":
-            return encode_v1(parse_infer_response(response))
-        return response
+            return encode_v1(responses)
+        return encode_v2(responses, self.meta.classes, self.name, version, payload)

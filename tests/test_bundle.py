@@ -72,3 +72,25 @@ def test_missing_and_corrupt_bundles_say_what_is_wrong(saved, tmp_path):
     (bundle_dir / "weights.pt").unlink()
     with pytest.raises(BundleError, match="weights.pt is missing"):
         load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize("recorded", ["", None])
+def test_a_bundle_without_a_weights_hash_is_never_loaded(saved, recorded):
+    """Empty or missing weights_sha256: nothing to verify against, so load_bundle, the server and the
+    registry all refuse it (none may load unverified weights)."""
+    from serving.server import serve
+    from xrayops.registry import RegistryError, resolve_bundle
+
+    bundle_dir, _, _ = saved
+    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    if recorded is None:
+        del meta["weights_sha256"]
+    else:
+        meta["weights_sha256"] = recorded
+    (bundle_dir / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleIntegrityError, match="records no weights_sha256"):
+        load_bundle(bundle_dir)
+    with pytest.raises(RuntimeError, match="records no weights_sha256"):
+        serve(bundle_dir, http_port=1, grpc_port=None)  # refused before anything listens
+    with pytest.raises(RegistryError, match="records no weights_sha256"):
+        resolve_bundle(bundle_dir)

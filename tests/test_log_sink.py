@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serving.schema import PARAM_EMBEDDING, infer_request_from_binary
-from serving.server import free_port, start_server_process
+from serving.harness import free_port, start_server_process
 from serving.transformer import DecodeLimits, RequestDecoder, pixels_request
 from test_serving_support import make_bundle, make_dicom
 from xrayops.bundle_meta import read_bundle_meta
@@ -41,11 +42,15 @@ def bundle(tmp_path_factory) -> Path:
     return make_bundle(tmp_path_factory.mktemp("sink-bundle") / "bundle", seed=3)
 
 
+# Buffering is tested on its own (tests/test_log_buffer.py); here each event's rows are written at once.
+WRITE_EACH_EVENT = {"XRAYOPS_SERVE_LOG_FLUSH_RECORDS": "1"}
+
+
 @pytest.fixture(scope="module")
 def predictor(bundle, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("predictor") / "inference-log"
     server = start_server_process(bundle, model_name=NAME, log_path=log_path, enable_grpc=False,
-                                  env={"XRAYOPS_DEID_KEY": KEY})
+                                  env={"XRAYOPS_DEID_KEY": KEY, **WRITE_EACH_EVENT})
     server.log_path = log_path
     yield server
     server.stop()
@@ -60,7 +65,8 @@ def sink(tmp_path_factory):
     output = tmp_path_factory.mktemp("sink-out") / "sink.log"
     with open(output, "wb") as out:
         process = subprocess.Popen([str(cli), "log-sink", "--log-path", str(log_path), "--port", str(port),
-                                    "--max-event-mb", "4"], stdout=out, stderr=subprocess.STDOUT)
+                                    "--max-event-mb", "4"], stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **WRITE_EACH_EVENT})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

@@ -116,3 +116,16 @@ def test_bad_references(registry, tmp_path):
         resolve_bundle(tmp_path)
     assert parse_model_ref("models:/a@b").alias == "b"
     assert parse_model_ref("models:/a/7").version == 7
+
+
+def test_a_registry_artifact_without_a_weights_hash_is_refused_on_download(registry, tmp_path):
+    r1, _ = registry["registered"]
+    stored = Path(r1.source.removeprefix("file://")) / "bundle.json"
+    original = stored.read_text()
+    meta = ModelBundleMeta.model_validate_json(original).model_copy(update={"weights_sha256": ""})
+    stored.write_text(meta.model_dump_json())
+    try:
+        with pytest.raises(RegistryError, match="records no weights_sha256"):
+            resolve_bundle("models:/xray-test/1", registry["uri"], tmp_path)
+    finally:
+        stored.write_text(original)

@@ -1,4 +1,4 @@
-"""The KServe server end to end: a tiny random-weights bundle served by `python -m serving.server`
+"""The KServe server end to end: a tiny random-weights bundle served by `xrayops serve`
 on 127.0.0.1, called through kserve's own REST and gRPC clients."""
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from serving.model import XrayModel
 from serving.schema import dicom_bytes
-from serving.server import serve, start_server_process
+from serving.harness import start_server_process
+from serving.server import serve
 from xrayops.bundle import save_bundle
 from xrayops.contracts import Lineage, ModelBundleMeta, PreprocessingSpec
 from xrayops.inference_log import read_log
@@ -58,6 +59,10 @@ def make_dicom(sop_uid: str, body_part: str, seed: int, with_pixels: bool = True
     return buffer.getvalue()
 
 
+# The log's buffering has its own test; here every request's records are written at once.
+WRITE_EACH_REQUEST = {"XRAYOPS_SERVE_LOG_FLUSH_RECORDS": "1"}
+
+
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
@@ -84,7 +89,7 @@ def dicoms() -> list[bytes]:
 @pytest.fixture(scope="module")
 def server(bundle_dir, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "inference-log"
-    server = start_server_process(bundle_dir, log_path=log_path, model_name="xray-test")
+    server = start_server_process(bundle_dir, log_path=log_path, model_name="xray-test", env=WRITE_EACH_REQUEST)
     server.log_path = log_path
     yield server
     server.stop()

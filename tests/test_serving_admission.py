@@ -14,7 +14,7 @@ import pytest
 from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
 from serving.schema import parse_infer_response
-from serving.server import start_server_process
+from serving.harness import start_server_process
 from tests.conftest import DICOM_SAMPLES
 from tests.test_serving_support import make_bundle, make_dicom
 from xrayops.regions import REGIONS

@@ -1,4 +1,4 @@
-"""Bad input against a real server (`python -m serving.server` on 127.0.0.1): every case gets a
+"""Bad input against a real server (`xrayops serve` on 127.0.0.1): every case gets a
 4xx with a message naming the problem, never a 500, a crash or a hang. Plus a fuzz test."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kserve import InferenceGRPCClient, InferInput, InferRequest
 
-from serving.server import start_server_process
+from serving.harness import start_server_process
 from test_serving_support import huge_header_dicom, make_bundle, make_dicom, unsupported_codec_dicom
 from tests.conftest import DICOM_SAMPLES
 

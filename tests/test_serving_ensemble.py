@@ -15,7 +15,7 @@ from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRe
 from typer.testing import CliRunner
 
 from serving.schema import parse_infer_response
-from serving.server import free_port, start_server_process
+from serving.harness import free_port, start_server_process
 from serving.transformer import DecodeLimits, decode_dicom
 from test_serving_support import SIZE, make_bundle, make_dicom
 from xrayops.bundle import load_bundle
@@ -30,6 +30,10 @@ METHODS = ("simclr", "byol", "supcon")
 NAME = "xray-ens"
 
 
+# The log's buffering has its own test; here every request's records are written at once.
+WRITE_EACH_REQUEST = {"XRAYOPS_SERVE_LOG_FLUSH_RECORDS": "1"}
+
+
 @pytest.fixture(scope="module")
 def members(tmp_path_factory):
     root = tmp_path_factory.mktemp("members")
@@ -40,7 +44,7 @@ def members(tmp_path_factory):
 @pytest.fixture(scope="module")
 def predictor(members, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("log") / "inference-log"
-    server = start_server_process(members, model_name=NAME, log_path=log_path)
+    server = start_server_process(members, model_name=NAME, log_path=log_path, env=WRITE_EACH_REQUEST)
     server.log_path = log_path
     yield server
     server.stop()

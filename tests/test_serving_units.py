@@ -17,7 +17,8 @@ from torch import nn
 from serving.batcher import MicroBatcher
 from serving.errors import PayloadTooLarge, UnsupportedMedia, status_error_handler
 from serving.schema import decode_v2, gradcam_requested
-from serving.server import BodyLimitMiddleware, infer_request_from_binary
+from serving.kserve_compat import BodyLimitMiddleware
+from serving.schema import infer_request_from_binary
 from serving.transformer import DecodeLimits, check_header, decode_dicom, pixels_request
 from test_serving_support import SIZE, huge_header_dicom, make_bundle, make_dataset, make_dicom, unsupported_codec_dicom
 from xrayops.bundle import load_bundle

@@ -49,6 +49,8 @@ def verify_bundle(bundle_dir: Path) -> ModelBundleMeta:
     weights = bundle_dir / WEIGHTS
     if not weights.is_file():
         raise BundleError(f"not a model bundle: {weights} is missing")
+    if not meta.weights_sha256:  # no recorded hash: nothing to verify against, so never loaded
+        raise BundleIntegrityError(f"{bundle_dir / META} records no weights_sha256; an unverifiable bundle is refused")
     actual = file_sha256(weights)
     if actual != meta.weights_sha256:
         raise BundleIntegrityError(

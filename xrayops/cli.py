@@ -377,6 +377,9 @@ def serve(
             "off on a cluster, where KServe's payload logger feeds `xrayops log-sink`.",
         ),
     ] = True,
+    log_path: Annotated[Optional[Path], typer.Option(help="Inference log folder (overrides XRAYOPS_INFERENCE_LOG_PATH).")] = None,
+    model_version: Annotated[Optional[str], typer.Option("--model-version", help="Served version (default: the weights' content hash).")] = None,
+    no_grpc: Annotated[bool, typer.Option("--no-grpc", help="Serve REST only.")] = False,
 ) -> None:
     """Serve the model with kserve's ModelServer (v1 and Open Inference Protocol v2, REST and gRPC)."""
     from serving.server import serve as run_serve
@@ -396,9 +399,10 @@ def serve(
             bundle_dirs,
             host=host or settings.serve_host,
             http_port=http_port or settings.serve_http_port,
-            grpc_port=grpc_port or settings.serve_grpc_port,
-            log_path=(settings.inference_log_path or settings.output_dir / "inference-log") if local_log else None,
+            grpc_port=None if no_grpc else (grpc_port or settings.serve_grpc_port),
+            log_path=(log_path or settings.inference_log_path or settings.output_dir / "inference-log") if local_log else None,
             model_name=model_name,
+            model_version=model_version,
             device=settings.device,
             role=role,
             predictor_host=predictor_host,
@@ -425,7 +429,8 @@ def log_sink(
     settings = get_settings()
     path = log_path or settings.inference_log_path or settings.output_dir / "inference-log"
     try:
-        run(path, host=host, port=port, max_event_mb=max_event_mb)
+        run(path, host=host, port=port, max_event_mb=max_event_mb, flush_records=settings.serve_log_flush_records,
+            flush_seconds=settings.serve_log_flush_seconds)
     except OSError as exc:
         _fail(f"cannot start the inference-log sink: {exc}")
 

@@ -40,10 +40,13 @@ class PreprocessingSpec(BaseModel):
     # Multi-frame files: one frame (first/middle), every frame as its own image ("all"; single-image
     # callers such as serving then use the middle one), or quarantine ("reject").
     multiframe: Literal["first", "middle", "all", "reject"] = "middle"
-    # Work at ~2x the output size as early as possible: JPEG 2000 decoded at reduced resolution,
-    # other images box-averaged before windowing (xrayops.dicom.pixels.decode_for_spec). Faster
-    # by 3-10x on full-size radiographs; False gives full-resolution windowing.
+    # Work at 2-4x the output size as early as possible (xrayops.dicom.pixels.decode_for_spec):
+    # 3-10x faster on full-size radiographs; False gives full-resolution windowing.
     reduce_early: bool = True
+    # The early reduction's filter, the same for every transfer syntax: JPEG 2000's reversible 5/3
+    # low-pass band (lossless JPEG 2000 decoded at reduced resolution, the rest computed). Specs
+    # written before this field box-averaged non-JPEG 2000 images; they read back with this filter.
+    reduction_filter: Literal["wavelet_5_3"] = "wavelet_5_3"
     # Which instances are images at all for this model (xrayops.dicom.admission): ingestion
     # quarantines what it refuses, serving answers it as not applicable. Older specs: the default.
     admission: AdmissionPolicy = Field(default_factory=AdmissionPolicy)
@@ -156,11 +159,15 @@ class RegionPrediction(BaseModel):
 
 
 class InferenceResponse(BaseModel):
-    """What hospital IT get back for one image."""
+    """What hospital IT get back for one image.
 
-    region: str
-    confidence: float
-    probabilities: dict[str, float]
+    An image the model's admission policy refuses (a CT, a colour photograph, a secondary capture...)
+    is answered with `applicable: false`, the reason code and its detail, and no region.
+    """
+
+    region: str | None
+    confidence: float | None
+    probabilities: dict[str, float] = Field(default_factory=dict)
     orientation_deg: float | None = None
     ood_score: float | None = None
     ood: bool | None = None
@@ -170,6 +177,9 @@ class InferenceResponse(BaseModel):
     findings: dict[str, float] = Field(default_factory=dict)
     model_name: str = ""
     model_version: str = ""
+    applicable: bool = True
+    refusal_reason: str = ""  # xrayops.dicom.admission reason code, when not applicable
+    refusal_detail: str = ""  # one line: "modality CT", "photometric interpretation RGB", ...
 
 
 class InferenceLogRecord(BaseModel):

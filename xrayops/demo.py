@@ -264,7 +264,7 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> DemoSummary:
 
     def do_serve():
         from serving.client import predict_files
-        from serving.server import running_server
+        from serving.harness import running_server
 
         bundle_dirs = state["served_bundles"]  # the release folder, as KServe's storage initializer lays it out
         log_path = out / "inference-log"

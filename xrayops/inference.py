@@ -9,6 +9,7 @@ from pydicom.dataset import Dataset
 
 from xrayops.bundle import LoadedBundle
 from xrayops.contracts import InferenceLogRecord, InferenceResponse
+from xrayops.refusals import not_applicable, with_refusals
 from xrayops.inference_log import build_records
 from xrayops.data.dataset import to_unit_float
 from xrayops.models.heads import energy_score, vector_to_angle
@@ -124,10 +125,13 @@ def predict_datasets(
     version: str | None = None,
 ) -> tuple[list[InferenceResponse], list[InferenceLogRecord]]:
     """Preprocess DICOM datasets exactly as ingestion did (the bundle's spec), predict, and
-    build one log record per image for monitoring. `key` pseudonymises ids (default: settings).
+    build one log record per predicted image for monitoring. `key` pseudonymises ids (default:
+    settings). A dataset the bundle's admission policy refuses is answered not applicable (no
+    region, no log record).
 
     Raises InferenceInputError naming the first image that cannot be decoded.
     """
+    from xrayops.dicom.admission import admit
     from xrayops.dicom.decode import DicomError
     from xrayops.dicom.deid import safe_metadata
     from xrayops.dicom.labels import region_from_dataset
@@ -138,13 +142,20 @@ def predict_datasets(
         from xrayops.dicom.deid import require_key
 
         key = require_key(get_settings())
-    arrays, regions, metadata = [], [], []
+    spec = bundle.meta.preprocessing
+    version = version if version is not None else model_version(bundle)
+    arrays, regions, metadata, refusals = [], [], [], {}
     for i, ds in enumerate(datasets):
+        admission = admit(ds, spec.admission, "inference")
+        if not admission.admitted:
+            refusals[i] = not_applicable(admission, bundle.meta.name, version)
+            continue
         try:
-            arrays.append(preprocess(ds, bundle.meta.preprocessing))
+            arrays.append(preprocess(ds, spec))
         except DicomError as exc:
             raise InferenceInputError(i, f"{exc.reason}: {exc.detail}") from exc
         regions.append(region_from_dataset(ds).region)
         metadata.append(safe_metadata(ds, key))
-    responses, embeddings = predict_arrays(bundle, arrays, regions, version=version)
-    return responses, build_records(responses, arrays, embeddings, request_id, metadata)
+    responses, embeddings = predict_arrays(bundle, arrays, regions, version=version) if arrays else ([], None)
+    records = build_records(responses, arrays, embeddings, request_id, metadata) if arrays else []
+    return with_refusals(responses, refusals), records

@@ -177,7 +177,7 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
 
     def serve_ref(ref_version: str, files: list[Path], log_path: Path | None):
         from serving.client import predict_files
-        from serving.server import running_server
+        from serving.harness import running_server
 
         release, bundle_dirs = release_champion()
         with running_server(bundle_dirs, log_path=log_path, model_name=name, model_version=ref_version,
@@ -190,7 +190,7 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
         shifted = sorted(Path(state["shifted"].dicom_dir).glob("*.dcm"))
         log_path = out / "inference-log"
         from serving.client import predict_files
-        from serving.server import running_server
+        from serving.harness import running_server
 
         version = str(state["champion"].version)
         release, bundle_dirs = release_champion(first=True)
