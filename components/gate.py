@@ -27,22 +27,13 @@ def gate_op(
     from collections import namedtuple
     from pathlib import Path
 
-    from xrayops.bundle_meta import read_bundle_meta
     from xrayops.config import get_settings
-    from xrayops.evaluate.gate import gate, gate_and_promote, lost_outputs, refuse, score_bundle
-    from xrayops.registry import parse_model_ref
+    from xrayops.evaluate.gate import GateModel, GatePolicy, run_gate
 
-    tracking_uri = tracking_uri or get_settings().tracking_uri()
-    data_dir = Path(dataset.path)
-    scored = [score_bundle(Path(champion.path), data_dir, test_set, champion_uri),
-              score_bundle(Path(challenger.path), data_dir, test_set, challenger_uri)]
-    lost = lost_outputs(read_bundle_meta(Path(champion.path)), read_bundle_meta(Path(challenger.path)))
-    kwargs = dict(margin=margin, samples=bootstrap_samples, confidence=confidence)
-    if promote:
-        target = parse_model_ref(challenger_uri)
-        result = gate_and_promote(*scored, tracking_uri, target.name, target.version, alias=alias, lost=lost, **kwargs)
-    else:
-        result = refuse(gate(*scored, **kwargs), lost)
+    policy = GatePolicy(margin=margin, samples=bootstrap_samples, confidence=confidence, promote=promote, alias=alias)
+    result = run_gate(GateModel(bundle_dir=champion.path, ref=champion_uri),
+                      GateModel(bundle_dir=challenger.path, ref=challenger_uri),
+                      Path(dataset.path), test_set, policy, tracking_uri or get_settings().tracking_uri())
     Path(decision.path).write_text(result.model_dump_json(indent=2))
     decision.metadata.update({"promote": result.promote, "difference": result.difference, "ci_low": result.ci_low,
                               "ci_high": result.ci_high, "n": result.n, "test_set": result.test_set})

@@ -31,7 +31,7 @@ from xrayops.inference_log import read_log
 from tests.conftest import stop_process
 
 NAME = "xray-sink"
-KEY = "sink-test-key"
+KEY = "sink-test-key-not-secret"
 REQUEST_TYPE = "org.kubeflow.serving.inference.request"
 RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
 SOP_UIDS = ["1.2.826.0.1.3680043.8.498.1001", "1.2.826.0.1.3680043.8.498.1002"]

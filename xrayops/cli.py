@@ -1080,33 +1080,21 @@ def gate(
     """Champion/challenger gate on one fixed, versioned test set: paired-bootstrap CI of the accuracy
     difference; promote (move the MLflow alias) when the challenger is not worse beyond XRAYOPS_GATE_MARGIN."""
     from xrayops.data.truth import read_truth
-    from xrayops.evaluate.gate import gate as run_gate
-    from xrayops.bundle_meta import read_bundle_meta
-    from xrayops.evaluate.gate import gate_and_promote, lost_outputs, refuse, score_bundle
-    from xrayops.registry import RegistryError, parse_model_ref, resolve_bundle
+    from xrayops.evaluate.gate import GateModel, GatePolicy, run_gate
+    from xrayops.registry import RegistryError, resolve_bundle
     from xrayops.versioning import read_dvc_file
 
     settings = get_settings()
-    data = data_dir or settings.data_dir
     if not dataset_dvc.is_file():
         _fail(f"{dataset_dvc} not found: the gate's test set must be a versioned dataset (xrayops version-dataset)")
-    test_set = read_dvc_file(dataset_dvc)["md5"]
-    labels = read_truth(truth) if truth else None
-    scored, metas = [], []
     try:
-        target = parse_model_ref(challenger) if promote else None
-        if target is not None and target.version is None:
-            _fail("--challenger must name a registry version (models:/NAME/VERSION) to be promoted")
-        for role, ref in (("champion", champion), ("challenger", challenger)):
-            bundle_dir = resolve_bundle(ref, settings.tracking_uri(), settings.output_dir / "gate" / role)
-            scored.append(score_bundle(bundle_dir, data, test_set, ref, labels))
-            metas.append(read_bundle_meta(bundle_dir))
+        sides = [GateModel(bundle_dir=str(resolve_bundle(ref, settings.tracking_uri(), settings.output_dir / "gate" / role)),
+                           ref=ref) for role, ref in (("champion", champion), ("challenger", challenger))]
+        decision = run_gate(*sides, data_dir or settings.data_dir, read_dvc_file(dataset_dvc)["md5"],
+                            GatePolicy.from_settings(settings, promote=promote), settings.tracking_uri(),
+                            read_truth(truth) if truth else None)
     except (RegistryError, ValueError) as exc:
         _fail(str(exc))
-    lost = lost_outputs(*metas)
-    kwargs = dict(margin=settings.gate_margin, samples=settings.gate_bootstrap_samples, confidence=settings.gate_confidence)
-    decision = (gate_and_promote(*scored, settings.tracking_uri(), target.name, target.version, lost=lost, **kwargs)
-                if target else refuse(run_gate(*scored, **kwargs), lost))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(decision.model_dump_json(indent=2))
     _print_json(decision)

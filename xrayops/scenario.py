@@ -96,8 +96,7 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
     from xrayops.bundle import load_bundle
     from xrayops.contracts import Lineage, PreprocessingSpec
     from xrayops.data.synth import synthesize
-    from xrayops.bundle_meta import read_bundle_meta
-    from xrayops.evaluate.gate import gate_and_promote, lost_outputs, score_bundle
+    from xrayops.evaluate.gate import GateModel, GatePolicy, run_gate
     from xrayops.ingest import ingest
     from xrayops.inference_log import read_log
     from xrayops.monitor.trigger import AuditLog, TriggerPolicy, decide_and_launch, signals_from_monitor
@@ -272,14 +271,12 @@ def run_drift_scenario(cfg: DriftScenarioConfig, settings: Settings) -> DemoSumm
             raise RuntimeError("the trigger launched no retraining run; nothing to gate (see the audit log)")
         truth = state["truth"]
         test_set = state["v2"].md5
-        champion = score_bundle(out / "champion", data_dir, test_set, state["champion"].model_uri, truth)
-        challenger = score_bundle(state["challenger_bundle"], data_dir, test_set, state["challenger"].model_uri, truth)
-        decision = gate_and_promote(champion, challenger, settings.tracking_uri(), name, state["challenger"].version,
-                                    margin=settings.gate_margin if cfg.gate_margin is None else cfg.gate_margin,
-                                    samples=settings.gate_bootstrap_samples,
-                                    confidence=settings.gate_confidence,
-                                    lost=lost_outputs(read_bundle_meta(out / "champion"),
-                                                      read_bundle_meta(state["challenger_bundle"])))
+        policy = GatePolicy.from_settings(settings)
+        if cfg.gate_margin is not None:
+            policy = policy.model_copy(update={"margin": cfg.gate_margin})
+        decision = run_gate(GateModel(bundle_dir=str(out / "champion"), ref=state["champion"].model_uri),
+                            GateModel(bundle_dir=str(state["challenger_bundle"]), ref=state["challenger"].model_uri),
+                            data_dir, test_set, policy, settings.tracking_uri(), truth)
         state["gate"] = decision
         (out / "gate.json").write_text(decision.model_dump_json(indent=2))
         return ({"gate": out / "gate.json"},

@@ -192,6 +192,55 @@ def gate_and_promote(
     return decision
 
 
+class GatePolicy(BaseModel):
+    """How the gate decides and what it may do: the settings' gate_* fields, plus whether a passing
+    challenger gets the alias."""
+
+    margin: float = 0.01
+    samples: int = 2000
+    confidence: float = 0.95
+    promote: bool = True
+    alias: str = "champion"
+
+    @classmethod
+    def from_settings(cls, settings, promote: bool = True, alias: str = "champion") -> "GatePolicy":
+        return cls(margin=settings.gate_margin, samples=settings.gate_bootstrap_samples,
+                   confidence=settings.gate_confidence, promote=promote, alias=alias)
+
+
+class GateModel(BaseModel):
+    """One side of the gate: a bundle folder and the reference it was resolved from."""
+
+    bundle_dir: str
+    ref: str  # models:/NAME/VERSION (a challenger to promote must be one) or a folder
+
+
+def run_gate(
+    champion: GateModel, challenger: GateModel, data_dir, test_set: str, policy: GatePolicy,
+    tracking_uri: str = "", truth: dict[str, str] | None = None,
+    on_promote: Callable[[GateDecision], None] | None = None,
+) -> GateDecision:
+    """The one gate of the platform (CLI, KFP component, demo scenario): both bundles scored on the
+    test split of the dataset version `test_set`, the paired-bootstrap decision, withheld when the
+    challenger lacks a champion output, recorded on the challenger's registry version, and with
+    `policy.promote` the alias moved and `on_promote` called."""
+    from pathlib import Path
+
+    from xrayops.bundle_meta import read_bundle_meta
+    from xrayops.registry import parse_model_ref
+
+    target = parse_model_ref(challenger.ref) if policy.promote else None
+    if target is not None and target.version is None:
+        raise ValueError(f"the challenger {challenger.ref} must name a registry version (models:/NAME/VERSION) to be promoted")
+    scored = [score_bundle(Path(m.bundle_dir), Path(data_dir), test_set, m.ref, truth) for m in (champion, challenger)]
+    lost = lost_outputs(read_bundle_meta(Path(champion.bundle_dir)), read_bundle_meta(Path(challenger.bundle_dir)))
+    kwargs = dict(margin=policy.margin, samples=policy.samples, confidence=policy.confidence)
+    if target is None:
+        return refuse(gate(*scored, **kwargs), lost)
+    return gate_and_promote(*scored, tracking_uri, target.name, target.version, alias=policy.alias, lost=lost,
+                            on_promote=on_promote, **kwargs)
+
+
 def score_bundle(
     bundle_dir, data_dir, test_set: str, name: str = "", truth: dict[str, str] | None = None, split: str = "test",
 ) -> ScoredModel:
