@@ -106,9 +106,12 @@ class XrayModel(Model):
             return False
         if self.deid_key is None:
             from xrayops.config import get_settings
-            from xrayops.dicom.deid import require_key
+            from xrayops.dicom.deid import DeidKeyError, require_key
 
-            self.deid_key = require_key(get_settings())
+            try:
+                self.deid_key = require_key(get_settings())
+            except DeidKeyError:  # a cluster predictor gets pixels; a DICOM sent to it is refused
+                self.deid_key = None
         self.members, self.bundle, self.load_error = members, members[0], ""
         self.release = release.release_id if release is not None else ""
         self.version = self.version or ensemble_version([model_version(m) for m in members])

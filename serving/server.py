@@ -63,14 +63,17 @@ def serve(
     name = model_name or read_bundle_meta(Path(dirs[0])).name
     limits = limits or DecodeLimits()
     deid_key = None
-    if role != "combiner":  # the predictor and the transformer pseudonymise: no key, no server
+    if role != "combiner":
         from xrayops.config import get_settings
         from xrayops.dicom.deid import DeidKeyError, require_key
 
+        # The transformer pseudonymises every DICOM, a predictor that logs locally too: no key, no
+        # server. A cluster's predictor (pixels from the transformer, --no-local-log) may lack it.
         try:
             deid_key = require_key(get_settings())
         except DeidKeyError as exc:
-            raise RuntimeError(str(exc)) from exc
+            if role == "transformer" or log_path is not None:
+                raise RuntimeError(str(exc)) from exc
     predictor_config = None
     if role == "transformer":
         if not predictor_host:

@@ -387,7 +387,7 @@ def serve(
     from xrayops.registry import RegistryError, resolve_bundle
 
     settings = get_settings()
-    if role != "combiner":  # the predictor and the transformer pseudonymise what they log
+    if role == "transformer" or (role == "predictor" and local_log):  # they pseudonymise what they log
         _deid_key(settings)
     refs = model or settings.serve_models or ["outputs/bundle"]
     try:

@@ -189,6 +189,8 @@ def bounded(value: object, vr: str) -> str:
 
 def pseudonymize(value: str, key: bytes | str, prefix: str = "") -> str:
     """Stable keyed pseudonym `prefix + hex`; the prefix also separates namespaces (img-/stu-/pat-/src-)."""
+    if key is None:  # e.g. DICOM sent to a cluster predictor, which holds no key: the transformer does
+        raise DeidKeyError(f"no de-identification key in this process; {HOW_TO_MAKE_A_KEY}")
     key_bytes = key.encode("utf-8") if isinstance(key, str) else bytes(key)
     message = f"{prefix}\x00{value}".encode()
     digest = hmac.new(key_bytes, message, hashlib.sha256).hexdigest()
