@@ -298,7 +298,7 @@ def test_demo_key_is_explicit_public_and_reaches_the_processes_the_demo_starts(m
     import os
 
     from xrayops.config import Settings
-    from xrayops.demo import with_demo_key
+    from xrayops.app.demo import with_demo_key
     from xrayops.dicom.deid import DEMO_KEY, require_key
 
     monkeypatch.setenv("XRAYOPS_DEID_KEY", "a-real-site-key-of-enough-bytes")

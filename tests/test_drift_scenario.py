@@ -12,7 +12,7 @@ from xrayops.config import Settings
 from xrayops.monitor.trigger import AuditLog
 from xrayops.registry.mlflow_registry import TAG_DATASET_MD5
 from xrayops.monitor.ui import find_chromium
-from xrayops.scenario import DriftScenarioConfig, run_drift_scenario
+from xrayops.app.scenario import DriftScenarioConfig, run_drift_scenario
 
 pytestmark = pytest.mark.slow
 
@@ -39,22 +39,22 @@ def test_monitoring_sees_the_shift_and_the_trigger_fires_once(story):
     assert max(r["drift_share"] for r in calm) < settings.drift_share_threshold <= min(r["drift_share"] for r in shifted)
     assert [r["action"] for r in rows] == ["none", "none", "launched", "suppressed"]
     audit = AuditLog(summary.out / "monitor" / "trigger.jsonl").read()
-    assert len(audit) == 4 and audit[2].run_id.startswith("in-process:models:/")
+    assert len(audit) == 4 and audit[2].run_id == str(summary.out / "kfp-retrain")  # the retraining pipeline ran
     assert "drift_share" in audit[2].crossed and audit[3].suppressed_by == "duplicate cause"
 
 
 def test_challenger_trained_on_the_new_dataset_version_is_gated_and_promoted(story):
     summary, settings = story
-    v1 = summary.step("champion").facts["v1_md5"]
+    v1 = summary.step("version").facts["md5"]
     gate = json.loads((summary.out / "gate.json").read_text())
     assert gate["test_set"] != v1 and gate["test_set"] == summary.step("gate").facts["test_set"]
-    assert summary.step("gate").facts["v2_ok"] > summary.step("champion").facts["ok"]  # the batch joined v2
+    assert summary.step("gate").facts["v2_ok"] > summary.step("ingest").facts["ok"]  # the batch joined v2
     assert gate["promote"] and gate["ci_low"] > -gate["margin"] and gate["n"] > 0
     uri = settings.model_copy(update={"output_dir": summary.out}).tracking_uri()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     challenger = client.get_model_version_by_alias(settings.registered_model_name, "champion")
     assert challenger.tags[TAG_DATASET_MD5] == gate["test_set"]
-    assert int(challenger.version) == summary.step("champion").facts["champion_version"] + 1
+    assert int(challenger.version) == summary.step("register").facts["version"] + 1
 
 
 def test_retraining_reviews_the_suspect_labels_and_trains_on_the_corrections(story):
@@ -75,7 +75,7 @@ def test_retraining_reviews_the_suspect_labels_and_trains_on_the_corrections(sto
     events = pd.read_parquet(summary.out / "feature_repo" / "data" / "reviewed_labels.parquet")
     assert len(events) == review["reviewed"] and set(events["reviewer"]) == {"simulated-radiologist"}
     # ... and the challenger trained on them: every relabel changed one training label.
-    meta = load_bundle(summary.out / "challenger").meta
+    meta = load_bundle(Path(summary.step("gate").artefacts["challenger_bundle"])).meta
     assert meta.lineage.metrics["labels_changed_from_tags"] == review["relabelled"]
 
 
@@ -83,7 +83,7 @@ def test_serving_reloads_onto_the_new_champion(story):
     summary, _ = story
     reload = summary.step("reload").facts
     assert reload["served_versions"] == [reload["champion_alias_version"]]
-    assert reload["champion_alias_version"] != str(summary.step("champion").facts["champion_version"])
+    assert reload["champion_alias_version"] != str(summary.step("register").facts["version"])
     # ... through a serving release, as on a cluster: the promoted version replaces the first release,
     # and the InferenceService manifest records the one before for a rollback.
     import yaml
@@ -121,7 +121,8 @@ def test_gate_cli_scores_both_versions_on_the_versioned_test_set(story, monkeypa
                                       "--dataset-dvc", str(repo / "data.dvc"), "--no-promote", "--out", str(out)])
     assert result.exit_code == 0, result.output
     decision = json.loads(out.read_text())
-    assert decision["test_set"] == read_dvc_file(repo / "data.dvc")["md5"] == summary.step("gate").facts["test_set"]
+    # The export as reviewed, versioned beside the pipeline's own ingestion of it.
+    assert decision["test_set"] == read_dvc_file(repo / "data.dvc")["md5"] != summary.step("version").facts["md5"]
     assert decision["champion"] == f"models:/{name}/1" and decision["challenger"] == f"models:/{name}/2"
     assert decision["promote"] == (decision["ci_low"] > -decision["margin"])
     # Scored against the PACS tags here (no --truth): every tagged test image, and no alias moved.

@@ -12,7 +12,7 @@ import pytest
 
 from xrayops.config import Settings
 from xrayops.data.truth import read_truth_table
-from xrayops.demo import DemoConfig, run_demo
+from xrayops.app.demo import DemoConfig, run_demo
 from xrayops.regions import REGIONS
 
 pytestmark = pytest.mark.slow

@@ -160,7 +160,7 @@ def test_demo_retrain_step_goes_through_the_trigger(tmp_path, monkeypatch):
     dedup the second time, and a failing launch is logged, not raised (fake pipeline runner)."""
     from types import SimpleNamespace
 
-    from xrayops.demo import DemoConfig, retrain_through_trigger
+    from xrayops.app.demo import DemoConfig, retrain_through_trigger
     from xrayops.monitor.decision import RetrainDecision
     from xrayops.monitor.drift import DriftResult
     from xrayops.monitor.window import MonitorResult

@@ -329,7 +329,7 @@ def register(
 ) -> None:
     """Register the bundle in MLflow with lineage: DVC hash, git commit, metrics."""
     from xrayops.contracts import Lineage
-    from xrayops.demo import numeric_metrics
+    from xrayops.registry import numeric_metrics
     from xrayops.registry import register_bundle
     from xrayops.versioning import git_commit, read_dvc_file
 
@@ -1042,13 +1042,13 @@ def demo(
     ] = None,
 ) -> None:
     """The whole loop on this machine: synth, ingest, version, pretrain, finetune, evaluate, register, serve, monitor, pipeline."""
-    from xrayops.demo import DemoConfig, print_summary, run_demo, with_demo_key
+    from xrayops.app.demo import DemoConfig, print_summary, run_demo, with_demo_key
 
     # Synthetic data under a public key, the same on every machine (data.dvc's md5 depends on it).
     settings = with_demo_key(get_settings())
     console.print("de-identification: the public demo key (synthetic data only; pseudonyms anyone can recompute)")
     if scenario == "drift":
-        from xrayops.scenario import DriftScenarioConfig, run_drift_scenario
+        from xrayops.app.scenario import DriftScenarioConfig, run_drift_scenario
 
         if backbone is not None and not backbone.is_file():
             _fail(f"backbone {backbone} not found")

@@ -4,9 +4,10 @@ from xrayops.registry.mlflow_registry import (
     RegistryError,
     held_aliases,
     model_version,
+    numeric_metrics,
     parse_model_ref,
     register_bundle,
     resolve_bundle,
 )
 
-__all__ = ["RegisteredModel", "RegistryError", "held_aliases", "model_version", "parse_model_ref", "register_bundle", "resolve_bundle"]
+__all__ = ["RegisteredModel", "RegistryError", "held_aliases", "model_version", "numeric_metrics", "parse_model_ref", "register_bundle", "resolve_bundle"]

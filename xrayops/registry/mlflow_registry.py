@@ -68,6 +68,11 @@ def check_bundle(bundle_dir: Path) -> ModelBundleMeta:
         raise RegistryError(str(exc)) from exc
 
 
+def numeric_metrics(metrics: dict) -> dict[str, float]:
+    """The scalar entries of a metrics.json: a registry's metrics are flat numbers."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def bundle_params(meta: ModelBundleMeta) -> dict[str, str]:
     spec = meta.preprocessing
     return {
