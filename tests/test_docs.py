@@ -2,8 +2,10 @@
 author and year, and a module list that matches the code."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -74,6 +76,28 @@ def test_docs_carry_no_history_and_cite_papers_by_author(page):
         f"{page.relative_to(ROOT)}:{n}: {what}{source(n)}\n    {line}" for n, what, line in forbidden_lines(text)
     ]
     assert not problems, "\n".join(problems)
+
+
+def cli_verbs() -> list[str]:
+    """Every verb of the `xrayops` console script, groups as "group verb"."""
+    import typer.main
+
+    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["xrayops"]
+    module, attribute = target.split(":")
+    group = typer.main.get_command(getattr(importlib.import_module(module), attribute))
+    verbs = []
+    for name, command in group.commands.items():
+        subcommands = getattr(command, "commands", None)
+        verbs += [f"{name} {sub}" for sub in subcommands] if subcommands else [name]
+    return sorted(verbs)
+
+
+def test_readme_cli_map_names_every_verb():
+    text = README.read_text(encoding="utf-8")
+    cli_map = text[text.index("## The CLI"):].split("\n## ", 1)[0]
+    missing = [verb for verb in cli_verbs() if f"`{verb}`" not in cli_map]
+    assert "pipeline submit" in cli_verbs()
+    assert not missing, f"README.md's CLI map lacks {missing}: add them (`xrayops --help`, `xrayops GROUP --help`)"
 
 
 def test_forbidden_phrases_are_recognised():
