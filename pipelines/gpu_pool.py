@@ -34,6 +34,12 @@ class GpuPool(BaseModel):
     accelerator_limit: int = Field(1, ge=1)  # GPUs per task (torchrun --nproc_per_node)
     node_selector: dict[str, str] = Field(default_factory=lambda: {"xrayops.io/pool": "gpu"})
     tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration(key="nvidia.com/gpu")])
+    # CPU and memory of a GPU step (data loading, augmentation): requested so the scheduler places
+    # it, limited so one step cannot starve the node's other pods.
+    cpu_request: str = "4"
+    cpu_limit: str = "8"
+    memory_request: str = "16G"
+    memory_limit: str = "32G"
 
     @classmethod
     def from_file(cls, path: Path) -> "GpuPool":
@@ -48,6 +54,10 @@ class GpuPool(BaseModel):
 
     def apply(self, task: dsl.PipelineTask) -> dsl.PipelineTask:
         task.set_accelerator_type(self.accelerator_type).set_accelerator_limit(self.accelerator_limit)
+        # A GPU the step cannot use fails it with the driver it needs, never a CPU run (xrayops.train.runtime).
+        task.set_env_variable("XRAYOPS_DEVICE", "cuda")
+        task.set_cpu_request(self.cpu_request).set_cpu_limit(self.cpu_limit)
+        task.set_memory_request(self.memory_request).set_memory_limit(self.memory_limit)
         for key, value in self.node_selector.items():
             kubernetes.add_node_selector(task, label_key=key, label_value=value)
         for t in self.tolerations:

@@ -32,6 +32,7 @@ DEID_SECRET, DEID_SECRET_KEY = "xrayops-deid", "key"
 # The monitoring volume (infra/k8s/base/monitor/volume.yaml) and the workspace the Evidently UI
 # serves from it, so the pipeline's monitor step shows on the quality officers' dashboard.
 MONITORING_PVC, MONITORING_MOUNT = "xrayops-monitoring", "/monitoring"
+ISTIO_INJECT, S3_EGRESS_LABEL = "sidecar.istio.io/inject", "xrayops.io/egress-s3"
 CLUSTER_EVIDENTLY_WORKSPACE = f"{MONITORING_MOUNT}/evidently"
 
 
@@ -40,6 +41,10 @@ def _with_cluster_env(task: dsl.PipelineTask, deid: bool) -> None:
     credentials from Secrets created out of band (docs/cluster.md); nothing secret in the YAML."""
     kubernetes.use_config_map_as_env(task, CLUSTER_CONFIG_MAP, {k: k for k in CLUSTER_CONFIG_KEYS}, optional=True)
     kubernetes.use_secret_as_env(task, S3_SECRET, {k: k for k in S3_SECRET_KEYS})
+    # The step joins the mesh (STRICT mTLS: MLflow and Feast admit the runner's identity only;
+    # KFP defaults its pods to no sidecar) and may reach the object store (infra/k8s/base/network).
+    kubernetes.add_pod_annotation(task, ISTIO_INJECT, "true")
+    kubernetes.add_pod_label(task, S3_EGRESS_LABEL, "true")
     if deid:
         kubernetes.use_secret_as_env(task, DEID_SECRET, {DEID_SECRET_KEY: "XRAYOPS_DEID_KEY"})
 

@@ -19,6 +19,7 @@ def no_cuda(monkeypatch):
 
 def test_auto_without_a_gpu_runs_on_the_cpu(no_cuda, monkeypatch):
     monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("XRAYOPS_DEVICE", "cpu")
     assert resolve_device("auto") == torch.device("cpu")
     for nothing in ("void", "none", "", "NONE"):
         monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", nothing)
@@ -26,6 +27,7 @@ def test_auto_without_a_gpu_runs_on_the_cpu(no_cuda, monkeypatch):
 
 
 def test_auto_with_a_gpu_handed_over_and_no_cuda_fails_naming_the_driver(no_cuda, monkeypatch):
+    monkeypatch.delenv("XRAYOPS_DEVICE", raising=False)
     monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "GPU-3f9c2a1e-0000-1111-2222-333344445555")
     with pytest.raises(DeviceError) as caught:
         resolve_device("auto")
@@ -39,10 +41,20 @@ def test_auto_with_a_gpu_handed_over_and_no_cuda_fails_naming_the_driver(no_cuda
 
 def test_cuda_asked_for_explicitly_fails_the_same_way(no_cuda, monkeypatch):
     monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("XRAYOPS_DEVICE", raising=False)
     with pytest.raises(DeviceError, match=r"device 'cuda' requested but CUDA is not available.*>= 570\.26"):
         resolve_device("cuda")
     with pytest.raises(DeviceError, match="device 'cuda:1' requested"):
         resolve_device("cuda:1")
+
+
+def test_pod_env_asking_for_cuda_makes_auto_strict(no_cuda, monkeypatch):
+    """The GPU steps and predictors of the gpu-cloud overlay set XRAYOPS_DEVICE=cuda; code that
+    resolves "auto" (pretraining's config) still refuses the CPU there."""
+    monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("XRAYOPS_DEVICE", "cuda")
+    with pytest.raises(DeviceError, match=r"XRAYOPS_DEVICE=cuda is set but CUDA is not available"):
+        resolve_device("auto")
 
 
 def test_cuda_present_is_used(monkeypatch):
@@ -63,6 +75,7 @@ def test_driver_requirement_for_known_unknown_and_cpu_builds(monkeypatch):
 
 def test_gpu_requested_reads_the_device_plugin_variable():
     assert gpu_requested({"NVIDIA_VISIBLE_DEVICES": "0,1"})
+    assert gpu_requested({"XRAYOPS_DEVICE": "cuda:0"}) and not gpu_requested({"XRAYOPS_DEVICE": "auto"})
     assert gpu_requested({"NVIDIA_VISIBLE_DEVICES": "all"})
     assert not gpu_requested({"NVIDIA_VISIBLE_DEVICES": "void"})
     assert not gpu_requested({})

@@ -1,5 +1,6 @@
-"""The KServe manifests in infra/k8s/base/serving validate against the real CRD openAPIV3 schemas
-(kserve v0.20.0, ../shared/k8s-schemas), strictly: unknown fields fail as kubectl would."""
+"""The KServe manifests in infra/k8s/base/serving and the InferenceGraph component
+(infra/k8s/components/inferencegraph) validate against the real CRD openAPIV3 schemas (kserve
+v0.20.0, ../shared/k8s-schemas), strictly: unknown fields fail as kubectl would."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,6 +13,7 @@ from tests.crd_schemas import crd_validator
 
 SCHEMAS = K8S_SCHEMAS
 SERVING = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "base" / "serving"
+GRAPH = SERVING.parents[1] / "components" / "inferencegraph"
 CRDS = {
     "InferenceService": "serving.kserve.io_inferenceservices.yaml",
     "InferenceGraph": "serving.kserve.io_inferencegraphs.yaml",
@@ -28,12 +30,14 @@ def errors(doc: dict) -> list[str]:
 
 
 def documents(name: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all((SERVING / name).read_text()) if d]
+    folder = GRAPH if name == "inferencegraph.yaml" else SERVING
+    return [d for d in yaml.safe_load_all((folder / name).read_text()) if d]
 
 
 def all_documents() -> list[tuple[str, dict]]:
     """Every KServe resource (the log sink's core kinds are checked by test_k8s_manifests.py)."""
-    return [(p.name, d) for p in sorted(SERVING.glob("*.yaml")) if p.name not in ("kustomization.yaml", "patch-gpu.yaml")
+    paths = [p for p in sorted(SERVING.glob("*.yaml")) if not p.is_symlink()] + [GRAPH / "inferencegraph.yaml"]
+    return [(p.name, d) for p in paths if p.name not in ("kustomization.yaml", "patch-gpu.yaml")
             for d in documents(p.name) if d["apiVersion"].startswith("serving.kserve.io/")]
 
 
@@ -61,11 +65,35 @@ def test_the_strict_check_catches_a_typo():
     assert any("storageURI" in e for e in errors(doc))
 
 
-def test_kustomization_lists_the_resources():
+def test_kustomization_lists_one_serving_variant():
+    """base serves the single-pod ensemble; the InferenceGraph is a Component an overlay opts into."""
     kustomization = yaml.safe_load((SERVING / "kustomization.yaml").read_text())
-    assert kustomization["resources"] == [
-        "servingruntime.yaml", "inferenceservice.yaml", "inferencegraph.yaml", "log-sink.yaml"]
+    assert kustomization["resources"] == ["servingruntime.yaml", "inferenceservice.yaml", "log-sink.yaml"]
     assert all((SERVING / r).is_file() for r in kustomization["resources"])
+    component = yaml.safe_load((GRAPH / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component" and "inferencegraph.yaml" in component["resources"]
+    # The link in base/serving (GitOps releases of the graph manifest) is the component's file.
+    assert (SERVING / "inferencegraph.yaml").resolve() == (GRAPH / "inferencegraph.yaml").resolve()
+
+
+def test_serving_identities_apart_and_no_api_token():
+    """The transformer and the predictor are different mesh principals (only the former may call
+    the latter); neither mounts a Kubernetes API token; the transformer has health probes."""
+    for name, doc in all_documents():
+        if doc["kind"] != "InferenceService":
+            continue
+        predictor, transformer = doc["spec"]["predictor"], doc["spec"].get("transformer")
+        assert predictor["serviceAccountName"] == "xrayops-predictor", name
+        assert predictor["automountServiceAccountToken"] is False
+        assert predictor["labels"]["xrayops.io/egress-s3"] == "true"  # the storage initializer reaches S3
+        if transformer:
+            assert transformer["serviceAccountName"] == "xrayops-transformer", name
+            assert transformer["automountServiceAccountToken"] is False
+            (container,) = transformer["containers"]
+            assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+            assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+    (graph,) = [d for _, d in all_documents() if d["kind"] == "InferenceGraph"]
+    assert graph["spec"]["serviceAccountName"] == "xrayops-graph-router"
 
 
 def test_inferenceservice_has_transformer_s3_storage_and_payload_logger():

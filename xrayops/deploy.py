@@ -9,10 +9,15 @@ overlay's choices that the pipeline is compiled with.
 
 The pipeline is compiled by the CLI in a subprocess because `components` binds its image when
 it is imported (XRAYOPS_IMAGE) and the core must not import the adapters (docs/architecture.md).
+
+Two checks guard what is applied: every image is pinned by a digest (`pin` writes them into the
+overlay's `images:`; an all-zero digest is the repository's placeholder), and no Istio ALLOW rule
+is open to anyone (an empty principal list matches every caller in Istio).
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +40,11 @@ ARCHIVE_PVC = "xrayops-dicom"  # infra/k8s/base/monitor/archive-volume.yaml
 # The monitor CronJob always runs the xrayops CLI, so its image is the overlay's xrayops image.
 REFERENCE_WORKLOAD = ("CronJob", "xrayops-monitor")
 DRY_RUN_MODES = ("client", "server")
+DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+PLACEHOLDER_DIGEST = "sha256:" + "0" * 64  # the repository's overlays: `xrayops deploy pin` replaces it
+# Istio source/condition fields whose empty list would mean "anyone" (or, in a guard, "everyone").
+_PEER_FIELDS = ("principals", "notPrincipals", "requestPrincipals", "notRequestPrincipals", "namespaces",
+                "notNamespaces", "ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks")
 # kubectl's words for "there is no cluster to talk to" (no kubeconfig, refused, DNS, timeout).
 _NO_CLUSTER_MARKERS = (
     "connection refused",
@@ -216,10 +226,162 @@ def render(k8s_dir: Path, overlay: str, default_image: str, image: str | None = 
     overlay_image = xrayops_image(docs, default_image)
     if image and image != overlay_image:
         replace_image(docs, overlay_image, image)
+    problems = open_authorization(docs)
+    if problems:
+        raise DeployError("the overlay's mesh rules let anyone in (fill the SiteIdentity's lists): " + "; ".join(problems))
     target = pipeline_target(docs, default_image, image)
+    unpinned = unpinned_images(docs)
     log.info("deploy.render", overlay=overlay, image=target.image, gpu=target.gpu, documents=len(docs))
+    if unpinned:
+        log.warning("deploy.unpinned", overlay=overlay, images=unpinned, hint="xrayops deploy pin")
     pipelines = {key: compile_pipeline_yaml(target, key) for key in (PIPELINE_KEY, SITE_TRAINING_KEY, RETRAINING_KEY)}
     return dump_manifests(with_pipeline(docs, pipelines))
+
+
+# --- supply chain: images by digest ----------------------------------------------------------
+
+
+class ImagePin(BaseModel):
+    """One `images:` entry of an overlay, pinned."""
+
+    name: str
+    tag: str = ""
+    digest: str
+
+    @property
+    def reference(self) -> str:
+        return f"{self.name}:{self.tag}" if self.tag else self.name
+
+
+def _image_fields(node, found: list[str]) -> list[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "image" and isinstance(value, str):
+                found.append(value)
+            else:
+                _image_fields(value, found)
+    elif isinstance(node, list):
+        for item in node:
+            _image_fields(item, found)
+    return found
+
+
+def unpinned_images(docs: list[dict]) -> list[str]:
+    """Every image (workloads, KServe resources; not the embedded pipelines' text) that has no
+    digest or still has the placeholder one, sorted."""
+    refs = set(_image_fields([d for d in docs if d.get("kind") != "ConfigMap"], []))
+    return sorted(r for r in refs if "@" not in r or r.rsplit("@", 1)[1] == PLACEHOLDER_DIGEST)
+
+
+def parse_digest_args(items: list[str]) -> dict[str, str]:
+    """`NAME=sha256:HEX` pairs (the CLI's --digest) as a mapping; a bad one is a DeployError."""
+    digests = {}
+    for item in items:
+        name, sep, digest = item.partition("=")
+        if not sep or not name or not DIGEST.match(digest):
+            raise DeployError(f"--digest {item!r}: expected IMAGE=sha256:<64 hex digits>")
+        digests[name] = digest
+    return digests
+
+
+def resolve_digest(reference: str, crane: str = "crane") -> str:
+    """The registry's digest for `reference` (name:tag), with `crane digest` (go-containerregistry)."""
+    path = shutil.which(crane)
+    if path is None:
+        raise DeployError(f"{crane!r} not found on PATH: install crane (github.com/google/go-containerregistry) "
+                          f"or give the digest: --digest {reference.split(':')[0]}=sha256:...")
+    proc = subprocess.run([path, "digest", reference], capture_output=True, text=True)
+    digest = proc.stdout.strip()
+    if proc.returncode != 0:
+        raise DeployError(f"crane digest {reference} failed: {_last_line(proc.stderr)}")
+    if not DIGEST.match(digest):
+        raise DeployError(f"crane digest {reference} printed {digest!r}, not a sha256 digest")
+    return digest
+
+
+def pin_overlay(k8s_dir: Path, overlay: str, digests: dict[str, str], resolve: bool = False,
+                crane: str = "crane") -> tuple[list[ImagePin], list[str]]:
+    """Write digests into the overlay's `images:` (kustomization.yaml, comments kept): the one given
+    for an image's name, else the registry's (`resolve`), else it stays as it is. Returns the
+    entries pinned now and the names still on the placeholder (or without a digest)."""
+    from ruamel.yaml import YAML
+
+    path = overlay_dir(k8s_dir, overlay) / "kustomization.yaml"
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096
+    rt.indent(mapping=2, sequence=4, offset=2)
+    doc = rt.load(path.read_text())
+    entries = doc.get("images") or []
+    known = {e.get("name") for e in entries}
+    unknown = sorted(set(digests) - known)
+    if unknown:
+        raise DeployError(f"{path}: no images entry for {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    pinned, missing = [], []
+    for entry in entries:
+        name, tag = entry["name"], str(entry.get("newTag") or "")
+        target = entry.get("newName") or name
+        digest = digests.get(name)
+        if digest is None and resolve:
+            digest = resolve_digest(f"{target}:{tag}" if tag else target, crane)
+        if digest is None:
+            if entry.get("digest") in (None, PLACEHOLDER_DIGEST):
+                missing.append(name)
+            continue
+        entry["digest"] = digest
+        pinned.append(ImagePin(name=target, tag=tag, digest=digest))
+    with path.open("w") as out:
+        rt.dump(doc, out)
+    log.info("deploy.pin", overlay=overlay, pinned=len(pinned), unpinned=missing)
+    return pinned, missing
+
+
+_BASE_IMAGE_ARG = re.compile(r"^(ARG PYTHON_IMAGE=)([^@\s]+)(@sha256:[0-9a-f]{64})?[ \t]*$", re.MULTILINE)
+
+
+def pin_dockerfile(dockerfile: Path, digest: str | None = None, resolve: bool = False, crane: str = "crane") -> ImagePin:
+    """Pin the Dockerfile's base image (`ARG PYTHON_IMAGE=name:tag@sha256:...`) to `digest`, or to
+    the registry's digest of its tag (`resolve`)."""
+    text = Path(dockerfile).read_text()
+    match = _BASE_IMAGE_ARG.search(text)
+    if match is None:
+        raise DeployError(f"{dockerfile}: no `ARG PYTHON_IMAGE=name:tag` line to pin")
+    reference = match.group(2)
+    if digest is None:
+        if not resolve:
+            raise DeployError("give the base image's digest (--base-digest sha256:...) or --resolve")
+        digest = resolve_digest(reference, crane)
+    if not DIGEST.match(digest):
+        raise DeployError(f"base image digest {digest!r}: expected sha256:<64 hex digits>")
+    Path(dockerfile).write_text(text[:match.start()] + f"{match.group(1)}{reference}@{digest}" + text[match.end():])
+    name, _, tag = reference.rpartition(":")
+    return ImagePin(name=name, tag=tag, digest=digest)
+
+
+# --- mesh: no ALLOW open to anyone ------------------------------------------------------------
+
+
+def open_authorization(docs: list[dict]) -> list[str]:
+    """AuthorizationPolicy rules that Istio would read as "anyone": an empty list where a site's
+    principals belong (an unset field matches every caller), or an ALLOW rule with a source that
+    names nobody. Each as `policy: where`."""
+    problems = []
+    for doc in docs:
+        if doc.get("kind") != "AuthorizationPolicy":
+            continue
+        name, spec = doc["metadata"]["name"], doc.get("spec") or {}
+        for i, rule in enumerate(spec.get("rules") or []):
+            for j, peer in enumerate(rule.get("from") or []):
+                source = peer.get("source") or {}
+                empty = [f for f in _PEER_FIELDS if f in source and not source[f]]
+                if empty:
+                    problems.append(f"{name}: rules[{i}].from[{j}] has an empty {', '.join(empty)}")
+                elif (spec.get("action") or "ALLOW") == "ALLOW" and not any(source.get(f) for f in _PEER_FIELDS):
+                    problems.append(f"{name}: rules[{i}].from[{j}] names no caller")
+            for k, cond in enumerate(rule.get("when") or []):
+                if not (cond.get("values") or cond.get("notValues")):
+                    problems.append(f"{name}: rules[{i}].when[{k}] ({cond.get('key')}) has no values")
+    return problems
 
 
 def apply_args(dry_run: str | None) -> list[str]:
@@ -228,8 +390,13 @@ def apply_args(dry_run: str | None) -> list[str]:
     return ["apply", "-f", "-"] + ([f"--dry-run={dry_run}"] if dry_run else [])
 
 
-def apply(manifests: str, dry_run: str | None = None, kubectl: str = "kubectl") -> str:
-    """`kubectl apply` the rendered manifests; returns kubectl's report."""
+def apply(manifests: str, dry_run: str | None = None, kubectl: str = "kubectl", allow_unpinned: bool = False) -> str:
+    """`kubectl apply` the rendered manifests; returns kubectl's report. Images without a real
+    digest are refused unless `allow_unpinned` (a development cluster with locally loaded images)."""
+    unpinned = unpinned_images(parse_manifests(manifests))
+    if unpinned and not allow_unpinned:
+        raise DeployError(f"images not pinned by digest: {', '.join(unpinned)}; run `xrayops deploy pin` "
+                          "(or --allow-unpinned on a development cluster)")
     cmd = [_kubectl(kubectl), *apply_args(dry_run)]
     proc = subprocess.run(cmd, input=manifests, capture_output=True, text=True)
     if proc.returncode != 0:

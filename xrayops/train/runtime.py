@@ -30,11 +30,22 @@ class DeviceError(RuntimeError):
     """A GPU was asked for and CUDA cannot use it; the message names the driver requirement."""
 
 
+def gpu_request(environ: dict[str, str] | None = None) -> str | None:
+    """Why this container holds a GPU, or None: XRAYOPS_DEVICE=cuda[:N] set on the pod (the
+    gpu-cloud overlay's GPU predictors and pipeline steps), or NVIDIA_VISIBLE_DEVICES naming the
+    devices that the NVIDIA device plugin (a `nvidia.com/gpu` limit) or `docker --gpus` handed over."""
+    env = os.environ if environ is None else environ
+    asked = env.get("XRAYOPS_DEVICE", "").strip().lower()
+    if asked.startswith("cuda"):
+        return f"XRAYOPS_DEVICE={asked} is set"
+    visible = env.get("NVIDIA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip().lower() not in _NO_GPU:
+        return f"a GPU was given to this container (NVIDIA_VISIBLE_DEVICES={visible.strip()})"
+    return None
+
+
 def gpu_requested(environ: dict[str, str] | None = None) -> bool:
-    """Whether this container was given a GPU: the NVIDIA device plugin (a `nvidia.com/gpu` limit)
-    and `docker --gpus` set NVIDIA_VISIBLE_DEVICES to the devices handed over."""
-    value = (os.environ if environ is None else environ).get("NVIDIA_VISIBLE_DEVICES")
-    return value is not None and value.strip().lower() not in _NO_GPU
+    return gpu_request(environ) is not None
 
 
 def driver_requirement(cuda_version: str | None = None) -> str:
@@ -73,15 +84,14 @@ def _cuda_unusable(why: str) -> DeviceError:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA when present, else CPU, unless the container was given a GPU
-    (NVIDIA_VISIBLE_DEVICES): then an unusable CUDA is an error, not a silent CPU run. Asking for
-    CUDA without one is an error too."""
+    """`auto` picks CUDA when present, else CPU, unless a GPU was asked for (gpu_request): then an
+    unusable CUDA is an error, not a silent CPU run. Asking for CUDA without one is an error too."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if gpu_requested():
-            visible = os.environ.get("NVIDIA_VISIBLE_DEVICES", "")
-            raise _cuda_unusable(f"a GPU was given to this container (NVIDIA_VISIBLE_DEVICES={visible})")
+        why = gpu_request()
+        if why:
+            raise _cuda_unusable(why)
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
