@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     # The local inference log: one parquet part per this many records, or when the oldest waited this long.
     serve_log_flush_records: int = Field(default=512, ge=1)
     serve_log_flush_seconds: float = Field(default=10.0, gt=0)
-    # Ensemble members (paper 000: SimCLR, BYOL, SupCon) as bundle folders or models:/ refs; JSON list in env.
+    # Ensemble members (Langer et al. 2024: SimCLR, BYOL, SupCon) as bundle folders or models:/ refs; JSON list in env.
     serve_models: list[str] = Field(default_factory=list)
 
     # Monitoring thresholds.
@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     gate_margin: float = 0.01
     gate_bootstrap_samples: int = 2000
     gate_confidence: float = 0.95
+    # ...and in every acquisition subgroup (site, manufacturer, view, photometric, transfer syntax) of
+    # at least this many test images, at most this much less accurate (never tighter than gate_margin).
+    gate_subgroup_min_n: int = Field(default=30, ge=1)
+    gate_subgroup_margin: float = Field(default=0.05, ge=0)
     # Serving releases (xrayops.release): where the InferenceService's members are published, and which
     # InferenceService `xrayops release` points at them.
     release_storage_uri: str = Field(default="s3://xrayops-models/region", description="serving storage for releases")

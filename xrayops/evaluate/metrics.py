@@ -1,4 +1,5 @@
-"""Classification metrics from a confusion matrix (numpy only: shared with monitoring).
+"""Classification metrics from a confusion matrix (numpy only: shared with monitoring), and
+metrics.json as a typed document (EvaluationMetrics).
 
 Macro averages and balanced accuracy use the classes that occur (in the truth, or in truth
 or prediction for F1), as scikit-learn does; classes absent from both are not scored.
@@ -8,6 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from xrayops.evaluate.intervals import ClassificationIntervals, MetricCI
+from xrayops.evaluate.subgroups import SubgroupAccuracy
 
 
 def _as_indices(labels: Sequence, classes: Sequence[str], what: str) -> np.ndarray:
@@ -111,7 +116,7 @@ def classification_metrics(
     return metrics
 
 
-# --- binary heads (abnormality, implant: papers 002/003), with bootstrap confidence intervals ---
+# --- binary heads (abnormality, implant: Acitores 2022; Ghalyan et al.), with bootstrap confidence intervals ---
 
 
 def roc_auc(y_true: Sequence, score: Sequence) -> float:
@@ -198,7 +203,7 @@ def auroc_ci(
 def binary_metrics_with_ci(
     y_true: Sequence, score: Sequence, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0
 ) -> dict:
-    """binary_metrics plus 95 % bootstrap intervals (`auc_ci`, ...), as paper 002 reports them."""
+    """binary_metrics plus 95 % bootstrap intervals (`auc_ci`, ...), as Acitores 2022 reports them."""
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(score, dtype=float)
     out: dict = binary_metrics(y, s, threshold)
@@ -210,12 +215,12 @@ def binary_metrics_with_ci(
     return out
 
 
-# --- orientation (paper 004) ---
+# --- orientation (Baltruschat et al. 2018) ---
 
 
 def orientation_metrics(predicted_deg: Sequence, true_deg: Sequence, tolerance: float = 4.0) -> dict[str, float]:
     """Mean absolute angular error (on the circle) and the share within +-tolerance degrees
-    (paper 004: MAE 2.79 deg, 84.4 % within +-4 deg after fine-tuning)."""
+    (Baltruschat et al. 2018: MAE 2.79 deg, 84.4 % within +-4 deg after fine-tuning)."""
     p = np.asarray(predicted_deg, dtype=float)
     t = np.asarray(true_deg, dtype=float)
     if p.shape != t.shape or p.size == 0:
@@ -226,7 +231,75 @@ def orientation_metrics(predicted_deg: Sequence, true_deg: Sequence, tolerance: 
         "orientation_mae_deg": float(error.mean()),
         "orientation_median_error_deg": float(np.median(error)),
         f"orientation_within_{tolerance:g}deg": float((error <= tolerance).mean()),
-        # paper 004 also bins into the four right-angle orientations.
+        # Baltruschat et al. 2018 also bins into the four right-angle orientations.
         "orientation_quadrant_accuracy": float((np.round(p / 90.0) % 4 == np.round(t / 90.0) % 4).mean()),
         "orientation_n": int(p.size),
     }
+
+
+# --- metrics.json as a typed document ---
+
+class ScoreTable(BaseModel):
+    """One `classification_metrics` result (predictions vs one reference: the PACS tags or the
+    truth) with its study-bootstrap intervals and its subgroups. Unnamed keys are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    n: int
+    accuracy: float
+    balanced_accuracy: float
+    macro_f1: float
+    cohen_kappa: float
+    mcc: float
+    per_class_accuracy: dict[str, float]
+    support: dict[str, int]
+    confusion_matrix: list[list[int]]
+    classes: list[str]
+    chance_uniform: float
+    chance_majority: float
+    ece: float | None = None
+    ece_uncalibrated: float | None = None
+    nll: float | None = None
+    intervals: ClassificationIntervals | None = None
+    subgroups: list[SubgroupAccuracy] = []
+
+    def ci(self, name: str) -> MetricCI:
+        """The metric with its interval (the point estimate alone where none was computed)."""
+        if self.intervals is not None:
+            return getattr(self.intervals, name)
+        return MetricCI(value=getattr(self, name))
+
+
+class EvaluationMetrics(BaseModel):
+    """metrics.json of `xrayops evaluate`: flat headline numbers on top (vs the PACS tags
+    unprefixed, vs the truth as `truth_*`, with `<metric>_ci_low/_ci_high`) for lineage and
+    MLflow, the full tables under `vs_pacs` / `vs_truth`. Keys not named here (OOD, orientation,
+    binary heads, ensemble members) are kept as written."""
+
+    model_config = ConfigDict(extra="allow")
+
+    split: str = ""
+    model: str = ""
+    weights_sha256: str = ""
+    n_images: int = 0
+    n_pacs_labelled: int = 0
+    ood_rate: float | None = None
+    label_disagreement_rate: float | None = None
+    vs_pacs: ScoreTable | None = None
+    vs_truth: ScoreTable | None = None
+
+    def table(self, reference: str = "") -> ScoreTable | None:
+        """The scoring against `reference` ("truth" or "pacs"); by default the truth where known."""
+        if reference == "pacs":
+            return self.vs_pacs
+        if reference == "truth":
+            return self.vs_truth
+        return self.vs_truth or self.vs_pacs
+
+
+def read_evaluation(path) -> EvaluationMetrics:
+    """A metrics.json written by the evaluation (older files without intervals read back too)."""
+    import json
+    from pathlib import Path
+
+    return EvaluationMetrics.model_validate(json.loads(Path(path).read_text()))

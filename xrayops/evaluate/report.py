@@ -1,20 +1,24 @@
 """Evaluate a model bundle (or an ensemble of bundles) on one split of an ingested dataset:
 metrics.json, confusion_matrix.png, Grad-CAM overlays and a self-contained report.html.
 
-Beside the classification metrics (paper 000; kappa and MCC as papers 002/003 report them):
+Beside the classification metrics (Langer et al. 2024; kappa and MCC as Acitores 2022; Ghalyan et al. report them):
 ECE before and after temperature scaling, out-of-domain AUROC against the truth's `unknown`
 images with a percentile-bootstrap 95 % CI (the served `ood_score`: the bundle's Mahalanobis or
 kNN detector, or the energy of older bundles), and orientation MAE / share within +-4 deg
-(paper 004) where angles are known.
+(Baltruschat et al. 2018) where angles are known.
 
 Accuracy is measured against the PACS tags (noisy, what a hospital has) and, when a truth
 table is given (the synthetic sidecar), against the true regions too; the gap between the
-two is the label noise the model sees through (paper 000, label audit).
+two is the label noise the model sees through (Langer et al. 2024, label audit).
+
+Every headline metric and each class's recall carries a 95 % interval from a bootstrap over
+studies, stratified by class (xrayops.evaluate.intervals), and accuracy is broken down by the
+acquisition subgroups the manifest records (xrayops.evaluate.subgroups). metrics.json keeps its
+flat keys and validates as xrayops.evaluate.metrics.EvaluationMetrics.
 """
 from __future__ import annotations
 
 import base64
-import html
 import json
 from pathlib import Path
 
@@ -26,7 +30,9 @@ from pydantic import BaseModel
 from xrayops.bundle import load_bundle
 from xrayops.ensemble import check_members, combine_responses
 from xrayops.data.dataset import DatasetError, load_images, read_ok_rows, read_preprocessing
+from xrayops.evaluate.intervals import HEADLINE, classification_intervals
 from xrayops.evaluate.metrics import (
+    EvaluationMetrics,
     auroc_ci,
     binary_metrics_with_ci,
     classification_metrics,
@@ -34,6 +40,7 @@ from xrayops.evaluate.metrics import (
     orientation_metrics,
     roc_auc,
 )
+from xrayops.evaluate.subgroups import subgroup_accuracies, subgroup_attributes
 from xrayops.evaluate.study import RULES, aggregate_binary, aggregate_region
 from xrayops.evaluate.gradcam_figures import gradcam_figures
 from xrayops.inference import predict_arrays
@@ -91,12 +98,31 @@ def uncalibrated(probs: np.ndarray, temperature: float | None) -> np.ndarray | N
     return e / e.sum(1, keepdims=True)
 
 
-def _scores(y_true, predicted, classes, probs, raw) -> dict:
+# Bootstrap replicates behind every interval of the report (study-level, stratified by class).
+BOOTSTRAP_SAMPLES = 2000
+
+
+def _scores(y_true, predicted, classes, probs, raw, studies, attributes: dict[str, list[str]]) -> dict:
+    """classification_metrics plus study-bootstrap intervals (`intervals`) and the accuracy per
+    acquisition subgroup (`subgroups`), all against the same reference labels."""
     scores = classification_metrics(y_true, predicted, classes, probs)
+    index = {c: i for i, c in enumerate(classes)}
+    t = [index[str(v)] for v in y_true]
     if raw is not None:  # ECE before temperature scaling, beside `ece` after it
-        index = {c: i for i, c in enumerate(classes)}
-        scores["ece_uncalibrated"] = expected_calibration_error([index[str(t)] for t in y_true], raw)
+        scores["ece_uncalibrated"] = expected_calibration_error(t, raw)
+    p = [index[str(v)] for v in predicted]
+    scores["intervals"] = classification_intervals(t, p, len(classes), classes, studies,
+                                                   samples=BOOTSTRAP_SAMPLES).model_dump(mode="json")
+    correct = np.asarray(y_true, dtype=str) == np.asarray(predicted, dtype=str)
+    scores["subgroups"] = [g.model_dump(mode="json") for g in subgroup_accuracies(
+        correct, studies, np.asarray(y_true, dtype=str), attributes, samples=BOOTSTRAP_SAMPLES)]
     return scores
+
+
+def _studies(rows) -> np.ndarray:
+    """Each row's study (the bootstrap's unit); a manifest without study ids: each image its own."""
+    column = "study_id" if "study_id" in rows.columns else "image_id"
+    return rows[column].astype(str).to_numpy()
 
 
 def evaluate_predictions(
@@ -125,10 +151,15 @@ def evaluate_predictions(
         "ood_rate": float(ood.mean()),
         "label_disagreement_rate": float(flagged.mean()),
     }
+    studies = _studies(rows)
+    attributes = {name: np.asarray(values) for name, values in subgroup_attributes(rows).items()}
+
+    def score_against(reference, mask):
+        return _scores(reference[mask], predicted[mask], classes, probs[mask], None if raw is None else raw[mask],
+                       studies[mask], {name: values[mask].tolist() for name, values in attributes.items()})
+
     if labelled.any():
-        metrics["vs_pacs"] = _scores(
-            pacs[labelled], predicted[labelled], classes, probs[labelled], None if raw is None else raw[labelled]
-        )
+        metrics["vs_pacs"] = score_against(pacs, labelled)
         metrics.update(scalar_metrics(metrics["vs_pacs"]))
     if truth:
         true = np.array([truth.get(name, "") for name in rows["source_name"].astype(str)])
@@ -137,10 +168,7 @@ def evaluate_predictions(
         out_of_domain = known & ~in_domain
         metrics["n_truth_known"] = int(known.sum())
         if in_domain.any():
-            scores = _scores(
-                true[in_domain], predicted[in_domain], classes, probs[in_domain], None if raw is None else raw[in_domain]
-            )
-            metrics["vs_truth"] = scores
+            metrics["vs_truth"] = score_against(true, in_domain)
             metrics.update(scalar_metrics(metrics["vs_truth"], "truth_"))
             metrics["ood_false_alarm_rate"] = float(ood[in_domain].mean())
         if out_of_domain.any():
@@ -161,7 +189,7 @@ def evaluate_predictions(
                 metrics["label_disagreement_precision"] = float(wrong_tag[flagged[both]].mean())
             if wrong_tag.any():
                 metrics["label_disagreement_recall"] = float(flagged[both][wrong_tag].mean())
-    if "study_id" in rows.columns:  # paper 001: one answer per study (majority of its images)
+    if "study_id" in rows.columns:  # de Cid Rodríguez 2021: one answer per study (majority of its images)
         if labelled.any():
             metrics.update(study_accuracy(rows["study_id"].to_numpy()[labelled], probs[labelled], classes, pacs[labelled]))
         if truth and in_domain.any():
@@ -192,8 +220,8 @@ def study_accuracy(study_ids, probs: np.ndarray, classes: list[str], reference, 
 
 def binary_head_metrics(rows, probabilities: dict[str, np.ndarray], n_boot: int = 1000) -> dict:
     """For each binary head whose manifest column has labels here: AUC, sensitivity and
-    specificity with bootstrap 95 % CIs (paper 002) per image and per study, by the "at least
-    one" and majority rules (paper 001)."""
+    specificity with bootstrap 95 % CIs (Acitores 2022) per image and per study, by the "at least
+    one" and majority rules (de Cid Rodríguez 2021)."""
     out: dict = {}
     for name, p in probabilities.items():
         if name not in rows.columns:
@@ -238,28 +266,35 @@ def scalar_metrics(scores: dict, prefix: str = "") -> dict[str, float]:
     """
     flat = {f"{prefix}{k}": scores[k] for k in SCALAR_KEYS if k in scores}
     flat[f"{prefix}chance_accuracy"] = max(scores["chance_uniform"], scores["chance_majority"])
+    for name in HEADLINE:  # the study-bootstrap interval beside each headline number
+        ci = (scores.get("intervals") or {}).get(name) or {}
+        if ci.get("low") is not None:
+            flat[f"{prefix}{name}_ci_low"], flat[f"{prefix}{name}_ci_high"] = ci["low"], ci["high"]
     return flat
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _fmt(value) -> str:
     return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _ci_cell(ci: dict | None, digits: int = 3) -> str:
+    """"value [low, high]" of a MetricCI dict ("" without one)."""
+    if not ci or ci.get("value") is None:
+        return ""
+    text = f"{ci['value']:.{digits}f}"
+    return text + (f" [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]" if ci.get("low") is not None else "")
+
+
 OOD_KEYS = ("ood_method", "ood_auroc", "ood_auroc_ci_low", "ood_auroc_ci_high", "ood_false_alarm_rate",
             "ood_detection_rate", "n_truth_out_of_domain")
+TITLES = {"vs_pacs": "vs PACS tags", "vs_truth": "vs true regions"}
 
 
-def ood_table(metrics: dict) -> str:
+def ood_table(metrics: dict) -> dict | None:
     """Out-of-domain detection against the truth: AUROC with its bootstrap CI, and the rates at
-    the bundle's threshold ("" without out-of-domain images in the truth)."""
+    the bundle's threshold (None without out-of-domain images in the truth)."""
     if "ood_auroc" not in metrics:
-        return ""
+        return None
     n_in = metrics.get("vs_truth", {}).get("n", "")
     rows = [
         ["score", str(metrics.get("ood_method", "combined members' margins"))],
@@ -269,71 +304,90 @@ def ood_table(metrics: dict) -> str:
         ["detection rate at the threshold (out-of-domain images)",
          f"{_fmt(metrics.get('ood_detection_rate'))} (n={metrics.get('n_truth_out_of_domain', '')})"],
     ]
-    return "<h2>Out-of-domain detection (vs truth)</h2>" + _table(["measure", "value"], rows)
+    return {"header": ["measure", "value"], "rows": rows}
+
+
+def summary_table(metrics: dict, sources: list[str]) -> dict:
+    """The headline metrics per reference; those with a study-bootstrap interval as "value [low, high]"."""
+    rows = []
+    for key in SCALAR_KEYS:
+        cells = []
+        for s in sources:
+            ci = (metrics[s].get("intervals") or {}).get(key)
+            cells.append(_ci_cell(ci) if ci else _fmt(metrics[s].get(key)))
+        rows.append([key, *cells])
+    return {"header": ["metric", *(TITLES[s] for s in sources)], "rows": rows}
+
+
+def per_class_table(metrics: dict, sources: list[str]) -> dict:
+    classes = metrics[sources[0]]["classes"] if sources else []
+    rows = []
+    for c in classes:
+        cells = []
+        for s in sources:
+            n = metrics[s]["support"][c]
+            ci = ((metrics[s].get("intervals") or {}).get("per_class_recall") or {}).get(c)
+            value = _ci_cell(ci) if ci else _fmt(metrics[s]["per_class_accuracy"].get(c))
+            cells.append(f"{value} (n={n})" if n else "")
+        if any(cells):
+            rows.append([c, *cells])
+    return {"header": ["class", *(TITLES[s] for s in sources)], "rows": rows}
+
+
+def subgroup_tables(metrics: dict, sources: list[str]) -> list[dict]:
+    """One table per attribute: each value's images, studies and accuracy with its interval, per reference."""
+    tables: dict[str, dict[str, dict[str, dict]]] = {}
+    for s in sources:
+        for g in metrics[s].get("subgroups") or []:
+            tables.setdefault(g["attribute"], {}).setdefault(g["value"], {})[s] = g
+    out = []
+    for attribute, values in tables.items():
+        rows = []
+        for value, by_source in values.items():
+            first = next(iter(by_source.values()))
+            rows.append([value, str(first["n"]), str(first["n_studies"]),
+                         *(_ci_cell(by_source[s]["accuracy"]) if s in by_source else "" for s in sources)])
+        out.append({"title": attribute.replace("_", " "), "text_columns": [0],
+                    "header": [attribute, "images", "studies", *(f"accuracy {TITLES[s]}" for s in sources)],
+                    "rows": rows})
+    return out
 
 
 def render_report(metrics: dict, meta_name: str, split: str, images: list[Path]) -> str:
-    """A self-contained HTML page: summary, per-class table, embedded confusion matrices."""
+    """A self-contained HTML page: summary with intervals, per-class and subgroup tables,
+    embedded confusion matrices (xrayops/templates/evaluation_report.html.j2)."""
+    from xrayops.templating import render
+
     sources = [k for k in ("vs_pacs", "vs_truth") if k in metrics]
-    titles = {"vs_pacs": "vs PACS tags", "vs_truth": "vs true regions"}
-    summary = _table(
-        ["metric", *(titles[s] for s in sources)],
-        [[k, *(_fmt(metrics[s].get(k)) for s in sources)] for k in SCALAR_KEYS],
-    )
-    scored = set(SCALAR_KEYS) | {"chance_accuracy"}
-    ood_section = ood_table(metrics)
-    shown = set(OOD_KEYS) if ood_section else set()
+    scored = set(SCALAR_KEYS) | {"chance_accuracy"} | {f"{k}_ci_{end}" for k in HEADLINE for end in ("low", "high")}
+    ood = ood_table(metrics)
+    shown = set(OOD_KEYS) if ood else set()
     rest = {k: v for k, v in metrics.items()
-            if not isinstance(v, dict) and k.removeprefix("truth_") not in scored and k not in shown}
-    other = _table(["quantity", "value"], [[k, _fmt(v)] for k, v in rest.items()])
-    classes = metrics[sources[0]]["classes"] if sources else []
-    per_class_rows = []
-    for c in classes:
-        cells = [(metrics[s]["support"][c], metrics[s]["per_class_accuracy"].get(c)) for s in sources]
-        if any(n for n, _ in cells):
-            per_class_rows.append([c, *(f"{_fmt(acc)} (n={n})" if n else "" for n, acc in cells)])
-    per_class = _table(["class", *(titles[s] for s in sources)], per_class_rows)
-    comparison = ""
+            if not isinstance(v, (dict, list)) and k.removeprefix("truth_") not in scored and k not in shown}
+    comparison = None
     if metrics.get("members"):  # ensemble report: each member beside the ensemble
         columns = {**metrics["members"], "ensemble": metrics}
         keys = [k for k in ("accuracy", "balanced_accuracy", "macro_f1", "cohen_kappa", "mcc", "ece", "truth_accuracy",
                             "truth_balanced_accuracy", "truth_macro_f1", "ood_auroc", "orientation_mae_deg",
                             "study_accuracy", "truth_study_accuracy", "abnormal_auc", "implant_auc")
                 if any(k in c for c in columns.values())]
-        comparison = "<h2>Ensemble and members</h2>" + _table(
-            ["metric", *columns], [[k, *(_fmt(c.get(k)) for c in columns.values())] for k in keys]
-        )
+        comparison = {"header": ["metric", *columns], "rows": [[k, *(_fmt(c.get(k)) for c in columns.values())] for k in keys]}
     binary_rows = []
     for name, levels in (metrics.get("binary") or {}).items():
         for level, m in levels.items():
             binary_rows.append([f"{name} ({level.replace('_', ' ')})", *(
                 f"{_fmt(m[k])} [{_fmt(m[k + '_ci'][0])}, {_fmt(m[k + '_ci'][1])}]" for k in ("auc", "sensitivity", "specificity")
             ), f"{m['n_positive']} / {m['n_negative']}"])
-    binary = "<h2>Binary heads (95 % bootstrap CIs)</h2>" + _table(
-        ["head", "AUC", "sensitivity", "specificity", "positives / negatives"], binary_rows
-    ) if binary_rows else ""
-    figures = "".join(
-        f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-        f"<figcaption>{html.escape(p.stem.replace('_', ' '))}</figcaption></figure>"
-        for p in images
-    )
-    style = (
-        "body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:60rem;color:#222}"
-        "table{border-collapse:collapse;margin:1rem 0}"
-        "td,th{border:1px solid #ccc;padding:.3rem .7rem;text-align:right}"
-        "th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}figure{display:inline-block;margin:1rem}"
-        "img{max-width:28rem}"
-    )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>xrayops evaluation</title>"
-        f"<style>{style}</style></head><body>"
-        f"<h1>{html.escape(meta_name)}: evaluation on split “{html.escape(split)}”</h1>"
-        "<p>Chance levels: uniform guessing (chance_uniform) and always answering the most frequent "
-        "class (chance_majority).</p>"
-        f"<h2>Summary</h2>{summary}{comparison}{binary}{ood_section}<h2>Detection, orientation and labels</h2>{other}"
-        f"<h2>Per class (accuracy = recall)</h2>{per_class}<h2>Figures</h2>"
-        "<p>Confusion matrices; Grad-CAM overlays (what the backbone looked at) for a sample of right and "
-        f"wrong predictions.</p>{figures}</body></html>"
+    binary = {"header": ["head", "AUC", "sensitivity", "specificity", "positives / negatives"],
+              "rows": binary_rows} if binary_rows else None
+    confidence = next((metrics[s]["intervals"]["confidence"] for s in sources if metrics[s].get("intervals")), 0.95)
+    figures = [{"alt": p.stem, "caption": p.stem.replace("_", " "),
+                "src": f"data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"} for p in images]
+    return render(
+        "evaluation_report.html.j2", title="xrayops evaluation", model=meta_name, split=split,
+        confidence_pct=f"{confidence * 100:g}", summary=summary_table(metrics, sources), comparison=comparison,
+        binary=binary, ood=ood, other={"header": ["quantity", "value"], "rows": [[k, _fmt(v)] for k, v in rest.items()]},
+        per_class=per_class_table(metrics, sources), subgroups=subgroup_tables(metrics, sources), figures=figures,
     )
 
 
@@ -353,6 +407,7 @@ def _load_split(bundle_meta, data_dir: Path, split: str):
 def _write_outputs(metrics: dict, classes: list[str], split: str, out_dir: Path, name: str, extra_pngs: list[Path]):
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.json"
+    EvaluationMetrics.model_validate(metrics)  # the typed document readers get back (read_evaluation)
     metrics_path.write_text(json.dumps(metrics, indent=2))
     pngs = {}
     figures = {"vs_pacs": ("confusion_matrix.png", "PACS tag"), "vs_truth": ("confusion_matrix_truth.png", "true region")}
@@ -426,7 +481,7 @@ def evaluate_ensemble(
     truth: dict[str, str] | None = None,
     truth_angles: dict[str, float] | None = None,
 ) -> EvaluationResult:
-    """Evaluate each member and their softmax-average ensemble (paper 000: SimCLR + BYOL +
+    """Evaluate each member and their softmax-average ensemble (Langer et al. 2024: SimCLR + BYOL +
     SupCon) on one split. metrics.json holds the ensemble's metrics on top (as evaluate_bundle
     writes them) and each member's under `members`; the report compares them side by side."""
     if len(bundle_dirs) < 2:
