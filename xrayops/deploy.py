@@ -4,8 +4,8 @@ the compiled KFP pipeline, with no hand-written YAML.
 The output is one stream of Kubernetes manifests. The compiled pipeline rides along inside the
 `xrayops-pipeline` ConfigMap (key `xrayops-training.yaml`), so `kubectl apply` accepts the whole
 stream and the cluster keeps the exact pipeline that goes with the deployed manifests; the
-ConfigMap's other keys (gpu, gpuNodePool, gpuCount, pipelineRoot, serviceAccount) are the
-overlay's choices that the pipeline is compiled with.
+ConfigMap's other keys (gpu, gpuNodePool, gpuCount, pipelineRoot, serviceAccount, namespace) are
+the overlay's choices that the pipeline is compiled with and run under (the Kubeflow Profile namespace).
 
 The pipeline is compiled by the CLI in a subprocess because `components` binds its image when
 it is imported (XRAYOPS_IMAGE) and the core must not import the adapters (docs/architecture.md).
