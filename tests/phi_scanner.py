@@ -24,6 +24,7 @@ everywhere. Private tags are read too (their text values count like any other).
 """
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import sqlite3
@@ -140,32 +141,66 @@ def _pattern(value: str) -> re.Pattern:
     return re.compile(rf"(?<!{edge}){re.escape(value)}(?!{edge})", re.IGNORECASE)
 
 
+class _Matcher:
+    """All secrets in two alternations (numeric-edged values also refuse a neighbouring dot), so
+    each text is scanned once whatever the number of secrets."""
+
+    def __init__(self, secrets: list[Secret]) -> None:
+        self.by_value = {s.value.lower(): s for s in secrets}
+        numeric = [s.value for s in secrets if s.value[:1].isdigit() or s.value[-1:].isdigit()]
+        other = [s.value for s in secrets if s.value not in set(numeric)]
+        self.patterns = []
+        for values, edge in ((numeric, r"[0-9A-Za-z.]"), (other, r"[0-9A-Za-z]")):
+            if values:
+                alternation = "|".join(re.escape(v) for v in sorted(set(values), key=len, reverse=True))
+                self.patterns.append(re.compile(rf"(?<!{edge})(?:{alternation})(?!{edge})", re.IGNORECASE))
+
+    def find(self, text: str) -> list[tuple[Secret, int]]:
+        found = []
+        for pattern in self.patterns:
+            for m in pattern.finditer(text):
+                found.append((self.by_value[m.group(0).lower()], m.start()))
+        return found
+
+
+PRINTABLE_RUN = re.compile(rb"[\x20-\x7e]{%d,}" % MIN_BINARY_CHARS)
+
+
 def scan(outputs: Iterable[Path], secrets: Iterable[Secret], allow: Iterable[str] = ()) -> list[Hit]:
     """Every occurrence of a secret in the output files (folders are walked), as hits."""
     allowed = {a.lower() for a in allow}
     wanted = sorted({s for s in secrets if s.value.lower() not in allowed}, key=lambda s: (s.kind, s.value))
-    patterns = [(s, _pattern(s.value), re.compile(_pattern(s.value).pattern.encode(), re.IGNORECASE)) for s in wanted]
+    matcher = _Matcher(wanted)
+    binary_matcher = _Matcher([s for s in wanted if len(s.value) >= MIN_BINARY_CHARS])
     hits: list[Hit] = []
     for base in outputs:
         base = Path(base)
+        if not base.exists():
+            continue
         files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
         for path in files:
             name = str(path.relative_to(base.parent))
-            for secret, pattern, _ in patterns:
-                if pattern.search(name):
-                    hits.append(Hit(secret.kind, secret.value, str(path), "file name"))
+            hits += [Hit(s.kind, s.value, str(path), "file name") for s, _ in matcher.find(name)]
             for location, text, binary in _contents(path):
-                for secret, pattern, bpattern in patterns:
-                    if binary:
-                        if len(secret.value) >= MIN_BINARY_CHARS and bpattern.search(text):
-                            hits.append(Hit(secret.kind, secret.value, str(path), location))
-                    elif pattern.search(text):
-                        hits.append(Hit(secret.kind, secret.value, str(path), location))
+                if binary:  # the printable runs of a binary file: where strings live in a pickle or .pt
+                    runs = "\n".join(r.decode("ascii") for r in PRINTABLE_RUN.findall(text))
+                    hits += [Hit(s.kind, s.value, str(path), location) for s, _ in binary_matcher.find(runs)]
+                elif isinstance(text, list):  # a parquet column: rows joined, positions mapped back
+                    joined, starts, position = [], [], 0
+                    for cell in text:
+                        starts.append(position)
+                        joined.append(cell)
+                        position += len(cell) + 1
+                    for s, at in matcher.find("\x00".join(joined)):
+                        row = bisect.bisect_right(starts, at) - 1
+                        hits.append(Hit(s.kind, s.value, str(path), f"{location}[{row}]"))
+                else:
+                    hits += [Hit(s.kind, s.value, str(path), location) for s, _ in matcher.find(text)]
     return hits
 
 
 def _contents(path: Path):
-    """(location, text or bytes, is_binary) pieces of one file."""
+    """(location, text | list of cell texts | bytes, is_binary) pieces of one file."""
     suffix = path.suffix.lower()
     raw = path.read_bytes()
     if suffix == ".parquet":
@@ -174,9 +209,8 @@ def _contents(path: Path):
         table = pq.read_table(path)
         yield "columns", " ".join(table.column_names), False
         for name in table.column_names:
-            for row, cell in enumerate(table.column(name).to_pylist()):
-                if cell is not None:
-                    yield f"{name}[{row}]", cell if isinstance(cell, str) else json.dumps(cell, default=str), False
+            cells = [c if isinstance(c, str) else json.dumps(c, default=str) for c in table.column(name).to_pylist()]
+            yield name, ["" if c == "null" else c for c in cells], False
         return
     if suffix == ".png" or raw[:8] == b"\x89PNG\r\n\x1a\n":
         yield from (("png " + k, v, False) for k, v in _png_text(raw))
@@ -225,8 +259,8 @@ def _png_text(raw: bytes) -> list[tuple[str, str]]:
 def scan_text(label: str, text: str, secrets: Iterable[Secret], allow: Iterable[str] = ()) -> list[Hit]:
     """The same search over captured text (logs, stderr) that is not a file."""
     allowed = {a.lower() for a in allow}
-    return [Hit(s.kind, s.value, label, "text") for s in secrets
-            if s.value.lower() not in allowed and _pattern(s.value).search(text)]  # fmt: skip
+    matcher = _Matcher([s for s in set(secrets) if s.value.lower() not in allowed])
+    return [Hit(s.kind, s.value, label, "text") for s, _ in matcher.find(text)]
 
 
 def report(hits: list[Hit], limit: int = 20) -> str:
