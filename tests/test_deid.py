@@ -306,3 +306,19 @@ def test_demo_key_is_explicit_public_and_reaches_the_processes_the_demo_starts(m
     settings = with_demo_key(Settings())
     assert require_key(settings) == DEMO_KEY.encode()
     assert os.environ["XRAYOPS_DEID_KEY"] == DEMO_KEY and "XRAYOPS_DEID_KEY_FILE" not in os.environ
+
+
+def test_overlay_bits_in_the_unused_high_bits_never_reach_the_pixels():
+    """The retired 'overlay in pixel data' puts burned text in bits above BitsStored: masked away."""
+    import io
+
+    from xrayops.dicom.decode import decode_pixels, read_dicom
+
+    pixels = ramp(8, 8, bits=12).astype(np.uint16)
+    pixels[0, :] |= 0x8000  # a line of overlay in bit 15
+    ds = make_dataset(pixels, bits_stored=12)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    decoded = decode_pixels(read_dicom(buffer.getvalue()))
+    assert decoded.max() <= 4095
+    np.testing.assert_array_equal(decoded, ramp(8, 8, bits=12))
