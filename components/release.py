@@ -20,22 +20,22 @@ def release_op(
 ) -> NamedTuple("ReleaseOut", [("release_id", str), ("uri", str)]):
     """Publish registry versions as a serving release (each replaces the live member of its SSL
     method; the others stay, unless `replace_all`) and point the InferenceService at it: the live
-    one through the Kubernetes API, or, with `manifest` (a file), only the rolled manifest as `rendered`."""
+    one(s) through the Kubernetes API, or, with `manifest` (a file), only the rolled manifest as `rendered`."""
     from collections import namedtuple
     from pathlib import Path
 
     from xrayops.config import get_settings
     from xrayops.release import release_models
-    from xrayops.release.cluster import get_inference_service, replace_inference_service
+    from xrayops.release.cluster import live_services, replace_services
     from xrayops.release.manifest import read_manifest, write_manifest
 
     settings = get_settings()
-    docs = read_manifest(Path(manifest)) if manifest else [get_inference_service(inference_service, namespace)]
+    docs = read_manifest(Path(manifest)) if manifest else live_services(inference_service, namespace)
     outcome = release_models(docs, list(model_uris), storage_uri or settings.release_storage_uri,
                              tracking_uri or settings.tracking_uri(), s3_endpoint_url or settings.s3_endpoint_url,
                              replace_all)
-    if not manifest:
-        replace_inference_service(outcome.inference_service)
+    if not manifest:  # the single-pod ensemble, or every member of the InferenceGraph and its combiner
+        replace_services(outcome.documents)
     write_manifest(outcome.documents, Path(rendered.path))
     Path(release.path).write_text(outcome.release.model_dump_json(indent=2))
     release.metadata.update({"release_id": outcome.release.release_id, "uri": outcome.release.uri,

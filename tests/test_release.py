@@ -373,7 +373,7 @@ def test_the_inference_graph_manifest_is_rolled_member_by_member(registry, tmp_p
     rolled InferenceService validates against KServe's CRD, and a member the release lacks is refused."""
     from xrayops.cli import app
 
-    graph = REPO / "infra/k8s/base/serving/inferencegraph.yaml"
+    graph = REPO / "infra/k8s/components/inferencegraph/inferencegraph.yaml"
     manifest = tmp_path / "inferencegraph.yaml"
     manifest.write_text(graph.read_text())
     monkeypatch.setenv("XRAYOPS_MLFLOW_TRACKING_URI", registry["uri"])
@@ -406,3 +406,83 @@ def test_the_inference_graph_manifest_is_rolled_member_by_member(registry, tmp_p
         assert crd_errors(service) == [], service["metadata"]["name"]
         assert service["metadata"]["annotations"][ANNOTATION_RELEASE] == Path(uri).name
     assert "# Ensemble members that scale apart" in manifest.read_text()  # comments kept
+
+
+class FakeGraphApi(FakeCustomObjects):
+    """No single-pod ensemble: the InferenceGraph variant's services, found by label."""
+
+    def __init__(self, services: list[dict]):
+        super().__init__(None)
+        self.services = services
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        from kubernetes.client.exceptions import ApiException
+
+        self.calls.append(("get", name))
+        raise ApiException(status=404, reason="Not Found")
+
+    def list_namespaced_custom_object(self, group, version, namespace, plural, label_selector=""):
+        self.calls.append(("list", label_selector))
+        return {"items": [s for s in self.services if label_selector in s["metadata"].get("labels", {})]}
+
+
+def test_a_live_graph_release_rolls_every_member_service_and_the_combiner():
+    import yaml
+
+    from xrayops.release.cluster import live_services, replace_services
+    from xrayops.release.plan import point_manifest
+
+    docs = [d for d in yaml.safe_load_all((REPO / "infra/k8s/components/inferencegraph/inferencegraph.yaml").read_text())
+            if d and d["kind"] == "InferenceService"]
+    for i, d in enumerate(docs):
+        d["metadata"].update(namespace="xrayops", resourceVersion=str(100 + i))
+    api = FakeGraphApi(docs)
+    live = live_services("xrayops-region", "xrayops", api)
+    assert sorted(d["metadata"]["name"] for d in live) == ["xrayops-ensemble-combiner", "xrayops-member-byol",
+                                                           "xrayops-member-simclr", "xrayops-member-supcon"]
+    release = Release(release_id="r-2", storage_uri="s3://m/r", members=[
+        ReleaseMember(member=m, model_uri=f"models:/x-{m}/1", weights_sha256=m, ssl_method=m, arch="resnet18")
+        for m in ("byol", "simclr", "supcon")])
+    names = replace_services(point_manifest(live, release), api)
+    assert sorted(names) == sorted(d["metadata"]["name"] for d in live)
+    replaced = [c for c in api.calls if c[0] == "replace"]
+    assert len(replaced) == 4 and {c[-1] for c in replaced} == {"100", "101", "102", "103"}  # each at its version
+    with pytest.raises(ReleaseError, match="no InferenceGraph member"):
+        live_services("xrayops-region", "xrayops", FakeGraphApi([]))
+
+
+def test_rollback_to_serves_the_release_asked_for_not_the_recorded_previous(registry, tmp_path, monkeypatch):
+    """Three releases in turn (A, B, C): the live C records B as previous. `rollback --to A` must
+    serve A; a rollback that took the recorded previous release instead would serve B."""
+    from xrayops.cli import app
+
+    storage, refs, uri = str(tmp_path / "store"), registry["refs"], registry["uri"]
+    a = release_models([base_isvc()], [refs["simclr"]], storage, uri)
+    b = release_models(a.documents, [refs["byol"]], storage, uri, replace_all=True)
+    c = release_models(b.documents, [refs["simclr2"]], storage, uri, replace_all=True)
+    notes = c.inference_service["metadata"]["annotations"]
+    assert notes[ANNOTATION_RELEASE] == c.release.release_id and notes[ANNOTATION_PREVIOUS] == b.release.release_id
+    assert len({a.release.release_id, b.release.release_id, c.release.release_id}) == 3
+
+    back = roll_back(c.documents, storage, to=a.release.release_id)
+    assert back.release.release_id == a.release.release_id != b.release.release_id
+    assert back.inference_service["spec"]["predictor"]["model"]["storageUri"] == a.release.uri
+    assert back.inference_service["metadata"]["annotations"][ANNOTATION_RELEASE] == a.release.release_id
+    assert back.inference_service["metadata"]["annotations"][ANNOTATION_PREVIOUS] == c.release.release_id
+    assert back.previous == c.release.release_id
+    assert roll_back(c.documents, storage).release.release_id == b.release.release_id  # without --to: the previous
+
+    # The same through the CLI, on a manifest.
+    from xrayops.release.manifest import write_manifest
+
+    manifest = tmp_path / "isvc.yaml"
+    write_manifest(c.documents, manifest)
+    monkeypatch.setenv("XRAYOPS_RELEASE_STORAGE_URI", storage)
+    monkeypatch.setenv("XRAYOPS_OUTPUT_DIR", str(tmp_path / "outputs"))
+    res = CliRunner().invoke(app, ["release", "rollback", "--to", a.release.release_id, "--manifest", str(manifest)])
+    assert res.exit_code == 0, res.output
+    served = yaml.safe_load(manifest.read_text())
+    assert served["metadata"]["annotations"][ANNOTATION_RELEASE] == a.release.release_id
+    assert served["spec"]["predictor"]["model"]["storageUri"] == a.release.uri
+    res = CliRunner().invoke(app, ["release", "rollback", "--to", a.release.release_id, "--manifest", str(manifest)])
+    assert res.exit_code == 2 and "is already live" in said(res)

@@ -212,12 +212,12 @@ def pretrain(
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 8,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    arch: Annotated[str, typer.Option(help="resnet18 (paper 000) or resnet50.")] = "resnet18",
-    method: Annotated[str, typer.Option(help="simclr, byol or supcon (paper 000; supcon uses the region tags).")] = "simclr",
-    lr: Annotated[float, typer.Option(help="Adam learning rate (paper 000: 3e-4, cosine).")] = 3e-4,
-    weight_decay: Annotated[float, typer.Option(help="Adam weight decay (paper 000: 1e-4).")] = 1e-4,
-    temperature: Annotated[float, typer.Option(help="NT-Xent / SupCon temperature (paper 000: 0.5).")] = 0.5,
-    tau_base: Annotated[float, typer.Option(help="BYOL base target momentum (paper 000: 0.9995).")] = 0.9995,
+    arch: Annotated[str, typer.Option(help="resnet18 (Langer et al. 2024) or resnet50.")] = "resnet18",
+    method: Annotated[str, typer.Option(help="simclr, byol or supcon (Langer et al. 2024; supcon uses the region tags).")] = "simclr",
+    lr: Annotated[float, typer.Option(help="Adam learning rate (Langer et al. 2024: 3e-4, cosine).")] = 3e-4,
+    weight_decay: Annotated[float, typer.Option(help="Adam weight decay (Langer et al. 2024: 1e-4).")] = 1e-4,
+    temperature: Annotated[float, typer.Option(help="NT-Xent / SupCon temperature (Langer et al. 2024: 0.5).")] = 0.5,
+    tau_base: Annotated[float, typer.Option(help="BYOL base target momentum (Langer et al. 2024: 0.9995).")] = 0.9995,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at each epoch's end).")] = 200,
     init_from: Annotated[
         Optional[Path],
@@ -225,7 +225,7 @@ def pretrain(
                      "a new optimiser and cosine schedule."),
     ] = None,
 ) -> None:
-    """Pretraining (SimCLR, BYOL or SupCon; paper 000) of the backbone; resumes from a checkpoint.
+    """Pretraining (SimCLR, BYOL or SupCon; Langer et al. 2024) of the backbone; resumes from a checkpoint.
 
     Under `torchrun --nproc_per_node=N` it trains with DDP (one process per GPU, gloo on CPU).
     With --init-from it trains on from an earlier run's weights (more epochs, a new dataset version).
@@ -260,9 +260,9 @@ def finetune(
         Optional[str], typer.Option(help="With --labels-from-store: label events up to this ISO time (default: now).")
     ] = None,
 ) -> None:
-    """Train the linear region head on the frozen backbone (paper 000) and write a model bundle.
+    """Train the linear region head on the frozen backbone (Langer et al. 2024) and write a model bundle.
 
-    With --truth, also the (cos, sin) orientation head of paper 004. With --labels-from-store,
+    With --truth, also the (cos, sin) orientation head of Baltruschat et al. 2018. With --labels-from-store,
     the labels are the point-in-time training set of the Feast store (see `import-reviews`).
     """
     from datetime import datetime, timezone
@@ -302,7 +302,7 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("outputs/evaluation"),
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     truth: Annotated[Optional[Path], typer.Option(help="truth.csv from synth: also score against true labels.")] = None,
-    member: Annotated[Optional[list[Path]], typer.Option(help="Further bundles: evaluate the softmax-average ensemble (paper 000) beside its members.")] = None,
+    member: Annotated[Optional[list[Path]], typer.Option(help="Further bundles: evaluate the softmax-average ensemble (Langer et al. 2024) beside its members.")] = None,
 ) -> None:
     """Metrics, per-class accuracy, confusion matrix, calibration, OOD AUROC, orientation, Grad-CAM and an HTML report."""
     from xrayops.data.dataset import read_truth_angles
@@ -442,7 +442,7 @@ def predict(
     model_name: Annotated[Optional[str], typer.Option(help="Served model name.")] = None,
     gradcam: Annotated[bool, typer.Option(help="Also return a Grad-CAM heatmap per image (base64 PNG).")] = False,
     upright: Annotated[
-        bool, typer.Option(help="Also return each image turned upright by its predicted angle (base64 PNG; paper 004).")
+        bool, typer.Option(help="Also return each image turned upright by its predicted angle (base64 PNG; Baltruschat et al. 2018).")
     ] = False,
 ) -> None:
     """Send DICOM files to a running server (kserve's InferenceRESTClient, v2) and print the answers."""
@@ -529,7 +529,7 @@ def dashboard(
 @app.command("audit-labels")
 def audit_labels_cmd(
     backbone: Annotated[list[Path], typer.Option(
-        help="Frozen backbone.pt (from pretrain). Repeat for an ensemble (e.g. SimCLR and BYOL; paper 000).")] = [
+        help="Frozen backbone.pt (from pretrain). Repeat for an ensemble (e.g. SimCLR and BYOL; Langer et al. 2024).")] = [
         Path("outputs/pretrain/backbone.pt")],
     data_dir: Annotated[Optional[Path], typer.Option(help="Dataset folder (default XRAYOPS_DATA_DIR).")] = None,
     out: Annotated[Path, typer.Option(help="Audit folder: label_issues.csv, label_audit.json, review worklist.")] = Path(
@@ -760,8 +760,8 @@ pipeline_app.command("compile-site-training")(_archive_compile_command(
 def pipeline_site_train(
     source_dir: Annotated[Path, typer.Option(help="The site's DICOM archive.")],
     root: Annotated[Path, typer.Option(help="kfp.local pipeline root (artifacts).")] = Path("outputs/kfp-site"),
-    method: Annotated[Optional[list[str]], typer.Option(help="SSL method of a member; repeat (default: simclr, byol, supcon, paper 000).")] = None,
-    image_size: Annotated[int, typer.Option(help="Stored image side (paper 000: 224).")] = 224,
+    method: Annotated[Optional[list[str]], typer.Option(help="SSL method of a member; repeat (default: simclr, byol, supcon, Langer et al. 2024).")] = None,
+    image_size: Annotated[int, typer.Option(help="Stored image side (Langer et al. 2024: 224).")] = 224,
     pretrain_epochs: Annotated[int, typer.Option(help="SSL epochs of every member.")] = 100,
     finetune_epochs: Annotated[int, typer.Option(help="Linear-head epochs.")] = 60,
     model_name: Annotated[str, typer.Option(help="Members register as NAME-METHOD in MLflow.")] = "xrayops-region",
@@ -771,7 +771,7 @@ def pipeline_site_train(
     replace_champions: Annotated[bool, typer.Option(
         help="Move the champion alias of members that already have one (default: refuse; retrain them instead).")] = False,
 ) -> None:
-    """Run the site-training pipeline here with kfp.local: paper 000's ensemble on the site's own
+    """Run the site-training pipeline here with kfp.local: Langer et al. 2024's ensemble on the site's own
     archive, each member registered as NAME-METHOD with alias champion (the first champions)."""
     from pipelines.retraining import store_arguments
     from pipelines.site_training import PAPER_000_METHODS, run_site_training_local
@@ -894,7 +894,7 @@ def pipeline_submit(
         Optional[Path], typer.Option(help="monitor.json of `xrayops monitor`: submit only if its decision is to retrain.")
     ] = None,
     pipeline: Annotated[
-        Optional[str], typer.Option(help="When compiling: `training` (synthetic demo loop), `site-training` (paper 000's "
+        Optional[str], typer.Option(help="When compiling: `training` (synthetic demo loop), `site-training` (Langer et al. 2024's "
                                          "ensemble on the site's archive: the first champions) or `retraining` (the "
                                          "site's archive, gated against the champion); default retraining with --if-retrain.")
     ] = None,
@@ -1105,18 +1105,18 @@ _MANIFEST_HELP = ("InferenceService manifest to read (offline/GitOps: writes the
 
 
 def _release_target(manifest: Optional[Path], name: str, namespace: str) -> list[dict]:
-    """The documents a release rolls: a manifest's (offline/GitOps), or the live InferenceService."""
-    from xrayops.release.cluster import get_inference_service
+    """The documents a release rolls: a manifest's (offline/GitOps), or the live InferenceService(s)."""
+    from xrayops.release.cluster import live_services
     from xrayops.release.manifest import read_manifest
 
-    return read_manifest(manifest) if manifest is not None else [get_inference_service(name, namespace)]
+    return read_manifest(manifest) if manifest is not None else live_services(name, namespace)
 
 
 def _write_release_target(docs: list[dict], manifest: Optional[Path], out: Optional[Path], dry_run: bool) -> str:
     """Where the rolled documents went: a file (offline), stdout (dry run) or the cluster."""
     import sys
 
-    from xrayops.release.cluster import replace_inference_service
+    from xrayops.release.cluster import replace_services
     from xrayops.release.manifest import dump_manifest, write_manifest
 
     target = out or (None if dry_run else manifest)
@@ -1126,9 +1126,8 @@ def _write_release_target(docs: list[dict], manifest: Optional[Path], out: Optio
     if dry_run:
         dump_manifest(docs, sys.stdout)
         return "stdout"
-    (isvc,) = docs
-    replace_inference_service(isvc)
-    return f"cluster:{isvc['metadata'].get('namespace')}/{isvc['metadata']['name']}"
+    names = replace_services(docs)
+    return f"cluster:{docs[0]['metadata'].get('namespace')}/{','.join(names)}"
 
 
 def _print_release(outcome, where: str) -> None:
@@ -1158,13 +1157,16 @@ def release_publish(
     method; the others stay."""
     from xrayops.registry import RegistryError
     from xrayops.release import ReleaseError, release_models
+    from xrayops.release.approval import ApprovalError
 
     settings = get_settings()
     try:
         docs = _release_target(manifest, name or settings.inference_service, namespace or settings.serving_namespace)
         outcome = release_models(docs, model, storage or settings.release_storage_uri, settings.tracking_uri(),
-                                 settings.s3_endpoint_url, replace_all)
+                                 settings.s3_endpoint_url, replace_all, settings.release_requires_approval)
         where = _write_release_target(outcome.documents, manifest, out, dry_run)
+    except ApprovalError as exc:  # published to the storage, not served: exit 3 tells scripts "awaiting approval"
+        _fail(str(exc), 3)
     except (ReleaseError, RegistryError) as exc:
         _fail(str(exc))
     _print_release(outcome, where)
@@ -1180,13 +1182,15 @@ def release_rollback(
     namespace: Annotated[Optional[str], typer.Option(help="Namespace (default XRAYOPS_SERVING_NAMESPACE).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the rolled InferenceService instead of writing or replacing it.")] = False,
 ) -> None:
-    """Point the InferenceService back at the release it served before (recorded on it), or at --to."""
+    """Point the InferenceService back at the release it served before (recorded on it), or at --to
+    (which, with XRAYOPS_RELEASE_REQUIRES_APPROVAL, must be approved unless it is that release)."""
     from xrayops.release import ReleaseError, roll_back
 
     settings = get_settings()
     try:
         docs = _release_target(manifest, name or settings.inference_service, namespace or settings.serving_namespace)
-        outcome = roll_back(docs, storage or settings.release_storage_uri, settings.s3_endpoint_url, to)
+        outcome = roll_back(docs, storage or settings.release_storage_uri, settings.s3_endpoint_url, to,
+                            settings.release_requires_approval, settings.tracking_uri())
         where = _write_release_target(outcome.documents, manifest, out, dry_run)
     except ReleaseError as exc:
         _fail(str(exc))
@@ -1258,6 +1262,78 @@ def release_show(
         _fail(str(exc))
     _print_json({"inference_service": service["metadata"]["name"], "release": release.model_dump(mode="json"),
                  "uri": release.uri, "rollback_to": previous_release_id(service)})
+
+
+def _decide_release(decision: str, release_id: str, by: str, note: str, record: Optional[Path],
+                    storage: Optional[str]) -> None:
+    from xrayops.release import ReleaseError
+    from xrayops.release.approval import decide
+    from xrayops.release.storage import open_store, read_release
+
+    settings = get_settings()
+    try:
+        release = read_release(open_store(storage or settings.release_storage_uri, settings.s3_endpoint_url), release_id)
+        entry = decide(decision, release, by, note, settings.tracking_uri(), settings.audit_log_path(), record)
+    except ReleaseError as exc:
+        _fail(str(exc))
+    _print_json({"audit_log": str(settings.audit_log_path()), "entry": entry.model_dump(mode="json")})
+
+
+_BY_HELP = "Who decides: a person's name (recorded in the audit log and on every member version)."
+_RECORD_HELP = "The change record read before deciding (its sha256 goes into the audit entry)."
+
+
+@release_app.command("approve")
+def release_approve(
+    release_id: Annotated[str, typer.Argument(help="Release id (r-...), published to the serving storage.")],
+    by: Annotated[str, typer.Option(help=_BY_HELP)],
+    note: Annotated[str, typer.Option(help="Why it may go live (the evidence weighed, conditions).")],
+    record: Annotated[Optional[Path], typer.Option(help=_RECORD_HELP)] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
+) -> None:
+    """Approve a release: an entry in the hash-chained audit log (XRAYOPS_RELEASE_AUDIT_LOG) and tags on
+    every member's registry version; with XRAYOPS_RELEASE_REQUIRES_APPROVAL only approved releases go live."""
+    _decide_release("approved", release_id, by, note, record, storage)
+
+
+@release_app.command("reject")
+def release_reject(
+    release_id: Annotated[str, typer.Argument(help="Release id (r-...), published to the serving storage.")],
+    by: Annotated[str, typer.Option(help=_BY_HELP)],
+    note: Annotated[str, typer.Option(help="Why it must not go live.")],
+    record: Annotated[Optional[Path], typer.Option(help=_RECORD_HELP)] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
+) -> None:
+    """Reject a release, recorded like an approval; a rejected release is refused by publish."""
+    _decide_release("rejected", release_id, by, note, record, storage)
+
+
+@release_app.command("audit")
+def release_audit(
+    log: Annotated[Optional[Path], typer.Option(help="Audit log (default XRAYOPS_RELEASE_AUDIT_LOG).")] = None,
+    registry: Annotated[bool, typer.Option(help="Also check that the registry's tags carry each release's latest decision.")] = True,
+    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
+) -> None:
+    """Verify the release audit log's hash chain (and that the registry agrees); exit 1 when broken."""
+    from xrayops.release import ReleaseError
+    from xrayops.release.approval import read_entries, registry_problems, verify_chain
+    from xrayops.release.storage import list_releases, open_store
+
+    settings = get_settings()
+    path = log or settings.audit_log_path()
+    report = verify_chain(path)
+    problems = [] if report.ok else [f"line {report.broken_line}: {report.problem}"]
+    if report.ok and registry:
+        try:
+            releases, _ = list_releases(open_store(storage or settings.release_storage_uri, settings.s3_endpoint_url))
+            problems = registry_problems(settings.tracking_uri(), read_entries(path),
+                                         {r.release_id: r for r in releases})
+        except ReleaseError as exc:
+            _fail(str(exc))
+    _print_json({**report.model_dump(), "registry_checked": report.ok and registry, "problems": problems,
+                 "ok": not problems})
+    if problems:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -198,10 +198,13 @@ def pipeline_environment(ctx: RunContext):
     this run's key and output folder (feature store, registry)."""
     from xrayops.dicom.deid import KEY_ENV, KEY_FILE_ENV
 
-    updates = {KEY_ENV: ctx.key, "XRAYOPS_OUTPUT_DIR": str(ctx.out), "XRAYOPS_FEATURE_REPO_DIR": str(ctx.settings.feature_repo_dir or "")}
-    saved = {k: os.environ.get(k) for k in (*updates, KEY_FILE_ENV)}
+    secret = ctx.settings.deid_key.get_secret_value() if ctx.settings.deid_key is not None else ""
+    key = {KEY_ENV: secret} if secret else {KEY_FILE_ENV: str(ctx.settings.deid_key_file or "")}
+    updates = {**key, "XRAYOPS_OUTPUT_DIR": str(ctx.out), "XRAYOPS_FEATURE_REPO_DIR": str(ctx.settings.feature_repo_dir or "")}
+    saved = {k: os.environ.get(k) for k in (*updates, KEY_ENV, KEY_FILE_ENV)}
+    for name in (KEY_ENV, KEY_FILE_ENV):
+        os.environ.pop(name, None)
     os.environ.update({k: v for k, v in updates.items() if v})
-    os.environ.pop(KEY_FILE_ENV, None)
     try:
         yield
     finally:

@@ -1,7 +1,11 @@
-"""The live InferenceService, through the Kubernetes API (in-cluster config in a pod, else kubeconfig)."""
+"""The live InferenceServices a release rolls, through the Kubernetes API (in-cluster config in a
+pod, else kubeconfig): the single-pod ensemble by name, or, where an overlay serves the
+InferenceGraph variant instead, the graph's member services and its combiner (by label)."""
 from __future__ import annotations
 
-from xrayops.release.plan import ReleaseError
+from xrayops.release.plan import MEMBER_LABEL, ReleaseError
+
+COMBINER_LABEL = "xrayops.io/combiner"  # the graph's combiner service, which reads the whole release
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 
@@ -50,3 +54,42 @@ def replace_inference_service(isvc: dict, api=None) -> dict:
         return api.replace_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], isvc)
     except ApiException as exc:
         raise _explain(exc, meta["name"], meta["namespace"]) from exc
+
+
+def list_inference_services(namespace: str, label_selector: str, api=None) -> list[dict]:
+    from kubernetes.client.exceptions import ApiException
+
+    api = api or _api()
+    try:
+        return list(api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                                      label_selector=label_selector).get("items") or [])
+    except ApiException as exc:
+        raise _explain(exc, f"[{label_selector}]", namespace) from exc
+
+
+def live_services(name: str, namespace: str, api=None) -> list[dict]:
+    """What a release rolls on the cluster: the InferenceService `name`; where it does not exist and
+    the InferenceGraph variant serves, every member service (label xrayops.io/member) and the
+    combiner (label xrayops.io/combiner)."""
+    from kubernetes.client.exceptions import ApiException
+
+    api = api or _api()
+    try:
+        return [api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)]
+    except ApiException as exc:
+        if exc.status != 404:
+            raise _explain(exc, name, namespace) from exc
+    graph = list_inference_services(namespace, MEMBER_LABEL, api) + list_inference_services(namespace, COMBINER_LABEL, api)
+    if not graph:
+        raise ReleaseError(f"InferenceService {namespace}/{name} does not exist, and no InferenceGraph member "
+                           f"services (label {MEMBER_LABEL}) do either")
+    return graph
+
+
+def replace_services(docs: list[dict], api=None) -> list[str]:
+    """Every InferenceService of `docs` replaced (each at the version it was read); their names."""
+    api = api or _api()
+    services = [d for d in docs if d.get("kind", "InferenceService") == "InferenceService"]
+    for isvc in services:
+        replace_inference_service(isvc, api)
+    return [isvc["metadata"]["name"] for isvc in services]
