@@ -99,6 +99,13 @@ class Settings(BaseSettings):
     # Whether the retraining runs the monitor CronJob submits release a promoted challenger to serving
     # (pipeline parameter `release`); off: a person releases with `xrayops release publish`.
     release_on_promotion: bool = False
+    # A release goes live (publish, the pipeline's release step, rollback to another release) only once
+    # a person approved it (`xrayops release approve`); on for the cluster overlays.
+    release_requires_approval: bool = False
+    # The hash-chained audit log of approvals and rejections; empty: <output_dir>/release/audit.jsonl.
+    release_audit_log: Path | None = None
+    # The quality dashboard (the Evidently UI's monitoring project) that change records link to.
+    dashboard_url: str = ""
     # Feature store (xrayops.features): Feast repo; sqlite online store by default, redis or postgres on a cluster.
     feature_repo_dir: Path | None = None
     feast_project: str = "xrayops"
@@ -128,6 +135,10 @@ class Settings(BaseSettings):
             refuse_secondary=not self.admit_secondary,
             pixels_cleaned=self.admit_pixels_cleaned,
         )
+
+    def audit_log_path(self) -> Path:
+        """The release audit log (approvals and rejections, hash-chained)."""
+        return self.release_audit_log or self.output_dir / "release" / "audit.jsonl"
 
     def dvc_remote(self) -> str:
         return self.dvc_remote_url or str((self.output_dir / "dvc-remote").resolve())

@@ -79,10 +79,15 @@ def release_models(
     tracking_uri: str | None,
     endpoint_url: str = "",
     replace_all: bool = False,
+    require_approval: bool = False,
 ) -> ReleaseOutcome:
     """Publish `refs` (with the live release's other members unless `replace_all`) to the serving
     storage and return `docs` (a manifest's documents, or the live InferenceService) pointed at the
-    new release (None: publish only, with no live release to keep members from)."""
+    new release (None: publish only, with no live release to keep members from).
+
+    With `require_approval` (XRAYOPS_RELEASE_REQUIRES_APPROVAL) a release that is not approved in
+    the registry (xrayops.release.approval) is published to the storage, where it can be recorded
+    and approved, but `docs` are not pointed at it: ApprovalError says what is missing."""
     store = open_store(storage_uri, endpoint_url)
     isvc = primary_service(docs) if docs else None
     live, live_metas = live_release(store, isvc)
@@ -95,13 +100,20 @@ def release_models(
         release = write_release(store, release, {m.member: path for m, _, path in resolved})
     log.info("published release", release=release.release_id, uri=release.uri,
              members={m.member: m.model_uri for m in release.members}, previous=release.previous)
+    if require_approval and docs:
+        from xrayops.release.approval import require_approval as approved
+
+        approved(tracking_uri, release)
     return ReleaseOutcome(release=release, documents=point_manifest(docs, release) if docs else None,
                           previous=live.release_id if live is not None else None)
 
 
-def roll_back(docs: list[dict], storage_uri: str, endpoint_url: str = "", to: str | None = None) -> ReleaseOutcome:
+def roll_back(docs: list[dict], storage_uri: str, endpoint_url: str = "", to: str | None = None,
+              require_approval: bool = False, tracking_uri: str | None = None) -> ReleaseOutcome:
     """`docs` (a manifest's, or the live InferenceService) pointed back at the release before the
-    live one (or at release `to`)."""
+    live one, or at release `to` when given (whatever the service records as previous). With
+    `require_approval`, a `to` other than the recorded previous release (which served before)
+    must be approved."""
     isvc = primary_service(docs)
     target = to or previous_release_id(isvc)
     if target is None:
@@ -109,6 +121,10 @@ def roll_back(docs: list[dict], storage_uri: str, endpoint_url: str = "", to: st
     if target == live_release_id(isvc):
         raise ReleaseError(f"release {target} is already live")
     release = read_release(open_store(storage_uri, endpoint_url), target)
+    if require_approval and target != previous_release_id(isvc):
+        from xrayops.release.approval import require_approval as approved
+
+        approved(tracking_uri, release)
     log.info("rolling back", release=release.release_id, live=live_release_id(isvc))
     return ReleaseOutcome(release=release, documents=point_manifest(docs, release), previous=live_release_id(isvc))
 
