@@ -149,3 +149,39 @@ def test_96_frame_cine_gives_one_frame_or_is_rejected():
     assert middle.shape == (512, 512)
     np.testing.assert_array_equal(middle, pixel_array(ds, index=48, decoding_plugin="pylibjpeg"))
     assert reason_of(decode_pixels, ds, "reject") == "multiframe_rejected"
+
+
+def _j2k(pixels: np.ndarray, **kwargs) -> bytes:
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = make_dataset(pixels, **kwargs)
+    ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+    return to_bytes(ds)
+
+
+@pytest.mark.parametrize("rows,cols", [(301, 203), (300, 200), (257, 129)])
+def test_reduced_jpeg2000_decodes_sides_just_above_a_multiple_of_the_step(rows, cols):
+    """Pillow's own reduce sizes round(side / 2^k) and fails there; OpenJPEG's band is ceil(side / 2^k)."""
+    from xrayops.dicom.decode import decode_j2k_reduced
+
+    ds = read_dicom(_j2k(np.random.default_rng(rows).integers(0, 4096, (rows, cols)).astype(np.uint16)))
+    for levels in (1, 2, 3):
+        reduced = decode_j2k_reduced(ds, None, levels)
+        step = 1 << levels
+        assert reduced is not None and reduced.shape == (-(-rows // step), -(-cols // step)), levels
+
+
+def test_reduced_jpeg2000_applies_only_to_reversible_single_tile_greyscale_codestreams():
+    """A 9/7 band is another filter than the 5/3 band other syntaxes get; palette indices must not be
+    averaged before their LUT. Those are decoded whole."""
+    from pydicom.uid import JPEG2000
+
+    from xrayops.dicom.decode import decode_j2k_reduced
+
+    pixels = ramp(256, 256)
+    assert decode_j2k_reduced(read_dicom(_j2k(pixels)), None, 2).shape == (64, 64)
+    lossy = make_dataset(pixels)
+    lossy.compress(JPEG2000, j2k_cr=[10], generate_instance_uid=False)
+    assert decode_j2k_reduced(read_dicom(to_bytes(lossy)), None, 2) is None
+    palette = read_dicom(_j2k((pixels % 256).astype(np.uint8), photometric="PALETTE COLOR", bits_stored=8))
+    assert decode_j2k_reduced(palette, None, 2) is None

@@ -15,16 +15,18 @@ from xrayops.dicom.contact_sheet import LABEL_HEIGHT, contact_sheet
 from xrayops.dicom.decode import DicomError, decode_frame, decode_j2k_reduced, decode_pixels, read_dicom
 from xrayops.dicom.pixels import (
     apply_window,
-    box_reduce,
     image_statistics,
     invert_monochrome1,
     percentile_window,
+    decode_for_spec,
     preprocess,
     preprocess_array,
+    reduction_levels,
     remove_border,
     resize_with_padding,
     to_grayscale,
     to_output_dtype,
+    wavelet_reduce,
 )
 from tests.conftest import DICOM_SAMPLES
 
@@ -260,24 +262,35 @@ def test_every_real_grayscale_sample_matches_pydicom_reference_and_the_early_red
 
 
 @needs_samples
-@pytest.mark.parametrize("name", ["wg04__RG2_J2KI.dcm", "wg04__MG1_J2KI.dcm", "pylibjpeg-data__966_fixed.dcm"])
-def test_reduced_jpeg2000_decoding_is_exact_at_full_size_and_a_downsample_below(name):
+@pytest.mark.parametrize("name", ["wg04__RG2_J2KR.dcm", "pydicom-data-git__RG3_J2KR.dcm", "pylibjpeg-data__966_fixed.dcm"])
+def test_reduced_jpeg2000_decoding_is_the_5_3_low_pass_band_bit_for_bit(name):
     ds = read_dicom(SAMPLES / "radiographs" / name)
     full = decode_pixels(ds)
     # 10- and 12-bit codestreams: Pillow scales samples to 16 bits; the decoder undoes it exactly
     np.testing.assert_array_equal(decode_j2k_reduced(ds, None, 0), full)
-    reduced = decode_j2k_reduced(ds, None, 2)
-    assert reduced.shape == (-(-full.shape[0] // 4), -(-full.shape[1] // 4))
-    boxed = box_reduce(full, 4)[: reduced.shape[0], : reduced.shape[1]]
-    assert np.corrcoef(reduced.ravel(), boxed.ravel())[0, 1] > 0.99
-    assert abs(float(reduced.mean()) - float(full.mean())) < 0.01 * float(full.max())
+    for levels in (1, 2, 3):
+        reduced = decode_j2k_reduced(ds, None, levels)
+        np.testing.assert_array_equal(reduced, wavelet_reduce(full, levels, (0, 2 ** int(ds.BitsStored) - 1)))
+
+
+@needs_samples
+@pytest.mark.parametrize("name", ["wg04__RG2_J2KI.dcm", "wg04__MG1_J2KI.dcm"])
+def test_irreversible_jpeg2000_is_not_decoded_at_reduced_resolution(name):
+    """A 9/7 low-pass band is not the 5/3 band every other syntax gets: such files are decoded whole."""
+    ds = read_dicom(SAMPLES / "radiographs" / name)
+    assert decode_j2k_reduced(ds, None, 2) is None
+    frame = decode_for_spec(ds, PreprocessingSpec(size=256), None)
+    full = decode_pixels(ds)
+    levels = reduction_levels(full.shape, 256)
+    assert levels >= 1
+    np.testing.assert_array_equal(frame, wavelet_reduce(full, levels, (0, 2 ** int(ds.BitsStored) - 1)))
 
 
 @needs_samples
 def test_reduced_jpeg2000_falls_back_to_fewer_levels_when_a_deep_level_fails(monkeypatch):
     import xrayops.dicom.decode as decode
 
-    ds = read_dicom(SAMPLES / "radiographs" / "wg04__RG2_J2KI.dcm")
+    ds = read_dicom(SAMPLES / "radiographs" / "wg04__RG2_J2KR.dcm")
     full = decode_pixels(ds)
     real = decode._pillow_j2k
     tried = []
@@ -290,6 +303,12 @@ def test_reduced_jpeg2000_falls_back_to_fewer_levels_when_a_deep_level_fails(mon
     reduced = decode_j2k_reduced(ds, None, 3)
     assert tried == [3, 2, 1]
     assert reduced.shape == (-(-full.shape[0] // 2), -(-full.shape[1] // 2))
+    # decode_for_spec computes the levels the decoder did not. The same band as a full decode, but
+    # for the decoder's clip to 0..1023 at level 1 where the 5/3 filter overshoots a hard edge
+    spec = PreprocessingSpec(size=128)
+    expected = wavelet_reduce(full, reduction_levels(full.shape, 128), (0, 1023)).astype(int)
+    diff = np.abs(decode_for_spec(ds, spec, None).astype(int) - expected)
+    assert diff.max() <= 2 and np.mean(diff > 0) < 0.001
     monkeypatch.setattr(decode, "_pillow_j2k", lambda *a: None)
     assert decode_j2k_reduced(ds, None, 3) is None  # then the full decoders take over
     out = decode_frame(ds, None, reduce=3)
@@ -298,6 +317,64 @@ def test_reduced_jpeg2000_falls_back_to_fewer_levels_when_a_deep_level_fails(mon
 
 def test_reduced_decoding_does_not_apply_to_other_syntaxes_or_signed_data():
     ds = read_dicom(to_bytes(make_dataset(ramp(64, 64))))
-    assert decode_j2k_reduced(ds, None, 2) is None  # native data: decoded whole, then box-averaged
+    assert decode_j2k_reduced(ds, None, 2) is None  # native data: decoded whole, then wavelet_reduce
     out = decode_frame(ds, None, reduce=2)
     assert out.shape == (64, 64)
+
+
+def _low_band_reference(x: list[int]) -> list[int]:
+    """ISO/IEC 15444-1 F.3.8.2 (1D_SD, 5/3 reversible), sample by sample, with symmetric extension."""
+    n = len(x)
+    if n == 1:
+        return list(x)
+    def ext(i: int) -> int:  # whole-sample symmetric: period 2(n - 1), mirrored about 0 and n - 1
+        i = abs(i) % (2 * (n - 1))
+        return x[2 * (n - 1) - i] if i >= n else x[i]
+
+    d = {i: ext(i) - (ext(i - 1) + ext(i + 1)) // 2 for i in range(-1, n + 1) if i % 2}
+    return [x[i] + (d[i - 1] + d[i + 1] + 2) // 4 for i in range(0, n, 2)]
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (2, 3), (7, 4), (9, 12), (33, 17)])
+def test_wavelet_reduce_follows_the_standard_lifting_columns_then_rows(shape):
+    rng = np.random.default_rng(sum(shape))
+    pixels = rng.integers(0, 4096, shape).astype(np.uint16)
+    columns = np.array([_low_band_reference(list(map(int, col))) for col in pixels.T]).T
+    expected = np.array([_low_band_reference(list(map(int, row))) for row in columns])
+    got = wavelet_reduce(pixels, 1, (0, 2**16 - 1))
+    assert got.dtype == np.uint16 and got.shape == (-(-shape[0] // 2), -(-shape[1] // 2))
+    np.testing.assert_array_equal(got, np.clip(expected, 0, 2**16 - 1))
+
+
+def test_wavelet_reduce_keeps_flat_and_linear_images_and_clips_overshoot_to_the_stored_range():
+    flat = np.full((37, 50), 1234, np.uint16)
+    np.testing.assert_array_equal(wavelet_reduce(flat, 3), np.full((5, 7), 1234))
+    y, x = np.mgrid[0:64, 0:64]
+    ramp_image = (10 * x + 3 * y).astype(np.float32)
+    reduced = wavelet_reduce(ramp_image, 1)  # a low-pass with unit gain passes a ramp (inside)
+    np.testing.assert_allclose(reduced[1:-1, 1:-1], ramp_image[2:-2:2, 2:-2:2], atol=1e-3)
+    edge = np.zeros((16, 16), np.uint16)
+    edge[:, 8:] = 4095  # a hard edge: the 5/3 filter overshoots both ways
+    clipped = wavelet_reduce(edge, 1, (0, 4095))
+    assert clipped.min() == 0 and clipped.max() == 4095
+    assert wavelet_reduce(edge.astype(np.int32), 1).min() < 0  # without a stored range it would not
+
+
+def test_wavelet_reduce_float_and_integer_agree_within_rounding():
+    pixels = np.random.default_rng(3).integers(0, 4096, (301, 203)).astype(np.uint16)
+    integer = wavelet_reduce(pixels, 2).astype(np.float64)
+    floating = wavelet_reduce(pixels.astype(np.float32), 2).astype(np.float64)
+    assert np.abs(integer - floating).max() <= 3.0  # floor rounding, < 1.5 per level
+    nan = pixels.astype(np.float32)
+    nan[5, 5] = np.nan
+    assert np.isfinite(wavelet_reduce(nan, 1)).all()  # non-finite float pixels do not spread
+
+
+def test_colour_frames_are_decoded_whole_and_reduced_after_luminance():
+    rgb = np.random.default_rng(0).integers(0, 256, (600, 520, 3)).astype(np.uint8)
+    ds = read_dicom(to_bytes(make_dataset(rgb, photometric="RGB")))
+    spec = PreprocessingSpec(size=64)
+    assert decode_for_spec(ds, spec, None).shape == (600, 520, 3)
+    out = preprocess(ds, spec)
+    expected = preprocess_array(rgb, ds, PreprocessingSpec(size=64, reduce_early=False))
+    assert out.shape == (64, 64) and np.abs(out.astype(int) - expected.astype(int)).mean() < 8

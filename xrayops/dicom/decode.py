@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ from pydicom.uid import (
     JPEGExtended12Bit,
 )
 
+from xrayops.errors import XrayopsError
+
 try:  # python-gdcm is a declared dependency; the guard keeps decode usable without it.
     import gdcm
 except ImportError:  # pragma: no cover - exercised only in broken installs
@@ -38,7 +41,7 @@ except ImportError:  # pragma: no cover - exercised only in broken installs
 MAX_FILE_BYTES = 1 << 30
 MAX_FRAME_PIXELS = 100_000_000
 
-# pylibjpeg first, then GDCM (paper 001 read its DICOMs with GDCM), then the rest.
+# pylibjpeg first, then GDCM (de Cid Rodríguez 2021 read its DICOMs with GDCM), then the rest.
 PLUGIN_ORDER = ("pylibjpeg", "gdcm", "pillow", "pydicom")
 
 # Photometric interpretations decode_pixels returns. YBR_FULL(_422) arrives converted to RGB by
@@ -54,7 +57,7 @@ J2K_SYNTAXES = frozenset({
 FramePolicy = Literal["first", "middle", "all", "reject"]
 
 
-class DicomError(Exception):
+class DicomError(XrayopsError):
     """A file that cannot become an image, with a short `reason` code and a human `detail`."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -246,10 +249,17 @@ def _ensure_transfer_syntax(ds: Dataset) -> None:
 
 def decode_j2k_reduced(ds: Dataset, index: int | None, reduce: int) -> np.ndarray | None:
     """A grayscale unsigned JPEG 2000 frame decoded at 1/2^reduce resolution by Pillow (OpenJPEG's
-    resolution reduction skips the finest wavelet levels), or None when that path does not apply."""
+    resolution reduction skips the finest wavelet levels), or None when that path does not apply.
+
+    Only reversible (5/3) single-tile codestreams with no image offset are reduced: their low-pass
+    band is what xrayops.dicom.pixels.wavelet_reduce computes for every other syntax. An irreversible
+    (9/7) band, or tiles, would give other pixels than the same image in another syntax.
+    """
     tsyntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
     if tsyntax not in J2K_SYNTAXES or int(ds.get("SamplesPerPixel") or 1) != 1 or int(ds.get("PixelRepresentation") or 0):
         return None
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() not in MONOCHROME:
+        return None  # palette indices must go through their LUT before any averaging
     rows, cols, _ = _image_geometry(ds)
     try:
         from pydicom.encaps import get_frame
@@ -257,14 +267,13 @@ def decode_j2k_reduced(ds: Dataset, index: int | None, reduce: int) -> np.ndarra
         codestream = get_frame(ds.PixelData, index or 0, number_of_frames=number_of_frames(ds))
         # A raw codestream opens with SOC then SIZ; Ssiz of the first component (byte 42) holds
         # precision - 1 and the sign bit. Pillow scales samples up to its mode's bit depth.
-        if codestream[:4] != b"\xff\x4f\xff\x51" or codestream[42] & 0x80:
+        if codestream[:4] != b"\xff\x4f\xff\x51" or codestream[42] & 0x80 or not _j2k_reducible(codestream):
             return None
         precision = (codestream[42] & 0x7F) + 1
     except Exception:
         return None
-    # OpenJPEG cannot skip more levels than the encoder made, and Pillow's reduced decode fails
-    # ("broken data stream") on some precinct layouts at deep levels: try fewer levels before
-    # giving up; preprocess_array box-averages whatever resolution comes back.
+    # OpenJPEG cannot skip more levels than the encoder made, and a level the decoder refuses
+    # is retried one level up; xrayops.dicom.pixels.decode_for_spec computes the rest itself.
     for levels in range(min(reduce, _j2k_decomposition_levels(codestream)), 0, -1) or (0,):
         arr = _pillow_j2k(codestream, levels, precision)
         step = 1 << levels
@@ -276,7 +285,8 @@ def decode_j2k_reduced(ds: Dataset, index: int | None, reduce: int) -> np.ndarra
 def _pillow_j2k(codestream: bytes, levels: int, precision: int) -> np.ndarray | None:
     try:
         with quiet_pydicom(), Image.open(io.BytesIO(codestream)) as image:
-            image.reduce = levels
+            if levels:
+                _reduce_to_ceil_size(image, levels)
             image.load()
             depth = {"L": 8, "I;16": 16}.get(image.mode)
             if depth is None or precision > depth:
@@ -286,10 +296,43 @@ def _pillow_j2k(codestream: bytes, levels: int, precision: int) -> np.ndarray | 
         return None
 
 
+def _reduce_to_ceil_size(image: Image.Image, levels: int) -> None:
+    """Ask Pillow for the 1/2^levels resolution at OpenJPEG's size, ceil(side / 2^levels).
+
+    Pillow's own `reduce` sizes the image round(side / 2^levels), one short of what OpenJPEG
+    decodes for sides just above a multiple of 2^levels, and then fails ("broken data stream").
+    This sets the size and the decoder's reduce argument the way Pillow's load() would.
+    """
+    step, tile = 1 << levels, image.tile[0]
+    if len(image.tile) != 1 or not isinstance(tile[3], tuple) or len(tile[3]) != 5:
+        image.reduce = levels  # a layout this does not know: Pillow's own sizing
+        return
+    width, height = image.size
+    image._size = (-(-width // step), -(-height // step))
+    codec, _, layers, fd, length = tile[3]
+    fields = (tile[0], (0, 0, *image.size), tile[2], (codec, levels, layers, fd, length))
+    image.tile = [fields if type(tile) is tuple else type(tile)(*fields)]  # Pillow >= 11: a NamedTuple
+
+
+def _j2k_reducible(codestream: bytes) -> bool:
+    """One tile, no image or tile offset, and the reversible 5/3 wavelet (main header)."""
+    # SIZ (from byte 8): Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz, XTOsiz, YTOsiz, 4 bytes each.
+    width, height, x_off, y_off, tile_w, tile_h, tile_x, tile_y = struct.unpack(">8I", codestream[8:40])
+    if x_off or y_off or tile_x or tile_y or tile_w < width or tile_h < height:
+        return False
+    cod = _main_header_cod(codestream)
+    # COD: marker(2) Lcod(2) Scod(1) SGcod(4), SPcod: levels, xcb, ycb, style, transformation (1 = 5/3).
+    return cod >= 0 and len(codestream) > cod + 13 and codestream[cod + 13] == 1
+
+
+def _main_header_cod(codestream: bytes) -> int:
+    end = codestream.find(b"\xff\x90")  # SOT: the main header ends here
+    return codestream.find(b"\xff\x52", 0, end if end > 0 else len(codestream))
+
+
 def _j2k_decomposition_levels(codestream: bytes) -> int:
     """Wavelet levels in the main header's COD marker (0 when there is none before the first tile)."""
-    end = codestream.find(b"\xff\x90")  # SOT: the main header ends here
-    cod = codestream.find(b"\xff\x52", 0, end if end > 0 else len(codestream))
+    cod = _main_header_cod(codestream)
     # COD: marker(2) Lcod(2) Scod(1) SGcod(4), then SPcod whose first byte is the level count.
     return codestream[cod + 9] if cod >= 0 and len(codestream) > cod + 9 else 0
 

@@ -1,7 +1,7 @@
 """THE pixel pipeline: one decoded DICOM frame to a model-ready square image.
 
 `preprocess` is the only function that turns a Dataset into pixels, for ingestion and for
-serving alike, so training and inference see identical inputs (DESIGN.md, contract 2). Each
+serving alike, so training and inference see identical inputs (docs/architecture.md, contract 2). Each
 step is a small function on arrays so it can be tested alone. Intermediate images are float32
 in [0, 1] where 1 is bright (bone white, as a radiologist views it).
 """
@@ -15,10 +15,10 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from xrayops.contracts import PreprocessingSpec
-from xrayops.dicom.decode import DicomError, check_pixel_module, decode_frame, frame_index
+from xrayops.dicom.decode import MONOCHROME, DicomError, check_pixel_module, decode_frame, frame_index
 
 # An edge row/column is border when at least half of it is at or above the border threshold;
-# rotated captures leave white wedges, so "whole row white" would miss them (paper 000, Cleaning).
+# rotated captures leave white wedges, so "whole row white" would miss them (Langer et al. 2024, Cleaning).
 BORDER_LINE_FRACTION = 0.5
 # Never crop below a quarter of a side: an image that bright is content, not a frame.
 MIN_KEPT_FRACTION = 0.25
@@ -41,39 +41,142 @@ def preprocess(ds: Dataset, spec: PreprocessingSpec) -> np.ndarray:
 
 
 def decode_for_spec(ds: Dataset, spec: PreprocessingSpec, index: int | None) -> np.ndarray:
-    """Decode frame `index` at the resolution the spec needs.
+    """Decode frame `index` at the resolution the spec works at, the same pixels whatever the syntax.
 
-    With spec.reduce_early, JPEG 2000 is decoded at 1/2^k resolution (k wavelet levels skipped,
-    about 10x faster for a 2500 px radiograph) as long as the long side stays >= 2 x spec.size;
-    other syntaxes are decoded whole (preprocess_array box-averages them). Ingestion and serving
-    both decode through here, so they see the same pixels.
+    With spec.reduce_early a grayscale frame comes back as the low-pass band of `reduction_levels`
+    levels of JPEG 2000's reversible 5/3 wavelet: a reversible JPEG 2000 codestream is decoded at
+    that resolution (OpenJPEG skips the finest levels, 3-10x faster), any other syntax is decoded
+    whole and `wavelet_reduce` computes the same band with the same integer lifting. A lossless
+    image therefore gives identical pixels in every syntax, and a lossy one differs by its own
+    compression error only. Irreversible (9/7) and tiled codestreams are decoded whole too: their
+    reduced band is another filter's. Colour frames are reduced after luminance, in preprocess_array.
     """
-    return decode_frame(ds, index, reduce=j2k_reduce_levels(ds, spec))
+    rows, cols, _ = check_pixel_module(ds)
+    levels = 0
+    if spec.reduce_early and photometric(ds) in MONOCHROME:
+        levels = reduction_levels((rows, cols), spec.size)
+    frame = decode_frame(ds, index, reduce=levels)
+    if not frame.dtype.isnative:  # explicit VR big endian: the same values, the same bytes to hash
+        frame = frame.astype(frame.dtype.newbyteorder("="))
+    if not levels:
+        return frame
+    # The codestream may stop short (fewer levels coded, a level its decoder refuses), and its
+    # decoder clips to the codestream's precision (GDCM writes 16 for 12-bit data): clip to Bits Stored.
+    done = next((k for k in range(levels + 1) if frame.shape == _reduced_shape(rows, cols, k)), 0)
+    return clip_to_range(wavelet_reduce(frame, levels - done), stored_range(ds))
 
 
-def j2k_reduce_levels(ds: Dataset, spec: PreprocessingSpec) -> int:
-    if not spec.reduce_early:
-        return 0
-    try:
-        long_side = max(int(ds.Rows), int(ds.Columns))
-    except (AttributeError, TypeError, ValueError):
-        return 0
-    factor = long_side // (2 * spec.size)
-    return max(0, factor.bit_length() - 1)  # largest k with 2^k <= factor
+def reduction_levels(shape: tuple[int, ...], size: int) -> int:
+    """Largest k whose 1/2^k image keeps a long side >= 2 x `size` (0 for images already that
+    small). Defined on ceil(side / 2^k), the wavelet's band size, so applying it to a reduced
+    image gives 0: reducing is idempotent, whoever calls it first."""
+    long_side, k = max(shape[:2]), 0
+    while -(-long_side // (2 << k)) >= 2 * size:
+        k += 1
+    return k
 
 
 def preprocess_array(arr: np.ndarray, ds: Dataset, spec: PreprocessingSpec) -> np.ndarray:
     """The steps of `preprocess` after decoding, for callers that decode themselves (ingest keeps
-    each decoded frame to hash it, and the "all" frame policy gives several frames per file)."""
+    each decoded frame to hash it, and the "all" frame policy gives several frames per file).
+
+    `arr` may be the frame from decode_for_spec or the whole decoded frame: with spec.reduce_early
+    both are reduced to the same 5/3 low-pass band here (a reduced frame is left as it is)."""
     gray = to_grayscale(arr, ds)
-    factor = max(1, max(gray.shape) // (2 * spec.size)) if spec.reduce_early else 1
-    image = apply_window(gray, ds, spec, reduce=factor)
+    if spec.reduce_early:
+        gray = wavelet_reduce(gray, reduction_levels(gray.shape, spec.size), stored_range(ds))
+    image = apply_window(gray, ds, spec)
     if spec.invert_monochrome1 and photometric(ds) == "MONOCHROME1":
         image = invert_monochrome1(image)
     if spec.remove_border:
         image = remove_border(image, spec.border_threshold)
     image = resize_with_padding(image, spec.size, spec.keep_aspect, spec.pad_value)
     return to_output_dtype(image, spec.output_dtype)
+
+
+def wavelet_reduce(values: np.ndarray, levels: int, value_range: tuple[int, int] | None = None) -> np.ndarray:
+    """The LL band after `levels` levels of JPEG 2000's reversible 5/3 wavelet (ISO/IEC 15444-1
+    Annex F; Le Gall and Tabatabai 1988): a half-size, antialiased image per level.
+
+    Integer frames get the standard's integer lifting, columns then rows as OpenJPEG's encoder
+    runs them, so the result equals a JPEG 2000 decode at 1/2^levels bit for bit, including its
+    clip to the stored range (`value_range`) and the input dtype. Float data (colour luminance,
+    float pixel data) gets the same filter without rounding. levels 0 returns the input.
+    """
+    if levels <= 0:
+        return values
+    integer = values.dtype.kind in "uib"
+    if integer:  # 16-bit stored values and their sums fit int32
+        work, dtype = values, np.dtype(np.int32 if values.dtype.itemsize <= 2 else np.int64)
+    else:
+        work, dtype = np.where(np.isfinite(values), values, 0.0), np.dtype(np.float32)
+    for _ in range(levels):
+        work = _low_band(_low_band(work, dtype).T, dtype).T
+    if not integer:
+        return np.ascontiguousarray(work)
+    return clip_to_range(work, value_range, values.dtype if values.dtype.kind != "b" else np.dtype(np.uint8))
+
+
+def clip_to_range(values: np.ndarray, value_range: tuple[int, int] | None, dtype: np.dtype | None = None) -> np.ndarray:
+    """Integer `values` clipped to `value_range` (and to `dtype`'s range), as C-ordered `dtype`."""
+    dtype = np.dtype(dtype or values.dtype)
+    if dtype.kind not in "ui":
+        return values
+    info = np.iinfo(dtype)
+    lo, hi = value_range if value_range is not None else (info.min, info.max)
+    return np.ascontiguousarray(np.clip(values, max(lo, info.min), min(hi, info.max)).astype(dtype, copy=False))
+
+
+def _low_band(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """One 5/3 analysis step along axis 0, low band only, with the standard's symmetric extension.
+
+    Predict d[n] = x[2n+1] - floor((x[2n] + x[2n+2]) / 2), update s[n] = x[2n] + floor((d[n-1] +
+    d[n] + 2) / 4); for a float `dtype`, the same without floor and offset. A single sample is kept.
+    """
+    integer = dtype.kind == "i"
+    if x.shape[0] == 1:
+        return x.astype(dtype)
+    even, odd = x[0::2], x[1::2]
+    n_even, n_odd = even.shape[0], odd.shape[0]
+    d = np.empty((n_odd, *x.shape[1:]), dtype)
+    if n_even > n_odd:
+        np.add(even[:n_odd], even[1:], out=d, dtype=dtype)
+    else:  # the last odd sample mirrors its left neighbour
+        np.add(even[:-1], even[1:], out=d[:-1], dtype=dtype)
+        np.multiply(even[-1], 2, out=d[-1], dtype=dtype)
+    if integer:
+        d >>= 1
+    else:
+        d *= 0.5
+    np.subtract(odd, d, out=d, dtype=dtype)
+    s = np.empty((n_even, *x.shape[1:]), dtype)
+    np.multiply(d[0], 2, out=s[0])  # d[-1] mirrors d[0]
+    np.add(d[:-1], d[1:], out=s[1:n_odd])
+    if n_even > n_odd:
+        np.multiply(d[-1], 2, out=s[-1])
+    if integer:
+        s += 2
+        s >>= 2
+    else:
+        s *= 0.25
+    np.add(s, even, out=s, dtype=dtype)
+    return s
+
+
+def stored_range(ds: Dataset) -> tuple[int, int] | None:
+    """The values Bits Stored and Pixel Representation allow (a JPEG 2000 decoder clips to them)."""
+    try:
+        bits, signed = int(ds.BitsStored), int(ds.get("PixelRepresentation") or 0)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not 1 <= bits <= 32:
+        return None
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def _reduced_shape(rows: int, cols: int, levels: int) -> tuple[int, int]:
+    step = 1 << levels
+    return -(-rows // step), -(-cols // step)
 
 
 def photometric(ds: Dataset) -> str:
@@ -92,25 +195,18 @@ def to_grayscale(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     return arr
 
 
-def apply_window(arr: np.ndarray, ds: Dataset, spec: PreprocessingSpec, reduce: int = 1) -> np.ndarray:
+def apply_window(arr: np.ndarray, ds: Dataset, spec: PreprocessingSpec) -> np.ndarray:
     """Modality LUT/rescale, then the file's VOI LUT or window; a percentile window when it has neither.
 
-    `reduce` > 1 box-averages reduce x reduce blocks of the modality values before the VOI step:
-    the window then runs on ~2x the output size instead of 5-10 Mpx (rescale is linear, so it
-    commutes with the average; a Modality LUT Sequence is applied at full resolution first).
     Returns float32 in [0, 1]. Colour images have no LUTs and always get the percentile window.
     """
     values = np.asarray(arr)
     if values.dtype.kind == "f":
         values = np.where(np.isfinite(values), values, 0.0)
-    if photometric(ds) not in ("MONOCHROME1", "MONOCHROME2"):
-        return percentile_window(box_reduce(values, reduce), *spec.percentile_window)
-    if spec.apply_modality_lut and "ModalityLUTSequence" in ds:
-        values = box_reduce(_modality(values, ds), reduce)
-    elif spec.apply_modality_lut:
-        values = _modality(box_reduce(values, reduce), ds)
-    else:
-        values = box_reduce(values, reduce)
+    if photometric(ds) not in MONOCHROME:
+        return percentile_window(values, *spec.percentile_window)
+    if spec.apply_modality_lut:
+        values = _modality(values, ds)
     if spec.apply_voi_lut:
         windowed = voi_window(values, ds)
         if windowed is not None:
@@ -145,14 +241,6 @@ def voi_window(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
     return image
 
 
-def box_reduce(values: np.ndarray, factor: int) -> np.ndarray:
-    """Mean of factor x factor blocks (edges: partial blocks), float32; factor 1 returns the input."""
-    if factor <= 1:
-        return values
-    image = Image.fromarray(np.ascontiguousarray(values, dtype=np.float32), mode="F")
-    return np.asarray(image.reduce(factor), dtype=np.float32)
-
-
 def percentile_window(values: np.ndarray, low_pct: float, high_pct: float) -> np.ndarray:
     """Robust linear window between two percentiles; a constant image becomes all zeros."""
     values = np.asarray(values, dtype=np.float32)
@@ -171,7 +259,7 @@ def invert_monochrome1(image: np.ndarray) -> np.ndarray:
 
 
 def remove_border(image: np.ndarray, threshold: float) -> np.ndarray:
-    """Crop a burnt-in bright frame or collimator shutter from the edges (paper 000, Cleaning).
+    """Crop a burnt-in bright frame or collimator shutter from the edges (Langer et al. 2024, Cleaning).
 
     Trims edge rows and columns whose bright fraction (pixels >= threshold) is at least
     BORDER_LINE_FRACTION, repeating so that rows and columns see each other's trims.
@@ -195,7 +283,7 @@ def remove_border(image: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def resize_with_padding(image: np.ndarray, size: int, keep_aspect: bool = True, pad_value: float = 0.0) -> np.ndarray:
-    """Resize to size x size; with keep_aspect, fit the long side and pad the short one (paper 001)."""
+    """Resize to size x size; with keep_aspect, fit the long side and pad the short one (de Cid Rodríguez 2021)."""
     height, width = image.shape
     if keep_aspect:
         scale = size / max(height, width)
