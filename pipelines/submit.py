@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from xrayops.errors import XrayopsError
 from xrayops.logs import get_logger
 
 log = get_logger(__name__)
@@ -19,7 +20,7 @@ log = get_logger(__name__)
 HEALTHZ = "/apis/v2beta1/healthz"
 
 
-class SubmitError(RuntimeError):
+class SubmitError(XrayopsError, RuntimeError):
     """The KFP endpoint could not be reached or refused the request; the message says which."""
 
 

@@ -42,6 +42,7 @@ from serving.schema import (
     infer_request_from_binary,
     parse_infer_response,
 )
+from xrayops.errors import XrayopsError
 from xrayops.contracts import InferenceLogRecord
 from xrayops.inference_log import build_records
 from xrayops.log_buffer import LogBuffer
@@ -54,7 +55,7 @@ RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
 MB = 1024 * 1024
 
 
-class EventError(Exception):
+class EventError(XrayopsError):
     """An event the sink cannot use; `status` is the HTTP answer (4xx)."""
 
     def __init__(self, message: str, status: int = 400) -> None:

@@ -10,13 +10,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from xrayops.errors import XrayopsError
 from xrayops.contracts import ModelBundleMeta
 
 WEIGHTS = "weights.pt"
 META = "bundle.json"
 
 
-class BundleError(RuntimeError):
+class BundleError(XrayopsError, RuntimeError):
     """The bundle directory is missing, incomplete or unreadable."""
 
 

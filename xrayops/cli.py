@@ -1336,5 +1336,16 @@ def release_audit(
         raise typer.Exit(1)
 
 
+def main() -> None:
+    """The `xrayops` entry point: an XrayopsError is one line on stderr and its exit code, not a traceback."""
+    from xrayops.errors import XrayopsError
+
+    try:
+        app()
+    except XrayopsError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise SystemExit(exc.exit_code) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

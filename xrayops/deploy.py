@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
+from xrayops.errors import XrayopsError
 from xrayops.logs import get_logger
 
 log = get_logger(__name__)
@@ -58,7 +59,7 @@ _NO_CLUSTER_MARKERS = (
 )
 
 
-class DeployError(RuntimeError):
+class DeployError(XrayopsError, RuntimeError):
     """A render or apply step failed; the message says which and what to do."""
 
 

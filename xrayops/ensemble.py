@@ -1,4 +1,4 @@
-"""A softmax-average ensemble of model bundles (paper 000, "Ensemble": sum the softmax outputs of
+"""A softmax-average ensemble of model bundles (Langer et al. 2024, "Ensemble": sum the softmax outputs of
 the SimCLR, BYOL and SupCon models, then take the argmax; the mean has the same argmax and stays
 a probability distribution).
 
@@ -10,7 +10,7 @@ the OOD score and the region logic are each member's own; this module only combi
     (score - threshold), each divided by that member's in-domain spread (`ood_scale`) when every
     member has one (a Mahalanobis distance and a kNN distance live on different scales), and
     the image is flagged when that mean is > 0. Without thresholds: the mean raw score, no flag;
-  - orientation_deg: the circular mean of the members that predict an angle (paper 004), None
+  - orientation_deg: the circular mean of the members that predict an angle (Baltruschat et al. 2018), None
     when none does;
   - label_disagreement: the ensemble's region against the file's tag, at the members' mean
     confidence threshold;
@@ -25,19 +25,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from xrayops.errors import XrayopsError
 from xrayops.bundle import LoadedBundle
 from xrayops.contracts import InferenceResponse, ModelBundleMeta
 from xrayops.inference import label_disagreement, model_version, predict_arrays
 from xrayops.regions import UNKNOWN
 
 
-class EnsembleError(ValueError):
+class EnsembleError(XrayopsError, ValueError):
     """Members that cannot be averaged: different classes or preprocessing."""
 
 
 def check_members(metas: Sequence[ModelBundleMeta]) -> None:
     """Members must share their class list (averaging is per class) and their preprocessing spec
-    (one decoded image feeds every member; DESIGN.md contract 2)."""
+    (one decoded image feeds every member; docs/architecture.md, contract 2)."""
     if not metas:
         raise EnsembleError("an ensemble needs at least one member")
     first = metas[0]
@@ -55,7 +56,7 @@ def average_probabilities(
     member_probabilities: Sequence[np.ndarray], weights: Sequence[float] | None = None
 ) -> np.ndarray:
     """(Weighted) mean over members of (n_images, n_classes) softmax arrays. The argmax is that
-    of paper 000's sum; the mean stays a probability distribution."""
+    of Langer et al. 2024's sum; the mean stays a probability distribution."""
     if not member_probabilities:
         raise EnsembleError("no member probabilities to average")
     shapes = {np.shape(p) for p in member_probabilities}

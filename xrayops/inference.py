@@ -1,5 +1,5 @@
 """Predictions from a loaded model bundle: region, calibrated confidence, out-of-domain score,
-and whether the image's own PACS tag disagrees with a confident prediction (paper 000: such
+and whether the image's own PACS tag disagrees with a confident prediction (Langer et al. 2024: such
 disagreements found the wrong labels)."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from pydicom.dataset import Dataset
 
+from xrayops.errors import XrayopsError
 from xrayops.bundle import LoadedBundle
 from xrayops.contracts import InferenceLogRecord, InferenceResponse
 from xrayops.refusals import not_applicable, with_refusals
@@ -17,7 +18,7 @@ from xrayops.models.ood import ood_scores
 from xrayops.regions import UNKNOWN
 
 
-class InferenceInputError(ValueError):
+class InferenceInputError(XrayopsError, ValueError):
     """An input image that cannot be predicted, with its position in the request."""
 
     def __init__(self, index: int, reason: str) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from xrayops.errors import XrayopsError
 from xrayops.contracts import DatasetVersion
 from xrayops.logs import get_logger
 
@@ -20,7 +21,7 @@ log = get_logger(__name__)
 REMOTE_NAME = "storage"
 
 
-class VersioningError(RuntimeError):
+class VersioningError(XrayopsError, RuntimeError):
     """A DVC command failed; the message carries DVC's own output."""
 
 

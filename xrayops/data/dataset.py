@@ -14,11 +14,12 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from xrayops.errors import XrayopsError
 from xrayops.contracts import PreprocessingSpec
 from xrayops.regions import region_index
 
 
-class DatasetError(ValueError):
+class DatasetError(XrayopsError, ValueError):
     """The data directory is missing, incomplete or inconsistent."""
 
 
@@ -92,7 +93,7 @@ def load_images(data_dir: Path, rows: pd.DataFrame) -> np.ndarray:
 def read_truth_angles(path: Path, key: str | bytes | None = None) -> dict[str, float]:
     """Orientation labels from a synthetic truth.csv: the manifest's source_name (the file's
     pseudonym under `key`, default the configured key) -> angle in degrees by which the anatomy is
-    turned counter-clockwise on screen (paper 004)."""
+    turned counter-clockwise on screen (Baltruschat et al. 2018)."""
     from xrayops.data.truth import by_source_name
 
     frame = pd.read_csv(path)

@@ -1,6 +1,6 @@
 """De-identification: keyed pseudonyms and an allow-list of non-PHI metadata.
 
-PHI never leaves ingestion (DESIGN.md). Nothing here copies a tag by default: `safe_metadata`
+PHI never leaves ingestion (docs/privacy.md). Nothing here copies a tag by default: `safe_metadata`
 returns only the named technical fields, each bounded to its DICOM VR's character set and length,
 and identifiers only as keyed HMAC pseudonyms, so without the key a pseudonym cannot be linked
 back to a UID, a patient ID or a file name. Every hash that leaves ingestion is keyed too
@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from xrayops.errors import XrayopsError
 from xrayops.dicom.labels import code_string
 
 # The key `xrayops demo` uses so its synthetic dataset (and data.dvc's md5) is the same on every
@@ -41,7 +42,7 @@ HOW_TO_MAKE_A_KEY = (
 )
 
 
-class DeidKeyError(RuntimeError):
+class DeidKeyError(XrayopsError, RuntimeError):
     """No usable de-identification key: the message says why and how to make one."""
 
 

@@ -23,12 +23,14 @@ from typing import Literal
 import numpy as np
 import torch
 
+from xrayops.errors import XrayopsError
+
 OodMethod = Literal["mahalanobis", "knn"]
 OOD_METHODS: tuple[str, ...] = ("mahalanobis", "knn")
 STATE_PREFIX = "ood_detector."  # keys of a detector's tensors inside weights.pt
 
 
-class OodError(ValueError):
+class OodError(XrayopsError, ValueError):
     """A detector that cannot be fitted or used: too few or mismatched embeddings."""
 
 

@@ -15,6 +15,7 @@ from urllib.request import url2pathname
 
 from pydantic import BaseModel
 
+from xrayops.errors import XrayopsError
 from xrayops.bundle_meta import BundleError, verify_bundle
 from xrayops.contracts import Lineage, ModelBundleMeta
 from xrayops.logs import get_logger
@@ -30,7 +31,7 @@ TAG_BUNDLE_SHA256 = "xrayops.bundle_sha256"
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own UI shows this one
 
 
-class RegistryError(RuntimeError):
+class RegistryError(XrayopsError, RuntimeError):
     """A bundle that cannot be registered or a model reference that cannot be resolved."""
 
 

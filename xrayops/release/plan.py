@@ -1,7 +1,7 @@
 """What a serving release is, and how it changes the InferenceService. Pure: data in, data out.
 
 A release is an immutable folder under the serving storage, one sub-folder per ensemble member
-(paper 000 averages SimCLR, BYOL and SupCon members), named by the members' weights:
+(Langer et al. 2024 averages SimCLR, BYOL and SupCon members), named by the members' weights:
 
     <storage>/releases/<release_id>/{simclr,byol,supcon}/{bundle.json,weights.pt}
     <storage>/releases/<release_id>/release.json      (written last: the release exists once it does)
@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 
 from pydantic import BaseModel, Field
 
+from xrayops.errors import XrayopsError
 from xrayops.contracts import ModelBundleMeta
 from xrayops.ensemble import EnsembleError, check_members
 
@@ -31,7 +32,7 @@ BUNDLE_ARG = "--bundle="
 MEMBER_LABEL = "xrayops.io/member"  # a member's own InferenceService (serving/inferencegraph.yaml)
 
 
-class ReleaseError(RuntimeError):
+class ReleaseError(XrayopsError, RuntimeError):
     """A release that cannot be planned, published or rolled out."""
 
 

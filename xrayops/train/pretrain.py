@@ -1,4 +1,4 @@
-"""Pretraining of the backbone, paper 000: SimCLR or BYOL on every image (no labels), or SupCon
+"""Pretraining of the backbone, Langer et al. 2024: SimCLR or BYOL on every image (no labels), or SupCon
 with the PACS region tags as classes.
 
 Runs on one CPU or GPU, or under torchrun with DDP (one process per GPU; gloo on CPU): each
@@ -20,6 +20,7 @@ from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from xrayops.errors import XrayopsError
 from xrayops.data.augment import PRETRAIN_AUG, TwoViews, make_pretrain_transform
 from xrayops.data.dataset import ImageDataset
 from xrayops.logs import get_logger
@@ -47,23 +48,23 @@ TRAJECTORY_FIELDS = (
 
 
 class PretrainConfig(BaseModel):
-    arch: str = "resnet18"  # or resnet50 (paper 000: no better)
+    arch: str = "resnet18"  # or resnet50 (Langer et al. 2024: no better)
     method: Literal["simclr", "byol", "supcon"] = "simclr"
-    epochs: int = Field(100, ge=1)  # paper 000 ran 1000 epochs on 31k images
-    batch_size: int = Field(256, ge=2)  # global batch; paper 000: 1024 for SimCLR, 896 for BYOL
-    lr: float = 3e-4  # paper 000: Adam, lr 3e-4, cosine schedule
-    weight_decay: float = 1e-4  # paper 000
-    # paper 000: NT-Xent tau = 0.5. SupCon uses it too (Khosla et al. 2020 used 0.1).
+    epochs: int = Field(100, ge=1)  # Langer et al. 2024 ran 1000 epochs on 31k images
+    batch_size: int = Field(256, ge=2)  # global batch; Langer et al. 2024: 1024 for SimCLR, 896 for BYOL
+    lr: float = 3e-4  # Langer et al. 2024: Adam, lr 3e-4, cosine schedule
+    weight_decay: float = 1e-4  # Langer et al. 2024
+    # Langer et al. 2024: NT-Xent tau = 0.5. SupCon uses it too (Khosla et al. 2020 used 0.1).
     temperature: float = Field(0.5, gt=0)
-    tau_base: float = Field(0.9995, gt=0, lt=1)  # paper 000: BYOL's base target momentum
-    proj_hidden_dim: int = 512  # paper 000 gives "2-layer MLP" only; 512 = the embedding size
+    tau_base: float = Field(0.9995, gt=0, lt=1)  # Langer et al. 2024: BYOL's base target momentum
+    proj_hidden_dim: int = 512  # Langer et al. 2024 gives "2-layer MLP" only; 512 = the embedding size
     proj_out_dim: int = 128  # SimCLR's default
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
     checkpoint_every_steps: int = Field(200, ge=1)
     max_steps: int | None = Field(None, ge=1)  # stop early (and checkpoint) after this many steps in total
-    # Paper 000 straightens every image while cleaning and augments only +-15 deg. Our
+    # Langer et al. 2024 straightens every image while cleaning and augments only +-15 deg. Our
     # synthetic (and real unsorted PACS) images come at any angle, so by default the views
     # are rotated over the full circle and the embedding learns to ignore orientation.
     full_rotation: bool = True
@@ -90,7 +91,7 @@ class PretrainResult(BaseModel):
     world_size: int = 1
 
 
-class PretrainError(RuntimeError):
+class PretrainError(XrayopsError, RuntimeError):
     pass
 
 

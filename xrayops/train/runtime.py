@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import distributed as dist
 
+from xrayops.errors import XrayopsError
+
 
 # The Linux driver each CUDA toolkit release needs (NVIDIA, CUDA Toolkit release notes, "CUDA
 # Toolkit and Corresponding Driver Versions"). A driver older than the one torch was built against
@@ -26,7 +28,7 @@ _NO_GPU = {"", "void", "none"}
 DRIVER_VERSION_FILE = "/proc/driver/nvidia/version"
 
 
-class DeviceError(RuntimeError):
+class DeviceError(XrayopsError, RuntimeError):
     """A GPU was asked for and CUDA cannot use it; the message names the driver requirement."""
 
 
