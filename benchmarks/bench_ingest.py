@@ -4,7 +4,7 @@ Input: N synthetic radiographs of realistic size (2000-2600 x 2000-3000 px, 12/1
 quantum noise so that they compress like real ones) in a mix of transfer syntaxes: explicit VR
 little endian, deflate, RLE, JPEG 2000 lossless and JPEG 2000 lossy. Generated once and cached.
 
-  (a) baseline, paper 001 style: one file at a time, dcmread + pixel_array + linear 8-bit
+  (a) baseline, de Cid Rodríguez 2021 style: one file at a time, dcmread + pixel_array + linear 8-bit
       conversion + resize + save PNG + one CSV row;
   (b) bare decode: dcmread + pixel_array, one file at a time;
   (c) `xrayops ingest` with --workers processes (decode, pixel pipeline, de-identification,
@@ -109,7 +109,7 @@ def generate(directory: Path, n: int, seed: int) -> list[Path]:
 # --- the three measured runs; each runs in a fresh interpreter (`--run NAME`) ---
 
 def run_baseline(files: list[Path], out: Path) -> None:
-    """Paper 001's raw stage: read once with pydicom, 8-bit linear, resize, PNG + a CSV row per file."""
+    """de Cid Rodríguez 2021's raw stage: read once with pydicom, 8-bit linear, resize, PNG + a CSV row per file."""
     import pydicom
     from PIL import Image
 

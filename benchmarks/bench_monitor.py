@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 REGIONS = ["skull", "clavicle", "shoulder", "elbow", "wrist", "hand", "knee", "ankle", "foot", "chest"]
-REFERENCE_ROWS = 31_011  # paper 000's training images: a realistic training manifest
+REFERENCE_ROWS = 31_011  # Langer et al. 2024's training images: a realistic training manifest
 
 
 def synthetic_log(n: int, seed: int) -> pd.DataFrame:

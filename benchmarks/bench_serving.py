@@ -1,8 +1,8 @@
 """Serving latency, throughput and memory, as ratios against an in-process baseline in the same run.
 
-Input: one 2000x2000 12-bit DX DICOM (explicit VR little endian, ~8 MB) and paper 000's
+Input: one 2000x2000 12-bit DX DICOM (explicit VR little endian, ~8 MB) and Langer et al. 2024's
 ensemble: three random-weights ResNet18 bundles (simclr, byol, supcon; `--members`) at the spec
-size (default 224, as paper 004), averaged softmax in one process. The same work is timed three ways,
+size (default 224, as Baltruschat et al. 2018), averaged softmax in one process. The same work is timed three ways,
 sequentially and round-robin (a, b, c, a, b, c, ...), each image one request:
   (a) in-process baseline: `serving.transformer.decode_dicom` (read_dicom + the ingestion pixel
       function) + `xrayops.ensemble.predict_ensemble` (the model forward), no server;
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads in both processes (OMP_NUM_THREADS for the server); 0: torch's default. "
                         "On a shared, oversubscribed machine 1 avoids OpenMP spin-barrier stalls (10x slower at 2)")
-    parser.add_argument("--members", type=int, default=3, choices=(1, 2, 3), help="ensemble members (paper 000: 3)")
+    parser.add_argument("--members", type=int, default=3, choices=(1, 2, 3), help="ensemble members (Langer et al. 2024: 3)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving.json")
     args = parser.parse_args()
 

@@ -1,5 +1,5 @@
-"""Paper 000's recipe end to end on an ingested dataset: pretrain SimCLR, BYOL and SupCon
-backbones, fit a linear region head (plus the paper 004 orientation head when angles are
+"""Langer et al. 2024's recipe end to end on an ingested dataset: pretrain SimCLR, BYOL and SupCon
+backbones, fit a linear region head (plus the Baltruschat et al. 2018 orientation head when angles are
 known) on each frozen backbone, and evaluate each member and their softmax-average ensemble.
 
     XRAYOPS_PROGRESS=0 .venv/bin/python benchmarks/ensemble_recipe.py --data-dir D --truth truth.csv \

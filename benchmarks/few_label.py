@@ -1,12 +1,12 @@
-"""Few labels (paper 000, Fig. 2): a linear head on the frozen SSL backbone vs a ResNet18
+"""Few labels (Langer et al. 2024, Fig. 2): a linear head on the frozen SSL backbone vs a ResNet18
 trained from scratch, each with the same share of labelled training images.
 
-Two more columns beside paper 000's pair: the audit's probe (logistic regression on the pooled
+Two more columns beside Langer et al. 2024's pair: the audit's probe (logistic regression on the pooled
 ResNet stages 2-4 of the same frozen backbone, `xrayops.monitor.label_audit`), and the SSL
 backbone fine-tuned end to end exactly as the from-scratch network is trained (same steps,
 augmentation, optimiser), which isolates what the pretrained initialisation is worth.
 
-Paper 000: at 1 % of the labels (310 images) SimCLR + linear head reaches 92.2 %, the supervised
+Langer et al. 2024: at 1 % of the labels (310 images) SimCLR + linear head reaches 92.2 %, the supervised
 ResNet18 from scratch 57.1 %. Here the same comparison runs on an ingested dataset and an
 existing backbone.pt; accuracy is scored on the test split against the true regions when a
 truth.csv is given (else against the PACS tags).
@@ -71,7 +71,7 @@ def scored_labels(test: ImageDataset, truth: dict[str, str] | None) -> tuple[tor
 
 
 def linear_probe(train_x, train_y, val_x, val_y, test_x, steps: int, seed: int) -> torch.Tensor:
-    """Paper 000's linear evaluation (Adam 5e-2, cosine, no weight decay) on standardised
+    """Langer et al. 2024's linear evaluation (Adam 5e-2, cosine, no weight decay) on standardised
     frozen embeddings; returns test predictions."""
     mean, std = train_x.mean(0), train_x.std(0, correction=0).clamp_min(1e-6)
     batch = min(64, len(train_x))
@@ -103,7 +103,7 @@ def train_end_to_end(
     init: Path | None = None,
 ) -> torch.Tensor:
     """A ResNet18 trained end to end with cross-entropy on the labelled subset, from random weights
-    or (with `init`) from a pretrained backbone.pt; paper 000's linear-head augmentations (Table 1)
+    or (with `init`) from a pretrained backbone.pt; Langer et al. 2024's linear-head augmentations (Table 1)
     turned over the full circle (our images come at any angle); Adam 3e-4 cosine; the step with
     the best validation accuracy (checked every tenth of training) is kept. Returns test predictions."""
     torch.manual_seed(seed)

@@ -33,7 +33,7 @@ def evaluate_ensemble_op(
     dataset: Input[Dataset], bundles: Input[List[Model]], metrics: Output[Metrics], report: Output[HTML],
     dicom: Optional[Input[Dataset]] = None,
 ) -> float:
-    """Paper 000's ensemble (softmax average of the members) evaluated beside each member on the
+    """Langer et al. 2024's ensemble (softmax average of the members) evaluated beside each member on the
     test split: one report comparing them. Returns the ensemble's accuracy."""
     import shutil
     from pathlib import Path

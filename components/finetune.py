@@ -20,8 +20,8 @@ def finetune_op(
     dicom: Optional[Input[Dataset]] = None,
     dataset_version: Optional[Input[Artifact]] = None,
 ):
-    """Linear region head on the frozen backbone (paper 000), plus the orientation head
-    (paper 004) from the truth.csv angles when the DICOM folder has them (synth), or, with
+    """Linear region head on the frozen backbone (Langer et al. 2024), plus the orientation head
+    (Baltruschat et al. 2018) from the truth.csv angles when the DICOM folder has them (synth), or, with
     `orientation_assume_upright`, from the images turned by known amounts -> model bundle.
     `labels_from_store`: train on the feature store's point-in-time labels (reviewers'
     corrections over PACS tags) as of now, instead of the manifest's tags. `dataset_version` (the

@@ -20,8 +20,8 @@ def pretrain_op(
     tau_base: float = 0.9995,
     init_from: Optional[Input[Model]] = None,
 ):
-    """Pretraining (SimCLR, BYOL or SupCon; paper 000) of the ResNet18 backbone; the defaults
-    are paper 000's hyperparameters. `init_from` (a backbone artifact) warm-starts the run from
+    """Pretraining (SimCLR, BYOL or SupCon; Langer et al. 2024) of the ResNet18 backbone; the defaults
+    are Langer et al. 2024's hyperparameters. `init_from` (a backbone artifact) warm-starts the run from
     an earlier backbone; with it, epochs=0 keeps that backbone as it is."""
     import shutil
     from pathlib import Path

@@ -8,7 +8,7 @@
         ─▶ release (optional, when promoted: publish to the serving storage, roll the InferenceService)
         ─▶ audit-labels (cleanlab over the new version's tags on the challenger's backbone)
 
-Paper 000 keeps the backbone frozen so that training images can be re-checked for label errors,
+Langer et al. 2024 keeps the backbone frozen so that training images can be re-checked for label errors,
 so by default only the heads are retrained; `pretrain_epochs` > 0 continues the champion's
 self-supervised pretraining on the new data first (`xrayops pretrain --init-from`).
 

@@ -1,10 +1,10 @@
-"""The first models on a site's own archive: paper 000's ensemble, one member per SSL method.
+"""The first models on a site's own archive: Langer et al. 2024's ensemble, one member per SSL method.
 
     ingestion (plan ─▶ ParallelFor ingest-part ─▶ merge) ─▶ version (DVC push)
-    ParallelFor method in ssl_methods (SimCLR, BYOL, SupCon: paper 000):
+    ParallelFor method in ssl_methods (SimCLR, BYOL, SupCon: Langer et al. 2024):
         pretrain (from random init) ─▶ finetune (linear head, frozen backbone) ─▶ evaluate
         ─▶ register as NAME-METHOD (alias champion)
-    evaluate-ensemble (softmax average beside every member, paper 000)
+    evaluate-ensemble (softmax average beside every member, Langer et al. 2024)
     ─▶ release (optional: all members as one serving release, the InferenceService rolled to it)
 
 Each member is its own registered model, so the retraining pipeline (model_name=NAME-METHOD)
@@ -47,7 +47,7 @@ def build_site_training_pipeline(
     settings = get_settings()
     ingestion = build_ingestion_pipeline(cluster=cluster, source_pvc=source_pvc, version=False)
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="xrayops: paper 000's ensemble trained on the site's DICOM archive")
+    @dsl.pipeline(name=PIPELINE_NAME, description="xrayops: Langer et al. 2024's ensemble trained on the site's DICOM archive")
     def site_training_pipeline(
         source_dir: str = SOURCE_MOUNT,
         files_per_batch: int = 2000,

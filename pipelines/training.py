@@ -106,13 +106,13 @@ def build_pipeline(
         head = finetune_op(
             dataset=ingested.outputs["dataset"],
             backbone=pre.outputs["backbone"],
-            dicom=data.outputs["dicom"],  # truth.csv angles train the orientation head (paper 004)
+            dicom=data.outputs["dicom"],  # truth.csv angles train the orientation head (Baltruschat et al. 2018)
             dataset_md5=version.outputs["md5"],
             epochs=finetune_epochs,
             seed=seed,
             pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
         ).set_display_name("finetune")
-        # paper 000 keeps the backbone frozen so the training tags can be re-checked with it.
+        # Langer et al. 2024 keeps the backbone frozen so the training tags can be re-checked with it.
         audit = audit_labels_op(
             dataset=ingested.outputs["dataset"], backbone=pre.outputs["backbone"], flag_below=label_flag_below,
             pool_studies=label_pool_studies,

@@ -1,5 +1,5 @@
 """Grad-CAM (Selvaraju et al. 2017) saliency for region predictions: which part of the image
-drove the predicted class. Paper 002 proposes saliency maps for quality assurance.
+drove the predicted class. Acitores 2022 proposes saliency maps for quality assurance.
 
 A forward hook on the backbone's last convolutional stage (`layer4` of the ResNet) keeps its
 activations A (n, k, h, w); the gradient of the class logit y_c with respect to A gives per-channel

@@ -1,7 +1,7 @@
-"""The anatomical label space of Langer et al. 2023 (14 regions) plus the reject value."""
+"""The anatomical label space of Langer et al. 2024 (14 regions) plus the reject value."""
 from __future__ import annotations
 
-# Langer et al. 2023: 14 regions, in the paper's order. Index = class id everywhere.
+# Langer et al. 2024: 14 regions, in the paper's order. Index = class id everywhere.
 REGIONS: tuple[str, ...] = (
     "clavicle",
     "shoulder",

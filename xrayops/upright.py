@@ -1,4 +1,4 @@
-"""Turn an image upright by its predicted orientation. Paper 004: almost half of all radiographs
+"""Turn an image upright by its predicted orientation. Baltruschat et al. 2018: almost half of all radiographs
 are not stored upright, so the service can return the image turned back, not only the angle."""
 from __future__ import annotations
 

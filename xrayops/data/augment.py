@@ -1,11 +1,11 @@
-"""Augmentations of paper 000 (Table 1), batched with one random draw per image.
+"""Augmentations of Langer et al. 2024 (Table 1), batched with one random draw per image.
 
 They work on float tensors in [0, 1], shape (1, S, S) or (batch, 1, S, S), on whatever device
 the tensor lives on, so pretraining can augment on the GPU. The geometry follows
 torchvision.transforms.v2 (RandomResizedCrop, then RandomAffine, whose inverse matrix is the
 same as `torchvision.transforms.v2.functional.affine`; tests check this), but every image
 gets its own parameters and all the geometry is one `grid_sample`: one resampling (less blur)
-and one kernel for the whole batch. No Gaussian blur (paper 000, after [1] there: it destroys
+and one kernel for the whole batch. No Gaussian blur (Langer et al. 2024, after [1] there: it destroys
 fine detail).
 """
 from __future__ import annotations
@@ -17,13 +17,13 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 from torch.nn import functional as F
 
-# Gauge radius as a fraction of the image side. Not given in paper 000: a 25-30 mm
+# Gauge radius as a fraction of the image side. Not given in Langer et al. 2024: a 25-30 mm
 # calibration sphere on a 24-43 cm cassette spans roughly 6-12 % of the side.
 GAUGE_RADIUS = 0.06
 
 
 class AugmentParams(BaseModel):
-    """One column of paper 000, Table 1."""
+    """One column of Langer et al. 2024, Table 1."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -38,12 +38,12 @@ class AugmentParams(BaseModel):
     gauge_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)  # P(0, 1, 2 gauges)
     gauge_scale: tuple[float, float] = (0.8, 1.2)
     gauge_opacity: tuple[float, float] = (0.75, 1.0)
-    # Uniform rotation over the full circle instead of `rotation`. Paper 000 normalises the
+    # Uniform rotation over the full circle instead of `rotation`. Langer et al. 2024 normalises the
     # rotation while cleaning, so +-15 deg suffices there; see PretrainConfig.full_rotation.
     full_rotation: bool = False
 
 
-# paper 000, Table 1, "Pre-training" column.
+# Langer et al. 2024, Table 1, "Pre-training" column.
 PRETRAIN_AUG = AugmentParams(
     brightness=(0.5, 1.5),
     contrast=(0.25, 1.75),
@@ -55,7 +55,7 @@ PRETRAIN_AUG = AugmentParams(
     crop_ratio=(3 / 4, 4 / 3),
 )
 
-# paper 000, Table 1, "Training" column (the linear head).
+# Langer et al. 2024, Table 1, "Training" column (the linear head).
 LINEAR_AUG = AugmentParams(
     brightness=(0.9, 1.1),
     contrast=(0.8, 1.2),
@@ -141,7 +141,7 @@ def _disc(dist: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
 def gauge_templates(dist: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     """Three gauge shapes, (3, ...): solid sphere, ring, ring with centre mark.
 
-    Surgery-planning gauges are metal spheres or rings: bright on the radiograph. Paper 000
+    Surgery-planning gauges are metal spheres or rings: bright on the radiograph. Langer et al. 2024
     cut six real ones out of its images; we draw them.
     """
     disc = _disc(dist, radius)
@@ -150,7 +150,7 @@ def gauge_templates(dist: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
 
 
 def add_gauges(images: torch.Tensor, params: AugmentParams, generator=None) -> torch.Tensor:
-    """Paste 0, 1 or 2 bright circular gauges into each image (paper 000, Table 1)."""
+    """Paste 0, 1 or 2 bright circular gauges into each image (Langer et al. 2024, Table 1)."""
     n, _, height, width = images.shape
     device = images.device
     u = torch.rand(n, device=device, generator=generator)

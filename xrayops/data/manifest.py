@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from xrayops.contracts import ManifestRow
 
-# paper 000: 31,011 / 7,677 / 9,746 images = 64 / 16 / 20 percent.
+# Langer et al. 2024: 31,011 / 7,677 / 9,746 images = 64 / 16 / 20 percent.
 SPLIT_PERCENT = (("train", 64), ("val", 16), ("test", 20))
 
 

@@ -1,4 +1,4 @@
-"""Procedural radiograph phantoms for the 14 regions of paper 000, plus out-of-domain images.
+"""Procedural radiograph phantoms for the 14 regions of Langer et al. 2024, plus out-of-domain images.
 
 Images are attenuation-like: float32 in [0, 1], air dark, bone bright. Every bone and soft-tissue
 envelope is a projected cylinder (`Tube`) or ellipsoid (`Blob`), evaluated analytically on the
@@ -346,7 +346,7 @@ def _draw_hand(cv: Canvas, rng: np.random.Generator, body: Body) -> None:
 
 def _draw_wrist(cv: Canvas, rng: np.random.Generator, body: Body) -> None:
     """PA wrist: the same anatomy framed on the carpus, ~2x closer, so finger tips are out of view
-    (paper 002's boundary rule: hand shows all finger tips, wrist does not)."""
+    (Acitores 2022's boundary rule: hand shows all finger tips, wrist does not)."""
     cv.frame_on((0.0, 0.42), rng.uniform(1.9, 2.3))
     _hand_model(cv, rng, body, forearm_to=2.4)
 
@@ -697,7 +697,7 @@ def _compose(cv: Canvas, rng: np.random.Generator) -> np.ndarray:
 COVERAGE_RANGE = (0.35, 0.9)
 _FRAMING_LIMITS = (0.6, 1.5)
 # Finger and toe tips must stay in view: they are what tells hand from wrist and foot from ankle
-# (paper 002's boundary rule).
+# (Acitores 2022's boundary rule).
 _MAX_FRAMING = {"hand": 1.15, "foot": 1.1}
 _PROBE_SIZE = 24
 

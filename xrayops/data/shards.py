@@ -4,7 +4,7 @@ Manifest row i lives at shards/<shard>[<shard_index>]; a shard is one (n, size, 
 uint16 array of up to `shard_size` (default 1024) images. Why this format, for training reads:
 
 - Zero decode cost: a training read is `np.load(mmap_mode="r")` plus a slice, no PNG/JPEG
-  decode, no protobuf parsing, no per-sample Python objects. The decode work (paper 001's
+  decode, no protobuf parsing, no per-sample Python objects. The decode work (de Cid Rodríguez 2021's
   bottleneck) is paid once, at ingestion, never per epoch.
 - Random access for shuffling: a memory map serves any index in O(1), so a DataLoader can shuffle
   globally across shards (WebDataset/TFRecord tar streams allow only shard-level shuffle buffers),

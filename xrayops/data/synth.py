@@ -1,6 +1,6 @@
 """Synthetic PACS export: phantom radiographs as messy, realistic DICOM files plus a truth table.
 
-The embedded default data set. It reproduces what Langer et al. 2023 and de Cid 2021 report about
+The embedded default data set. It reproduces what Langer et al. 2024 and de Cid 2021 report about
 real exports: BodyPartExamined in several languages, abbreviations and typos, free-text
 descriptions, coded anatomy that is sometimes missing, a known share of wrong region tags (the
 code, BodyPartExamined and description of a mislabelled study are wrong alike),
@@ -208,7 +208,7 @@ _DESCRIPTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "nl": ("Röntgen {t}", "X-{t}"),
     "pt": ("RX {t}", "Radiografia de {t}"),
 }
-# Langer et al. 2023 label audit: wrong tags cluster in spine levels, clavicle/shoulder and hand/wrist.
+# Langer et al. 2024 label audit: wrong tags cluster in spine levels, clavicle/shoulder and hand/wrist.
 _CONFUSIONS: dict[str, tuple[str, ...]] = {
     "clavicle": ("shoulder", "rib"),
     "shoulder": ("clavicle", "elbow"),
@@ -313,11 +313,11 @@ _VIEW_CODES = {"AP": ("399348003", "antero-posterior"), "PA": ("272479007", "pos
 # Patient Orientation (row, column direction) of the unrotated pose as seen from the tube.
 _ORIENTATION = {"PA": ("R", "F"), "LL": ("P", "F"), "RL": ("A", "F"), "RLO": ("L", "F"), "LLO": ("R", "F")}
 
-# Clutter rates in synth. Langer et al. 2023 pastes 0/1/2 gauges with p = 1/3 each as augmentation; a PACS
+# Clutter rates in synth. Langer et al. 2024 pastes 0/1/2 gauges with p = 1/3 each as augmentation; a PACS
 # export has far fewer, so the gauge rate here is lower.
 _GAUGE_COUNT_P = (0.8, 0.12, 0.08)
-_GAUGE_SCALE = (0.8, 1.2)  # Langer et al. 2023
-_GAUGE_OPACITY = (0.75, 1.0)  # Langer et al. 2023
+_GAUGE_SCALE = (0.8, 1.2)  # Langer et al. 2024
+_GAUGE_OPACITY = (0.75, 1.0)  # Langer et al. 2024
 _GAUGE_DIAMETER_MM = 25.0  # common calibration sphere
 _BORDER_P = 0.25
 _MARKER_P = 0.5
@@ -690,7 +690,7 @@ def render_image(plan: ImagePlan, seed: int, size: int) -> Rendered:
             np.maximum(patch, mask * nuisance.uniform(0.93, 0.99), out=patch)
 
     has_border = bool(nuisance.random() < _BORDER_P)
-    if has_border:  # Langer et al. 2023: rotated capture inside a burnt-in white frame
+    if has_border:  # Langer et al. 2024: rotated capture inside a burnt-in white frame
         theta = math.radians(plan.angle_deg)
         yy, xx = np.mgrid[0:rows, 0:cols]
         x = (xx + 0.5) / cols * 2 - 1

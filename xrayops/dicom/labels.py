@@ -1,4 +1,4 @@
-"""The body part of a DICOM image as one of the 14 regions of Langer et al. 2023, or "unknown".
+"""The body part of a DICOM image as one of the 14 regions of Langer et al. 2024, or "unknown".
 
 Sources, most reliable first; the first that names a body part decides, even when the part lies
 outside the label space (a chest code or BodyPartExamined "CHEST" gives "unknown" whatever a

@@ -1,6 +1,6 @@
 """Grad-CAM (Selvaraju et al. 2017) of the region classifier, and overlay figures for the report.
 
-Paper 002 proposes saliency maps for quality assurance; here they show what the frozen
+Acitores 2022 proposes saliency maps for quality assurance; here they show what the frozen
 backbone looked at for a sample of right and wrong predictions, computed by captum's
 LayerGradCam on the backbone's last stage (layer4). With rotation averaging the model
 sees each image turned four ways; each turn's map is turned back and the four are summed,

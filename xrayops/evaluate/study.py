@@ -1,4 +1,4 @@
-"""Study-level aggregation (paper 001): a study is one or more views of one examination, and
+"""Study-level aggregation (de Cid Rodríguez 2021): a study is one or more views of one examination, and
 the clinical answer is per study. Two rules:
 
 - "at least one": the study is positive when any of its images is (score = max probability);

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 from torchvision.models import resnet18, resnet50
 
-# paper 000: torchvision ResNet18, fc removed -> 512-d embedding; ResNet50 was no better.
+# Langer et al. 2024: torchvision ResNet18, fc removed -> 512-d embedding; ResNet50 was no better.
 ARCHS = {"resnet18": (resnet18, 512), "resnet50": (resnet50, 2048)}
 
 
 def build_backbone(arch: str = "resnet18", in_chans: int = 1) -> tuple[nn.Module, int]:
-    """A randomly initialised ResNet (paper 000: no ImageNet weights) returning embeddings.
+    """A randomly initialised ResNet (Langer et al. 2024: no ImageNet weights) returning embeddings.
 
     The first convolution takes `in_chans` channels (radiographs are grey-scale) and the
     classifier is replaced by Identity, so `backbone(x)` is `(batch, embedding_dim)`.

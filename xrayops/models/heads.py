@@ -7,12 +7,12 @@ from torch.nn import functional as F
 
 
 def linear_head(embedding_dim: int, n_classes: int) -> nn.Linear:
-    # paper 000, linear evaluation: a single fully connected layer on the frozen backbone.
+    # Langer et al. 2024, linear evaluation: a single fully connected layer on the frozen backbone.
     return nn.Linear(embedding_dim, n_classes)
 
 
 def orientation_head(embedding_dim: int) -> nn.Linear:
-    # paper 004, "off-the-shelf": a linear layer with 2 outputs, (cos theta, sin theta).
+    # Baltruschat et al. 2018, "off-the-shelf": a linear layer with 2 outputs, (cos theta, sin theta).
     return nn.Linear(embedding_dim, 2)
 
 
@@ -28,7 +28,7 @@ def vector_to_angle(vector: torch.Tensor) -> torch.Tensor:
 
 
 def orientation_loss(predicted: torch.Tensor, angle_deg: torch.Tensor) -> torch.Tensor:
-    """Paper 004, eq. for E: mean over images of ||z(theta) - prediction||^2 with
+    """Baltruschat et al. 2018, eq. for E: mean over images of ||z(theta) - prediction||^2 with
     z(theta) = (cos theta, sin theta). Plain MSE on the angle is wrong at the 0/360 wrap."""
     return (predicted.float() - angle_to_vector(angle_deg)).pow(2).sum(-1).mean()
 
@@ -44,7 +44,7 @@ def fold_standardization(head: nn.Linear, mean: torch.Tensor, std: torch.Tensor)
 
     Linear probes train better on standardised features (MAE, He et al. 2022, puts a
     BatchNorm without affine parameters before the probe); folding it into the weights keeps
-    paper 000's "one fully connected layer".
+    Langer et al. 2024's "one fully connected layer".
     """
     folded = nn.Linear(head.in_features, head.out_features)
     with torch.no_grad():
@@ -58,7 +58,7 @@ class RegionClassifier(nn.Module):
     """Backbone + linear head. Input: float (batch, 1, S, S) in [0, 1]; output: logits.
 
     With `rotation_average`, the embedding is the mean of the backbone's embeddings of the
-    image turned by 0, 90, 180 and 270 degrees. Paper 000 straightens every image while
+    image turned by 0, 90, 180 and 270 degrees. Langer et al. 2024 straightens every image while
     cleaning; unsorted PACS exports (and our synthetic ones) come at any angle, and a
     linear head on orientation-dependent features would have to learn every class at every
     angle. Averaging makes the head blind to right-angle turns at 4x the inference cost.
@@ -77,9 +77,9 @@ class RegionClassifier(nn.Module):
         self.backbone = backbone
         self.head = linear_head(embedding_dim, n_classes)
         self.rotation_average = rotation_average
-        # paper 004: a 2-unit linear regression of (cos, sin) of the orientation angle.
+        # Baltruschat et al. 2018: a 2-unit linear regression of (cos, sin) of the orientation angle.
         self.orientation_head = orientation_head(embedding_dim) if orientation else None
-        # Binary heads (abnormality: papers 001/003; implant: paper 002): one logistic unit
+        # Binary heads (abnormality: de Cid Rodríguez 2021; Ghalyan et al.; implant: Acitores 2022): one logistic unit
         # each on the region embedding. Empty by default, so older weights load unchanged.
         self.binary_heads = nn.ModuleDict({name: nn.Linear(embedding_dim, 1) for name in binary})
 

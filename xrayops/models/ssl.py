@@ -1,4 +1,4 @@
-"""Self-supervised (and supervised-contrastive) pretraining objectives of paper 000.
+"""Self-supervised (and supervised-contrastive) pretraining objectives of Langer et al. 2024.
 
 Every method has the same interface, which `xrayops.train.pretrain` drives:
 `loss(view_a, view_b, labels) -> scalar` on two augmented views of one batch, and
@@ -41,7 +41,7 @@ class SSLModel(nn.Module):
 
 
 class SimCLRModel(SSLModel):
-    """SimCLR (Chen et al. 2020) as in paper 000: backbone -> 2-layer MLP head with BN and ReLU
+    """SimCLR (Chen et al. 2020) as in Langer et al. 2024: backbone -> 2-layer MLP head with BN and ReLU
     -> NT-Xent with temperature 0.5."""
 
     def __init__(
@@ -70,9 +70,9 @@ class SimCLRModel(SSLModel):
 
 
 class BYOLModel(SSLModel):
-    """BYOL (Grill et al. 2020), paper 000: online network (backbone, projection, prediction)
+    """BYOL (Grill et al. 2020), Langer et al. 2024: online network (backbone, projection, prediction)
     regresses the momentum (target) network's projection of the other view; the target's
-    momentum follows a cosine schedule from tau_base = 0.9995 to 1 (paper 000)."""
+    momentum follows a cosine schedule from tau_base = 0.9995 to 1 (Langer et al. 2024)."""
 
     def __init__(
         self,
@@ -165,7 +165,7 @@ class SupConLoss(nn.Module):
 
 
 class SupConModel(SimCLRModel):
-    """SupCon (paper 000: "the positives are all views of the same class"); SimCLR's
+    """SupCon (Langer et al. 2024: "the positives are all views of the same class"); SimCLR's
     projection head, and the PACS region tags as classes."""
 
     needs_labels = True

@@ -38,7 +38,7 @@ def dashboard_panels() -> list:
                         description="Share of monitored columns (metadata, image statistics, tag and prediction mix) "
                                     "Evidently finds drifted against the training manifest"),
         line_plot_panel(LABEL_NOISE, [_signal("label_noise_rate", "label-noise rate")], size="half",
-                        description="Confident predictions whose known PACS region tag disagrees (paper 000: "
+                        description="Confident predictions whose known PACS region tag disagrees (Langer et al. 2024: "
                                     "116 of 328 test errors were wrong PACS labels)"),
         line_plot_panel(OOD, [_signal("ood_rate", "out-of-domain rate")], size="half",
                         description="Images above the served bundle's out-of-domain threshold"),

@@ -23,7 +23,7 @@ class RetrainDecision(BaseModel):
 def label_noise_rate(log_df: pd.DataFrame, min_confidence: float) -> float | None:
     """Share of confident predictions whose own PACS region tag is known and disagrees.
 
-    paper 000: 116 of its 328 test errors were wrong PACS labels, and for 98 of those the
+    Langer et al. 2024: 116 of its 328 test errors were wrong PACS labels, and for 98 of those the
     model was right; so a confident prediction is the reference the tag is checked against.
     Images with an unknown tag cannot disagree and are not counted. None when nothing qualifies.
     """

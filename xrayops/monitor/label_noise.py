@@ -1,7 +1,7 @@
 """Online label-noise rate: the share of confident predictions whose image carries a known
 DICOM region tag that disagrees with them, from inference-log dataframes.
 
-paper 000: 116 of its 328 test errors were wrong PACS labels, and for 98 of those the model
+Langer et al. 2024: 116 of its 328 test errors were wrong PACS labels, and for 98 of those the model
 was right; so a confident prediction is the reference each tag is checked against. Images
 with an unknown tag cannot disagree and are not counted ("judged" = confident and tagged).
 

@@ -53,7 +53,7 @@ def decisions_to_events(decisions: pd.DataFrame, given_regions: dict[str, str]) 
     """Validate reviewer rows and turn each into a label event; bad rows are rejected with a reason.
 
     keep -> the given tag confirmed; relabel -> `corrected_region`; exclude -> `unknown` (the
-    image leaves labelled training, e.g. out of domain or unusable; paper 000 found 36 OOD
+    image leaves labelled training, e.g. out of domain or unusable; Langer et al. 2024 found 36 OOD
     and 2 unusable among 328 errors). Rows without a decision are not reviewed yet and skipped.
     """
     missing = [c for c in REQUIRED if c not in decisions.columns]

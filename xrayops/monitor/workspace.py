@@ -42,7 +42,7 @@ PROJECT_DESCRIPTION = "Drift, label noise, out-of-domain rate, prediction mix an
 # Evidently's tests on a sample of this size: for a share, the standard error is at most
 # sqrt(0.25 / 50_000) = 0.0022; for Wasserstein / Jensen-Shannon (what Evidently picks past
 # 1,000 rows) the sampling noise is far below their 0.1 thresholds. The reference (a training
-# manifest: 31,011 train images in paper 000) is of the same order, so it bounds the tests anyway.
+# manifest: 31,011 train images in Langer et al. 2024) is of the same order, so it bounds the tests anyway.
 DEFAULT_SAMPLE_ROWS = 50_000
 # The domain classifier trains on both sides; 1,000 a side gives an AUC standard error near 0.013,
 # well inside the 0.55 drift threshold, and keeps Evidently's t-SNE view of the embeddings

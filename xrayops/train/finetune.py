@@ -1,7 +1,7 @@
-"""Linear evaluation (paper 000): a linear head on the FROZEN pretrained backbone.
+"""Linear evaluation (Langer et al. 2024): a linear head on the FROZEN pretrained backbone.
 
 The backbone stays frozen so that the training and validation images can later be
-re-checked for wrong PACS labels by the same embedding (paper 000, section 4.4). The head
+re-checked for wrong PACS labels by the same embedding (Langer et al. 2024, section 4.4). The head
 trains on standardised embeddings and the scaling is then folded into its weights, so the
 bundle still holds one linear layer. It is selected by validation accuracy, calibrated on
 the validation split (temperature scaling). An out-of-domain detector is fitted on the
@@ -48,10 +48,10 @@ log = get_logger(__name__)
 
 class FinetuneConfig(BaseModel):
     epochs: int = Field(50, ge=1)
-    lr: float = 5e-2  # paper 000, linear evaluation: Adam, lr 5e-2, cosine schedule, no weight decay
-    batch_size: int = Field(64, ge=1)  # not in paper 000; small batches give small datasets more steps
+    lr: float = 5e-2  # Langer et al. 2024, linear evaluation: Adam, lr 5e-2, cosine schedule, no weight decay
+    batch_size: int = Field(64, ge=1)  # not in Langer et al. 2024; small batches give small datasets more steps
     seed: int = 0
-    # Paper 000, Table 1 "Training" column. Off by default: then embeddings are computed
+    # Langer et al. 2024, Table 1 "Training" column. Off by default: then embeddings are computed
     # once and the head trains in seconds on a CPU.
     augment: bool = False
     device: str = "auto"
@@ -67,21 +67,21 @@ class FinetuneConfig(BaseModel):
     ood_percentile: float = Field(95.0, gt=0, lt=100)
     confidence_threshold: float = Field(0.9, ge=0, le=1)  # for label_disagreement
     # Embed each image as the mean over its four right-angle rotations (RegionClassifier):
-    # our images come at any angle, where paper 000 straightened them while cleaning. On
+    # our images come at any angle, where Langer et al. 2024 straightened them while cleaning. On
     # 1,400 synthetic 64 px images after 12 SimCLR epochs it raised test accuracy from 0.28 to 0.42.
     rotation_average: bool = True
     name: str = "xrayops-region"
-    # Orientation head (paper 004): trained when angles are known for the training images
+    # Orientation head (Baltruschat et al. 2018): trained when angles are known for the training images
     # (`finetune(..., angles=...)`, e.g. the synthetic truth table), or with
     # `orientation_assume_upright` for data whose images are all upright. Either way every
-    # image also serves turned by 90, 180 and 270 degrees (paper 004's augmentation).
+    # image also serves turned by 90, 180 and 270 degrees (Baltruschat et al. 2018's augmentation).
     orientation_epochs: int = Field(100, ge=1)
-    orientation_lr: float = 1e-2  # paper 004: Adam, lr 0.01, batch 256
+    orientation_lr: float = 1e-2  # Baltruschat et al. 2018: Adam, lr 0.01, batch 256
     orientation_batch_size: int = Field(256, ge=1)
     orientation_assume_upright: bool = False
     # Optional: after the linear head, fine-tune the backbone's last stage (layer4, "conv5" in
-    # paper 004: MAE 4.25 -> 2.79 deg) together with the head on augmented images. Off by
-    # default: paper 000 keeps the backbone frozen so that images can be re-checked for wrong
+    # Baltruschat et al. 2018: MAE 4.25 -> 2.79 deg) together with the head on augmented images. Off by
+    # default: Langer et al. 2024 keeps the backbone frozen so that images can be re-checked for wrong
     # labels by the same embedding.
     finetune_last_stage: bool = False
     last_stage_epochs: int = Field(10, ge=1)
@@ -138,10 +138,10 @@ def train_orientation_head(
     val_angles: torch.Tensor,
     cfg: FinetuneConfig,
 ) -> tuple[nn.Linear, float]:
-    """A (cos, sin) linear regression (paper 004) on standardised upright embeddings.
+    """A (cos, sin) linear regression (Baltruschat et al. 2018) on standardised upright embeddings.
 
     `train_turned` (4, n, D) are the embeddings of the images turned by k * 90 degrees, whose
-    angles are angle + 90 k. Trained with paper 004's loss, selected by validation MAE.
+    angles are angle + 90 k. Trained with Baltruschat et al. 2018's loss, selected by validation MAE.
     Returns (head with standardisation folded in, validation MAE in degrees).
     """
     known = torch.isfinite(train_angles)
@@ -177,7 +177,7 @@ def train_orientation_head(
 def augmented_embedder(
     model: RegionClassifier, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: torch.device, seed: int
 ) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """(indices, step) -> standardised embeddings of those images, freshly augmented (paper 000,
+    """(indices, step) -> standardised embeddings of those images, freshly augmented (Langer et al. 2024,
     Table 1, "Training" column); the draw depends only on (seed, step)."""
     augment = make_linear_transform(int(images.shape[-1]))
 
@@ -287,7 +287,7 @@ class Standardize(nn.Module):
 def finetune_last_stage(
     model: RegionClassifier, train: ImageDataset, val: ImageDataset, cfg: FinetuneConfig, device: torch.device
 ) -> float:
-    """Fine-tune layer4 and the (folded) region head together on augmented images (paper 000,
+    """Fine-tune layer4 and the (folded) region head together on augmented images (Langer et al. 2024,
     Table 1 "Training" column), cross-entropy, Adam at `last_stage_lr` with cosine schedule.
     The earlier stages stay frozen. Keeps the epoch with the best validation accuracy (the
     frozen-backbone state if no epoch beats it); returns that accuracy."""
