@@ -93,7 +93,7 @@ def detection(args, work: Path) -> dict:
                                   for k, v in flagged_vs_truth(scores, truth, "cleanlab_issue").items()},
         "pool_studies": audit.config.pool_studies,
         "ranking_at_precision_0.8": best_recall_at_precision(scores, wrong, 0.8),
-        # the same heads judging every image alone (session 5's rule), for comparison
+        # the same heads judging every image alone (the per-image rule), for comparison
         "image_flags": None if audit.config.flag_below is None else {
             k: (round(v, 4) if isinstance(v, float) else v) for k, v in flagged_vs_truth(
                 scores.assign(image_issue=scores["image_quality"] < audit.config.flag_below), truth,

@@ -1,4 +1,4 @@
-"""Typed, versioned contracts between stages (DESIGN.md, "Contracts between stages").
+"""Typed, versioned contracts between stages (docs/architecture.md, "Contracts").
 
 Every stage reads and writes these models; nothing crosses a stage boundary untyped.
 """
@@ -34,7 +34,7 @@ class PreprocessingSpec(BaseModel):
     invert_monochrome1: bool = True
     remove_border: bool = True
     border_threshold: float = 0.92  # fraction of full scale treated as "burnt-in white border"
-    keep_aspect: bool = True  # paper 001: padding beat plain resizing
+    keep_aspect: bool = True  # de Cid Rodríguez 2021: padding beat plain resizing
     pad_value: float = 0.0
     output_dtype: Literal["uint8", "uint16"] = "uint8"
     # Multi-frame files: one frame (first/middle), every frame as its own image ("all"; single-image
@@ -87,7 +87,7 @@ class ManifestRow(BaseModel):
     # Image statistics of the preprocessed pixels, for drift monitoring.
     pixel_mean: float | None = None
     pixel_std: float | None = None
-    # Added with issue 3 (older manifests read back with these defaults).
+    # Later fields: older manifests read back with these defaults.
     frame: int = 0  # frame of a multi-frame file this row holds (0 for single-frame files)
     pixel_sha256: str = ""  # keyed HMAC-SHA256 of the decoded frame: duplicate pixels under another SOP UID
     quality_flags: str = ""  # comma-separated: tiny, extreme_aspect, low_contrast
@@ -95,8 +95,8 @@ class ManifestRow(BaseModel):
     # Lossy compressed now or before (LossyImageCompression 01, or a lossy transfer syntax): of two
     # copies of one instance ingestion keeps the lossless one.
     lossy_compression: bool = False
-    # Optional binary labels (issue 4), 1.0 / 0.0, empty where unknown; a binary head is trained
-    # when a column has both values: abnormality/fracture (papers 001, 003), implant (paper 002).
+    # Optional binary labels, 1.0 / 0.0, empty where unknown; a binary head is trained
+    # when a column has both values: abnormality/fracture (de Cid Rodríguez 2021; Ghalyan et al.), implant (Acitores 2022).
     abnormal: float | None = None
     implant: float | None = None
 
@@ -139,7 +139,7 @@ class ModelBundleMeta(BaseModel):
     # The embedding is the mean over the four right-angle rotations of the image
     # (xrayops.models.heads.RegionClassifier), so the region does not depend on orientation.
     rotation_average: bool = False
-    # Orientation head (paper 004): (cos, sin) regression on the upright (not rotation-averaged)
+    # Orientation head (Baltruschat et al. 2018): (cos, sin) regression on the upright (not rotation-averaged)
     # embedding; `orientation_source` says where its labels came from ("truth" angles, or
     # "upright" images turned by known amounts). Older bundles have none.
     orientation: bool = False
@@ -173,7 +173,7 @@ class InferenceResponse(BaseModel):
     ood: bool | None = None
     dicom_region: str = "unknown"  # normalised from the file's own BodyPartExamined
     label_disagreement: bool = False
-    # P(positive) of each binary head the model has (abnormality: papers 001/003; implant: paper 002).
+    # P(positive) of each binary head the model has (abnormality: de Cid Rodríguez 2021; Ghalyan et al.; implant: Acitores 2022).
     findings: dict[str, float] = Field(default_factory=dict)
     model_name: str = ""
     model_version: str = ""

@@ -117,7 +117,7 @@ def build_records(
     timestamp: datetime | None = None,
     site: str | None = None,
 ) -> list[InferenceLogRecord]:
-    """One `InferenceLogRecord` per image (DESIGN.md contract 5), the one place records are made:
+    """One `InferenceLogRecord` per image (docs/architecture.md, contract 5), the one place records are made:
     the answer, the preprocessed pixels' statistics, the embedding, and the pseudonymised header
     fields in `metas` (none for images that arrived as pixels). Used by in-process prediction,
     the model server and the cluster's payload-logger sink alike."""

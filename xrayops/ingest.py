@@ -522,20 +522,19 @@ def quality_flags(row: ManifestRow, std: float) -> list[str]:
 _WORKER_ARGS: tuple = ()
 
 
-def _init_worker(spec: PreprocessingSpec, key: str | bytes, synonyms: Mapping[str, str]) -> None:
+def _init_worker(spec: PreprocessingSpec, key: str | bytes, synonyms: Mapping[str, str], parent: int) -> None:
     global _WORKER_ARGS
     _WORKER_ARGS = (spec, key, synonyms)
-    die_with_parent()
+    die_with_parent(parent)
 
 
-def die_with_parent(poll_seconds: float = 1.0) -> None:
+def die_with_parent(parent: int, poll_seconds: float = 1.0) -> None:
     """End this worker when the ingest process that started it dies, even by SIGKILL.
 
     A killed parent cannot shut its pool down, and a decode worker holds hundreds of MB. Linux's
     parent-death signal covers it at once; a watchdog thread covers other systems (and a parent
     thread that exits before the process does).
     """
-    parent = os.getppid()
     try:
         import ctypes
         import signal
@@ -579,7 +578,7 @@ def _process_all(
     # spawn: forking a parent that holds torch/BLAS threads can deadlock the children.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(spec, key, dict(synonyms))) as pool:  # fmt: skip
+                             initargs=(spec, key, dict(synonyms), os.getpid())) as pool:  # fmt: skip
         pending: deque = deque()
         for job in todo:
             pending.append((job, pool.submit(_worker_process, job[0], job[1])))

@@ -1,13 +1,13 @@
 """Offline label audit with confident learning (cleanlab) over the labelled training data.
 
-paper 000 keeps the backbone frozen so that training and validation images can later be
+Langer et al. 2024 keeps the backbone frozen so that training and validation images can later be
 re-checked for wrong PACS labels with the same embedding. Here every labelled image gets an
 OUT-OF-FOLD predicted distribution: a k-fold cross-validated linear head (multinomial
-logistic regression, paper 000's one fully connected layer) on frozen-backbone embeddings,
+logistic regression, Langer et al. 2024's one fully connected layer) on frozen-backbone embeddings,
 so no image is judged by a head that saw its own (possibly wrong) label. Several backbones
-(paper 000's SimCLR / BYOL / SupCon members) average their probabilities. cleanlab's
+(Langer et al. 2024's SimCLR / BYOL / SupCon members) average their probabilities. cleanlab's
 `get_label_quality_scores` scores each image; a PACS tag is set per study, so the images of one
-study that carry the same tag are judged together (paper 001's study-level labels): the tag's
+study that carry the same tag are judged together (de Cid Rodríguez 2021's study-level labels): the tag's
 quality is the geometric mean of its images' scores. A tag is flagged when that falls below
 `flag_below` (else by cleanlab's `find_label_issues`, reported beside it), and
 `overall_label_health_score` gives one number for the dataset.
@@ -51,7 +51,7 @@ class AuditConfig(BaseModel):
     flag_below: float | None = Field(0.1, gt=0, lt=1)
     # Judge the images of a study that carry the same tag together (geometric mean of their
     # self-confidence). Chosen on the development set: precision/recall 0.82/0.89 -> 0.90/0.92
-    # at the same flag_below (benchmarks/README.md, label noise, session 6).
+    # at the same flag_below (benchmarks/README.md, label noise).
     pool_studies: bool = True
     filter_by: FilterBy = "prune_by_noise_rate"  # cleanlab's default confident-learning filter
     splits: list[str] = Field(default_factory=lambda: ["train", "val"])  # the labelled training data
@@ -188,7 +188,7 @@ def audit_frame(
     """Per-image audit table for manifest `rows` (with `region`) and their embeddings.
 
     Several embedding arrays (one per backbone) make an ensemble: each gets its own
-    out-of-fold heads and their probabilities are averaged (paper 000 averages the softmax
+    out-of-fold heads and their probabilities are averaged (Langer et al. 2024 averages the softmax
     outputs of its SimCLR, BYOL and SupCon members).
 
     Columns added: given_region, suggested_region, suggested_probability, given_probability,
