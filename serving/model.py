@@ -1,11 +1,11 @@
 """The KServe predictor: one verified model bundle, or several averaged as an ensemble
-(`xrayops.ensemble`, paper 000), behind kserve's `Model` interface.
+(`xrayops.ensemble`, Langer et al. 2024), behind kserve's `Model` interface.
 
 preprocess turns the request into an `ImageBatch`: DICOM goes through the transformer's
 decode (`serving.transformer.RequestDecoder`, the same code the cluster's transformer pod runs),
 pixel tensors are checked against the spec. predict queues the images on a micro-batcher
 (concurrent requests share one forward pass), adds Grad-CAM and the upright-turned image
-(paper 004) when asked, appends one `InferenceLogRecord` per image to the local inference log
+(Baltruschat et al. 2018) when asked, appends one `InferenceLogRecord` per image to the local inference log
 (`xrayops.inference_log.build_records`; off on a cluster, where the payload logger feeds
 serving/log_sink.py), and answers in the protocol the request came in, with the embedding as an
 extra v2 output when asked (the transformer asks, so the logged response carries it). Bad input
@@ -38,6 +38,8 @@ from xrayops.inference_log import build_records, sanitize_image_meta
 from xrayops.log_buffer import LogBuffer
 from xrayops.refusals import not_applicable, with_refusals
 from xrayops.release.storage import release_of_folders
+from xrayops.results.identity import AlgorithmIdentity, identity_of
+from xrayops.results.sr import SRError, image_srs
 from xrayops.logs import get_logger
 from xrayops.train.runtime import resolve_device
 
@@ -85,6 +87,7 @@ class XrayModel(Model):
         self.batcher: MicroBatcher | None = None
         self.load_error = ""
         self.release = ""  # the serving release the bundles came from (xrayops.release), if any
+        self.identity: AlgorithmIdentity | None = None  # who answers, as an SR's Algorithm Identification says
 
     def load(self) -> bool:
         """Load and verify every member; on any failure stay not-ready and keep the reason."""
@@ -115,6 +118,7 @@ class XrayModel(Model):
         self.members, self.bundle, self.load_error = members, members[0], ""
         self.release = release.release_id if release is not None else ""
         self.version = self.version or ensemble_version([model_version(m) for m in members])
+        self.identity = identity_of(self.name, self.version, [m.meta for m in members], release)
         self.decoder = RequestDecoder(self.bundle.meta.preprocessing, self.limits, self.deid_key)
         self.batcher = MicroBatcher(self._predict_items, self.max_batch_size, self.max_batch_latency_s)
         self.ready = True
@@ -171,7 +175,7 @@ class XrayModel(Model):
             raise InvalidInput(f"image {exc.index} cannot be predicted: {exc.reason}") from exc
         if batch.upright and not any(m.meta.orientation for m in self.members):
             raise InvalidInput(
-                f"parameter 'upright' needs an orientation head (paper 004); model {self.name} has none"
+                f"parameter 'upright' needs an orientation head (Baltruschat et al. 2018); model {self.name} has none"
             )
         return batch
 
@@ -203,8 +207,15 @@ class XrayModel(Model):
             embeddings = np.stack([nan_row if r is None else embeddings[r] for r in rows])
         if payload.protocol == "v1":
             return encode_v1(responses)
+        srs = None
+        if payload.sr:  # the DICOM path only (schema.decode_v2): the source headers are in the batch
+            try:
+                srs = await asyncio.get_running_loop().run_in_executor(
+                    None, image_srs, payload.sources, responses, self.identity)  # fmt: skip
+            except SRError as exc:
+                raise InvalidInput(f"cannot make the Structured Report of {exc}") from None
         return encode_v2(responses, self.bundle.meta.classes, self.name, self.version, payload,
-                         embeddings if payload.embedding else None)
+                         embeddings if payload.embedding else None, srs=srs)
 
     def _predict_items(self, items: list[tuple[np.ndarray, str]]) -> list:
         """One forward pass (per member) over images from any number of requests."""
@@ -251,7 +262,7 @@ class XrayModel(Model):
 
 
 def add_upright(pixels: np.ndarray, response: ServedResponse) -> ServedResponse:
-    """The response plus the image turned upright by its predicted angle (paper 004), as a PNG."""
+    """The response plus the image turned upright by its predicted angle (Baltruschat et al. 2018), as a PNG."""
     if response.orientation_deg is None:  # a member without an orientation head answered alone
         return response
     image = upright_image(to_unit_float(pixels).numpy(), response.orientation_deg)

@@ -10,19 +10,21 @@ v2 inputs, one of:
 Request parameters (v2 `parameters`, v1 `parameters`), all false by default:
   - `gradcam: true` adds a Grad-CAM heatmap per image;
   - `upright: true` adds the preprocessed image turned upright by the predicted orientation
-    (paper 004; needs a model with an orientation head);
+    (Baltruschat et al. 2018; needs a model with an orientation head);
   - `embedding: true` adds each image's embedding (v2 only): the DICOM transformer asks for it
     so that the predictor's payload-logger events carry everything an inference log record
-    needs (serving/log_sink.py), and strips it from the answer it returns.
+    needs (serving/log_sink.py), and strips it from the answer it returns;
+  - `sr: true` adds each image's DICOM Structured Report (v2, `dicom` input only; see below).
 v1 body: `{"instances": [{"b64": "<base64 DICOM>"}, ...], "parameters": {"gradcam": true}}`.
 
 v2 outputs, one row per image: `region` BYTES, `confidence` FP32, `probabilities` FP32 [N, C]
 (class order in the output's `classes` parameter), `orientation_deg` FP32 (only when the model
 predicts an angle), `ood_score` FP32, `ood` BOOL (only when the model has an OOD threshold),
 `dicom_region` BYTES, `label_disagreement` BOOL, `gradcam` BYTES (base64 PNG, on request),
-`upright` BYTES (base64 PNG, on request), `embedding` FP32 [N, D] (on request), and one
-`finding_<head>` FP32 per binary head of the model (P(positive); abnormality: papers 001/003,
-implant: paper 002; NaN for an image no member scored).
+`upright` BYTES (base64 PNG, on request), `embedding` FP32 [N, D] (on request), `sr` BYTES (on
+request), and one
+`finding_<head>` FP32 per binary head of the model (P(positive); abnormality: de Cid Rodríguez 2021; Ghalyan et al.,
+implant: Acitores 2022; NaN for an image no member scored).
 The model version is in `model_version` and repeated in the response parameters.
 v1 answer: `{"predictions": [ServedResponse, ...]}`.
 
@@ -35,6 +37,14 @@ image's row says `applicable` false, `refusal_reason` (a code such as `not_radio
 `region` "" and NaN in the numeric outputs of that row. The other images of the request are answered
 as usual. `applicable`, `refusal_reason` and `refusal_detail` are in every v2 answer. Files that are
 not usable DICOM at all stay 4xx errors.
+
+Structured Reports. With `sr: true` each row's `sr` element is a DICOM Part 10 file: a TID 1500
+Measurement Report of that image's answer, filed into the source study (xrayops.results.sr), a
+refused image's saying not applicable and why. It carries the patient's identifiers (it goes back
+into the hospital's PACS) and is never logged. Raw bytes where the client asked for binary outputs
+(binary data extension `binary_data_output`, or `binary_data` on the requested output) and on
+gRPC; base64 text in a JSON answer. Only the DICOM input path can make one (the SR needs the
+source header): a `pixels` request or a v1 request with `sr` is a 400 that says so.
 """
 from __future__ import annotations
 
@@ -62,14 +72,16 @@ INPUT_IMAGE_META = "image_meta"
 PARAM_GRADCAM = "gradcam"
 PARAM_UPRIGHT = "upright"
 PARAM_EMBEDDING = "embedding"
+PARAM_SR = "sr"
 OUTPUT_EMBEDDING = "embedding"
+OUTPUT_SR = "sr"
 FINDING_PREFIX = "finding_"  # one FP32 output per binary head: finding_abnormal, finding_implant
 # Bounds the memory one request can take; larger batches should be split by the client.
 MAX_IMAGES_PER_REQUEST = 256
 
 
 class ServedResponse(InferenceResponse):
-    """InferenceResponse (DESIGN.md contract 4) plus the Grad-CAM heatmap when asked for."""
+    """InferenceResponse (docs/architecture.md, contract 4) plus the Grad-CAM heatmap when asked for."""
 
     gradcam_png: str | None = None  # base64 PNG, (S, S) 8-bit grey, bright = drove the prediction
     upright_png: str | None = None  # base64 PNG, (S, S) 8-bit grey: the image turned by -orientation_deg
@@ -91,6 +103,10 @@ class ImageBatch:
     # Images the admission policy refused, by their position in the request: they are not in
     # `pixels` and are answered not applicable (xrayops.dicom.admission.Admission values).
     refusals: dict[int, Any] = field(default_factory=dict)
+    sr: bool = False  # the client asked for a DICOM SR per image
+    # Each image's source header (xrayops.results.sr.source_header) by request position, refused ones
+    # included: what an SR is filed under. PHI: held for the answer only, never logged.
+    sources: list[Any] = field(default_factory=list, repr=False)
 
 
 # decode_dicoms(blobs, input_name) -> [DecodedImage]; serving.transformer provides it.
@@ -111,7 +127,7 @@ def output_types(n_classes: int, with_ood_flag: bool, findings: list[str] | tupl
         {"name": "region", "datatype": "BYTES", "shape": [-1]},
         {"name": "confidence", "datatype": "FP32", "shape": [-1]},
         {"name": "probabilities", "datatype": "FP32", "shape": [-1, n_classes]},
-        # Only when a member predicts orientation (paper 004); absent means None.
+        # Only when a member predicts orientation (Baltruschat et al. 2018); absent means None.
         {"name": "orientation_deg", "datatype": "FP32", "shape": [-1]},
     ]
     outputs.append({"name": "ood_score", "datatype": "FP32", "shape": [-1]})
@@ -126,6 +142,7 @@ def output_types(n_classes: int, with_ood_flag: bool, findings: list[str] | tupl
         {"name": "applicable", "datatype": "BOOL", "shape": [-1]},
         {"name": "refusal_reason", "datatype": "BYTES", "shape": [-1]},
         {"name": "refusal_detail", "datatype": "BYTES", "shape": [-1]},
+        {"name": OUTPUT_SR, "datatype": "BYTES", "shape": [-1]},
     ]
     outputs += [{"name": FINDING_PREFIX + name, "datatype": "FP32", "shape": [-1]} for name in findings]
     return outputs
@@ -158,6 +175,12 @@ def flag(parameters, name: str) -> bool:
 
 def gradcam_requested(parameters) -> bool:
     return flag(parameters, PARAM_GRADCAM)
+
+
+SR_NEEDS_DICOM = (
+    "parameter 'sr' needs the DICOM input: a Structured Report is filed into the source study and "
+    "references the source instance, which a '{input}' request does not carry; send the files as '" + INPUT_DICOM + "'"
+)
 
 
 def dicom_bytes(element: bytes | str, index: int) -> bytes:
@@ -278,8 +301,10 @@ def decode_v2(request: InferRequest, size: int, request_id: str, decode_dicoms: 
         images = decode_dicoms([dicom_bytes(e, i) for i, e in enumerate(elements)], INPUT_DICOM)
         return batch_of_decoded(
             images, "v2", request_id, gradcam, request, flag(request.parameters, PARAM_UPRIGHT),
-            flag(request.parameters, PARAM_EMBEDDING),
+            flag(request.parameters, PARAM_EMBEDDING), flag(request.parameters, PARAM_SR),
         )
+    if flag(request.parameters, PARAM_SR):
+        raise InvalidInput(SR_NEEDS_DICOM.format(input=INPUT_PIXELS))
     if tensor.datatype != "FP32":
         raise InvalidInput(f"input '{INPUT_PIXELS}' must be FP32, got {tensor.datatype}")
     values = _tensor_values(tensor)
@@ -312,21 +337,25 @@ def decode_v1(body, request_id: str, decode_dicoms: DicomDecoder) -> ImageBatch:
     parameters = body.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
         raise InvalidInput('"parameters" must be a JSON object')
+    if flag(parameters, PARAM_SR):
+        raise InvalidInput("parameter 'sr' is served on the v2 protocol only (a BYTES output per image); "
+                           "send the request to /v2/models/<name>/infer")
     images = decode_dicoms(blobs, "instances")
     return batch_of_decoded(images, "v1", request_id, gradcam_requested(parameters), upright=flag(parameters, PARAM_UPRIGHT))
 
 
 def batch_of_decoded(
     images: list, protocol: Literal["v1", "v2"], request_id: str, gradcam: bool,
-    infer_request: InferRequest | None = None, upright: bool = False, embedding: bool = False,
+    infer_request: InferRequest | None = None, upright: bool = False, embedding: bool = False, sr: bool = False,
 ) -> ImageBatch:
     """Decoded DICOMs (serving.transformer.DecodedImage) to a batch: the admitted ones as model
-    inputs, the refused ones as refusals at their positions."""
+    inputs, the refused ones as refusals at their positions (and every source header when an SR is asked for)."""
     admitted = [d for d in images if d.refusal is None]
     return ImageBatch(
         protocol, request_id, [d.pixels for d in admitted], [d.dicom_region for d in admitted],
         [d.meta for d in admitted], gradcam, infer_request, upright, embedding,
         refusals={i: d.refusal for i, d in enumerate(images) if d.refusal is not None},
+        sr=sr, sources=[d.source for d in images] if sr else [],
     )
 
 
@@ -334,11 +363,24 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
+def sr_binary(request: InferRequest | None) -> bool:
+    """Whether the `sr` output goes as raw bytes: gRPC, or a REST client that asked for binary outputs."""
+    if request is None:
+        return False
+    if getattr(request, "from_grpc", False):
+        return True
+    for output in request.request_outputs or []:
+        if output.name == OUTPUT_SR:
+            return bool(output.binary_data)
+    return bool(request.use_binary_outputs)
+
+
 def encode_v2(
     responses: list[ServedResponse], classes: list[str], model_name: str, version: str, batch: ImageBatch,
-    embeddings: np.ndarray | None = None,
+    embeddings: np.ndarray | None = None, srs: list[bytes] | None = None,
 ) -> InferResponse:
-    """The v2 answer; `embeddings` (n, D) become the `embedding` output when given."""
+    """The v2 answer; `embeddings` (n, D) become the `embedding` output when given, `srs` (one
+    Part 10 file per row) the `sr` output."""
     probabilities = [[r.probabilities.get(c, np.nan) for c in classes] for r in responses]
     ood_scores = [np.nan if r.ood_score is None else r.ood_score for r in responses]
     columns = [
@@ -371,6 +413,10 @@ def encode_v2(
         ("refusal_reason", "BYTES", np.array([r.refusal_reason for r in responses], dtype=np.object_)),
         ("refusal_detail", "BYTES", np.array([r.refusal_detail for r in responses], dtype=np.object_)),
     ]
+    if srs is not None:
+        raw = sr_binary(batch.infer_request)
+        values = [bytes(s) if raw else base64.b64encode(s).decode("ascii") for s in srs]
+        columns.append((OUTPUT_SR, "BYTES", np.array(values, dtype=np.object_)))
     request = batch.infer_request
     requested = [o.name for o in (request.request_outputs or [])] if request is not None else []
     if requested:  # only what was asked for, on REST and gRPC alike (kserve's gRPC path returns all)
@@ -381,8 +427,14 @@ def encode_v2(
             name=name, shape=list(values.shape), datatype=datatype,
             parameters={"classes": ",".join(classes)} if name == "probabilities" else None,
         )
-        # As plain lists: kserve 0.21's gRPC encoder cannot take numpy data for raw-input requests.
-        output.set_data_from_numpy(values, binary_data=False)
+        if name == OUTPUT_SR and values.size and isinstance(values.flat[0], bytes):
+            # Raw Part 10 bytes as a plain list: set_data_from_numpy(binary_data=False) would try them as
+            # UTF-8 and fail with a message quoting the file (identifiers). kserve serialises the list
+            # as binary data (REST) or bytes_contents (gRPC).
+            output.data = list(values)
+        else:
+            # As plain lists: kserve 0.21's gRPC encoder cannot take numpy data for raw-input requests.
+            output.set_data_from_numpy(values, binary_data=False)
         outputs.append(output)
     return InferResponse(
         response_id=batch.request_id,
@@ -398,6 +450,15 @@ def encode_v2(
 
 def encode_v1(responses: list[InferenceResponse]) -> dict:
     return {"predictions": [r.model_dump(mode="json") for r in responses]}
+
+
+def parse_sr_output(response: InferResponse) -> list[bytes]:
+    """The `sr` output of a v2 answer as Part 10 files, one per row (raw bytes or base64 text alike:
+    a Part 10 file always holds bytes outside the base64 alphabet); empty when the answer has none."""
+    for output in response.outputs:
+        if output.name == OUTPUT_SR:
+            return [dicom_bytes(v, i) for i, v in enumerate(output.as_numpy().reshape(-1))]
+    return []
 
 
 def parse_infer_response(response: InferResponse) -> list[ServedResponse]:

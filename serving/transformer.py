@@ -3,7 +3,7 @@
 `decode_dicoms` is the one DICOM step of serving. It parses with `xrayops.dicom.decode.read_dicom`,
 checks the header against the serving limits (size, frames) BEFORE any pixel is decoded, and
 turns pixels into the model input with `xrayops.dicom.pixels.preprocess`, the function
-ingestion used (DESIGN.md, contract 2). Identifiers leave it pseudonymised (`safe_metadata`).
+ingestion used (docs/architecture.md, contract 2). Identifiers leave it pseudonymised (`safe_metadata`).
 
 Locally `serving.model.XrayModel` calls it in-process. On a cluster `DicomTransformer` runs it
 in the transformer pod and forwards `pixels` (+ `dicom_region`, `image_meta`) to the predictor
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from serving.schema import (
     INPUT_IMAGE_META,
     INPUT_PIXELS,
     OUTPUT_EMBEDDING,
+    OUTPUT_SR,
     PARAM_EMBEDDING,
     PARAM_GRADCAM,
     PARAM_UPRIGHT,
@@ -51,6 +52,9 @@ from xrayops.dicom.deid import safe_metadata
 from xrayops.dicom.labels import region_from_dataset
 from xrayops.dicom.pixels import preprocess
 from xrayops.refusals import not_applicable, with_refusals
+from xrayops.release.storage import release_of_folders
+from xrayops.results.identity import AlgorithmIdentity, identity_of
+from xrayops.results.sr import SRError, image_srs, source_header
 from xrayops.inference_log import HEADER_FIELDS
 from xrayops.logs import get_logger
 from xrayops.regions import UNKNOWN
@@ -77,6 +81,8 @@ class DecodedImage:
     dicom_region: str
     meta: dict
     refusal: Admission | None = None  # the admission policy's refusal: answered not applicable
+    # The header an SR is filed under (xrayops.results.sr.source_header): PHI, never logged.
+    source: Dataset | None = field(default=None, repr=False)
 
 
 def check_header(ds: Dataset, limits: DecodeLimits, where: str) -> None:
@@ -110,14 +116,15 @@ def decode_dicom(blob: bytes, spec: PreprocessingSpec, limits: DecodeLimits, key
     admission = admit(ds, spec.admission, "inference")
     if not admission.admitted:
         REFUSED.labels(admission.reason).inc()
-        return DecodedImage(None, UNKNOWN, {}, admission)
+        return DecodedImage(None, UNKNOWN, {}, admission, source_header(ds))
     check_header(ds, limits, where)
     try:
         pixels = preprocess(ds, spec)
     except DicomError as exc:
         raise dicom_error(exc, where) from exc
     meta = safe_metadata(ds, key)
-    return DecodedImage(pixels, region_from_dataset(ds).region, {k: meta.get(k) for k in HEADER_FIELDS})
+    return DecodedImage(pixels, region_from_dataset(ds).region, {k: meta.get(k) for k in HEADER_FIELDS},
+                        source=source_header(ds))
 
 
 def dicom_error(exc: DicomError, where: str) -> InvalidInput:
@@ -172,6 +179,7 @@ def pixels_request(model_name: str, batch: ImageBatch) -> InferRequest:
         tensor.set_data_from_numpy(np.array(values, dtype=np.object_), binary_data=False)
         inputs.append(tensor)
     asked = batch.infer_request.request_outputs if batch.infer_request is not None else None
+    asked = [o for o in asked or [] if o.name != OUTPUT_SR]  # the transformer makes the SRs, not the predictor
     outputs = [RequestedOutput(o.name, o.parameters) for o in asked] + [RequestedOutput(OUTPUT_EMBEDDING)] if asked else None
     return InferRequest(
         model_name=model_name, infer_inputs=inputs, request_id=batch.request_id,
@@ -201,15 +209,18 @@ class DicomTransformer(Model):
         self.decoder: RequestDecoder | None = None
         self.meta = None
         self.load_error = ""
+        self.release = None  # the serving release the bundle folder belongs to (release.json beside it), if any
 
     def load(self) -> bool:
         """Only the bundle's preprocessing spec is needed; the weights' hash is still checked so
         transformer and predictor cannot run different bundles unnoticed."""
         try:
             meta = verify_bundle(self.bundle_dir)
+            release = release_of_folders([self.bundle_dir], [meta])
         except Exception as exc:  # BundleError and unreadable storage alike: not ready, with the reason
             self.ready, self.load_error = False, str(exc)
             return False
+        self.release = release
         self.decoder = RequestDecoder(meta.preprocessing, self.limits, self.key)
         self.meta = meta
         self.ready = True
@@ -227,7 +238,7 @@ class DicomTransformer(Model):
         response: InferResponse | None = None
         if payload.pixels:
             response = strip_embedding(await super().predict(pixels_request(self.name, payload), headers))
-        if response is not None and not payload.refusals:
+        if response is not None and not payload.refusals and not payload.sr:
             return encode_v1(parse_infer_response(response)) if payload.protocol == "v1" else response
         answered = parse_infer_response(response) if response is not None else []
         version = answered[0].model_version if answered else ""
@@ -236,4 +247,16 @@ class DicomTransformer(Model):
         responses = with_refusals(answered, refusals)
         if payload.protocol == "v1":
             return encode_v1(responses)
-        return encode_v2(responses, self.meta.classes, self.name, version, payload)
+        srs = None
+        if payload.sr:  # here, where the source headers are: the predictor never sees one
+            identity = self.identity(version)
+            try:
+                srs = await asyncio.get_running_loop().run_in_executor(
+                    None, image_srs, payload.sources, responses, identity)  # fmt: skip
+            except SRError as exc:
+                raise InvalidInput(f"cannot make the Structured Report of {exc}") from None
+        return encode_v2(responses, self.meta.classes, self.name, version, payload, srs=srs)
+
+    def identity(self, version: str) -> AlgorithmIdentity:
+        """Who answered, for the SR: the predictor's version, the release's members (or this bundle's hash)."""
+        return identity_of(self.name, version or self.meta.weights_sha256[:12], [self.meta], self.release)
