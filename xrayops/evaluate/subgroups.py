@@ -53,14 +53,17 @@ def _clean(value) -> str:
 
 
 def subgroup_attributes(rows) -> dict[str, list[str]]:
-    """Attribute -> one value per row of a manifest frame, for the attributes it has columns for."""
+    """Attribute -> one value per row of a manifest frame, for the attributes it has columns for
+    and records for at least one row (a column empty everywhere says nothing about anyone)."""
     out: dict[str, list[str]] = {}
     for attribute, column in ATTRIBUTE_COLUMNS.items():
         if column not in rows.columns:
             continue
         values = rows[column].tolist()
-        out[attribute] = ([transfer_syntax_family(v) for v in values] if attribute == "transfer_syntax_family"
-                          else [_clean(v) for v in values])
+        values = ([transfer_syntax_family(v) for v in values] if attribute == "transfer_syntax_family"
+                  else [_clean(v) for v in values])
+        if any(v != NOT_RECORDED for v in values):
+            out[attribute] = values
     return out
 
 
