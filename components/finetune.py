@@ -29,11 +29,11 @@ def finetune_op(
     from pathlib import Path
 
     from xrayops.contracts import Lineage
-    from xrayops.data.dataset import read_truth_angles
+    from xrayops.data.truth import export_truth
     from xrayops.train.finetune import FinetuneConfig, finetune
 
-    truth_csv = Path(dicom.path) / "truth.csv" if dicom is not None else None
-    angles = read_truth_angles(truth_csv) if truth_csv is not None and truth_csv.exists() else None
+    # synth's angles by source pseudonym; None without truth.csv, or in a task without the key
+    _, angles = export_truth(Path(dicom.path) if dicom is not None else None)
     md5 = dataset_version.metadata["md5"] if dataset_version is not None else dataset_md5
     lineage = Lineage(dataset_md5=md5, pipeline_run=pipeline_run)
     labels = None
