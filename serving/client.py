@@ -12,11 +12,16 @@ say whether a retry can help.
 from __future__ import annotations
 
 import asyncio
+import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
+import httpx
 import numpy as np
-from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
+from kserve.errors import InferenceError, InvalidInput
 
 from serving.schema import PARAM_SR, ServedResponse, parse_infer_response, parse_sr_output
 from xrayops.contracts import InferenceResponse
@@ -74,3 +79,113 @@ def predict_files_with_sr(
     if len(srs) != len(responses):
         raise ValueError(f"the server answered {len(responses)} images but sent {len(srs)} SRs")
     return responses, srs
+
+
+# ------------------------------------------------------------------ the routing node's endpoint
+
+# How a failed call is classed for the node's retries (xrayops.route.errors.FailureKind).
+REJECTED_STATUSES = {400, 413, 415, 422}  # the data: split the request, dead-letter the bad file
+REFUSED_STATUSES = {401: "endpoint_unauthorized", 403: "endpoint_unauthorized", 404: "endpoint_not_found"}
+_DICOM_REASON = re.compile(r"is not usable DICOM \(([a-z_]+)")
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a study's request over gRPC (the server takes as much, XRAYOPS_SERVE_MAX_REQUEST_MB)
+
+
+class EndpointClient:
+    """The endpoint as the routing node calls it: `client(blobs)` -> EndpointAnswer (a response and
+    an SR per file), over REST v2 or gRPC with `Authorization: Bearer <token>` when a token is set.
+
+    kserve's async clients run on this object's own event loop thread, so one connection serves
+    every worker thread. Failures are `xrayops.route.EndpointError`s: reason codes for logs and
+    metrics; the server's message about the data goes only into `detail` (the dead-letter file)."""
+
+    def __init__(self, endpoint: str, model_name: str, protocol: str = "rest", token: str | None = None,
+                 timeout: float = 120.0, transport=None) -> None:  # fmt: skip
+        if protocol not in ("rest", "grpc"):
+            raise ValueError(f"protocol must be rest or grpc, got {protocol!r}")
+        self.endpoint, self.model_name, self.protocol, self.timeout = endpoint.rstrip("/"), model_name, protocol, timeout
+        self._token, self._transport = token, transport
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="endpoint-client", daemon=True)
+        self._thread.start()
+        self._client = None
+
+    def __call__(self, blobs: list[bytes]):
+        future = asyncio.run_coroutine_threadsafe(self._infer(blobs), self._loop)
+        return future.result(timeout=self.timeout + 30)
+
+    def close(self) -> None:
+        if self._client is not None:
+            asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def _make_client(self):
+        if self.protocol == "grpc":
+            return InferenceGRPCClient(self.endpoint, timeout=self.timeout, retries=0, channel_args=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])  # fmt: skip
+        return InferenceRESTClient(RESTConfig(protocol="v2", timeout=self.timeout, retries=0, transport=self._transport))
+
+    async def _infer(self, blobs: list[bytes]):
+        from xrayops.route import EndpointAnswer, EndpointError
+
+        if self._client is None:
+            self._client = self._make_client()
+        request = build_infer_request(self.model_name, blobs, sr=True)
+        bearer = {"authorization": f"Bearer {self._token}"} if self._token else {}
+        try:
+            if self.protocol == "grpc":
+                response = await self._client.infer(request, headers=list(bearer.items()) or None)
+            else:
+                response = await self._client.infer(self.endpoint, request, model_name=self.model_name,
+                                                    headers=bearer or None)  # fmt: skip
+            responses, srs = parse_infer_response(response), parse_sr_output(response)
+        except httpx.HTTPStatusError as exc:
+            raise _http_failure(exc.response) from None
+        except httpx.TimeoutException:
+            raise EndpointError("retryable", "endpoint_timeout") from None
+        except httpx.TransportError as exc:  # refused, reset, DNS: nobody answered
+            raise EndpointError("retryable", "endpoint_unreachable", type(exc).__name__) from None
+        except grpc.aio.AioRpcError as exc:
+            raise _grpc_failure(exc) from None
+        except (ValueError, KeyError, IndexError, InferenceError, InvalidInput) as exc:  # an answer we cannot read
+            raise EndpointError("rejected", "endpoint_bad_answer", type(exc).__name__) from None
+        return EndpointAnswer(responses=responses, srs=srs)
+
+
+def _http_failure(response: httpx.Response):
+    from xrayops.route import EndpointError
+
+    status = response.status_code
+    if status in REJECTED_STATUSES:
+        message = _server_message(response)
+        found = _DICOM_REASON.search(message)
+        reason = f"endpoint_rejected_{found.group(1)}" if found else f"endpoint_rejected_http_{status}"
+        return EndpointError("rejected", reason, f"HTTP {status}: {message}")
+    if status in REFUSED_STATUSES:
+        return EndpointError("refused", REFUSED_STATUSES[status], f"HTTP {status}")
+    # 429, 5xx: the server's trouble (its message can quote what it was sent: not kept)
+    return EndpointError("retryable", f"endpoint_http_{status}", f"HTTP {status}")
+
+
+def _server_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error", ""))[:500]
+    except (ValueError, AttributeError):
+        return ""
+
+
+def _grpc_failure(exc):
+    from xrayops.route import EndpointError
+
+    code = exc.code()
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+        message = str(exc.details() or "")[:500]
+        found = _DICOM_REASON.search(message)
+        reason = f"endpoint_rejected_{found.group(1)}" if found else "endpoint_rejected_grpc_invalid_argument"
+        return EndpointError("rejected", reason, f"gRPC {code.name}: {message}")
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return EndpointError("refused", "endpoint_unauthorized", f"gRPC {code.name}")
+    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+        return EndpointError("refused", "endpoint_not_found", f"gRPC {code.name}")
+    return EndpointError("retryable", f"endpoint_grpc_{code.name.lower()}", f"gRPC {code.name}")

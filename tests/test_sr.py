@@ -399,3 +399,21 @@ def test_the_dicom_transformer_makes_the_srs_of_what_the_predictor_answered(serv
         assert sr.StudyInstanceUID == dcmread(path, stop_before_pixels=True).StudyInstanceUID
         assert response.region == same.region  # the transformer's SR says what the predictor answered
         assert identity_of_sr(sr).version == same.model_version
+
+
+def test_xrayops_predict_sr_writes_each_sr_owner_only_named_by_its_own_uid(server, tmp_path):
+    from typer.testing import CliRunner
+
+    from xrayops.cli import app
+
+    (tmp_path / "in").mkdir()
+    files = phi_files(tmp_path / "in")
+    out = tmp_path / "srs"
+    result = CliRunner().invoke(app, ["predict", *map(str, files), "--url", server.url, "--model-name", NAME, "--sr", str(out)])
+    assert result.exit_code == 0, result.output
+    written = sorted(p for p in out.iterdir() if p.is_file())  # (and the empty .incoming of atomic writes)
+    assert len(written) == 2 and oct(out.stat().st_mode & 0o777) == "0o700"
+    assert all(p.stat().st_mode & 0o777 == 0o600 and p.name == f"sr-{dcmread(p).SOPInstanceUID}.dcm" for p in written)
+    sources = {dcmread(f).SOPInstanceUID for f in files}
+    assert {ref[1] for p in written for ref in referenced_instances(dcmread(p))} == sources
+    assert [h for h in scan([out], collect_secrets(files, tmp_path / "in")) if h.location == "file name"] == []

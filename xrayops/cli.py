@@ -165,6 +165,56 @@ def listen(
 
 
 @app.command()
+def route(
+    port: Annotated[Optional[int], typer.Option(help="DICOM port to listen on (XRAYOPS_ROUTE_PORT, 11113).")] = None,
+    ae_title: Annotated[Optional[str], typer.Option(help="Our AE title (XRAYOPS_ROUTE_AE_TITLE).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address for DICOM and /healthz (XRAYOPS_ROUTE_HOST).")] = None,
+    endpoint: Annotated[
+        Optional[str], typer.Option(help="The endpoint: REST base URL, or host:port with --protocol grpc (XRAYOPS_ROUTE_ENDPOINT).")
+    ] = None,
+    protocol: Annotated[Optional[str], typer.Option(help="rest (v2, binary DICOM) or grpc (XRAYOPS_ROUTE_PROTOCOL).")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="Served model name (default: XRAYOPS_ROUTE_MODEL_NAME, else the registered name).")] = None,
+    pacs_host: Annotated[Optional[str], typer.Option(help="PACS host the SRs are stored to (XRAYOPS_ROUTE_PACS_HOST).")] = None,
+    pacs_port: Annotated[Optional[int], typer.Option(help="PACS DICOM port (XRAYOPS_ROUTE_PACS_PORT).")] = None,
+    pacs_ae_title: Annotated[Optional[str], typer.Option(help="PACS AE title (XRAYOPS_ROUTE_PACS_AE_TITLE).")] = None,
+    quiet_seconds: Annotated[
+        Optional[float], typer.Option(help="A study is complete after this long without a new instance (XRAYOPS_ROUTE_STUDY_QUIET_SECONDS).")
+    ] = None,
+    sr_per: Annotated[Optional[str], typer.Option(help="study (one SR per study) or image (XRAYOPS_ROUTE_SR_PER).")] = None,
+    dead_letter: Annotated[Optional[Path], typer.Option(help="Dead-letter folder (XRAYOPS_ROUTE_DEAD_LETTER_DIR).")] = None,
+    health_port: Annotated[Optional[int], typer.Option(help="HTTP /healthz and /metrics port, 0 off (XRAYOPS_ROUTE_HEALTH_PORT).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Studies processed at once (XRAYOPS_ROUTE_WORKERS).")] = None,
+    max_associations: Annotated[Optional[int], typer.Option(help="DICOM associations at once (XRAYOPS_ROUTE_MAX_ASSOCIATIONS).")] = None,
+) -> None:
+    """DICOM routing node: C-STORE in, the endpoint's Structured Reports (sr=true) C-STOREd to the PACS."""
+    from pydantic import ValidationError
+
+    from serving.client import EndpointClient
+    from xrayops.route.service import route_token, run_route
+
+    flags = {"route_port": port, "route_ae_title": ae_title, "route_host": host, "route_endpoint": endpoint,
+             "route_protocol": protocol, "route_model_name": model_name, "route_pacs_host": pacs_host,
+             "route_pacs_port": pacs_port, "route_pacs_ae_title": pacs_ae_title,
+             "route_study_quiet_seconds": quiet_seconds, "route_sr_per": sr_per, "route_dead_letter_dir": dead_letter,
+             "route_health_port": health_port, "route_workers": workers, "route_max_associations": max_associations}
+    try:
+        settings = get_settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        _fail(f"invalid route settings: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+    key = _deid_key(settings)
+    client = EndpointClient(settings.route_endpoint, settings.route_model_name or settings.registered_model_name,
+                            settings.route_protocol, route_token(settings), settings.route_timeout_seconds)
+    console.print(f"routing {settings.route_ae_title}@{settings.route_host}:{settings.route_port} -> "
+                  f"{settings.route_endpoint} -> {settings.route_pacs_ae_title}@{settings.route_pacs_host}:{settings.route_pacs_port}")
+    try:
+        run_route(settings, client, key)
+    except OSError as exc:
+        _fail(f"cannot start the routing node: {exc.strerror or exc}")
+    finally:
+        client.close()
+
+
+@app.command()
 def keygen(
     out: Annotated[Optional[Path], typer.Option(help="Write the key to this new file (mode 0600) instead of printing it.")] = None,
 ) -> None:
@@ -444,21 +494,36 @@ def predict(
     upright: Annotated[
         bool, typer.Option(help="Also return each image turned upright by its predicted angle (base64 PNG; Baltruschat et al. 2018).")
     ] = False,
+    sr: Annotated[
+        Optional[Path],
+        typer.Option("--sr", help="Also write each image's DICOM Structured Report into this folder (0700; PHI: "
+                     "the SR carries the study's identifiers), named by the SR's instance UID."),
+    ] = None,
 ) -> None:
     """Send DICOM files to a running server (kserve's InferenceRESTClient, v2) and print the answers."""
     import httpx
 
-    from serving.client import predict_files
+    from serving.client import predict_files, predict_files_with_sr
 
     settings = get_settings()
+    name = model_name or settings.registered_model_name
+    srs: list[bytes] = []
     try:
-        responses = predict_files(
-            url, model_name or settings.registered_model_name, files, gradcam=gradcam, upright=upright
-        )
+        if sr is None:
+            responses = predict_files(url, name, files, gradcam=gradcam, upright=upright)
+        else:
+            responses, srs = predict_files_with_sr(url, name, files, gradcam=gradcam, upright=upright)
     except httpx.HTTPStatusError as exc:  # the server's 4xx message, not a traceback
         _fail(f"{exc.response.status_code}: {exc.response.text}")
     except (httpx.HTTPError, OSError) as exc:
         _fail(f"cannot reach {url}: {exc}")
+    if sr is not None:
+        from xrayops.results.files import write_srs
+
+        try:
+            console.print(f"wrote {len(write_srs(sr, srs))} Structured Reports to {sr}")
+        except OSError as exc:
+            _fail(f"cannot write the Structured Reports to {sr}: {exc.strerror}")
     typer.echo(json.dumps([r.model_dump() for r in responses], indent=2))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -115,6 +116,33 @@ class Settings(BaseSettings):
     site_id: str = ""
     # Evidently workspace for monitoring snapshots shown by `evidently ui`; empty: <output_dir>/evidently.
     evidently_workspace: Path | None = None
+
+    # The DICOM routing node (`xrayops route`, xrayops.route): C-STORE in, the endpoint with sr=true,
+    # the SRs C-STOREd to the PACS. The bearer token is XRAYOPS_ROUTE_TOKEN or a file holding it.
+    route_host: str = "127.0.0.1"
+    route_port: int = Field(default=11113, ge=1, le=65535)
+    route_ae_title: str = Field(default="XRAYOPS_ROUTE", min_length=1, max_length=16)
+    route_endpoint: str = Field(default="http://127.0.0.1:8080", description="REST base URL, or host:port for gRPC")
+    route_protocol: Literal["rest", "grpc"] = "rest"
+    route_model_name: str = Field(default="", description="empty: registered_model_name")
+    route_token: SecretStr | None = None
+    route_token_file: Path | None = None
+    route_study_quiet_seconds: float = Field(default=10.0, gt=0, description="a study is complete after this long without a new instance")
+    route_sr_per: Literal["study", "image"] = "study"
+    route_max_images_per_request: int = Field(default=32, ge=1, le=256)
+    route_timeout_seconds: float = Field(default=120.0, gt=0)
+    route_pacs_host: str = "127.0.0.1"
+    route_pacs_port: int = Field(default=104, ge=1, le=65535)
+    route_pacs_ae_title: str = Field(default="PACS", min_length=1, max_length=16)
+    route_max_pending_instances: int = Field(default=2000, ge=1, description="held while grouping; beyond: C-STORE out of resources")
+    route_max_queued_studies: int = Field(default=16, ge=1)
+    route_max_associations: int = Field(default=8, ge=1)
+    route_workers: int = Field(default=2, ge=1)
+    route_retry_attempts: int = Field(default=5, ge=1)
+    route_retry_base_seconds: float = Field(default=1.0, ge=0)
+    route_retry_max_seconds: float = Field(default=60.0, ge=0)
+    route_dead_letter_dir: Path = Path("outputs/route-dead-letter")
+    route_health_port: int = Field(default=8095, ge=0, le=65535, description="HTTP /healthz and /metrics; 0: off")
 
     log_level: str = "INFO"
     log_json: bool = False
