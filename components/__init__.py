@@ -4,6 +4,7 @@ All components run the one xrayops image (XRAYOPS_IMAGE, built from infra/). It 
 holds kfp and xrayops, so the compiled YAML installs nothing at run time.
 """
 from components.audit_labels import audit_labels_op
+from components.change_record import change_record_op
 from components.champion import champion_op, no_champions_op
 from components.evaluate import evaluate_ensemble_op, evaluate_op
 from components.finetune import finetune_op
@@ -33,5 +34,6 @@ __all__ = [
     "champion_op",
     "no_champions_op",
     "gate_op",
+    "change_record_op",
     "monitor_op",
 ]

@@ -4,8 +4,10 @@
     champion (MLflow models:/NAME@champion: bundle + backbone)
         ─▶ pretrain (0 epochs: the champion's frozen backbone; N: warm-started SSL on the new version)
         ─▶ finetune ─▶ evaluate ─▶ register (alias challenger) ─▶ gate (same test split, paired
-           bootstrap; promotion moves the champion alias)
-        ─▶ release (optional, when promoted: publish to the serving storage, roll the InferenceService)
+           bootstrap, per subgroup; promotion moves the champion alias)
+        ─▶ change-record (what changed, why, the evidence, the approval block: an HTML artifact)
+        ─▶ release (optional, when promoted: publish to the serving storage, roll the InferenceService;
+           with XRAYOPS_RELEASE_REQUIRES_APPROVAL it stops at "awaiting approval")
         ─▶ audit-labels (cleanlab over the new version's tags on the challenger's backbone)
 
 Langer et al. 2024 keeps the backbone frozen so that training images can be re-checked for label errors,
@@ -16,11 +18,12 @@ self-supervised pretraining on the new data first (`xrayops pretrain --init-from
 without a person's sign-off. On, a promotion publishes the new version as a serving release and
 points the InferenceService at it (`xrayops release publish`); `xrayops release rollback` undoes it.
 """
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from components import (
     audit_labels_op,
     champion_op,
+    change_record_op,
     evaluate_op,
     finetune_op,
     gate_op,
@@ -31,10 +34,13 @@ from components import (
 )
 from pipelines.gpu_pool import GpuPool
 from pipelines.ingestion import SOURCE_MOUNT, build_ingestion_pipeline
-from pipelines.training import _with_cluster_env
+from pipelines.training import CLUSTER_CONFIG_MAP, _with_cluster_env
 from xrayops.config import get_settings
 
 PIPELINE_NAME = "xrayops-retraining"
+# Settings the gate, change-record and release steps read from xrayops-config (an overlay may leave them out).
+APPROVAL_CONFIG_KEYS = ("XRAYOPS_RELEASE_REQUIRES_APPROVAL", "XRAYOPS_DASHBOARD_URL", "XRAYOPS_GATE_SUBGROUP_MIN_N",
+                        "XRAYOPS_GATE_SUBGROUP_MARGIN")
 
 
 def build_retraining_pipeline(
@@ -73,6 +79,9 @@ def build_retraining_pipeline(
         inference_service: str = settings.inference_service,
         serving_namespace: str = settings.serving_namespace,
         inference_service_manifest: str = "",
+        trigger_window: str = "",
+        trigger_reasons: str = "",
+        trigger_log: str = "",
     ) -> dsl.Artifact:
         champion = champion_op(
             tracking_uri=mlflow_tracking_uri, model_name=model_name, alias=champion_alias
@@ -110,6 +119,15 @@ def build_retraining_pipeline(
             confidence=gate_confidence, promote=promote, alias=champion_alias,
         ).set_display_name("gate")
         decision.set_caching_options(False)
+        # Why this run, what changed and the evidence: the page a quality officer approves from.
+        record = change_record_op(
+            dataset=dataset, champion=champion.outputs["bundle"], champion_uri=champion.outputs["model_uri"],
+            challenger=head.outputs["bundle"], challenger_uri=registered.output, test_set=version.outputs["md5"],
+            decision=decision.outputs["decision"], dvc_remote_url=dvc_remote_url, s3_endpoint_url=s3_endpoint_url,
+            labels_from_store=labels_from_store, trigger_window=trigger_window, trigger_reasons=trigger_reasons,
+            trigger_log=trigger_log,
+        ).set_display_name("change-record")
+        record.set_caching_options(False)
         # The run's switch outside, the gate's answer inside: kfp.local resolves a condition on a
         # named task output only inside a sub-DAG (kfp 2.17), a cluster either way.
         with dsl.If(release == True, name="release-enabled"):  # noqa: E712 (a pipeline condition)
@@ -120,6 +138,7 @@ def build_retraining_pipeline(
                     manifest=inference_service_manifest,
                 ).set_display_name("release")
                 rollout.set_caching_options(False)
+                rollout.after(record)  # the evidence is written before anything is published
         audit = audit_labels_op(
             dataset=dataset, backbone=pre.outputs["backbone"], flag_below=label_flag_below, pool_studies=label_pool_studies,
         ).set_display_name("audit-labels")
@@ -128,8 +147,11 @@ def build_retraining_pipeline(
             for task in (pre, head):
                 gpu_pool.apply(task)
         if cluster:
-            for task in (version, champion, pre, head, evaluation, registered, decision, rollout, audit):
+            for task in (version, champion, pre, head, evaluation, registered, decision, record, rollout, audit):
                 _with_cluster_env(task, deid=False)
+            for task in (decision, record, rollout):  # the site's approval and gate settings
+                kubernetes.use_config_map_as_env(task, CLUSTER_CONFIG_MAP, {k: k for k in APPROVAL_CONFIG_KEYS},
+                                                 optional=True)
         return decision.outputs["decision"]
 
     return retraining_pipeline

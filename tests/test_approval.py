@@ -197,3 +197,24 @@ def test_only_registry_versions_can_be_approved(published, tmp_path):
     with pytest.raises(ReleaseError, match="not found"):
         decide("approved", published["first"], "Dr. A", "ok", published["uri"], tmp_path / "a.jsonl",
                change_record=tmp_path / "missing.html")
+
+
+def test_the_cluster_overlays_require_approval(monkeypatch):
+    """Both overlays set the switch in xrayops-config (every xrayops pod and the release step read
+    it), and Settings parses the literal they set."""
+    from pathlib import Path
+
+    from xrayops.config import Settings
+
+    overlays = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "overlays"
+    found = {}
+    for kustomization in sorted(overlays.glob("*/kustomization.yaml")):
+        generators = yaml.safe_load(kustomization.read_text()).get("configMapGenerator") or []
+        literals = next(g["literals"] for g in generators if g["name"] == "xrayops-config")
+        found[kustomization.parent.name] = dict(item.split("=", 1) for item in literals).get(
+            "XRAYOPS_RELEASE_REQUIRES_APPROVAL")
+    assert found == {"gpu-cloud": "true", "local": "true"}
+    monkeypatch.setenv("XRAYOPS_RELEASE_REQUIRES_APPROVAL", found["local"])
+    assert Settings().release_requires_approval is True
+    monkeypatch.delenv("XRAYOPS_RELEASE_REQUIRES_APPROVAL")
+    assert Settings().release_requires_approval is False  # off by default: the demo and a laptop

@@ -159,3 +159,57 @@ def test_the_record_renders_in_headless_chromium_without_console_errors_and_prin
     broken = tmp_path / "broken.html"
     broken.write_text(render_change_record(rec).replace("</body>", "<script>noSuchFunction()</script></body>"))
     assert any("noSuchFunction is not defined" in line for line in print_pdf(broken, tmp_path / "b.pdf").console)
+
+
+@needs_chromium
+def test_cli_records_a_published_release_then_its_approval(versions, tmp_path, monkeypatch):
+    """`xrayops release record` on a candidate release (the retrained member replacing the champion's),
+    printed to PDF; approved with the record's hash; recorded again, the approval block shows who."""
+    from typer.testing import CliRunner
+
+    from xrayops.cli import app
+    from xrayops.registry import register_bundle
+    from xrayops.release import release_models
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    champion = register_bundle(versions["champion"], uri, "cr-region", alias="champion").model_uri
+    challenger = register_bundle(versions["challenger"], uri, "cr-region", alias="challenger").model_uri
+    storage = tmp_path / "store"
+    first = release_models(None, [champion], str(storage), uri).release
+    from tests.test_release import base_isvc
+
+    live = release_models([base_isvc()], [champion], str(storage), uri)
+    candidate = release_models(live.documents, [challenger], str(storage), uri).release
+    assert candidate.previous == first.release_id
+    dvc_file = tmp_path / "data.dvc"
+    dvc_file.write_text("outs:\n- md5: v2md5.dir\n  path: data\n")
+    for key, value in {"XRAYOPS_MLFLOW_TRACKING_URI": uri, "XRAYOPS_RELEASE_STORAGE_URI": str(storage),
+                       "XRAYOPS_DVC_REMOTE_URL": str(versions["remote"]), "XRAYOPS_OUTPUT_DIR": str(tmp_path / "out"),
+                       "XRAYOPS_RELEASE_AUDIT_LOG": str(tmp_path / "audit.jsonl"), "XRAYOPS_GATE_BOOTSTRAP_SAMPLES": "300",
+                       "XRAYOPS_DASHBOARD_URL": "http://dash.example/p"}.items():
+        monkeypatch.setenv(key, value)
+    runner = CliRunner()
+    record = ["release", "record", candidate.release_id, "--dataset-dvc", str(dvc_file), "--data-dir",
+              str(versions["tiny"].data_dir), "--out", str(tmp_path / "record"), "--pdf"]
+    res = runner.invoke(app, record)
+    assert res.exit_code == 0, res.output
+    said = json.loads(res.stdout[res.stdout.index("{"):])
+    assert said["approval"] == "awaiting approval" and said["console"] == [] and said["release"] == candidate.release_id
+    assert (tmp_path / "record" / "change_record.pdf").read_bytes().startswith(b"%PDF-")
+    page = (tmp_path / "record" / "change_record.html").read_text()
+    assert f"Candidate release <strong>{candidate.release_id}</strong>" in page and challenger in page
+    assert f"xrayops release approve {candidate.release_id} --by NAME" in page
+    assert versions["v1_md5"] in page  # the champion's dataset version, read from the DVC remote
+
+    res = runner.invoke(app, ["release", "approve", candidate.release_id, "--by", "Dr. Q. Officer", "--note",
+                              "subgroups read", "--record", str(tmp_path / "record" / "change_record.html")])
+    assert res.exit_code == 0, res.output
+    entry = json.loads(res.stdout[res.stdout.index("{"):])["entry"]
+    assert len(entry["change_record_sha256"]) == 64
+    res = runner.invoke(app, record[:-1])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "record" / "change_record.html").read_text()
+    assert "Approval: approved" in page and "Dr. Q. Officer" in page and entry["hash"] in page
+    res = runner.invoke(app, ["release", "record", first.release_id, "--dataset-dvc", str(dvc_file), "--data-dir",
+                              str(versions["tiny"].data_dir), "--out", str(tmp_path / "r2")])
+    assert res.exit_code == 2 and "give the champion to compare with" in " ".join(res.output.split())

@@ -16,8 +16,8 @@ from xrayops.release import release_models
 from xrayops.release.manifest import write_manifest
 from tests.test_release import BASE_ISVC
 
-STAGES = {"ingestion", "version", "champion", "pretrain", "finetune", "evaluate", "register", "gate", "audit-labels",
-          "release-enabled"}  # the condition around the optional release step
+STAGES = {"ingestion", "version", "champion", "pretrain", "finetune", "evaluate", "register", "gate", "change-record",
+          "audit-labels", "release-enabled"}  # the condition around the optional release step
 
 
 def _tasks(spec: dict) -> dict[str, dict]:
@@ -47,6 +47,12 @@ def test_compiled_retraining_graph_starts_from_the_champion_and_gates(tmp_path):
     assert tasks["register"]["inputs"]["parameters"]["alias"]["runtimeValue"]["constant"] == "challenger"
     # A moved alias must be seen: neither the champion lookup nor the gate is cached.
     assert tasks["champion"]["cachingOptions"] == {} and tasks["gate"]["cachingOptions"] == {}
+    # The change record takes the gate's decision and both models; the release waits for it.
+    record = tasks["change-record"]["inputs"]
+    assert record["artifacts"]["decision"]["taskOutputArtifact"] == {"outputArtifactKey": "decision", "producerTask": "gate-op"}
+    assert record["artifacts"]["challenger"]["taskOutputArtifact"]["producerTask"] == "finetune-op"
+    assert record["parameters"]["challenger_uri"]["taskOutputParameter"]["producerTask"] == "register-op"
+    assert tasks["change-record"]["cachingOptions"] == {}
     assert tasks["finetune"]["cachingOptions"] == {"enableCache": True}
     # GPU pool on pretrain and finetune only; the archive volume on the ingestion tasks.
     executors = spec["deploymentSpec"]["executors"]
@@ -73,11 +79,16 @@ def test_compiled_retraining_graph_starts_from_the_champion_and_gates(tmp_path):
     assert promoted["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-op-promoted'] == true"
     (release,) = spec["components"][promoted["componentRef"]["name"]]["dag"]["tasks"].values()
     assert release["taskInfo"]["name"] == "release"
+    assert "change-record-op" in enabled["dependentTasks"]  # released only after the record is written
     assert release["inputs"]["parameters"]["model_uris"]["runtimeValue"]["constant"] == [
         "{{$.inputs.parameters['pipelinechannel--register-op-Output']}}"]  # the registered challenger
     # ...and reads where to publish and which service to roll from the cluster's ConfigMap.
     keys = {m["configMapKey"] for m in k8s["exec-release-op"]["configMapAsEnv"][0]["keyToEnv"]}
     assert {"XRAYOPS_RELEASE_STORAGE_URI", "XRAYOPS_INFERENCE_SERVICE", "XRAYOPS_SERVING_NAMESPACE"} <= keys
+    # ...and whether a person must approve first (true on the cluster overlays), as the change record does.
+    for step in ("exec-release-op", "exec-change-record-op", "exec-gate-op"):
+        keys = {m["configMapKey"] for c in k8s[step]["configMapAsEnv"] for m in c["keyToEnv"]}
+        assert {"XRAYOPS_RELEASE_REQUIRES_APPROVAL", "XRAYOPS_GATE_SUBGROUP_MIN_N"} <= keys, step
 
 
 def test_retrain_cli_compiles_the_retraining_pipeline(tmp_path):
@@ -156,6 +167,8 @@ def test_kfp_local_retraining_gates_and_promotes_a_challenger_on_the_new_version
                           champion["tracking_uri"])
     write_manifest(live.documents, manifest)
     root = tmp_path / "kfp"
+    # The site requires a person's approval before a release serves (as the cluster overlays do).
+    monkeypatch.setenv("XRAYOPS_RELEASE_REQUIRES_APPROVAL", "true")
     run_retraining_local(
         root, source_dir=str(archive), files_per_batch=100, ingest_workers=1,
         dvc_remote_url=str(tmp_path / "remote"), mlflow_tracking_uri=champion["tracking_uri"], finetune_epochs=3,
@@ -189,13 +202,36 @@ def test_kfp_local_retraining_gates_and_promotes_a_challenger_on_the_new_version
     version = client.get_model_version("xrayops-region", "2")
     assert client.get_run(version.run_id).data.tags["xrayops.dataset_md5"] == md5
     assert version.tags["xrayops.gate.promote"] == "true" and version.tags["xrayops.gate.test_set"] == md5
-    # Promoted and released: version 2 is published over the live release, the manifest rolled to it.
+    # The change record: the gate's decision, the reviewers' six corrections, the approval still open.
+    from xrayops.release.change_record import ChangeRecord
+
+    record = ChangeRecord.model_validate_json((run / "change-record-op" / "record_json").read_text())
+    assert record.gate.promote and record.challenger.ref == "models:/xrayops-region/2"
+    assert record.corrections.by_reason == {"relabel": 6} and record.requires_approval
+    assert record.dataset is None and "records no dataset version" in record.dataset_note  # the fixture's champion
+    page = (run / "change-record-op" / "record").read_text()
+    assert "Change record " + record.record_id in page and "awaiting approval" in page
+    assert outputs["change-record-op"]["parameterValues"]["Output"] == record.record_id
+
+    # Promoted, published over the live release, but awaiting approval: the manifest is not rolled.
     released = json.loads((run / "release-op" / "release").read_text())
     assert [m["model_uri"] for m in released["members"]] == ["models:/xrayops-region/2"]
     assert released["previous"] == live.release.release_id != released["release_id"]
     assert outputs["release-op"]["parameterValues"]["release_id"] == released["release_id"]
+    assert outputs["release-op"]["parameterValues"]["status"] == "awaiting approval"
     assert (serving / "releases" / released["release_id"] / "release.json").is_file()
-    rolled = yaml.safe_load((run / "release-op" / "rendered").read_text())
+    assert yaml.safe_load((run / "release-op" / "rendered").read_text()) == yaml.safe_load(manifest.read_text())
+    # A person approves it; publishing again then rolls the manifest to it.
+    from xrayops.release import Release
+    from xrayops.release.approval import decide
+
+    candidate = Release.model_validate(released)
+    decide("approved", candidate, "Dr. Q. Officer", "gate and subgroups read", champion["tracking_uri"],
+           tmp_path / "audit.jsonl", change_record=run / "change-record-op" / "record")
+    approved = release_models(list(yaml.safe_load_all(manifest.read_text())), ["models:/xrayops-region/2"],
+                              str(serving), champion["tracking_uri"], require_approval=True)
+    assert approved.release.release_id == released["release_id"]
+    rolled = approved.inference_service
     assert rolled["spec"]["predictor"]["model"]["storageUri"] == outputs["release-op"]["parameterValues"]["uri"]
     assert rolled["metadata"]["annotations"]["xrayops.io/release-previous"] == live.release.release_id
     # The new version's tags are audited on the backbone the challenger uses.

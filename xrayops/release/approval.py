@@ -42,7 +42,12 @@ _NOTE_LIMIT = 4000  # MLflow tag values hold 8,000 characters; a note is a parag
 
 
 class ApprovalError(ReleaseError):
-    """A release that may not go live (not approved), or an approval that cannot be recorded."""
+    """A release that may not go live (not approved: `release` names it), or an approval that
+    cannot be recorded."""
+
+    def __init__(self, message: str, release: Release | None = None):
+        super().__init__(message)
+        self.release = release
 
 
 class AuditEntry(BaseModel):
@@ -245,11 +250,12 @@ def require_approval(tracking_uri: str, release: Release) -> ApprovalStatus:
     if status.state == "approved":
         return status
     if status.state == "rejected":
-        raise ApprovalError(f"release {release.release_id} was rejected by {status.by} at {status.at}: {status.note}")
+        raise ApprovalError(f"release {release.release_id} was rejected by {status.by} at {status.at}: {status.note}",
+                            release)
     raise ApprovalError(
         f"release {release.release_id} is awaiting approval (XRAYOPS_RELEASE_REQUIRES_APPROVAL is on): it is published "
         f"to the serving storage but not served; `xrayops release record {release.release_id}` writes its change "
-        f"record, `xrayops release approve {release.release_id} --by NAME --note TEXT` approves it")
+        f"record, `xrayops release approve {release.release_id} --by NAME --note TEXT` approves it", release)
 
 
 def registry_problems(tracking_uri: str, entries: list[AuditEntry], releases: dict[str, Release]) -> list[str]:

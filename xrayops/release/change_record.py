@@ -407,3 +407,52 @@ def build_change_record(inputs: ChangeInputs, out_dir: Path) -> tuple[ChangeReco
                       metas["challenger"], evaluations["challenger"], gate, dataset, note, corrections, inputs.trigger,
                       inputs.release, inputs.approval, inputs.requires_approval, inputs.image)
     return (record, *write_change_record(record, out_dir))
+
+
+def candidate_members(release: Release, previous: Release | None, member: str = ""):
+    """(the member the release changes, the member it replaces or None): the one given by name, else
+    the only member whose registry version differs from the previous release's."""
+    before = {m.member: m for m in previous.members} if previous is not None else {}
+    changed = [m for m in release.members if before.get(m.member) is None
+               or before[m.member].weights_sha256 != m.weights_sha256]
+    if member:
+        chosen = next((m for m in release.members if m.member == member), None)
+        if chosen is None:
+            raise ValueError(f"release {release.release_id} has no member {member!r} "
+                             f"({', '.join(m.member for m in release.members)})")
+    elif len(changed) == 1:
+        chosen = changed[0]
+    else:
+        raise ValueError(f"release {release.release_id} changes {len(changed)} members "
+                         f"({', '.join(m.member for m in changed) or 'none'}): name one with --member")
+    return chosen, before.get(chosen.member)
+
+
+def record_release(
+    release: Release, previous: Release | None, data_dir: Path, test_set: str, tracking_uri: str | None,
+    out_dir: Path, champion_ref: str = "", member: str = "", **inputs,
+) -> tuple[ChangeRecord, Path, Path]:
+    """The change record of a published candidate release: its changed member against the member
+    it replaces in the previous release (or `champion_ref`), both resolved from the registry (or
+    bundle folders), with the registry's approval state. `inputs`: further ChangeInputs fields
+    (gate, truth, previous_manifest, dvc_remote, labels, trigger, requires_approval, image, ...)."""
+    from xrayops.registry import resolve_bundle
+    from xrayops.release.approval import ApprovalError, approval_status
+
+    challenger, replaced = candidate_members(release, previous, member)
+    champion = champion_ref or (replaced.model_uri if replaced is not None else "")
+    if not champion:
+        raise ValueError(f"release {release.release_id} replaces no earlier {challenger.member} member: give the "
+                         "champion to compare with (--champion)")
+    out_dir = Path(out_dir)
+    bundles = {side: resolve_bundle(ref, tracking_uri, out_dir / "models" / side)
+               for side, ref in (("champion", champion), ("challenger", challenger.model_uri))}
+    try:
+        approval = approval_status(tracking_uri, release)
+    except ApprovalError as exc:  # bundle-folder members: the record says why nobody can approve it yet
+        log.warning("no approval state", release=release.release_id, reason=str(exc))
+        approval = None
+    return build_change_record(ChangeInputs(
+        champion_bundle=bundles["champion"], champion_ref=champion, challenger_bundle=bundles["challenger"],
+        challenger_ref=challenger.model_uri, data_dir=Path(data_dir), test_set=test_set, release=release,
+        approval=approval, **inputs), out_dir)
