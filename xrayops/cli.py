@@ -1329,6 +1329,66 @@ def release_show(
                  "uri": release.uri, "rollback_to": previous_release_id(service)})
 
 
+@release_app.command("record")
+def release_record(
+    release_id: Annotated[str, typer.Argument(help="The candidate release (r-...), published to the serving storage.")],
+    dataset_dvc: Annotated[Path, typer.Option(help="The .dvc file of the dataset version whose test split is the evidence.")] = Path("data.dvc"),
+    data_dir: Annotated[Optional[Path], typer.Option(help="That dataset, ingested (default XRAYOPS_DATA_DIR).")] = None,
+    champion: Annotated[Optional[str], typer.Option(help="Model to compare with (default: the member it replaces in the previous release).")] = None,
+    member: Annotated[str, typer.Option(help="The changed member to record, when the release changes several.")] = "",
+    gate: Annotated[Optional[Path], typer.Option(help="gate.json of the gate's decision (default: run the gate, without promoting).")] = None,
+    previous_manifest: Annotated[Optional[Path], typer.Option(help="manifest.parquet of the champion's dataset version (default: read from the DVC remote).")] = None,
+    truth: Annotated[Optional[Path], typer.Option(help="truth.csv (synthetic data): score against the true regions too.")] = None,
+    trigger_log: Annotated[Optional[Path], typer.Option(help="The retraining trigger's JSONL audit log: why the run started.")] = None,
+    window: Annotated[str, typer.Option(help="The trigger window that launched the run (default: the latest launched).")] = "",
+    labels_from_store: Annotated[bool, typer.Option(help="Count the reviewers' label corrections in the feature store.")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for change_record.json/.html (and .pdf).")] = Path("outputs/change-record"),
+    pdf: Annotated[bool, typer.Option(help="Also print it to PDF with headless Chromium.")] = False,
+    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
+) -> None:
+    """The change record of a candidate release for its approvers: what changed (dataset diff, label
+    corrections, code, configuration), why (the trigger's evidence, the dashboard link), the evidence
+    (gate and subgroups, metrics with 95 % CIs, calibration, OOD rate) and the approval block."""
+    from xrayops.data.truth import read_truth
+    from xrayops.evaluate.gate import GateDecision
+    from xrayops.registry import RegistryError
+    from xrayops.release import ReleaseError
+    from xrayops.release.change_record import print_pdf, record_release, trigger_evidence
+    from xrayops.release.storage import open_store, read_release
+    from xrayops.versioning import read_dvc_file
+
+    settings = get_settings()
+    if not dataset_dvc.is_file():
+        _fail(f"{dataset_dvc} not found: the evidence is the test split of a versioned dataset (xrayops version-dataset)")
+    try:
+        store = open_store(storage or settings.release_storage_uri, settings.s3_endpoint_url)
+        release = read_release(store, release_id)
+        labels = None
+        if labels_from_store:
+            from datetime import datetime, timezone
+
+            from xrayops.features import dataset_training_labels, open_store as feature_store
+
+            labels = dataset_training_labels(feature_store(settings), data_dir or settings.data_dir, datetime.now(timezone.utc))
+        made, _, html_path = record_release(
+            release, read_release(store, release.previous) if release.previous else None, data_dir or settings.data_dir,
+            read_dvc_file(dataset_dvc)["md5"], settings.tracking_uri(), out, champion or "", member,
+            gate=GateDecision.model_validate_json(gate.read_text()) if gate else None,
+            truth=read_truth(truth) if truth else None, previous_manifest=previous_manifest,
+            dvc_remote=settings.dvc_remote(), s3_endpoint_url=settings.s3_endpoint_url, labels=labels,
+            trigger=trigger_evidence(trigger_log, window, "", settings.dashboard_url),
+            requires_approval=settings.release_requires_approval, image=settings.image,
+            gate_samples=settings.gate_bootstrap_samples, gate_margin=settings.gate_margin,
+            subgroup_min_n=settings.gate_subgroup_min_n, subgroup_margin=settings.gate_subgroup_margin)
+        printed = print_pdf(html_path, out / "change_record.pdf") if pdf else None
+    except (ReleaseError, RegistryError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    _print_json({"record_id": made.record_id, "release": release_id, "html": str(html_path),
+                 "pdf": str(printed.pdf) if printed else None, "console": printed.console if printed else [],
+                 "gate": "promote" if made.gate.promote else "keep the champion",
+                 "approval": made.approval.state if made.approval else "not approvable (members outside the registry)"})
+
+
 def _decide_release(decision: str, release_id: str, by: str, note: str, record: Optional[Path],
                     storage: Optional[str]) -> None:
     from xrayops.release import ReleaseError
