@@ -702,15 +702,16 @@ def retrain_trigger_cmd(
 
             package = compile_retraining(settings.output_dir / "pipeline" / "xrayops-retraining.yaml", cluster=True,
                                          source_pvc=source_pvc)
+            # The window and reasons go to the run: the change record's "why".
             run = kfp.Client(host=settings.kfp_host).create_run_from_pipeline_package(
-                str(package), arguments={}, run_name=f"retrain {arguments['trigger_window']}"
+                str(package), arguments=arguments, run_name=f"retrain {arguments['trigger_window']}"
             )
             return run.run_id
         if source_dir is not None:
             from pipelines.retraining import run_retraining_local, settings_arguments
 
             run_retraining_local(pipeline_root, Path(pipeline_root) / "kfp-local.log", source_dir=str(source_dir.resolve()),
-                                 **settings_arguments(settings))
+                                 **settings_arguments(settings), **arguments, trigger_log=str(audit_log.resolve()))
             return str(Path(pipeline_root).resolve())
         from pipelines.run import run_local
 
