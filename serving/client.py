@@ -25,6 +25,7 @@ from kserve.errors import InferenceError, InvalidInput
 
 from serving.schema import PARAM_SR, ServedResponse, parse_infer_response, parse_sr_output
 from xrayops.contracts import InferenceResponse
+from xrayops.errors import XrayopsError
 
 __all__ = ["build_infer_request", "parse_infer_response", "predict_files", "predict_files_with_sr", "ServedResponse",
            "EndpointClient"]  # fmt: skip
@@ -98,8 +99,9 @@ class EndpointClient:
     every worker thread. Failures are `xrayops.route.EndpointError`s: reason codes for logs and
     metrics; the server's message about the data goes only into `detail` (the dead-letter file)."""
 
-    def __init__(self, endpoint: str, model_name: str, protocol: str = "rest", token: str | None = None,
+    def __init__(self, endpoint: str, model_name: str, protocol: str = "rest", token=None,
                  timeout: float = 120.0, transport=None) -> None:  # fmt: skip
+        """`token`: a string, or a function returning the current one (a rotated token file)."""
         if protocol not in ("rest", "grpc"):
             raise ValueError(f"protocol must be rest or grpc, got {protocol!r}")
         self.endpoint, self.model_name, self.protocol, self.timeout = endpoint.rstrip("/"), model_name, protocol, timeout
@@ -132,7 +134,11 @@ class EndpointClient:
         if self._client is None:
             self._client = self._make_client()
         request = build_infer_request(self.model_name, blobs, sr=True)
-        bearer = {"authorization": f"Bearer {self._token}"} if self._token else {}
+        try:
+            token = self._token() if callable(self._token) else self._token
+        except XrayopsError as exc:  # a token file that went away: the node cannot authenticate
+            raise EndpointError("refused", "endpoint_token_unreadable", str(exc)) from None
+        bearer = {"authorization": f"Bearer {token}"} if token else {}
         try:
             if self.protocol == "grpc":
                 response = await self._client.infer(request, headers=list(bearer.items()) or None)

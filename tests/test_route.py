@@ -553,3 +553,46 @@ def test_storescu_to_route_to_serve_to_orthanc_with_bad_input_and_the_pacs_down(
     hits += [h for h in scan([dead], secrets) if h.location in ("file name", "text")]
     hits += scan_text("server output", served.output_tail(200_000), secrets)
     assert not hits, report(hits)
+
+
+# ---------------------------------------------------------------- the cluster manifests
+
+
+@pytest.mark.skipif(__import__("shutil").which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
+def test_the_route_manifests_open_only_the_nodes_flows_and_nothing_in_the_mesh_calls_it():
+    from k8s_policies import Endpoint, Request, mesh_allows, network_allows
+
+    from xrayops import deploy
+
+    root = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "overlays"
+    for overlay in ("local", "gpu-cloud"):
+        docs = deploy.parse_manifests(deploy.kustomize(root / overlay))
+        route = deploy.find(docs, "Deployment", "xrayops-route")
+        labels = route["spec"]["template"]["metadata"]["labels"]
+        node = Endpoint(labels, name="route")
+        pacs, modality = Endpoint(ip="10.20.0.15", name="pacs"), Endpoint(ip="192.168.7.20", name="modality")
+        gateway = Endpoint({"app": "istio-ingressgateway", "istio": "ingressgateway"}, "istio-system", name="gateway")
+        ok = lambda src, dst, port: network_allows(docs, src, dst, port)  # noqa: E731
+        assert ok(modality, node, 11113) and ok(pacs, node, 11113)
+        assert ok(node, pacs, 104) and ok(node, gateway, 8443) and ok(node, Endpoint(ip="34.1.2.3"), 443)
+        assert not ok(Endpoint(ip="8.8.8.8"), node, 11113)  # not from outside the hospital's networks
+        assert not ok(Endpoint({"app": "anything"}, "default"), node, 11113) and not ok(gateway, node, 8095)
+        mlflow = Endpoint({"app.kubernetes.io/name": "mlflow"}, name="mlflow")
+        assert not ok(node, mlflow, 5000) and not ok(node, Endpoint(ip="169.254.169.254"), 443)
+        assert not ok(node, Endpoint(ip="8.8.8.8"), 104)
+        # The mesh: no caller, not even the gateway under a namespace-wide ALLOW another controller adds.
+        owner = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                 "metadata": {"name": "ns-owner-access-istio", "namespace": "xrayops"},
+                 "spec": {"rules": [{"from": [{"source": {"principals": ["cluster.local/ns/istio-system/sa/gw"]}}]}]}}
+        for policies in (docs, docs + [owner]):
+            assert not mesh_allows(policies, labels, Request(principal="cluster.local/ns/istio-system/sa/gw",
+                                                             method="GET", path="/metrics", port=8095))
+        pod = route["spec"]["template"]
+        assert pod["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeInboundPorts"] == "11113"
+        container = deploy.containers(route)[0]
+        assert container["args"][0] == "route" and not pod["spec"]["automountServiceAccountToken"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["XRAYOPS_DEID_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "xrayops-deid", "key": "key"}
+        assert env["XRAYOPS_ROUTE_TOKEN_FILE"]["value"] == "/run/secrets/xrayops-route/token"
+        (config,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("xrayops-route")]
+        assert config["data"]["XRAYOPS_ROUTE_ENDPOINT"].endswith(".invalid")  # nothing is sent until the site says where

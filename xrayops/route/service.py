@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,18 +27,29 @@ class RouteConfigError(XrayopsError):
     pass
 
 
-def route_token(settings) -> str | None:
-    """The endpoint's bearer token: XRAYOPS_ROUTE_TOKEN, or the file XRAYOPS_ROUTE_TOKEN_FILE names
-    (a mounted Secret); None when neither is set. Never logged."""
+def route_token(settings) -> Callable[[], str] | None:
+    """The endpoint's bearer token, as a function the client calls per request: XRAYOPS_ROUTE_TOKEN,
+    or the file XRAYOPS_ROUTE_TOKEN_FILE names (a mounted Secret, or a projected ServiceAccount token
+    that the kubelet rotates: read again on every call); None when neither is set. Never logged."""
     if settings.route_token is not None:
-        token = settings.route_token.get_secret_value().strip()
-    elif settings.route_token_file is not None:
-        try:
-            token = Path(settings.route_token_file).read_text().strip()
-        except OSError as exc:
-            raise RouteConfigError(f"cannot read the route token file {settings.route_token_file}: {exc.strerror}") from exc
-    else:
+        fixed = _checked_token(settings.route_token.get_secret_value())
+        return lambda: fixed
+    if settings.route_token_file is None:
         return None
+    path = Path(settings.route_token_file)
+
+    def from_file() -> str:
+        try:
+            return _checked_token(path.read_text())
+        except OSError as exc:
+            raise RouteConfigError(f"cannot read the route token file {path}: {exc.strerror}") from exc
+
+    from_file()  # refuse to start without a readable token
+    return from_file
+
+
+def _checked_token(text: str) -> str:
+    token = text.strip()
     if not token or any(ch.isspace() for ch in token):
         raise RouteConfigError("the route token is empty or holds whitespace; set one token (XRAYOPS_ROUTE_TOKEN[_FILE])")
     return token
