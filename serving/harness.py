@@ -107,7 +107,7 @@ def start_server_process(
         os.close(handle)
         output_path = path
     output_path = Path(output_path)
-    cmd = [sys.executable, "-m", "xrayops.cli", "serve", *[a for d in dirs for a in ("--model", str(d))],
+    cmd = [sys.executable, "-m", "xrayops.app.cli", "serve", *[a for d in dirs for a in ("--model", str(d))],
            "--host", host, "--http-port", str(http_port), "--model-name", name, *extra_args]
     cmd += ["--grpc-port", str(grpc_port)] if grpc_port else ["--no-grpc"]
     cmd += ["--log-path", str(log_path)] if log_path is not None else ["--no-local-log"]

@@ -206,7 +206,7 @@ def test_a_killed_ingest_leaves_no_decode_workers(tmp_path):
         write(source / f"img{i:04d}.dcm", make_dataset(seed=i, rows=512, cols=512))
     env = {**os.environ, "XRAYOPS_DEID_KEY": KEY, "XRAYOPS_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xrayops.cli", "ingest", str(source), "--data-dir", str(tmp_path / "data"),
+        [sys.executable, "-m", "xrayops.app.cli", "ingest", str(source), "--data-dir", str(tmp_path / "data"),
          "--workers", "2", "--size", "256", "--batch-size", "1000"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

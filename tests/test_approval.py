@@ -114,7 +114,7 @@ def test_the_chain_detects_an_edited_removed_or_rewritten_entry(published, tmp_p
 
 
 def test_cli_audit_exits_1_on_a_broken_chain(published, tmp_path, monkeypatch):
-    from xrayops.cli import app
+    from xrayops.app.cli import app
 
     monkeypatch.setenv("XRAYOPS_MLFLOW_TRACKING_URI", published["uri"])
     monkeypatch.setenv("XRAYOPS_RELEASE_STORAGE_URI", str(published["storage"]))
@@ -141,7 +141,7 @@ def test_cli_audit_exits_1_on_a_broken_chain(published, tmp_path, monkeypatch):
 def test_publish_refuses_an_unapproved_release(published, tmp_path, monkeypatch):
     """Approval required: the release is stored (so it can be recorded and approved) but the
     InferenceService is not pointed at it; once approved, publishing it again rolls the service."""
-    from xrayops.cli import app
+    from xrayops.app.cli import app
 
     uri, refs = published["uri"], published["refs"]
     storage = tmp_path / "store"

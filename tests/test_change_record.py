@@ -167,7 +167,7 @@ def test_cli_records_a_published_release_then_its_approval(versions, tmp_path, m
     printed to PDF; approved with the record's hash; recorded again, the approval block shows who."""
     from typer.testing import CliRunner
 
-    from xrayops.cli import app
+    from xrayops.app.cli import app
     from xrayops.registry import register_bundle
     from xrayops.release import release_models
 

@@ -268,7 +268,7 @@ def _cli(args, env_key: str | None, tmp_path):
     env["XRAYOPS_PROGRESS"] = "0"
     if env_key is not None:
         env["XRAYOPS_DEID_KEY"] = env_key
-    return subprocess.run([sys.executable, "-m", "xrayops.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "xrayops.app.cli", *args], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=120)  # fmt: skip
 
 

@@ -109,7 +109,7 @@ def test_pin_dockerfile_base_image(tmp_path):
 def test_cli_pin_then_apply_no_longer_refuses(k8s, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
     env.update(KUBECONFIG=str(tmp_path / "no-kubeconfig"), XRAYOPS_LOG_LEVEL="WARNING")
-    cli = [sys.executable, "-m", "xrayops.cli", "deploy"]
+    cli = [sys.executable, "-m", "xrayops.app.cli", "deploy"]
     partial = subprocess.run(cli + ["pin", "--overlay", "local", "--k8s-dir", str(k8s), "--digest", f"redis={D1}"],
                              capture_output=True, text=True, env=env, cwd=ROOT)
     assert partial.returncode == 2 and "still unpinned in local: ghcr.io/xrayops/xrayops, postgres" in partial.stderr

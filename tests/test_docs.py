@@ -84,7 +84,11 @@ def cli_verbs() -> list[str]:
 
     target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["xrayops"]
     module, attribute = target.split(":")
-    group = typer.main.get_command(getattr(importlib.import_module(module), attribute))
+    entry = importlib.import_module(module)
+    target_app = getattr(entry, attribute)
+    if not isinstance(target_app, typer.Typer):  # a main() around the app: the app beside it
+        target_app = entry.app
+    group = typer.main.get_command(target_app)
     verbs = []
     for name, command in group.commands.items():
         subcommands = getattr(command, "commands", None)

@@ -108,7 +108,7 @@ def test_dashboard_screenshot_is_written(story):
 def test_gate_cli_scores_both_versions_on_the_versioned_test_set(story, monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    from xrayops.cli import app
+    from xrayops.app.cli import app
     from xrayops.versioning import read_dvc_file
 
     summary, settings = story
@@ -136,7 +136,7 @@ def test_gate_cli_scores_both_versions_on_the_versioned_test_set(story, monkeypa
 def test_demo_cli_refuses_a_missing_backbone(tmp_path):
     from typer.testing import CliRunner
 
-    from xrayops.cli import app
+    from xrayops.app.cli import app
 
     result = CliRunner().invoke(app, ["demo", "--scenario", "drift", "--out", str(tmp_path), "--backbone",
                                       str(tmp_path / "nope.pt")])

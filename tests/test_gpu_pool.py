@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from pipelines.gpu_pool import GpuPool
 from pipelines.run import compile_pipeline
-from xrayops.cli import app
+from xrayops.app.cli import app
 
 GKE = {
     "accelerator_type": "NVIDIA_TESLA_A100",

@@ -545,7 +545,7 @@ def test_cli_render_with_image_override_and_apply_without_cluster(k8s_dir, tmp_p
     env.update(KUBECONFIG=str(tmp_path / "no-kubeconfig"), XRAYOPS_LOG_LEVEL="WARNING")
     image = "registry.example/ml/xray:2.0@sha256:" + "ab" * 32
     out = subprocess.run(
-        [sys.executable, "-m", "xrayops.cli", "deploy", "render", "--overlay", "local", "--k8s-dir", str(k8s_dir),
+        [sys.executable, "-m", "xrayops.app.cli", "deploy", "render", "--overlay", "local", "--k8s-dir", str(k8s_dir),
          "--image", image],
         capture_output=True, text=True, env=env, cwd=ROOT, check=True,
     ).stdout
@@ -555,7 +555,7 @@ def test_cli_render_with_image_override_and_apply_without_cluster(k8s_dir, tmp_p
     spec = _embedded_pipeline(docs)[0]
     assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {image}
 
-    apply = [sys.executable, "-m", "xrayops.cli", "deploy", "apply", "--overlay", "local", "--k8s-dir", str(k8s_dir),
+    apply = [sys.executable, "-m", "xrayops.app.cli", "deploy", "apply", "--overlay", "local", "--k8s-dir", str(k8s_dir),
              "--dry-run"]
     refused = subprocess.run(apply, capture_output=True, text=True, env=env, cwd=ROOT)
     assert refused.returncode == 2 and "images not pinned by digest" in refused.stderr
@@ -636,7 +636,7 @@ def test_pipeline_target_reads_the_overlay_config():
 def test_compile_cli_gpu_count_and_cluster_env(tmp_path, rendered):
     out = tmp_path / "p.yaml"
     subprocess.run(
-        [sys.executable, "-m", "xrayops.cli", "pipeline", "compile", "--out", str(out), "--gpu", "--gpu-node-pool",
+        [sys.executable, "-m", "xrayops.app.cli", "pipeline", "compile", "--out", str(out), "--gpu", "--gpu-node-pool",
          "h100", "--gpu-count", "2", "--cluster"],
         check=True, cwd=ROOT, capture_output=True,
     )

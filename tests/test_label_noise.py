@@ -225,7 +225,7 @@ def test_audit_labels_cli_with_an_ensemble_and_the_truth(tmp_path, monkeypatch):
 
     from typer.testing import CliRunner
 
-    from xrayops.cli import app
+    from xrayops.app.cli import app
 
     monkeypatch.setenv("XRAYOPS_DEVICE", "cpu")
     data = make_data_dir(tmp_path / "data", n_per_class=12, size=32, mislabel_rate=0.1, seed=4)
@@ -300,7 +300,7 @@ def test_reviewed_labels_round_trip_through_the_store_into_finetune(tmp_path, mo
     from typer.testing import CliRunner
 
     from xrayops.bundle import load_bundle
-    from xrayops.cli import app
+    from xrayops.app.cli import app
 
     tiny = make_data_dir(tmp_path / "data", n_per_class=6, size=32, n_unknown=0, n_quarantined=0)
     backbone = random_backbone(tmp_path / "backbone.pt")

@@ -50,7 +50,7 @@ def write_pacs_export(root: Path) -> list[Path]:
 
 
 def run_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "xrayops.cli", "--log-json", "--log-level", "DEBUG", *args],
+    return subprocess.run([sys.executable, "-m", "xrayops.app.cli", "--log-json", "--log-level", "DEBUG", *args],
                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
 
 

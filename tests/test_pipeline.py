@@ -24,7 +24,7 @@ def test_compiled_yaml_has_every_stage_on_one_image(tmp_path):
     out = tmp_path / "p.yaml"
     env = {**os.environ, "XRAYOPS_IMAGE": "registry.example/xrayops:9.9"}
     subprocess.run(
-        [sys.executable, "-m", "xrayops.cli", "pipeline", "compile", "--out", str(out)], check=True, env=env, cwd=ROOT
+        [sys.executable, "-m", "xrayops.app.cli", "pipeline", "compile", "--out", str(out)], check=True, env=env, cwd=ROOT
     )
     spec = _load(out)[0]
     tasks = spec["root"]["dag"]["tasks"]

@@ -82,14 +82,14 @@ def package(tmp_path_factory) -> Path:
     """The cluster-mode pipeline compiled by the CLI with a custom image (bound at import time)."""
     out = tmp_path_factory.mktemp("pkg") / "xrayops-training.yaml"
     env = {**os.environ, "XRAYOPS_IMAGE": IMAGE}
-    subprocess.run([sys.executable, "-m", "xrayops.cli", "pipeline", "compile", "--cluster", "--out", str(out)],
+    subprocess.run([sys.executable, "-m", "xrayops.app.cli", "pipeline", "compile", "--cluster", "--out", str(out)],
                    check=True, env=env, cwd=ROOT, capture_output=True)
     return out
 
 
 def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "XRAYOPS_LOG_LEVEL": "WARNING", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "xrayops.cli", "pipeline", "submit", *args],
+    return subprocess.run([sys.executable, "-m", "xrayops.app.cli", "pipeline", "submit", *args],
                           capture_output=True, text=True, env=env, cwd=ROOT)
 
 

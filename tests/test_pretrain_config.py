@@ -69,7 +69,7 @@ def test_the_cli_passes_every_hyperparameter(monkeypatch, tmp_path):
 
     from typer.testing import CliRunner
 
-    from xrayops.cli import app
+    from xrayops.app.cli import app
 
     module = importlib.import_module("xrayops.train.pretrain")  # the module, not the function
     monkeypatch.setattr(module, "pretrain", lambda data_dir, out, cfg: cfg)  # echo the config as JSON

@@ -251,7 +251,7 @@ def test_a_damaged_release_is_not_taken_for_a_good_one(registry, tmp_path):
 
 
 def test_cli_publish_and_rollback_edit_a_manifest_keeping_its_comments(registry, tmp_path, monkeypatch):
-    from xrayops.cli import app
+    from xrayops.app.cli import app
 
     monkeypatch.setenv("XRAYOPS_MLFLOW_TRACKING_URI", registry["uri"])
     monkeypatch.setenv("XRAYOPS_OUTPUT_DIR", str(tmp_path / "outputs"))
@@ -358,7 +358,7 @@ def test_the_live_service_is_replaced_at_the_version_it_was_read():
 
 
 def test_cli_without_a_manifest_or_cluster_credentials_says_so(tmp_path, monkeypatch):
-    from xrayops.cli import app
+    from xrayops.app.cli import app
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
@@ -371,7 +371,7 @@ def test_the_inference_graph_manifest_is_rolled_member_by_member(registry, tmp_p
     """serving/inferencegraph.yaml (members scaling apart): each member's own InferenceService reads its
     folder of the release, the combiner reads the whole release; the graph itself is untouched; every
     rolled InferenceService validates against KServe's CRD, and a member the release lacks is refused."""
-    from xrayops.cli import app
+    from xrayops.app.cli import app
 
     graph = REPO / "infra/k8s/components/inferencegraph/inferencegraph.yaml"
     manifest = tmp_path / "inferencegraph.yaml"
@@ -454,7 +454,7 @@ def test_a_live_graph_release_rolls_every_member_service_and_the_combiner():
 def test_rollback_to_serves_the_release_asked_for_not_the_recorded_previous(registry, tmp_path, monkeypatch):
     """Three releases in turn (A, B, C): the live C records B as previous. `rollback --to A` must
     serve A; a rollback that took the recorded previous release instead would serve B."""
-    from xrayops.cli import app
+    from xrayops.app.cli import app
 
     storage, refs, uri = str(tmp_path / "store"), registry["refs"], registry["uri"]
     a = release_models([base_isvc()], [refs["simclr"]], storage, uri)

@@ -94,7 +94,7 @@ def test_compiled_retraining_graph_starts_from_the_champion_and_gates(tmp_path):
 def test_retrain_cli_compiles_the_retraining_pipeline(tmp_path):
     from typer.testing import CliRunner
 
-    from xrayops.cli import app
+    from xrayops.app.cli import app
 
     out = tmp_path / "retrain.yaml"
     result = CliRunner().invoke(app, ["pipeline", "compile-retraining", "--out", str(out), "--cluster",
@@ -278,7 +278,7 @@ def test_retrain_cli_refuses_a_missing_archive_or_champion(tmp_path):
     env = {**os.environ, "XRAYOPS_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}", "XRAYOPS_LOG_LEVEL": "WARNING"}
 
     def retrain(*args):
-        proc = subprocess.run([sys.executable, "-m", "xrayops.cli", "pipeline", "retrain", "--root", str(tmp_path / "kfp"),
+        proc = subprocess.run([sys.executable, "-m", "xrayops.app.cli", "pipeline", "retrain", "--root", str(tmp_path / "kfp"),
                                *args], capture_output=True, text=True, env=env, cwd=root)
         return proc.returncode, " ".join(proc.stderr.split())  # rich wraps long lines
 

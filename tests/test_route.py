@@ -460,7 +460,7 @@ def test_storescu_to_route_to_serve_to_orthanc_with_bad_input_and_the_pacs_down(
            "XRAYOPS_ROUTE_RETRY_ATTEMPTS": "2", "XRAYOPS_ROUTE_RETRY_BASE_SECONDS": "0.2"}  # fmt: skip
     node_log = (tmp_path / "route.log").open("w")
     route = subprocess.Popen(
-        [sys.executable, "-m", "xrayops.cli", "route", "--host", "127.0.0.1", "--port", str(route_port),
+        [sys.executable, "-m", "xrayops.app.cli", "route", "--host", "127.0.0.1", "--port", str(route_port),
          "--ae-title", "XRAYOPS_ROUTE", "--endpoint", served.url, "--model-name", "xray-route",
          "--pacs-port", str(orthanc["dicom_port"]), "--pacs-ae-title", "ORTHANC", "--quiet-seconds", "1",
          "--dead-letter", str(dead), "--health-port", str(health_port)],

@@ -19,7 +19,7 @@ from serving.harness import free_port, start_server_process
 from serving.transformer import DecodeLimits, decode_dicom
 from test_serving_support import SIZE, make_bundle, make_dicom
 from xrayops.bundle import load_bundle
-from xrayops.cli import app
+from xrayops.app.cli import app
 from xrayops.ensemble import ensemble_version
 from xrayops.gradcam import png_to_heatmap
 from xrayops.inference import model_version, predict_arrays

@@ -166,7 +166,7 @@ def test_container_args_are_ones_the_cli_accepts():
     """Every `serve` argument in the manifests is an option of `xrayops serve` (typer parses them)."""
     from typer.main import get_command
 
-    from xrayops.cli import app
+    from xrayops.app.cli import app
 
     serve = get_command(app).commands["serve"]
     known = {opt for p in serve.params for opt in [*p.opts, *getattr(p, "secondary_opts", [])]}
@@ -250,7 +250,7 @@ def test_payload_logger_feeds_the_sink_that_writes_where_the_monitor_reads():
     # the sink's args are options of `xrayops log-sink`
     from typer.main import get_command
 
-    from xrayops.cli import app
+    from xrayops.app.cli import app
 
     known = {opt for p in get_command(app).commands["log-sink"].params for opt in p.opts}
     assert all(a.split("=", 1)[0] in known for a in container["args"][1:])

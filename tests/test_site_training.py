@@ -59,7 +59,7 @@ def test_compiled_graph_trains_one_member_per_method_and_evaluates_them_together
 def test_cli_compiles_the_site_training_pipeline(tmp_path):
     from typer.testing import CliRunner
 
-    from xrayops.cli import app
+    from xrayops.app.cli import app
 
     out = tmp_path / "site.yaml"
     result = CliRunner().invoke(app, ["pipeline", "compile-site-training", "--out", str(out), "--cluster",
@@ -117,7 +117,7 @@ def test_kfp_local_trains_registers_evaluates_and_releases_the_ensemble(tmp_path
 def test_site_train_cli_refuses_before_starting(tmp_path):
     from typer.testing import CliRunner
 
-    from xrayops.cli import app
+    from xrayops.app.cli import app
 
     runner = CliRunner()
     root = tmp_path / "kfp"
@@ -143,7 +143,7 @@ def test_a_site_training_does_not_replace_champions_unless_told(tmp_path, monkey
 
     from components import no_champions_op
     from tests.test_registry import write_dummy_bundle
-    from xrayops.cli import app
+    from xrayops.app.cli import app
     from xrayops.registry import held_aliases, register_bundle
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

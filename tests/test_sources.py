@@ -106,7 +106,7 @@ def listener(tmp_path):
     env = {**os.environ, "XRAYOPS_DEID_KEY": KEY, "XRAYOPS_PROGRESS": "0"}
     log = (tmp_path / "listen.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xrayops.cli", "listen", "--port", str(port), "--ae-title", "XRAYOPS",
+        [sys.executable, "-m", "xrayops.app.cli", "listen", "--port", str(port), "--ae-title", "XRAYOPS",
          "--out", str(landing), "--host", "127.0.0.1"],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip

@@ -404,7 +404,7 @@ def test_the_dicom_transformer_makes_the_srs_of_what_the_predictor_answered(serv
 def test_xrayops_predict_sr_writes_each_sr_owner_only_named_by_its_own_uid(server, tmp_path):
     from typer.testing import CliRunner
 
-    from xrayops.cli import app
+    from xrayops.app.cli import app
 
     (tmp_path / "in").mkdir()
     files = phi_files(tmp_path / "in")

@@ -102,7 +102,7 @@ def test_launch_cooldown_dedup_and_audit_log(tmp_path):
 
 
 def test_cli_logs_a_calm_window_without_launching(tmp_path, monkeypatch):
-    from xrayops.cli import retrain_trigger_cmd
+    from xrayops.app.cli.monitor import retrain_trigger_cmd
     from xrayops.monitor.decision import RetrainDecision
     from xrayops.monitor.drift import DriftResult
     from xrayops.monitor.window import MonitorResult
@@ -126,7 +126,7 @@ def test_cli_launches_the_retraining_pipeline_over_the_archive(tmp_path, monkeyp
     """A drifted window with --source-dir launches the retraining graph (kfp.local here; the
     graph itself runs in tests/test_retraining_pipeline.py), and the decision records the run."""
     import pipelines.retraining
-    from xrayops.cli import retrain_trigger_cmd
+    from xrayops.app.cli.monitor import retrain_trigger_cmd
     from xrayops.monitor.decision import RetrainDecision
     from xrayops.monitor.drift import DriftResult
     from xrayops.monitor.window import MonitorResult

@@ -204,7 +204,7 @@ def compile_pipeline_yaml(target: PipelineTarget, key: str = PIPELINE_KEY) -> st
     Secrets), as YAML."""
     with tempfile.TemporaryDirectory(prefix="xrayops-deploy-") as tmp:
         out = Path(tmp) / key
-        cmd = [sys.executable, "-m", "xrayops.cli", *compile_args(target, out, key)]
+        cmd = [sys.executable, "-m", "xrayops.app.cli", *compile_args(target, out, key)]
         env = {**os.environ, "XRAYOPS_IMAGE": target.image}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:

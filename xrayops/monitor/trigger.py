@@ -3,7 +3,7 @@ dedup against run storms, and every decision appended to a JSONL audit log.
 
 The core launches nothing itself: it calls a `launcher(arguments) -> run id` handed in by
 the composition root (kfp.Client against a cluster, kfp.local when embedded; see
-`xrayops.cli`), so this module stays free of kfp imports and is tested with a fake launcher.
+`xrayops.app.cli`), so this module stays free of kfp imports and is tested with a fake launcher.
 
 Signals and their thresholds (Settings):
   drift share              >= drift_share_threshold

@@ -71,7 +71,7 @@ def _private(value: str, meaning: str) -> CodedConcept:
 # Concept names.
 PREDICTED_REGION = CodedConcept.from_code(codes.DCM.TargetRegion)  # DCM 123014
 PROBABILITY = CodedConcept.from_code(codes.DCM.Probability)  # DCM 122157
-ORIENTATION = CodedConcept.from_code(codes.DCM.Orientation)  # DCM 111354, in degrees (paper 004)
+ORIENTATION = CodedConcept.from_code(codes.DCM.Orientation)  # DCM 111354, in degrees (Baltruschat et al. 2018)
 APPLICABLE = _private("APPLICABLE", "Model applicable to the image")
 REFUSAL_REASON = _private("NOTAPPLICABLE", "Reason the model does not apply")
 OUT_OF_DOMAIN = _private("OOD", "Out of the model's domain")
@@ -115,7 +115,7 @@ def refusal_code(reason: str, detail: str) -> CodedConcept:
 
 
 def finding_concept(head: str) -> CodedConcept:
-    """A binary head's probability (abnormality: papers 001/003; implant: paper 002)."""
+    """A binary head's probability (abnormality: de Cid Rodríguez 2021; Ghalyan et al.; implant: Acitores 2022)."""
     return _private(f"P-{head.upper()}"[:16], f"Probability of {head.replace('_', ' ')}")
 
 

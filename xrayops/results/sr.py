@@ -7,7 +7,7 @@ measurement group per image. Each group (TID 1501) holds:
   - applicable yes/no; when not, the admission policy's reason (xrayops.dicom.admission) coded,
     with its detail in the code meaning, and nothing else;
   - the predicted region as a SNOMED CT code (Target Region) and its probability, the
-    orientation in degrees (paper 004) when the model predicts one, the out-of-domain score and
+    orientation in degrees (Baltruschat et al. 2018) when the model predicts one, the out-of-domain score and
     flag, each binary head's probability;
   - the region the image header names and whether the prediction disagrees with it.
 The SR copies the source's Patient and General Study modules (highdicom does, from the first
@@ -274,28 +274,34 @@ def study_sr(
 
 def merge_image_srs(sources: Sequence[Dataset], image_srs: Sequence[Dataset]) -> hd.sr.ComprehensiveSR:
     """One study SR from the endpoint's per-image SRs (what the routing node stores per study):
-    their measurement groups and algorithm, read back with highdicom, over the study's sources."""
+    their measurement groups and algorithm, read back with highdicom, over the study's sources.
+    The SR datasets are read in place (not copied): pass ones the caller owns."""
     if not image_srs:
         raise SRError("no image SR to merge")
-    groups = []
-    identity = None
-    for sr in image_srs:
-        parsed = hd.sr.ComprehensiveSR.from_dataset(sr, copy=True)
-        content = hd.sr.MeasurementReport.from_sequence([parsed])
-        groups += content.get_image_measurement_groups()
-        identity = identity or identity_of_sr(sr)
-    return report(sources, [], identity, groups=groups)
+    groups = [g for sr in image_srs for g in _groups(sr)]
+    if not groups:
+        raise SRError("the SRs hold no measurement group")
+    return report(sources, [], _identity_of_group(groups[0]), groups=groups)
+
+
+def _groups(sr: Dataset) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    parsed = hd.sr.ComprehensiveSR.from_dataset(sr, copy=False)
+    return hd.sr.MeasurementReport.from_sequence([parsed]).get_image_measurement_groups()
 
 
 def identity_of_sr(sr: Dataset) -> AlgorithmIdentity:
     """The AlgorithmIdentity an SR was written with (its first group's TID 4019)."""
-    parsed = hd.sr.ComprehensiveSR.from_dataset(sr, copy=True)
-    groups = hd.sr.MeasurementReport.from_sequence([parsed]).get_image_measurement_groups()
+    import copy
+
+    groups = _groups(copy.deepcopy(sr))
     if not groups:
         raise SRError("the SR has no measurement group")
+    return _identity_of_group(groups[0])
 
+
+def _identity_of_group(group) -> AlgorithmIdentity:
     def texts(code) -> list[str]:
-        return [str(i.TextValue) for i in find_content_items(groups[0][0], name=code, value_type="TEXT")]
+        return [str(i.TextValue) for i in find_content_items(group[0], name=code, value_type="TEXT")]
 
     name, version, parameters = texts(codes.DCM.AlgorithmName), texts(codes.DCM.AlgorithmVersion), \
         texts(codes.DCM.AlgorithmParameters)
