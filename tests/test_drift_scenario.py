@@ -142,3 +142,17 @@ def test_demo_cli_refuses_a_missing_backbone(tmp_path):
                                       str(tmp_path / "nope.pt")])
     assert result.exit_code == 2 and "nope.pt not found" in result.output
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_the_promotion_is_approved_on_a_change_record_before_it_is_served(story):
+    from xrayops.release.approval import read_entries, verify_chain
+
+    summary, settings = story
+    approval = summary.step("approve").facts
+    assert approval["approved"] is True and approval["by"] == "Demo Quality Officer (stand-in)"
+    assert Path(summary.step("approve").artefacts["change_record"]).is_file()
+    log = Path(summary.step("approve").artefacts["audit_log"])
+    assert verify_chain(log).ok
+    (entry,) = read_entries(log)
+    assert entry.decision == "approved" and entry.release_id == approval["release_id"] and entry.change_record_sha256
+    assert summary.step("reload").facts["release_id"] == approval["release_id"]  # the approved release is served

@@ -146,7 +146,7 @@ def traffic(ctx: RunContext) -> StepResult:
     shifted = sorted(Path(ctx.shifted.dicom_dir).glob("*.dcm"))
     ctx.log_path = ctx.out / "inference-log"
     shutil.rmtree(ctx.log_path, ignore_errors=True)  # this run's windows only
-    release_champion(ctx, first=True)
+    ctx.extra["first_release"], _ = release_champion(ctx, first=True)
     batches = [calm[:cfg.n_window], calm[cfg.n_window:], shifted[:cfg.n_window], shifted[cfg.n_window:]]
     bounds = []
     with running_server(ctx.served_bundles, log_path=ctx.log_path, model_name=name,
@@ -288,6 +288,35 @@ def gate(ctx: RunContext) -> StepResult:
              "review": ctx.extra.get("review")})
 
 
+APPROVER = "Demo Quality Officer (stand-in)"
+
+
+def approve(ctx: RunContext) -> StepResult:
+    """A promoted challenger reaches serving only through an approval: the candidate release is
+    published (not yet served), its change record written (what changed, why, the evidence), and
+    a quality officer approves it, here a named stand-in as the review step has one. The decision
+    is an entry of the hash-chained audit log and a tag on the member's registry version."""
+    from xrayops.evaluate.gate import GateDecision
+    from xrayops.release.approval import decide
+    from xrayops.release.change_record import record_release, trigger_evidence
+    from xrayops.release.publish import release_models
+
+    gate_decision = GateDecision.model_validate(ctx.extra["gate"])
+    if not gate_decision.promote:
+        return {}, {"approved": None, "why": "the gate kept the champion: nothing to release"}
+    name, uri = ctx.settings.registered_model_name, ctx.settings.tracking_uri()
+    candidate = release_models(None, [f"models:/{name}@champion"], str(ctx.out / "serving"), uri,
+                               replace_all=True).release
+    record, _, html = record_release(
+        candidate, ctx.extra["first_release"], ctx.data_dir, ctx.version.md5, uri, ctx.out / "change-record",
+        gate=gate_decision, truth=ctx.extra["truth"], dvc_remote=ctx.settings.dvc_remote(),
+        trigger=trigger_evidence(ctx.out / "monitor" / "trigger.jsonl"))
+    entry = decide("approved", candidate, APPROVER, "drift scenario: change record read; gate passed, no subgroup refused",
+                   uri, ctx.settings.audit_log_path(), change_record=html)
+    return ({"change_record": html, "audit_log": ctx.settings.audit_log_path()},
+            {"release_id": candidate.release_id, "approved": True, "by": entry.by, "record": record.record_id})
+
+
 def reload(ctx: RunContext) -> StepResult:
     """Whatever the alias names now is released (the next release, rolled on from the first) and served."""
     from mlflow import MlflowClient
@@ -320,7 +349,7 @@ def dashboard(ctx: RunContext) -> StepResult:
 SCENARIO_STEPS = [
     ("synth", synth), ("ingest", ingest_step(_pacs)), ("version", version), ("reference", keep_reference),
     ("pretrain", pretrain), ("finetune", finetune), ("register", register), ("traffic", traffic),
-    ("monitor", monitor), ("gate", gate), ("reload", reload), ("dashboard", dashboard),
+    ("monitor", monitor), ("gate", gate), ("approve", approve), ("reload", reload), ("dashboard", dashboard),
 ]
 
 
