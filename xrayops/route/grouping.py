@@ -59,6 +59,13 @@ class StudyGrouper:
             self._held -= len(study.instances)
         return sorted(studies, key=lambda s: s.first_received)
 
+    def next_due(self) -> float | None:
+        """When the next open study goes quiet (the clock's time), None when none is open."""
+        with self._lock:
+            if not self._studies:
+                return None
+            return min(s.last_received for s in self._studies.values()) + self.quiet_seconds
+
     @property
     def held(self) -> int:
         with self._lock:
