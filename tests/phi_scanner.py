@@ -47,7 +47,9 @@ GENERIC = frozenset(
     "radiographs other copy part frame frames".split()
 )
 TEXT_SUFFIXES = {".csv", ".txt", ".json", ".jsonl", ".yaml", ".yml", ".html", ".htm", ".log", ".md", ".tsv", ".xml",
-                 ".dvc", ".ini", ".cfg", ".toml", ".lock", ".sql", ""}  # fmt: skip
+                 ".dvc", ".ini", ".cfg", ".toml", ".lock", ".sql"}  # fmt: skip
+# Binary formats known by their first bytes (DVC's cache names files by hash, without a suffix).
+BINARY_MAGIC = (b"\x93NUMPY", b"PK\x03\x04", b"\x80", b"\x1f\x8b", b"(\xb5/\xfd")
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,26 @@ class _Matcher:
 PRINTABLE_RUN = re.compile(rb"[\x20-\x7e]{%d,}" % MIN_BINARY_CHARS)
 
 
-def scan(outputs: Iterable[Path], secrets: Iterable[Secret], allow: Iterable[str] = ()) -> list[Hit]:
-    """Every occurrence of a secret in the output files (folders are walked), as hits."""
+LIBRARY_SUFFIXES = (".js", ".css", ".html")
+CONTEXT = 24
+
+
+def library_text(roots: Iterable[Path]) -> str:
+    """The JavaScript/CSS/HTML assets of packages whose bundles reports embed (Evidently's plotly:
+    month names, colour names, "smith" charts), to tell library code from data."""
+    parts = []
+    for root in roots:
+        for path in sorted(Path(root).rglob("*")):
+            if path.suffix in LIBRARY_SUFFIXES and path.is_file():
+                parts.append(path.read_text(encoding="utf-8", errors="replace"))
+    return "\n".join(parts)
+
+
+def scan(outputs: Iterable[Path], secrets: Iterable[Secret], allow: Iterable[str] = (),
+         library: str = "") -> list[Hit]:
+    """Every occurrence of a secret in the output files (folders are walked), as hits. A hit in a
+    text file whose surrounding characters occur verbatim in `library` (see library_text) is
+    embedded library code, not data, and is skipped."""
     allowed = {a.lower() for a in allow}
     wanted = sorted({s for s in secrets if s.value.lower() not in allowed}, key=lambda s: (s.kind, s.value))
     matcher = _Matcher(wanted)
@@ -195,7 +215,11 @@ def scan(outputs: Iterable[Path], secrets: Iterable[Secret], allow: Iterable[str
                         row = bisect.bisect_right(starts, at) - 1
                         hits.append(Hit(s.kind, s.value, str(path), f"{location}[{row}]"))
                 else:
-                    hits += [Hit(s.kind, s.value, str(path), location) for s, _ in matcher.find(text)]
+                    for secret, at in matcher.find(text):
+                        window = text[max(0, at - CONTEXT): at + len(secret.value) + CONTEXT]
+                        if library and window in library:
+                            continue
+                        hits.append(Hit(secret.kind, secret.value, str(path), location))
     return hits
 
 
@@ -203,7 +227,7 @@ def _contents(path: Path):
     """(location, text | list of cell texts | bytes, is_binary) pieces of one file."""
     suffix = path.suffix.lower()
     raw = path.read_bytes()
-    if suffix == ".parquet":
+    if suffix == ".parquet" or raw[:4] == b"PAR1":
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
@@ -220,7 +244,7 @@ def _contents(path: Path):
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
             yield "sqlite dump", "\n".join(db.iterdump()), False
         return
-    if suffix in TEXT_SUFFIXES or _looks_textual(raw):
+    if suffix in TEXT_SUFFIXES or (not raw.startswith(BINARY_MAGIC) and _looks_textual(raw)):
         yield "text", raw.decode("utf-8", "replace"), False
         return
     yield "bytes", raw, True
