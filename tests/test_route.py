@@ -140,6 +140,13 @@ def test_a_study_is_complete_after_the_quiet_period_and_the_grouper_is_bounded()
     (a,) = grouper.complete()
     assert a.study_id == "stu-a" and [i.sop_instance_uid for i in a.instances] == ["1", "3"] and grouper.held == 0
     assert grouper.add("1.2.6", "stu-d", one("5")) and [s.study_id for s in grouper.drain()] == ["stu-d"]
+    by_bytes = StudyGrouper(quiet_seconds=5, max_instances=100, clock=lambda: now[0], max_bytes=10)
+    big = lambda uid, n: ReceivedInstance(uid, b"x" * n, "img-" + uid)  # noqa: E731
+    assert by_bytes.add("1.2.7", "stu-e", big("6", 6)) and not by_bytes.add("1.2.7", "stu-e", big("7", 5))
+    assert by_bytes.add("1.2.7", "stu-e", big("6", 10))  # a resend replaces: 10 bytes held, not 16
+    assert not by_bytes.add("1.2.8", "stu-f", big("8", 1))
+    by_bytes.drain()
+    assert by_bytes.add("1.2.8", "stu-f", big("8", 10))  # drained: the bytes are free again
 
 
 def test_backoff_grows_exponentially_with_full_jitter_and_only_retryable_failures_are_retried():

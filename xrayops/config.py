@@ -135,6 +135,7 @@ class Settings(BaseSettings):
     route_pacs_port: int = Field(default=104, ge=1, le=65535)
     route_pacs_ae_title: str = Field(default="PACS", min_length=1, max_length=16)
     route_max_pending_instances: int = Field(default=2000, ge=1, description="held while grouping; beyond: C-STORE out of resources")
+    route_max_pending_mb: int = Field(default=1024, ge=1, description="the same bound in bytes of the held instances")
     route_max_queued_studies: int = Field(default=16, ge=1)
     route_max_associations: int = Field(default=8, ge=1)
     route_workers: int = Field(default=2, ge=1)

@@ -58,6 +58,7 @@ class StudyOutcome:
 class NodeOptions:
     quiet_seconds: float = 10.0
     max_pending_instances: int = 2000
+    max_pending_bytes: int | None = None
     max_queued_studies: int = 16
     workers: int = 2
     max_images_per_request: int = 32
@@ -73,7 +74,8 @@ class RouteNode:
         self.endpoint, self.store, self.dead_letter, self.key = endpoint, store, dead_letter, key
         self.options, self.sleep = options, sleep
         self.metrics = metrics or RouteMetrics()
-        self.grouper = StudyGrouper(options.quiet_seconds, options.max_pending_instances)
+        self.grouper = StudyGrouper(options.quiet_seconds, options.max_pending_instances,
+                                    max_bytes=options.max_pending_bytes)  # fmt: skip
         self.queue: queue.Queue[Study] = queue.Queue(maxsize=options.max_queued_studies)
         self._stop = threading.Event()
         self._wake = threading.Event()  # a new instance: the flusher recomputes when the next study is due

@@ -58,6 +58,7 @@ def _checked_token(text: str) -> str:
 def node_options(settings) -> NodeOptions:
     return NodeOptions(
         quiet_seconds=settings.route_study_quiet_seconds, max_pending_instances=settings.route_max_pending_instances,
+        max_pending_bytes=settings.route_max_pending_mb * 1024 * 1024,
         max_queued_studies=settings.route_max_queued_studies, workers=settings.route_workers,
         max_images_per_request=settings.route_max_images_per_request, sr_per=settings.route_sr_per,
         retry=RetryPolicy(settings.route_retry_attempts, settings.route_retry_base_seconds,
