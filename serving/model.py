@@ -8,7 +8,8 @@ pixel tensors are checked against the spec. predict queues the images on a micro
 (Baltruschat et al. 2018) when asked, appends one `InferenceLogRecord` per image to the local inference log
 (`xrayops.inference_log.build_records`; off on a cluster, where the payload logger feeds
 serving/log_sink.py), and answers in the protocol the request came in, with the embedding as an
-extra v2 output when asked (the transformer asks, so the logged response carries it). Bad input
+extra v2 output when asked (the transformer asks, so the logged response carries it) and each image's
+DICOM Structured Report when asked (`sr`, DICOM requests only: xrayops.results.sr). Bad input
 raises kserve's `InvalidInput` (or a subclass with a more specific HTTP status, `serving.errors`),
 which the server turns into a 4xx with the message.
 """
