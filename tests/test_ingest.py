@@ -292,7 +292,7 @@ def test_quality_flags_tiny_extreme_aspect_low_contrast_and_blank(tmp_path):
     write(root / "tiny.dcm", make_dataset(ramp(200, 180), body_part="HAND", patient_id="P2"))
     write(root / "strip.dcm", make_dataset(ramp(1000, 300), body_part="HAND", patient_id="P3"))  # 3.3:1
     faint = np.full((300, 280), 2000, np.uint16)
-    faint[150, 140] = 4000  # one bright pixel: not blank, but nearly nothing to see
+    faint[150, 140] = 2020  # one slightly brighter pixel: not blank, but nearly nothing to see
     write(root / "faint.dcm", make_dataset(faint, body_part="HAND", patient_id="P4"))
     write(root / "blank.dcm", make_dataset(np.full((300, 280), 7, np.uint16), body_part="HAND", patient_id="P5"))
     summary = ingest(root, tmp_path / "data", SPEC, KEY, source_map=tmp_path / "source-map.csv")

@@ -269,7 +269,9 @@ def test_inferencegraph_variant_routes_and_admits_only_its_chain(graph):
     assert not {("AuthorizationPolicy", "inference-clients"), ("RequestAuthentication", "jwt-inference")} & names
     # The release role covers the services a graph release rolls, and nothing else of KServe's.
     (role,) = [d for d in graph if d["kind"] == "Role" and d["metadata"]["name"] == "xrayops-pipeline-runner"]
-    (kserve,) = [r for r in role["rules"] if r["apiGroups"] == ["serving.kserve.io"]]
+    kserve, listing = [r for r in role["rules"] if r["apiGroups"] == ["serving.kserve.io"]]
+    # A live graph release finds its services by label: list, which no name can narrow, and no write.
+    assert listing == {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["list"]}
     services = {d["metadata"]["name"] for d in graph if d["kind"] == "InferenceService"}
     assert set(kserve["resourceNames"]) == services and kserve["verbs"] == ["get", "update"]
     # No idle GPU: each member's predictor holds one, the combiner and transformers none.

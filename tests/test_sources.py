@@ -19,7 +19,7 @@ import pytest
 from conftest import DICOM_SAMPLES, free_port, wait_for_port
 from dicom_factory import make_dataset, ramp, write
 from pynetdicom import AE
-from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
 from xrayops.contracts import PreprocessingSpec
 from xrayops.data.manifest import read_manifest
@@ -147,9 +147,10 @@ def test_storescu_to_orthanc_then_dicomweb_fetch_lands_every_syntax_and_ingests(
     assert (subset.n_studies, subset.n_fetched) == (1, 1)
 
     result = ingest(landing, tmp_path / "data", PreprocessingSpec(size=32), KEY)
-    assert (result.n_files, result.n_ok) == (5, 5)
+    # Every file lands; the two XA files (a cine and an angiogram) are refused by the admission policy.
+    assert (result.n_files, result.n_ok, result.refused) == (5, 3, {"not_radiograph": 2})
     frame = read_manifest(result.manifest_path)
-    assert frame.source_name.str.match(r"^img-[0-9a-f]{16}\.dcm$").all()  # pseudonyms, not UIDs
+    assert frame.source_name.str.match(r"^src-[0-9a-f]{16}\.dcm$").all()  # keyed pseudonyms, not UIDs or names
 
 
 def test_dicomweb_server_that_is_down_is_counted_not_raised(tmp_path):
@@ -178,7 +179,8 @@ def test_storescu_to_xrayops_listen_lands_files_atomically_for_ingest(listener, 
     assert refused.returncode != 0
 
     result = ingest(landing, tmp_path / "data", PreprocessingSpec(size=32), KEY)
-    assert (result.n_files, result.n_ok) == (5, 5)
+    # Every file lands; the two XA files (a cine and an angiogram) are refused by the admission policy.
+    assert (result.n_files, result.n_ok, result.refused) == (5, 3, {"not_radiograph": 2})
     log_text = listener["log"].read_text()
     for name in SENT:  # the listener logs pseudonyms, never the UIDs
         assert str(read_dicom(RADIOGRAPHS / name).SOPInstanceUID) not in log_text
@@ -190,7 +192,7 @@ def test_listener_receives_from_a_pynetdicom_sender(tmp_path):
     server = listen(landing, port, "XRAYOPS", KEY, block=False)
     try:
         sender = AE(ae_title="MODALITY")
-        sender.add_requested_context(SecondaryCaptureImageStorage)
+        sender.add_requested_context(ComputedRadiographyImageStorage)
         sender.add_requested_context(Verification)
         assoc = sender.associate("127.0.0.1", port, ae_title="XRAYOPS")
         assert assoc.is_established

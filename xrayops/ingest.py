@@ -38,7 +38,7 @@ from pydantic import BaseModel
 
 from xrayops.contracts import ManifestRow, PreprocessingSpec
 from xrayops.data.journal import Journal, JournalEntry, file_key, journal_fingerprint
-from xrayops.data.manifest import Deduplicator, assign_split, write_manifest
+from xrayops.data.manifest import Deduplicator, assign_split, kept_copy_detail, preferred_copies, write_manifest
 from xrayops.data.shards import SHARD_GLOB, ShardWriter
 from xrayops.dicom.admission import REASONS as ADMISSION_REASONS
 from xrayops.dicom.admission import admit
@@ -223,7 +223,7 @@ def _assemble(
                 winner = kept.get(row.image_id) if row.status == "ok" else None
                 if winner is not None and winner[:2] != (k, j):
                     reason = "duplicate_file" if winner[2].source_sha256 == row.source_sha256 else "duplicate_sop_instance_uid"
-                    row, detail = _quarantined_row(row, reason), _kept_copy_detail(winner[2])
+                    row, detail = _quarantined_row(row, reason), kept_copy_detail(winner[2])
                 elif row.status == "ok":
                     reason = dedup.check(row.image_id, row.pixel_sha256, row.source_sha256)
                     if reason:
@@ -260,29 +260,6 @@ def _assemble(
     log.info("ingest.done", ok=summary.n_ok, quarantined=summary.n_quarantined, reasons=summary.reasons,
              refused=summary.refused, skipped=summary.skipped, processed=n_processed, reused=summary.n_reused)  # fmt: skip
     return summary
-
-
-def preferred_copies(entries: Iterable[tuple[str, int, ManifestRow]]) -> dict[str, tuple[str, int, ManifestRow]]:
-    """For each SOP Instance (image_id) held by more than one ok entry, the copy to keep.
-
-    A lossless copy beats a lossy one (a re-export through a lossy gateway is the usual second copy);
-    between equals the first in sorted order wins, so a re-run keeps the same one.
-    """
-    best: dict[str, tuple[str, int, ManifestRow]] = {}
-    counts: Counter = Counter()
-    for key, index, row in entries:
-        if row.status != "ok" or not row.image_id:
-            continue
-        counts[row.image_id] += 1
-        current = best.get(row.image_id)
-        if current is None or (current[2].lossy_compression and not row.lossy_compression):
-            best[row.image_id] = (key, index, row)
-    return {image_id: copy for image_id, copy in best.items() if counts[image_id] > 1}
-
-
-def _kept_copy_detail(kept: ManifestRow) -> str:
-    quality = "lossy" if kept.lossy_compression else "lossless"
-    return f"another copy of this instance was kept ({quality}: {kept.source_name})"
 
 
 class SourceScan(BaseModel):

@@ -305,7 +305,12 @@ def approve(ctx: RunContext) -> StepResult:
     if not gate_decision.promote:
         return {}, {"approved": None, "why": "the gate kept the champion: nothing to release"}
     name, uri = ctx.settings.registered_model_name, ctx.settings.tracking_uri()
-    candidate = release_models(None, [f"models:/{name}@champion"], str(ctx.out / "serving"), uri,
+    from xrayops.release.manifest import read_manifest
+
+    # Published against what serves now (so it records the release it replaces), not yet rolled out.
+    rolled = ctx.out / "release" / "inferenceservice.yaml"
+    live = read_manifest(rolled) if rolled.is_file() else None
+    candidate = release_models(live, [f"models:/{name}@champion"], str(ctx.out / "serving"), uri,
                                replace_all=True).release
     record, _, html = record_release(
         candidate, ctx.extra["first_release"], ctx.data_dir, ctx.version.md5, uri, ctx.out / "change-record",

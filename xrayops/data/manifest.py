@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import types
 import typing
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -51,6 +53,30 @@ def read_manifest(path: Path) -> pd.DataFrame:
     return table.select(schema.names).cast(schema).to_pandas()
 
 
+def preferred_copies(entries: Iterable[tuple[str, int, ManifestRow]]) -> dict[str, tuple[str, int, ManifestRow]]:
+    """For each SOP Instance (image_id) held by more than one ok entry, the copy to keep.
+
+    A lossless copy beats a lossy one (a re-export through a lossy gateway is the usual second copy);
+    between equals the first in sorted order wins, so a re-run keeps the same one.
+    """
+    best: dict[str, tuple[str, int, ManifestRow]] = {}
+    counts: Counter = Counter()
+    for key, index, row in entries:
+        if row.status != "ok" or not row.image_id:
+            continue
+        counts[row.image_id] += 1
+        current = best.get(row.image_id)
+        if current is None or (current[2].lossy_compression and not row.lossy_compression):
+            best[row.image_id] = (key, index, row)
+    return {image_id: copy for image_id, copy in best.items() if counts[image_id] > 1}
+
+
+def kept_copy_detail(kept: ManifestRow) -> str:
+    """The quarantine detail of a copy that lost to `kept`."""
+    quality = "lossy" if kept.lossy_compression else "lossless"
+    return f"another copy of this instance was kept ({quality}: {kept.source_name})"
+
+
 def merge_manifests(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """Concatenate manifests of batches that ingested disjoint, sorted slices of one source.
 
@@ -62,11 +88,19 @@ def merge_manifests(frames: list[pd.DataFrame]) -> pd.DataFrame:
         return pd.DataFrame({name: pd.Series(dtype=object) for name in manifest_schema().names})
     merged = pd.concat(frames, ignore_index=True).sort_values(["source_name", "frame", "image_id"], kind="stable")
     records = merged.to_dict("records")
+    rows = [ManifestRow.model_validate({k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()})
+            for r in records]
+    kept = preferred_copies((str(i), 0, row) for i, row in enumerate(rows))  # the same copy a serial run keeps
     dedup = Deduplicator()
-    for record in records:
+    for i, record in enumerate(records):
         if record["status"] != "ok":
             continue
-        reason = dedup.check(record["image_id"], record["pixel_sha256"], record["source_sha256"])
+        winner = kept.get(record["image_id"])
+        if winner is not None and winner[0] != str(i):
+            same = winner[2].source_sha256 == record["source_sha256"]
+            reason = "duplicate_file" if same else "duplicate_sop_instance_uid"
+        else:
+            reason = dedup.check(record["image_id"], record["pixel_sha256"], record["source_sha256"])
         if reason:
             record.update(status="quarantined", reason=reason, shard="", shard_index=-1, split="")
     return pd.DataFrame.from_records(records, columns=manifest_schema().names).reset_index(drop=True)

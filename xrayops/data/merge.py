@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from xrayops.contracts import ManifestRow, PreprocessingSpec
-from xrayops.data.manifest import merge_manifests, read_manifest, write_manifest
+from xrayops.data.manifest import kept_copy_detail, merge_manifests, read_manifest, write_manifest
 from xrayops.data.shards import SHARD_GLOB, shard_name
 from xrayops.dicom.labels import default_synonyms
 from xrayops.ingest import QUARANTINE_COLUMNS, IngestSummary, _write_csv, row_counts, unmapped_values
@@ -66,11 +66,16 @@ def merge_datasets(
     (spec,) = specs
     preprocessing_path = out_dir / "preprocessing.json"
     preprocessing_path.write_text(spec.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    quarantined = sorted(
-        (r.source_name, r.image_id, r.reason, details.get((r.source_name, r.image_id), DUPLICATE_DETAIL))
-        for r in rows
-        if r.status != "ok"
-    )
+    kept = {r.image_id: r for r in rows if r.status == "ok"}
+
+    def detail(r: ManifestRow) -> str:
+        if (r.source_name, r.image_id) in details and not (r.reason.startswith("duplicate_sop") and r.image_id in kept):
+            return details[(r.source_name, r.image_id)]
+        if r.reason in ("duplicate_sop_instance_uid", "duplicate_file") and r.image_id in kept:
+            return kept_copy_detail(kept[r.image_id])  # decided across batches, as a serial run words it
+        return details.get((r.source_name, r.image_id), DUPLICATE_DETAIL)
+
+    quarantined = sorted((r.source_name, r.image_id, r.reason, detail(r)) for r in rows if r.status != "ok")
     quarantine_path = _write_csv(pd.DataFrame(quarantined, columns=QUARANTINE_COLUMNS), out_dir / "quarantine.csv")
     ok = [r for r in rows if r.status == "ok"]
     synonyms = default_synonyms() if synonyms is None else synonyms
