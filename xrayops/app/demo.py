@@ -192,11 +192,18 @@ def retrain_through_trigger(result, champion_version: str, out: Path, cfg: DemoC
     facts: dict[str, Any] = {"trigger": decision.action, "crossed": decision.crossed}
     if decision.error:
         facts["error"] = decision.error
+    artefacts: dict[str, Any] = {"trigger_log": audit_log.path, "kfp_retrain_root": root, "kfp_retrain_log": log_path}
     for gate in gates:
         facts.update({"challenger": gate["challenger"], "champion_accuracy": round(gate["champion_accuracy"], 3),
                       "challenger_accuracy": round(gate["challenger_accuracy"], 3),
-                      "ci": [round(gate["ci_low"], 3), round(gate["ci_high"], 3)], "promoted": gate["promote"]})
-    return {"trigger_log": audit_log.path, "kfp_retrain_root": root, "kfp_retrain_log": log_path}, facts
+                      "ci": [round(gate["ci_low"], 3), round(gate["ci_high"], 3)], "promoted": gate["promote"],
+                      "refused_subgroups": [f"{g['attribute']}={g['value']}" for g in gate.get("subgroups", [])
+                                            if g.get("refused")]})
+        # The run's change record (what changed, why, the evidence, the approval block): a KFP HTML artifact.
+        records = sorted(root.glob("**/change-record/change_record.html"), key=lambda p: p.stat().st_mtime)
+        if records:
+            artefacts["change_record"] = records[-1]
+    return artefacts, facts
 
 
 def retrain(ctx: RunContext) -> StepResult:
