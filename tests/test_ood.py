@@ -21,6 +21,7 @@ from xrayops.evaluate.metrics import auroc_ci, roc_auc
 from xrayops.evaluate.report import evaluate_bundle
 from xrayops.inference import predict_arrays
 from xrayops.models import RegionClassifier, build_backbone, energy_score
+from xrayops.models.backbone import stage_features
 from xrayops.models.ood import (
     OodError,
     detector_from_state,
@@ -100,14 +101,14 @@ def test_detectors_refuse_what_they_cannot_score():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Four shape classes at 32 px, a random frozen backbone, one bundle per detector."""
+    """Four shape classes at 32 px, a random frozen backbone, one bundle per detector: Mahalanobis
+    on pooled stages 2-4 (the default), kNN on the region embedding."""
     root = tmp_path_factory.mktemp("ood")
     data = make_data_dir(root / "data", n_per_class=30, size=SIZE, n_unknown=0)
     backbone = random_backbone(root / "backbone.pt")
-    bundles = {
-        method: finetune(data.data_dir, backbone, root / method, FinetuneConfig(epochs=10, binary_heads=False, ood_method=method))
-        for method in ("mahalanobis", "knn")
-    }
+    configs = {"mahalanobis": FinetuneConfig(epochs=10, binary_heads=False),
+               "knn": FinetuneConfig(epochs=10, binary_heads=False, ood_method="knn", ood_stages=())}
+    bundles = {method: finetune(data.data_dir, backbone, root / method, cfg) for method, cfg in configs.items()}
     return data, bundles
 
 
@@ -139,19 +140,50 @@ def test_noise_checkerboard_and_ct_score_above_every_in_domain_test_image(traine
     assert np.mean([r.ood for r in in_domain]) <= 0.15
 
 
-def test_the_served_score_is_the_detector_fitted_on_the_training_embeddings(trained):
+def pooled_stages_by_hand(model: RegionClassifier, images: np.ndarray) -> np.ndarray:
+    """Stages 2-4 pooled over the four right-angle turns, computed apart from the served path."""
+    x = torch.from_numpy(images).float().div(255).unsqueeze(1)
+    with torch.no_grad():
+        turned = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
+        return stage_features(model.backbone, turned, ("layer2", "layer3", "layer4")).view(4, len(x), -1).mean(0).numpy()
+
+
+def test_the_served_score_is_the_detector_fitted_on_the_training_features(trained):
     data, bundles = trained
     bundle = load_bundle(bundles["mahalanobis"])
+    assert bundle.meta.ood_stages == ["layer2", "layer3", "layer4"] and bundle.ood.dim == 128 + 256 + 512
     train = read_ok_rows(data.data_dir, "train")
-    _, train_x = predict_arrays(bundle, list(load_images(data.data_dir, train)))
+    train_x = pooled_stages_by_hand(bundle.model, load_images(data.data_dir, train))
     refit = fit_mahalanobis(train_x, [REGIONS.index(r) for r in train["region"]])  # finetune's class ids
     assert np.allclose(refit.means, bundle.ood.means, atol=1e-4)
     val = read_ok_rows(data.data_dir, "val")
-    answers, val_x = predict_arrays(bundle, list(load_images(data.data_dir, val)))
+    val_images = load_images(data.data_dir, val)
+    answers, _ = predict_arrays(bundle, list(val_images))
     scores = np.array([r.ood_score for r in answers])
-    assert np.allclose(scores, ood_scores(refit, val_x), rtol=1e-3)
+    # The served features come from hooks on the one backbone pass: the same as a separate pass.
+    assert np.allclose(scores, ood_scores(refit, pooled_stages_by_hand(bundle.model, val_images)), rtol=1e-3)
     assert bundle.meta.ood_threshold == pytest.approx(np.percentile(scores, 95), rel=1e-6)
     assert bundle.meta.ood_scale == pytest.approx(np.percentile(scores, 95) - np.median(scores), rel=1e-6)
+
+
+def test_stage_capture_records_one_pass_as_a_separate_pass_computes_it():
+    from xrayops.models.ood_features import StageCapture, stages_width
+
+    model = plain_model()  # no rotation averaging: one backbone call per batch
+    x = torch.rand(3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), StageCapture(model.backbone, ["layer4", "layer1"]) as capture:
+        embedding = model.embed(x)
+        captured = capture.features(3, rotation_average=False)
+        expected = stage_features(model.backbone, x, ("layer1", "layer4"))
+    assert captured.shape == (3, stages_width(model.backbone, ["layer1", "layer4"])) == (3, 64 + 512)
+    assert torch.allclose(captured, expected, atol=1e-5) and torch.allclose(captured[:, 64:], embedding, atol=1e-5)
+    with torch.no_grad(), StageCapture(model.backbone, ["layer2"]) as capture:
+        model.embed(x)
+        with pytest.raises(RuntimeError, match="3 rows for 2 images"):
+            capture.features(2, rotation_average=True)
+    assert not model.backbone.layer2._forward_hooks  # the hooks go when the capture closes
+    with pytest.raises(ValueError, match="subset of"):
+        StageCapture(model.backbone, ["fc"])
 
 
 # --- the bundle ---
@@ -197,6 +229,10 @@ def test_a_bundle_naming_a_detector_needs_its_arrays(tmp_path):
         load_bundle(tmp_path / "b")
     with pytest.raises(BundleError, match="none was given"):
         save_bundle(tmp_path / "c", plain_model(), meta(ood_threshold=1.0, ood_method="mahalanobis"))
+    # A detector on stages 2-4 has 128 + 256 + 512 dimensions, not the embedding's 512.
+    with pytest.raises(BundleError, match="512 dimensions, its features 896"):
+        save_bundle(tmp_path / "d", plain_model(), meta(ood_threshold=1.0, ood_stages=["layer2", "layer3", "layer4"]),
+                    detector)
 
 
 def test_an_older_bundle_without_the_new_fields_serves_the_energy_score(tmp_path):
@@ -289,4 +325,5 @@ def test_report_shows_the_served_ood_auroc_with_its_interval(trained, tmp_path):
     assert (m["ood_auroc_ci_low"], m["ood_auroc_ci_high"]) == pytest.approx(auroc_ci(out_of_domain, scores))
     assert m["ood_detection_rate"] == 1.0
     page = result.html_path.read_text()
-    assert "Out-of-domain detection (vs truth)" in page and "1.0000 [1.0000, 1.0000]" in page and "mahalanobis" in page
+    assert "Out-of-domain detection (vs truth)" in page and "1.0000 [1.0000, 1.0000]" in page
+    assert "mahalanobis on layer2+layer3+layer4" in page

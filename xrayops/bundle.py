@@ -25,6 +25,7 @@ from xrayops.contracts import ModelBundleMeta
 from xrayops.models.backbone import build_backbone, save_backbone
 from xrayops.models.heads import RegionClassifier
 from xrayops.models.ood import STATE_PREFIX, OodDetector, OodError, detector_from_state, detector_state
+from xrayops.models.ood_features import stages_width
 
 __all__ = [
     "META", "WEIGHTS", "BundleError", "BundleIntegrityError", "LoadedBundle", "export_backbone", "file_sha256",
@@ -47,16 +48,17 @@ def save_bundle(
     """Write weights.pt and bundle.json; returns the meta as written (with weights_sha256).
 
     With `ood`, its arrays go into weights.pt and meta.ood_method/ood_k are taken from it
-    (meta.ood_threshold must then be a threshold of its scores); without, the bundle serves
-    the energy score."""
+    (meta.ood_threshold must then be a threshold of its scores, meta.ood_stages name its
+    features); without, the bundle serves the energy score."""
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
     if ood is None and meta.ood_method != "energy":
         raise BundleError(f"bundle.json names the {meta.ood_method} OOD detector but none was given to save")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if ood is not None:
-        if ood.dim != meta.embedding_dim:
-            raise BundleError(f"the OOD detector has {ood.dim} dimensions, the model embeds to {meta.embedding_dim}")
+        expected = ood_width(model, meta)
+        if ood.dim != expected:
+            raise BundleError(f"the OOD detector has {ood.dim} dimensions, its features {expected}")
         state.update(detector_state(ood))
     torch.save(state, bundle_dir / WEIGHTS)
     meta = meta.model_copy(
@@ -68,10 +70,16 @@ def save_bundle(
             "binary_heads": list(model.binary_heads),
             "ood_method": ood.method if ood is not None else "energy",
             "ood_k": ood.k if ood is not None else 0,
+            "ood_stages": list(meta.ood_stages) if ood is not None else [],
         }
     )
     (bundle_dir / META).write_text(meta.model_dump_json(indent=2))
     return meta
+
+
+def ood_width(model: RegionClassifier, meta: ModelBundleMeta) -> int:
+    """Dimensions of the features the OOD detector scores: the named stages, else the embedding."""
+    return stages_width(model.backbone, meta.ood_stages) if meta.ood_stages else meta.embedding_dim
 
 
 def load_bundle(bundle_dir: Path, device: str | torch.device = "cpu") -> LoadedBundle:
@@ -99,8 +107,12 @@ def load_bundle(bundle_dir: Path, device: str | torch.device = "cpu") -> LoadedB
             ood = detector_from_state(detector, meta.ood_method, meta.ood_k)
         except OodError as exc:
             raise BundleError(f"{weights}: {exc}") from exc
-        if ood.dim != meta.embedding_dim:
-            raise BundleError(f"{weights}: the OOD detector has {ood.dim} dimensions, bundle.json says {meta.embedding_dim}")
+        try:
+            expected = ood_width(model, meta)
+        except ValueError as exc:
+            raise BundleError(f"{META}: OOD stages {meta.ood_stages} are not stages of {meta.arch}: {exc}") from exc
+        if ood.dim != expected:
+            raise BundleError(f"{weights}: the OOD detector has {ood.dim} dimensions, its features {expected}")
     device = torch.device(device)
     return LoadedBundle(model=model.to(device).eval(), meta=meta, device=device, ood=ood)
 

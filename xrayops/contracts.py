@@ -132,6 +132,9 @@ class ModelBundleMeta(BaseModel):
     ood_method: Literal["energy", "mahalanobis", "knn"] = "energy"
     ood_threshold: float | None = None
     ood_k: int = 0  # knn: the neighbour whose distance is the score
+    # ResNet stages whose pooled outputs, concatenated, the detector scores (xrayops.models.
+    # ood_features); empty: the region embedding.
+    ood_stages: list[str] = Field(default_factory=list)
     # The in-domain validation scores' 95th minus 50th percentile: an ensemble averages its
     # members' margins over their thresholds in these units (None: raw margins).
     ood_scale: float | None = None

@@ -15,6 +15,7 @@ from xrayops.inference_log import build_records
 from xrayops.data.dataset import to_unit_float
 from xrayops.models.heads import energy_score, vector_to_angle
 from xrayops.models.ood import ood_scores
+from xrayops.models.ood_features import StageCapture
 from xrayops.regions import UNKNOWN
 
 
@@ -68,10 +69,17 @@ def predict_arrays(
         raise ValueError(f"{len(arrays)} images but {len(dicom_regions)} dicom_regions")
     size = meta.preprocessing.size
     images = [to_unit_float(validate_array(i, a, size)) for i, a in enumerate(arrays)]
-    logits, embeddings, orientations, findings = [], [], [], []
+    logits, embeddings, orientations, findings, ood_features = [], [], [], [], []
+    # A multi-stage detector's features come from the same backbone pass (hooks), not a second one.
+    capture = StageCapture(bundle.model.backbone, meta.ood_stages) if bundle.ood is not None and meta.ood_stages else None
     for start in range(0, len(images), batch_size):
         batch = torch.stack(images[start : start + batch_size]).unsqueeze(1).to(bundle.device)
-        batch_logits, batch_embeddings, batch_orientation = bundle.model.forward_all(batch)
+        if capture is None:
+            batch_logits, batch_embeddings, batch_orientation = bundle.model.forward_all(batch)
+        else:
+            with capture:
+                batch_logits, batch_embeddings, batch_orientation = bundle.model.forward_all(batch)
+            ood_features.append(capture.features(len(batch), bundle.model.rotation_average))
         logits.append(batch_logits.float().cpu())
         embeddings.append(batch_embeddings.float().cpu())
         if batch_orientation is not None:
@@ -84,10 +92,10 @@ def predict_arrays(
     positive = {name: torch.cat([f[name] for f in findings]).tolist() for name in meta.binary_heads}
     probabilities = torch.softmax(logits_t / meta.temperature, dim=1).numpy()
     embeddings_t = torch.cat(embeddings)
-    # The bundle's feature-space detector on the region embedding (Lee et al. 2018 / Sun et al.
-    # 2022); bundles without one serve the energy of the logits as before.
+    # The bundle's feature-space detector (Lee et al. 2018 / Sun et al. 2022) on the region
+    # embedding or pooled stages; bundles without one serve the energy of the logits as before.
     if bundle.ood is not None:
-        scores = ood_scores(bundle.ood, embeddings_t.numpy())
+        scores = ood_scores(bundle.ood, (torch.cat(ood_features) if capture else embeddings_t).numpy())
     else:
         scores = energy_score(logits_t, meta.temperature).numpy()
     version = version if version is not None else model_version(bundle)

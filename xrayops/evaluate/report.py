@@ -285,7 +285,7 @@ def _ci_cell(ci: dict | None, digits: int = 3) -> str:
     return text + (f" [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]" if ci.get("low") is not None else "")
 
 
-OOD_KEYS = ("ood_method", "ood_auroc", "ood_auroc_ci_low", "ood_auroc_ci_high", "ood_false_alarm_rate",
+OOD_KEYS = ("ood_method", "ood_features", "ood_auroc", "ood_auroc_ci_low", "ood_auroc_ci_high", "ood_false_alarm_rate",
             "ood_detection_rate", "n_truth_out_of_domain")
 TITLES = {"vs_pacs": "vs PACS tags", "vs_truth": "vs true regions"}
 
@@ -297,7 +297,8 @@ def ood_table(metrics: dict) -> dict | None:
         return None
     n_in = metrics.get("vs_truth", {}).get("n", "")
     rows = [
-        ["score", str(metrics.get("ood_method", "combined members' margins"))],
+        ["score", str(metrics.get("ood_method", "combined members' margins"))
+         + (f" on {metrics['ood_features']}" if metrics.get("ood_features") else "")],
         ["AUROC (out of domain positive), 95 % bootstrap CI",
          f"{_fmt(metrics['ood_auroc'])} [{_fmt(metrics['ood_auroc_ci_low'])}, {_fmt(metrics['ood_auroc_ci_high'])}]"],
         ["false-alarm rate at the threshold (in-domain images)", f"{_fmt(metrics.get('ood_false_alarm_rate'))} (n={n_in})"],
@@ -437,7 +438,8 @@ def evaluate_bundle(
     responses, _ = predict_arrays(bundle, list(images), rows["region"].astype(str).tolist())
     classes = list(bundle.meta.classes)
     metrics = {"split": split, "model": bundle.meta.name, "weights_sha256": bundle.meta.weights_sha256,
-               "ood_method": bundle.meta.ood_method}
+               "ood_method": bundle.meta.ood_method,
+               "ood_features": "+".join(bundle.meta.ood_stages) or ("" if bundle.ood is None else "region embedding")}
     metrics.update(evaluate_predictions(rows, responses, classes, truth, bundle.meta.temperature, truth_angles))
     metrics.update(binary_section(rows, finding_probabilities(responses)))
     scored = [k for k in ("vs_pacs", "vs_truth") if k in metrics]

@@ -1,6 +1,7 @@
-"""Feature-space out-of-domain scores on the frozen backbone's region embedding.
+"""Feature-space out-of-domain scores on frozen backbone features (the region embedding, or
+pooled ResNet stages: `xrayops.models.ood_features`).
 
-Fitted on the training split's embeddings, higher = further from the training images:
+Fitted on the training split's features, higher = further from the training images:
   - "mahalanobis" (Lee et al. 2018): the smallest Mahalanobis distance to a class mean under
     one covariance shared by the classes. 512 dimensions from a thousand images make the plain
     pooled covariance near-singular, so it is shrunk towards a scaled identity by the

@@ -39,6 +39,7 @@ from xrayops.models.heads import (
     vector_to_angle,
 )
 from xrayops.models.ood import fit_ood_detector, ood_scores
+from xrayops.models.ood_features import StageCapture
 from xrayops.progress import track
 from xrayops.regions import REGIONS
 from xrayops.train.runtime import configure_threads, resolve_device, seed_everything, step_generator
@@ -55,13 +56,15 @@ class FinetuneConfig(BaseModel):
     # once and the head trains in seconds on a CPU.
     augment: bool = False
     device: str = "auto"
-    # Out-of-domain score: a detector on the frozen region embedding fitted on the labelled
-    # training images, "mahalanobis" (class means, Ledoit-Wolf-shrunk shared covariance; Lee et
-    # al. 2018) or "knn" (k-th nearest L2-normalised training embedding; Sun et al. 2022), or
-    # "energy" of the logits (Liu et al. 2020), which scored 0.29 AUROC on the demo's own
-    # out-of-domain images. The method was chosen on validation data (benchmarks/bench_ood.py).
+    # Out-of-domain score: a detector on frozen features fitted on the labelled training images,
+    # "mahalanobis" (class means, Ledoit-Wolf-shrunk shared covariance; Lee et al. 2018) or "knn"
+    # (k-th nearest L2-normalised training embedding; Sun et al. 2022), or "energy" of the logits
+    # (Liu et al. 2020), which scored 0.29 AUROC on the demo's own out-of-domain images. Its
+    # features: the pooled outputs of `ood_stages` (empty: the region embedding). Mahalanobis on
+    # stages 2-4 was chosen on validation data (benchmarks/README.md, "Out-of-domain detection").
     ood_method: Literal["mahalanobis", "knn", "energy"] = "mahalanobis"
     ood_knn_k: int = Field(10, ge=1)
+    ood_stages: tuple[str, ...] = ("layer2", "layer3", "layer4")
     # Out-of-domain threshold: this percentile of the validation images' scores, i.e. about
     # 5 % of in-domain validation images are flagged (the false-alarm rate).
     ood_percentile: float = Field(95.0, gt=0, lt=100)
@@ -119,6 +122,22 @@ def embed_turned(
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(chunks, dim=1)
+
+
+@torch.inference_mode()
+def stage_embeddings(
+    model: RegionClassifier, images: torch.Tensor, device: torch.device, stages, batch_size: int = 128
+) -> torch.Tensor:
+    """(n, width) pooled outputs of `stages` for stored images, rotation-averaged as the region
+    embedding is: the features predict_arrays captures for a multi-stage OOD detector."""
+    model.eval()
+    chunks = []
+    with StageCapture(model.backbone, stages) as capture:
+        for i in range(0, len(images), batch_size):
+            x = to_unit_float(images[i : i + batch_size]).unsqueeze(1).to(device)
+            model.embed(x)
+            chunks.append(capture.features(len(x), model.rotation_average))
+    return torch.cat(chunks)
 
 
 def angles_for(rows, angles: dict[str, float] | None, assume_upright: bool) -> torch.Tensor | None:
@@ -433,9 +452,14 @@ def finetune(
     detector = None
     if cfg.ood_method == "energy":
         val_scores = energy_score(val_logits, temperature).numpy()
-    else:  # fitted on the embeddings the region head saw (after any last-stage tuning)
-        detector = fit_ood_detector(train_x, train.labels, cfg.ood_method, cfg.ood_knn_k)
-        val_scores = ood_scores(detector, val_x)
+    else:  # on the backbone as it serves (after any last-stage tuning)
+        if cfg.ood_stages:
+            ood_train = stage_embeddings(model, train.images, device, cfg.ood_stages)
+            ood_val = stage_embeddings(model, val.images, device, cfg.ood_stages)
+        else:
+            ood_train, ood_val = train_x, val_x
+        detector = fit_ood_detector(ood_train, train.labels, cfg.ood_method, cfg.ood_knn_k)
+        val_scores = ood_scores(detector, ood_val)
     ood_threshold = float(np.percentile(val_scores, cfg.ood_percentile))
     # In-domain spread, the unit in which an ensemble averages its members' margins.
     ood_scale = max(ood_threshold - float(np.median(val_scores)), 1e-12)
@@ -464,6 +488,7 @@ def finetune(
         temperature=temperature,
         ood_threshold=ood_threshold,
         ood_scale=ood_scale,
+        ood_stages=list(cfg.ood_stages) if detector is not None else [],
         confidence_threshold=cfg.confidence_threshold,
         lineage=lineage,
         created_at=datetime.now(timezone.utc),

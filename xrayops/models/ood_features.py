@@ -1,0 +1,70 @@
+"""The features an out-of-domain detector scores: global-average-pooled outputs of several ResNet
+stages, concatenated, taken from the same backbone pass that gives the region embedding.
+
+Lee et al. 2018 score features from several layers, not only the last: earlier stages keep the
+texture and contrast cues that a contrastive objective partly trains the last stage to ignore
+(benchmarks/README.md, "Out-of-domain detection": stages 2-4 beat stage 4 alone on validation
+for both backbones measured). ("layer4",) alone is the region embedding itself.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from xrayops.models.backbone import STAGES
+
+
+def check_stages(stages) -> None:
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"OOD stages must be a non-empty subset of {STAGES}, got {list(stages)}")
+
+
+def stages_width(backbone: nn.Module, stages: tuple[str, ...] | list[str]) -> int:
+    """Channels of the named stages' outputs, summed: the width of their pooled features (the
+    last batch norm of a ResNet stage normalises its output)."""
+    check_stages(stages)
+    widths = [[m for m in getattr(backbone, s).modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+              for s in stages]
+    return int(sum(widths))
+
+
+class StageCapture:
+    """While open, every forward of `backbone` records the pooled outputs of `stages`
+    (torch forward hooks, so nothing is computed twice); `features` returns them per image."""
+
+    def __init__(self, backbone: nn.Module, stages: tuple[str, ...] | list[str]) -> None:
+        check_stages(stages)
+        self.backbone = backbone
+        self.stages = [s for s in STAGES if s in stages]
+        self.pooled: dict[str, list[torch.Tensor]] = {s: [] for s in self.stages}
+        self._handles: list = []
+
+    def _hook(self, stage: str):
+        def record(_module, _inputs, output: torch.Tensor) -> None:
+            self.pooled[stage].append(torch.flatten(self.backbone.avgpool(output), 1).float().cpu())
+
+        return record
+
+    def __enter__(self) -> StageCapture:
+        self._handles = [getattr(self.backbone, s).register_forward_hook(self._hook(s)) for s in self.stages]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def features(self, batch: int, rotation_average: bool) -> torch.Tensor:
+        """(batch, width) features of the `batch` images the last forward saw, then forget them.
+
+        RegionClassifier with rotation averaging passes the four turns of the batch through the
+        backbone at once (4 * batch rows), and averages them as it averages the embedding."""
+        rows = torch.cat([torch.cat(self.pooled[s]) for s in self.stages], dim=1)
+        for s in self.stages:
+            self.pooled[s].clear()
+        if rotation_average and len(rows) == 4 * batch:
+            return rows.view(4, batch, -1).mean(0)
+        if len(rows) == batch:
+            return rows
+        raise RuntimeError(f"the backbone saw {len(rows)} rows for {batch} images; expected {batch} or 4 x {batch}")
