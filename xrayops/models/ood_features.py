@@ -15,6 +15,7 @@ from xrayops.models.backbone import STAGES
 
 
 def check_stages(stages) -> None:
+    """Refuse anything but a non-empty subset of the ResNet stages (a ValueError naming them)."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
         raise ValueError(f"OOD stages must be a non-empty subset of {STAGES}, got {list(stages)}")
