@@ -10,7 +10,9 @@ little endian, deflate, RLE, JPEG 2000 lossless and JPEG 2000 lossy. Generated o
   (c) `xrayops ingest` with --workers processes (decode, pixel pipeline, de-identification,
       dedup, journal, shards, manifest), from an empty journal.
 
-Each is run in its own subprocess; peak RSS (parent and largest worker) is read from getrusage.
+Each is run in its own subprocess (generation too: a child inherits its parent's peak RSS); peak RSS
+(parent and largest worker) and CPU seconds (user + system, workers included) are read from getrusage.
+On a shared machine the wall-clock ratios move with the load; images per CPU-second do much less.
 (c) is also run on N/4 files, to show that peak memory does not grow with the dataset.
 Writes benchmarks/results/ingest.json. Usage:
   .venv/bin/python benchmarks/bench_ingest.py --n 500 --workers 2
@@ -96,8 +98,12 @@ def make_file(path: Path, index: int, seed: int) -> None:
     os.replace(tmp, path)
 
 
+def bench_paths(directory: Path, n: int) -> list[Path]:
+    return [directory / f"bench-{i:05d}.dcm" for i in range(n)]
+
+
 def generate(directory: Path, n: int, seed: int) -> list[Path]:
-    paths = [directory / f"bench-{i:05d}.dcm" for i in range(n)]
+    paths = bench_paths(directory, n)
     missing = [(i, p) for i, p in enumerate(paths) if not p.exists()]
     for count, (i, path) in enumerate(missing, 1):
         make_file(path, i, seed)
@@ -159,10 +165,11 @@ def child(args: argparse.Namespace) -> None:
                 (source / f.name).symlink_to(f)
         run_ingest(source, Path(args.out), args.workers)
     seconds = time.perf_counter() - start
-    usage_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    usage_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"files": len(files), "seconds": seconds, "peak_rss_mib": round(usage_self, 1),
-                      "peak_worker_rss_mib": round(usage_children, 1)}))  # fmt: skip
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    print(json.dumps({"files": len(files), "seconds": seconds, "cpu_seconds": round(cpu, 2),
+                      "peak_rss_mib": round(own.ru_maxrss / 1024, 1),
+                      "peak_worker_rss_mib": round(children.ru_maxrss / 1024, 1)}))  # fmt: skip
 
 
 def measure(run: str, source: Path, out: Path, limit: int, workers: int) -> dict:
@@ -174,6 +181,7 @@ def measure(run: str, source: Path, out: Path, limit: int, workers: int) -> dict
         raise RuntimeError(f"{run} failed: {proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["images_per_s"] = round(result["files"] / result["seconds"], 2)
+    result["images_per_cpu_s"] = round(result["files"] / result["cpu_seconds"], 2)
     print(run, limit, result, file=sys.stderr, flush=True)
     return result
 
@@ -185,15 +193,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "xrayops-bench-ingest")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ingest.json")
-    parser.add_argument("--run", choices=["baseline", "decode", "ingest"], help=argparse.SUPPRESS)
+    parser.add_argument("--run", choices=["generate", "baseline", "decode", "ingest"], help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    source = args.cache / f"n{args.n}-seed{args.seed}"
+    if args.run == "generate":
+        generate(source, args.n, args.seed)
+        return None
     if args.run:
         return child(args)
 
-    source = args.cache / f"n{args.n}-seed{args.seed}"
-    files = generate(source, args.n, args.seed)
+    cmd = [sys.executable, __file__, "--run", "generate", "--n", str(args.n), "--seed", str(args.seed),
+           "--cache", str(args.cache)]  # fmt: skip
+    subprocess.run(cmd, check=True)  # in a child: the measured runs must not inherit its peak RSS
+    files = bench_paths(source, args.n)
     sizes = [f.stat().st_size for f in files]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -214,6 +228,9 @@ def main() -> None:
         f"c_ingest_{args.workers}_workers_images_per_s": full["images_per_s"],
         "ratio_c_over_a": round(full["images_per_s"] / baseline["images_per_s"], 2),
         "ratio_c_over_b": round(full["images_per_s"] / decode["images_per_s"], 2),
+        "cpu_seconds": {"a": baseline["cpu_seconds"], "b": decode["cpu_seconds"], "c": full["cpu_seconds"]},
+        # Images per CPU-second: what one core does, whatever else shares the machine.
+        "cpu_ratio_c_over_a": round(full["images_per_cpu_s"] / baseline["images_per_cpu_s"], 2),
         "peak_rss_mib": {
             f"ingest_{small['files']}_files": {"main": small["peak_rss_mib"], "worker": small["peak_worker_rss_mib"]},
             f"ingest_{full['files']}_files": {"main": full["peak_rss_mib"], "worker": full["peak_worker_rss_mib"]},
