@@ -133,7 +133,11 @@ def test_gate_cli_scores_both_versions_on_the_versioned_test_set(story, monkeypa
     assert refused.exit_code == 2 and "VERSION" in refused.output
 
 
-def test_demo_cli_refuses_a_missing_backbone(tmp_path):
+def test_demo_cli_refuses_a_missing_backbone(tmp_path, monkeypatch):
+    import os
+
+    # Whatever the verb does to the environment stays in this test.
+    monkeypatch.setenv("XRAYOPS_DEID_KEY", os.environ.get("XRAYOPS_DEID_KEY", "drift-test-key-not-secret"))
     from typer.testing import CliRunner
 
     from xrayops.app.cli import app

@@ -229,6 +229,19 @@ def test_audit_labels_cli_with_an_ensemble_and_the_truth(tmp_path, monkeypatch):
 
     monkeypatch.setenv("XRAYOPS_DEVICE", "cpu")
     data = make_data_dir(tmp_path / "data", n_per_class=12, size=32, mislabel_rate=0.1, seed=4)
+    # As ingestion would write it: the manifest holds keyed pseudonyms of the files truth.csv names.
+    import os
+
+    from xrayops.contracts import ManifestRow
+    from xrayops.data.manifest import read_manifest, write_manifest
+    from xrayops.dicom.deid import source_pseudonym
+
+    manifest = data.data_dir / "manifest.parquet"
+    key = os.environ["XRAYOPS_DEID_KEY"]
+    rows = [ManifestRow.model_validate({**{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()},
+                                        "source_name": source_pseudonym(r["source_name"], key)})
+            for r in read_manifest(manifest).to_dict("records")]
+    write_manifest(rows, manifest)
     truth = tmp_path / "truth.csv"
     pd.DataFrame({"file": list(data.truth), "true_region": list(data.truth.values())}).to_csv(truth, index=False)
     members = [random_backbone(tmp_path / f"b{seed}.pt", seed=seed) for seed in (0, 1)]

@@ -183,7 +183,8 @@ def test_demo_retrain_step_goes_through_the_trigger(tmp_path, monkeypatch):
     settings = Settings(output_dir=tmp_path, gate_margin=0.03)
     artefacts, facts = retrain_through_trigger(result, "1", tmp_path, cfg, settings, fake_run)
     assert facts == {"trigger": "launched", "crossed": ["drift_share"], "challenger": "models:/xrayops-region/2",
-                     "champion_accuracy": 0.62, "challenger_accuracy": 0.599, "ci": [-0.055, 0.012], "promoted": False}
+                     "champion_accuracy": 0.62, "challenger_accuracy": 0.599, "ci": [-0.055, 0.012], "promoted": False,
+                     "refused_subgroups": []}
     ((params),) = calls
     assert params["source_dir"] == str(tmp_path / "synth") and params["finetune_epochs"] == 7
     assert params["gate_margin"] == 0.03 and artefacts["trigger_log"] == tmp_path / "monitor" / "trigger.jsonl"

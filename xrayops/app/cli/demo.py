@@ -33,13 +33,13 @@ def demo(
     from xrayops.app.demo import DemoConfig, print_summary, run_demo, with_demo_key
 
     # Synthetic data under a public key, the same on every machine (data.dvc's md5 depends on it).
+    if scenario == "drift" and backbone is not None and not backbone.is_file():
+        _fail(f"backbone {backbone} not found")  # before anything is set up
     settings = with_demo_key(get_settings())
     console.print("de-identification: the public demo key (synthetic data only; pseudonyms anyone can recompute)")
     if scenario == "drift":
         from xrayops.app.scenario import DriftScenarioConfig, run_drift_scenario
 
-        if backbone is not None and not backbone.is_file():
-            _fail(f"backbone {backbone} not found")
 
         default_out = Path("outputs/demo")
         cfg = DriftScenarioConfig(out=Path("outputs/demo-drift") if out == default_out else out, n=n,
