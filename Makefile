@@ -28,10 +28,11 @@ clean:
 	rm -rf outputs .pytest_cache
 
 # Debian packages some tests drive for real: Orthanc + its DICOMweb plugin and dcmtk's storescu
-# (network sources), Chromium (the dashboard renders). `make test` tries them best-effort, only
+# (network sources, the routing node), dicom3tools' dciodvfy (IOD checks of synth's objects and the
+# structured reports), Chromium (the dashboard, change records). `make test` tries them best-effort, only
 # when one is missing and apt-get can run as root; without them those tests skip with a reason.
-SYSTEM_BINS := Orthanc storescu chromium
-SYSTEM_PKGS := orthanc orthanc-dicomweb orthanc-gdcm dcmtk chromium
+SYSTEM_BINS := Orthanc storescu chromium dciodvfy
+SYSTEM_PKGS := orthanc orthanc-dicomweb orthanc-gdcm dcmtk chromium dicom3tools
 system-deps:
 	@missing=""; for b in $(SYSTEM_BINS); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
