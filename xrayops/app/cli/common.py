@@ -39,6 +39,8 @@ ModelRefOption = Annotated[str, typer.Option(help="Registry ref models:/NAME@ALI
 def _fail(message: str, code: int = 2) -> None:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
+
+
 def _deid_key(settings) -> bytes:
     """The configured de-identification key, or exit 2 with how to make one (xrayops.dicom.deid)."""
     from xrayops.dicom.deid import DeidKeyError, require_key
@@ -47,9 +49,13 @@ def _deid_key(settings) -> bytes:
         return require_key(settings)
     except DeidKeyError as exc:
         _fail(str(exc))
+
+
 def _print_json(obj) -> None:
     text = obj.model_dump_json(indent=2) if hasattr(obj, "model_dump_json") else json.dumps(obj, indent=2, default=str)
     typer.echo(text)
+
+
 @app.callback()
 def configure(
     log_level: Annotated[Optional[str], typer.Option(help="Log level (default XRAYOPS_LOG_LEVEL or INFO).")] = None,

@@ -27,6 +27,8 @@ def synth(
 
     _print_json(synthesize(out, n=n, seed=seed, size=size, mislabel_rate=mislabel_rate, shift=shift, ood_rate=ood_rate,
                            workers=workers))
+
+
 @app.command()
 def ingest(
     source: Annotated[Optional[Path], typer.Argument(help="Folder of DICOM files (recursive; DICOMDIRs followed). With --dicomweb: the landing folder.")] = None,
@@ -95,6 +97,8 @@ def ingest(
     if contact_sheet is not None and summary.n_ok:
         console.print(f"contact sheet: {write_contact_sheet(summary.data_dir, contact_sheet)}")
     _print_json(summary)
+
+
 @app.command()
 def listen(
     out: Annotated[Path, typer.Option(help="Landing folder that `xrayops ingest` then reads.")] = Path("outputs/landing"),
@@ -108,6 +112,8 @@ def listen(
     key = _deid_key(get_settings())
     console.print(f"listening on {host}:{port} as {ae_title}, landing in {out}")
     run_listen(out, port, ae_title, key, host=host, keep_private=get_settings().landing_keep_private)
+
+
 @app.command()
 def route(
     port: Annotated[Optional[int], typer.Option(help="DICOM port to listen on (XRAYOPS_ROUTE_PORT, 11113).")] = None,
@@ -156,6 +162,8 @@ def route(
         _fail(f"cannot start the routing node: {exc.strerror or exc}")
     finally:
         client.close()
+
+
 @app.command()
 def keygen(
     out: Annotated[Optional[Path], typer.Option(help="Write the key to this new file (mode 0600) instead of printing it.")] = None,
@@ -174,6 +182,8 @@ def keygen(
         _fail(f"{out} exists; a key in use must not be overwritten (its pseudonyms would be lost)")
     console.print(f"key written to {out} (mode 0600). Use it: export {KEY_FILE_ENV}={out.resolve()}")
     console.print("on a cluster: kubectl -n xrayops create secret generic xrayops-deid --from-file=key=" + str(out))
+
+
 @app.command("version-dataset")
 def version_dataset_cmd(
     data_dir: Annotated[Optional[Path], typer.Option(help="Dataset folder to track (default XRAYOPS_DATA_DIR).")] = None,

@@ -20,6 +20,8 @@ def _render_manifests(overlay: str, k8s_dir: Path, image: Optional[str]) -> str:
         return render(k8s_dir, overlay, default_image=get_settings().image, image=image)
     except DeployError as exc:
         _fail(str(exc))
+
+
 @deploy_app.command("render")
 def deploy_render(
     overlay: Annotated[str, typer.Option(help="Overlay under infra/k8s/overlays: local or gpu-cloud.")],
@@ -35,6 +37,8 @@ def deploy_render(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(manifests)
         typer.echo(str(out))
+
+
 @deploy_app.command("apply")
 def deploy_apply(
     overlay: Annotated[str, typer.Option(help="Overlay under infra/k8s/overlays: local or gpu-cloud.")],
@@ -53,6 +57,8 @@ def deploy_apply(
         typer.echo(apply(manifests, dry_run=mode, allow_unpinned=allow_unpinned), nl=False)
     except DeployError as exc:
         _fail(str(exc))
+
+
 @deploy_app.command("pin")
 def deploy_pin(
     overlay: Annotated[str, typer.Option(help="Overlay under infra/k8s/overlays whose `images:` get digests.")],

@@ -41,6 +41,8 @@ def monitor(
     result = monitor_window(reference, current, out, settings, bundle_meta=meta, workspace=target,
                             embedding_reference=embedding_reference)
     _print_json(result)
+
+
 @app.command()
 def dashboard(
     workspace: Annotated[
@@ -70,6 +72,8 @@ def dashboard(
         return
     console.print(f"dashboard: {project_url(f'http://{host}:{port}', project_id)}")
     raise typer.Exit(subprocess.call(ui_command(target, host, port)))
+
+
 @app.command("retrain-trigger")
 def retrain_trigger_cmd(
     monitor_result: Annotated[Path, typer.Option(help="monitor.json written by `xrayops monitor`.")] = Path(

@@ -31,6 +31,8 @@ def pipeline_compile(
     pool = GpuPool.from_file(gpu_pool) if gpu_pool else None
     typer.echo(str(compile_pipeline(out, gpu=gpu or pool is not None, gpu_node_pool=gpu_node_pool, gpu_count=gpu_count,
                                     cluster=cluster, gpu_pool=pool)))
+
+
 @pipeline_app.command("compile-ingestion")
 def pipeline_compile_ingestion(
     out: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path("outputs/pipeline/xrayops-ingestion.yaml"),
@@ -42,6 +44,8 @@ def pipeline_compile_ingestion(
     from pipelines.ingestion import compile_ingestion
 
     typer.echo(str(compile_ingestion(out, cluster=cluster, source_pvc=source_pvc, parallelism=parallelism)))
+
+
 def _release_arguments(release_manifest: Optional[Path], settings) -> dict:
     """Pipeline arguments that release to XRAYOPS_RELEASE_STORAGE_URI and roll the manifest (checked
     before a run starts); none without a manifest."""
@@ -56,6 +60,8 @@ def _release_arguments(release_manifest: Optional[Path], settings) -> dict:
         _fail(str(exc))
     return {"release": True, "release_storage_uri": settings.release_storage_uri,
             "inference_service_manifest": str(release_manifest.resolve())}
+
+
 def _roll_local_manifest(root: Path, release_manifest: Optional[Path]) -> dict:
     """After a local run with a release: the release step's rolled manifest written over the one the
     user gave (as `xrayops release publish --manifest` does); nothing when no release ran."""
@@ -68,6 +74,8 @@ def _roll_local_manifest(root: Path, release_manifest: Optional[Path]) -> dict:
     release_manifest.write_text(rendered[0].read_text())
     released = json.loads((rendered[0].parent / "release").read_text())
     return {"release": released["release_id"], "release_manifest": str(release_manifest)}
+
+
 def _archive_compile_command(name: str, summary: str):
     """`pipeline compile-NAME` for a pipeline over a site's archive (same options, one body)."""
 
@@ -100,6 +108,8 @@ pipeline_app.command("compile-retraining")(_archive_compile_command(
 pipeline_app.command("compile-site-training")(_archive_compile_command(
     "site-training", "Compile the site-training pipeline (archive -> DVC version -> one SimCLR, BYOL and SupCon\n"
                      "member each -> ensemble evaluated beside them -> optional release) to KFP v2 YAML."))
+
+
 @pipeline_app.command("site-train")
 def pipeline_site_train(
     source_dir: Annotated[Path, typer.Option(help="The site's DICOM archive.")],
@@ -148,6 +158,8 @@ def pipeline_site_train(
         _fail(str(exc))
     _print_json({"pipeline_root": str(Path(root).resolve()), "stage_log": str(log_path.resolve()),
                  "ensemble_accuracy": task.output, **_roll_local_manifest(root, release_manifest)})
+
+
 @pipeline_app.command("retrain")
 def pipeline_retrain(
     source_dir: Annotated[Path, typer.Option(help="The DICOM archive to retrain on (all of it: old and new studies).")],
@@ -189,6 +201,8 @@ def pipeline_retrain(
     decision = json.loads(Path(task.output.path).read_text())
     _print_json({"pipeline_root": str(Path(root).resolve()), "stage_log": str(log_path.resolve()), "gate": decision,
                  **_roll_local_manifest(root, release_manifest)})
+
+
 @pipeline_app.command("run")
 def pipeline_run(
     local: Annotated[bool, typer.Option("--local", help="Run with kfp.local (SubprocessRunner) on this machine.")] = False,
@@ -213,6 +227,8 @@ def pipeline_run(
         mlflow_tracking_uri=settings.tracking_uri(),
     )
     _print_json(result)
+
+
 @pipeline_app.command("submit")
 def pipeline_submit(
     host: Annotated[str, typer.Option(envvar="KFP_HOST", help="KFP API endpoint, e.g. http://localhost:8080 (port-forward of ml-pipeline-ui).")],

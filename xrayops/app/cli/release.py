@@ -13,12 +13,16 @@ from xrayops.config import get_settings
 
 _MANIFEST_HELP = ("InferenceService manifest to read (offline/GitOps: writes the result to --out); "
                   "without it the live one is read from the cluster (kubeconfig or in-cluster).")
+
+
 def _release_target(manifest: Optional[Path], name: str, namespace: str) -> list[dict]:
     """The documents a release rolls: a manifest's (offline/GitOps), or the live InferenceService(s)."""
     from xrayops.release.cluster import live_services
     from xrayops.release.manifest import read_manifest
 
     return read_manifest(manifest) if manifest is not None else live_services(name, namespace)
+
+
 def _write_release_target(docs: list[dict], manifest: Optional[Path], out: Optional[Path], dry_run: bool) -> str:
     """Where the rolled documents went: a file (offline), stdout (dry run) or the cluster."""
     import sys
@@ -35,6 +39,8 @@ def _write_release_target(docs: list[dict], manifest: Optional[Path], out: Optio
         return "stdout"
     names = replace_services(docs)
     return f"cluster:{docs[0]['metadata'].get('namespace')}/{','.join(names)}"
+
+
 def _print_release(outcome, where: str) -> None:
     summary = {"release": outcome.release.model_dump(mode="json"), "uri": outcome.release.uri,
                "replaces": outcome.previous, "inference_service": where}
@@ -42,6 +48,8 @@ def _print_release(outcome, where: str) -> None:
         console.print_json(json.dumps(summary))
     else:
         _print_json(summary)
+
+
 @release_app.command("publish")
 def release_publish(
     model: Annotated[list[str], typer.Option(help="Model to serve: models:/NAME@ALIAS, models:/NAME/VERSION or a bundle "
@@ -73,6 +81,8 @@ def release_publish(
     except (ReleaseError, RegistryError) as exc:
         _fail(str(exc))
     _print_release(outcome, where)
+
+
 @release_app.command("rollback")
 def release_rollback(
     to: Annotated[Optional[str], typer.Option(help="Release id to serve (default: the one before the live release).")] = None,
@@ -96,6 +106,8 @@ def release_rollback(
     except ReleaseError as exc:
         _fail(str(exc))
     _print_release(outcome, where)
+
+
 @release_app.command("list")
 def release_list(
     storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
@@ -112,6 +124,8 @@ def release_list(
     _print_json({"releases": [{"release_id": r.release_id, "created_at": r.created_at.isoformat(), "previous": r.previous,
                                "members": {m.member: m.model_uri for m in r.members}} for r in releases],
                  "incomplete": incomplete})
+
+
 @release_app.command("verify")
 def release_verify(
     release_id: Annotated[str, typer.Argument(help="Release id (r-...), e.g. from `xrayops release show`.")],
@@ -130,6 +144,8 @@ def release_verify(
     _print_json({"release_id": release_id, "members": found, "ok": all(v == "ok" for v in found.values())})
     if any(v != "ok" for v in found.values()):
         raise typer.Exit(1)
+
+
 @release_app.command("show")
 def release_show(
     storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
@@ -157,6 +173,8 @@ def release_show(
         _fail(str(exc))
     _print_json({"inference_service": service["metadata"]["name"], "release": release.model_dump(mode="json"),
                  "uri": release.uri, "rollback_to": previous_release_id(service)})
+
+
 @release_app.command("record")
 def release_record(
     release_id: Annotated[str, typer.Argument(help="The candidate release (r-...), published to the serving storage.")],
@@ -215,6 +233,8 @@ def release_record(
                  "pdf": str(printed.pdf) if printed else None, "console": printed.console if printed else [],
                  "gate": "promote" if made.gate.promote else "keep the champion",
                  "approval": made.approval.state if made.approval else "not approvable (members outside the registry)"})
+
+
 def _decide_release(decision: str, release_id: str, by: str, note: str, record: Optional[Path],
                     storage: Optional[str]) -> None:
     from xrayops.release import ReleaseError
@@ -228,8 +248,12 @@ def _decide_release(decision: str, release_id: str, by: str, note: str, record: 
     except ReleaseError as exc:
         _fail(str(exc))
     _print_json({"audit_log": str(settings.audit_log_path()), "entry": entry.model_dump(mode="json")})
+
+
 _BY_HELP = "Who decides: a person's name (recorded in the audit log and on every member version)."
 _RECORD_HELP = "The change record read before deciding (its sha256 goes into the audit entry)."
+
+
 @release_app.command("approve")
 def release_approve(
     release_id: Annotated[str, typer.Argument(help="Release id (r-...), published to the serving storage.")],
@@ -241,6 +265,8 @@ def release_approve(
     """Approve a release: an entry in the hash-chained audit log (XRAYOPS_RELEASE_AUDIT_LOG) and tags on
     every member's registry version; with XRAYOPS_RELEASE_REQUIRES_APPROVAL only approved releases go live."""
     _decide_release("approved", release_id, by, note, record, storage)
+
+
 @release_app.command("reject")
 def release_reject(
     release_id: Annotated[str, typer.Argument(help="Release id (r-...), published to the serving storage.")],
@@ -251,6 +277,8 @@ def release_reject(
 ) -> None:
     """Reject a release, recorded like an approval; a rejected release is refused by publish."""
     _decide_release("rejected", release_id, by, note, record, storage)
+
+
 @release_app.command("audit")
 def release_audit(
     log: Annotated[Optional[Path], typer.Option(help="Audit log (default XRAYOPS_RELEASE_AUDIT_LOG).")] = None,

@@ -80,6 +80,8 @@ def serve(
         )
     except (RegistryError, RuntimeError) as exc:  # a bad bundle is refused before anything listens
         _fail(str(exc))
+
+
 @app.command("log-sink")
 def log_sink(
     log_path: Annotated[
@@ -100,6 +102,8 @@ def log_sink(
             flush_seconds=settings.serve_log_flush_seconds)
     except OSError as exc:
         _fail(f"cannot start the inference-log sink: {exc}")
+
+
 @app.command()
 def predict(
     files: Annotated[list[Path], typer.Argument(help="DICOM files to classify.")],

@@ -45,6 +45,8 @@ def pretrain(
         init_from=init_from,
     )
     _print_json(run_pretrain(data_dir or settings.data_dir, out, cfg))
+
+
 @app.command()
 def finetune(
     backbone: Annotated[Path, typer.Option(help="backbone.pt from pretrain.")] = Path("outputs/pretrain/backbone.pt"),
@@ -97,6 +99,8 @@ def finetune(
     cfg = FinetuneConfig(epochs=epochs, seed=seed, finetune_last_stage=finetune_last_stage)
     bundle = run_finetune(data, backbone, out, cfg, lineage=lineage, angles=angles, labels=labels)
     typer.echo(str(bundle))
+
+
 @app.command()
 def evaluate(
     bundle: Annotated[Path, typer.Option(help="Model bundle folder.")] = Path("outputs/bundle"),
@@ -119,6 +123,8 @@ def evaluate(
     else:
         result = evaluate_bundle(bundle, data_dir or settings.data_dir, out, split=split, truth=regions, truth_angles=angles)
     _print_json(result)
+
+
 @app.command()
 def register(
     bundle: Annotated[Path, typer.Option(help="Model bundle folder.")] = Path("outputs/bundle"),
@@ -140,6 +146,8 @@ def register(
         metrics=numeric_metrics(json.loads(metrics.read_text())) if metrics else {},
     )
     _print_json(register_bundle(bundle, settings.tracking_uri(), name or settings.registered_model_name, lineage, alias=alias))
+
+
 @app.command("audit-labels")
 def audit_labels_cmd(
     backbone: Annotated[list[Path], typer.Option(
@@ -184,6 +192,8 @@ def audit_labels_cmd(
         result["against_truth"] = flagged_vs_truth(scores, known)
         result["cleanlab_filter_against_truth"] = flagged_vs_truth(scores, known, "cleanlab_issue")
     _print_json(result)
+
+
 @app.command("import-reviews")
 def import_reviews_cmd(
     decisions: Annotated[Path, typer.Argument(help="Reviewer CSV: image_id, decision, corrected_region, reviewer, timestamp.")],
@@ -207,6 +217,8 @@ def import_reviews_cmd(
     record_reviews(store, manifest, imported.events, known_at)
     _print_json({"events": len(imported.events), "rejected": [r.model_dump() for r in imported.rejected],
                  "feature_repo": str(Path(store.repo_path))})
+
+
 @app.command()
 def gate(
     champion: Annotated[str, typer.Option(help="Champion: models:/NAME@champion, models:/NAME/VERSION or a bundle folder.")],
