@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -22,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from xrayops.bundle import save_bundle
-from xrayops.contracts import BINARY_LABEL_COLUMNS, Lineage, ModelBundleMeta
+from xrayops.contracts import BINARY_LABEL_COLUMNS, Lineage, ModelBundleMeta, PreprocessingSpec
 from xrayops.data.augment import make_linear_transform
 from xrayops.data.dataset import DatasetError, ImageDataset, read_preprocessing, to_unit_float
 from xrayops.logs import get_logger
@@ -38,7 +39,7 @@ from xrayops.models.heads import (
     orientation_loss,
     vector_to_angle,
 )
-from xrayops.models.ood import fit_ood_detector, ood_scores
+from xrayops.models.ood import OodDetector, fit_ood_detector, ood_scores
 from xrayops.models.ood_features import StageCapture
 from xrayops.progress import track
 from xrayops.regions import REGIONS
@@ -353,6 +354,210 @@ def finetune_last_stage(
     return best_accuracy
 
 
+@dataclass
+class SplitEmbeddings:
+    """Frozen-backbone embeddings of the train and val images, as the heads are fitted on them."""
+
+    train: torch.Tensor  # (n, D) region embeddings
+    val: torch.Tensor
+    # (4, n, D) embeddings of the images turned by k * 90 degrees; None when neither rotation
+    # averaging nor the orientation head needs them.
+    train_turned: torch.Tensor | None = None
+    val_turned: torch.Tensor | None = None
+
+
+@dataclass
+class Calibration:
+    """What the validation split sets after the heads are trained: temperature and OOD threshold."""
+
+    temperature: float
+    val_nll: float  # cross-entropy of the calibrated logits
+    detector: OodDetector | None  # None: the energy score
+    ood_threshold: float
+    ood_scale: float
+
+
+def load_labelled_splits(
+    data_dir: Path, labels: Mapping[str, str] | None
+) -> tuple[ImageDataset, ImageDataset]:
+    """The labelled train and val images; a missing val split is an error, not a silent skip."""
+    train = ImageDataset(data_dir, "train", labelled_only=True, labels=labels)
+    try:
+        val = ImageDataset(data_dir, "val", labelled_only=True, labels=labels)
+    except DatasetError as exc:
+        raise DatasetError(
+            f"{exc}: the linear head needs validation images for model selection and calibration"
+        ) from exc
+    return train, val
+
+
+def frozen_classifier(
+    backbone_path: Path, cfg: FinetuneConfig, device: torch.device
+) -> tuple[RegionClassifier, int, dict]:
+    """(classifier on the frozen pretrained backbone, embedding size, backbone info)."""
+    backbone, embedding_dim, info = load_backbone(backbone_path, device)
+    model = RegionClassifier(backbone, embedding_dim, len(REGIONS), cfg.rotation_average).to(device)
+    for parameter in backbone.parameters():
+        parameter.requires_grad_(False)
+    model.eval()  # the backbone is frozen, batch-norm statistics included
+    return model, embedding_dim, info
+
+
+def split_embeddings(
+    model: RegionClassifier, train: ImageDataset, val: ImageDataset, device: torch.device, cfg: FinetuneConfig,
+    turned: bool,
+) -> SplitEmbeddings:
+    """Region embeddings of both splits; with `turned`, from one pass over the four turns."""
+    if not turned:
+        return SplitEmbeddings(embed_images(model, train.images, device), embed_images(model, val.images, device))
+    train_turned, val_turned = embed_turned(model, train.images, device), embed_turned(model, val.images, device)
+    if cfg.rotation_average:
+        return SplitEmbeddings(train_turned.mean(0), val_turned.mean(0), train_turned, val_turned)
+    return SplitEmbeddings(train_turned[0], val_turned[0], train_turned, val_turned)
+
+
+def fit_region_head(
+    model: RegionClassifier, train: ImageDataset, val: ImageDataset, embeddings: SplitEmbeddings,
+    embedding_dim: int, cfg: FinetuneConfig, device: torch.device,
+) -> tuple[nn.Linear, float, int]:
+    """Train the region head (and, if configured, the last stage with it); sets model.head.
+
+    Returns (head with the standardisation folded in, its val accuracy, best linear-head epoch)."""
+    # The head trains on standardised embeddings; the scaling is folded into it afterwards.
+    train_x, val_x = embeddings.train, embeddings.val
+    mean, std = train_x.mean(0), train_x.std(0, correction=0).clamp_min(1e-6)
+    embed_batch = augmented_embedder(model, train.images, mean, std, device, cfg.seed) if cfg.augment else None
+    head, val_accuracy, best_epoch = train_linear_head(
+        None if cfg.augment else (train_x - mean) / std,
+        train.labels,
+        (val_x - mean) / std,
+        val.labels,
+        linear_head(embedding_dim, len(REGIONS)),
+        cfg,
+        embed_batch,
+    )
+    if cfg.finetune_last_stage:
+        # The head stays in its standardised form while it trains with the stage (folded
+        # weights scale as 1/std and would make the step size uneven across features).
+        model.head = nn.Sequential(Standardize(mean, std), head).to(device)
+        val_accuracy = finetune_last_stage(model, train, val, cfg, device)
+    model.head = head = fold_standardization(head.cpu(), mean, std)  # the heads are fitted on CPU embeddings
+    return head, val_accuracy, best_epoch
+
+
+def fit_orientation(
+    model: RegionClassifier, val: ImageDataset, embeddings: SplitEmbeddings, train_angles: torch.Tensor,
+    angles: dict[str, float] | None, cfg: FinetuneConfig,
+) -> float:
+    """Train model.orientation_head on the turned embeddings; returns its val MAE in degrees."""
+    val_angles = angles_for(val.rows, angles, cfg.orientation_assume_upright)
+    model.orientation_head, orientation_mae = train_orientation_head(
+        embeddings.train_turned, train_angles, embeddings.val_turned[0],
+        val_angles if val_angles is not None else torch.full((len(val),), float("nan")), cfg,
+    )
+    log.info("finetune.orientation", val_mae_deg=round(orientation_mae, 2))
+    return orientation_mae
+
+
+def fit_binary_heads(
+    model: RegionClassifier, train: ImageDataset, val: ImageDataset, embeddings: SplitEmbeddings, cfg: FinetuneConfig
+) -> dict[str, float]:
+    """A head in model.binary_heads per label column with both classes in train; returns val AUCs."""
+    binary_metrics: dict[str, float] = {}
+    for column in BINARY_LABEL_COLUMNS if cfg.binary_heads else ():
+        train_y, val_y = binary_labels(train.rows, column), binary_labels(val.rows, column)
+        if train_y is None or not ((train_y == 1).any() and (train_y == 0).any()):
+            continue
+        if val_y is None:
+            val_y = torch.full((len(val),), float("nan"))
+        known, val_known = ~torch.isnan(train_y), ~torch.isnan(val_y)
+        model.binary_heads[column], auc = train_binary_head(
+            embeddings.train[known], train_y[known], embeddings.val[val_known], val_y[val_known], cfg
+        )
+        binary_metrics[f"val_{column}_auc"] = auc
+        log.info("finetune.binary_head", column=column, train_labels=int(known.sum()), val_auc=round(auc, 4))
+    return binary_metrics
+
+
+def fit_ood(
+    model: RegionClassifier, train: ImageDataset, val: ImageDataset, embeddings: SplitEmbeddings,
+    val_logits: torch.Tensor, temperature: float, cfg: FinetuneConfig, device: torch.device,
+) -> tuple[OodDetector | None, np.ndarray]:
+    """The out-of-domain detector (None for the energy score) and the val images' scores."""
+    if cfg.ood_method == "energy":
+        return None, energy_score(val_logits, temperature).numpy()
+    # On the backbone as it serves (after any last-stage tuning).
+    if cfg.ood_stages:
+        ood_train = stage_embeddings(model, train.images, device, cfg.ood_stages)
+        ood_val = stage_embeddings(model, val.images, device, cfg.ood_stages)
+    else:
+        ood_train, ood_val = embeddings.train, embeddings.val
+    detector = fit_ood_detector(ood_train, train.labels, cfg.ood_method, cfg.ood_knn_k)
+    return detector, ood_scores(detector, ood_val)
+
+
+def calibrate(
+    model: RegionClassifier, head: nn.Linear, train: ImageDataset, val: ImageDataset, embeddings: SplitEmbeddings,
+    cfg: FinetuneConfig, device: torch.device,
+) -> Calibration:
+    """Temperature scaling and the OOD detector's threshold, both on the val split."""
+    with torch.no_grad():
+        val_logits = head(embeddings.val)
+    temperature = fit_temperature(val_logits, val.labels)
+    detector, val_scores = fit_ood(model, train, val, embeddings, val_logits, temperature, cfg, device)
+    ood_threshold = float(np.percentile(val_scores, cfg.ood_percentile))
+    # In-domain spread, the unit in which an ensemble averages its members' margins.
+    ood_scale = max(ood_threshold - float(np.median(val_scores)), 1e-12)
+    val_nll = float(F.cross_entropy(val_logits / temperature, val.labels))
+    return Calibration(temperature, val_nll, detector, ood_threshold, ood_scale)
+
+
+def bundle_lineage(
+    lineage: Lineage | None, cfg: FinetuneConfig, train: ImageDataset, val: ImageDataset, relabelled: bool,
+    val_accuracy: float, calibration: Calibration, binary_metrics: dict[str, float], orientation_mae: float | None,
+) -> Lineage:
+    """A copy of the caller's lineage with this run's validation metrics added."""
+    lineage = (lineage or Lineage()).model_copy(deep=True)
+    lineage.metrics.update(
+        {"val_accuracy": val_accuracy, "val_nll_calibrated": calibration.val_nll, "train_images": float(len(train))}
+    )
+    lineage.metrics.update({k: v for k, v in binary_metrics.items() if np.isfinite(v)})
+    if cfg.finetune_last_stage:
+        lineage.metrics["finetuned_last_stage"] = 1.0
+    if relabelled:
+        changed = sum(int((d.rows["region"] != d.rows["manifest_region"]).sum()) for d in (train, val))
+        lineage.metrics["labels_changed_from_tags"] = float(changed)
+    if orientation_mae is not None and np.isfinite(orientation_mae):
+        lineage.metrics["val_orientation_mae_deg"] = orientation_mae
+    return lineage
+
+
+def write_region_bundle(
+    out_dir: Path, model: RegionClassifier, cfg: FinetuneConfig, info: dict, embedding_dim: int,
+    spec: PreprocessingSpec, calibration: Calibration, lineage: Lineage, orientation_source: str,
+) -> Path:
+    """bundle.json and weights.pt of the trained classifier (moved to CPU) in out_dir."""
+    meta = ModelBundleMeta(
+        name=cfg.name,
+        arch=info["arch"],
+        ssl_method=info["ssl_method"] or "simclr",
+        embedding_dim=embedding_dim,
+        classes=list(REGIONS),
+        preprocessing=spec,
+        temperature=calibration.temperature,
+        ood_threshold=calibration.ood_threshold,
+        ood_scale=calibration.ood_scale,
+        ood_stages=list(cfg.ood_stages) if calibration.detector is not None else [],
+        confidence_threshold=cfg.confidence_threshold,
+        lineage=lineage,
+        created_at=datetime.now(timezone.utc),
+        orientation=model.orientation_head is not None,
+        orientation_source=orientation_source,
+    )
+    save_bundle(Path(out_dir), model.cpu(), meta, calibration.detector)
+    return Path(out_dir)
+
+
 def finetune(
     data_dir: Path,
     backbone_path: Path,
@@ -376,124 +581,28 @@ def finetune(
     configure_threads()
     seed_everything(cfg.seed)
     spec = read_preprocessing(data_dir)
-    train = ImageDataset(data_dir, "train", labelled_only=True, labels=labels)
-    try:
-        val = ImageDataset(data_dir, "val", labelled_only=True, labels=labels)
-    except DatasetError as exc:
-        raise DatasetError(
-            f"{exc}: the linear head needs validation images for model selection and calibration"
-        ) from exc
-
-    backbone, embedding_dim, info = load_backbone(backbone_path, device)
-    model = RegionClassifier(backbone, embedding_dim, len(REGIONS), cfg.rotation_average).to(device)
-    for parameter in backbone.parameters():
-        parameter.requires_grad_(False)
-    model.eval()  # the backbone is frozen, batch-norm statistics included
+    train, val = load_labelled_splits(data_dir, labels)
+    model, embedding_dim, info = frozen_classifier(backbone_path, cfg, device)
 
     train_angles = angles_for(train.rows, angles, cfg.orientation_assume_upright)
-    if cfg.rotation_average or train_angles is not None:
-        train_turned, val_turned = embed_turned(model, train.images, device), embed_turned(model, val.images, device)
-        pick = (lambda t: t.mean(0)) if cfg.rotation_average else (lambda t: t[0])
-        train_x, val_x = pick(train_turned), pick(val_turned)
-    else:
-        train_x, val_x = embed_images(model, train.images, device), embed_images(model, val.images, device)
-    # The head trains on standardised embeddings; the scaling is folded into it afterwards.
-    mean, std = train_x.mean(0), train_x.std(0, correction=0).clamp_min(1e-6)
-    embed_batch = augmented_embedder(model, train.images, mean, std, device, cfg.seed) if cfg.augment else None
-    head, val_accuracy, best_epoch = train_linear_head(
-        None if cfg.augment else (train_x - mean) / std,
-        train.labels,
-        (val_x - mean) / std,
-        val.labels,
-        linear_head(embedding_dim, len(REGIONS)),
-        cfg,
-        embed_batch,
-    )
-    if cfg.finetune_last_stage:
-        # The head stays in its standardised form while it trains with the stage (folded
-        # weights scale as 1/std and would make the step size uneven across features).
-        model.head = nn.Sequential(Standardize(mean, std), head).to(device)
-        val_accuracy = finetune_last_stage(model, train, val, cfg, device)
-    model.head = head = fold_standardization(head.cpu(), mean, std)  # the heads are fitted on CPU embeddings
+    turned = cfg.rotation_average or train_angles is not None
+    embeddings = split_embeddings(model, train, val, device, cfg, turned)
+    head, val_accuracy, best_epoch = fit_region_head(model, train, val, embeddings, embedding_dim, cfg, device)
     if cfg.finetune_last_stage:
         # The features changed: every later head and the calibration use the tuned ones.
-        if cfg.rotation_average or train_angles is not None:
-            train_turned, val_turned = embed_turned(model, train.images, device), embed_turned(model, val.images, device)
-            train_x, val_x = pick(train_turned), pick(val_turned)
-        else:
-            train_x, val_x = embed_images(model, train.images, device), embed_images(model, val.images, device)
+        embeddings = split_embeddings(model, train, val, device, cfg, turned)
         log.info("finetune.last_stage", val_accuracy=round(val_accuracy, 4))
     orientation_mae = None
     if train_angles is not None:
-        val_angles = angles_for(val.rows, angles, cfg.orientation_assume_upright)
-        model.orientation_head, orientation_mae = train_orientation_head(
-            train_turned, train_angles, val_turned[0],
-            val_angles if val_angles is not None else torch.full((len(val),), float("nan")), cfg,
-        )
-        log.info("finetune.orientation", val_mae_deg=round(orientation_mae, 2))
-
-    binary_metrics: dict[str, float] = {}
-    for column in BINARY_LABEL_COLUMNS if cfg.binary_heads else ():
-        train_y, val_y = binary_labels(train.rows, column), binary_labels(val.rows, column)
-        if train_y is None or not ((train_y == 1).any() and (train_y == 0).any()):
-            continue
-        if val_y is None:
-            val_y = torch.full((len(val),), float("nan"))
-        known, val_known = ~torch.isnan(train_y), ~torch.isnan(val_y)
-        model.binary_heads[column], auc = train_binary_head(
-            train_x[known], train_y[known], val_x[val_known], val_y[val_known], cfg
-        )
-        binary_metrics[f"val_{column}_auc"] = auc
-        log.info("finetune.binary_head", column=column, train_labels=int(known.sum()), val_auc=round(auc, 4))
-
-    with torch.no_grad():
-        val_logits = head(val_x)
-    temperature = fit_temperature(val_logits, val.labels)
-    detector = None
-    if cfg.ood_method == "energy":
-        val_scores = energy_score(val_logits, temperature).numpy()
-    else:  # on the backbone as it serves (after any last-stage tuning)
-        if cfg.ood_stages:
-            ood_train = stage_embeddings(model, train.images, device, cfg.ood_stages)
-            ood_val = stage_embeddings(model, val.images, device, cfg.ood_stages)
-        else:
-            ood_train, ood_val = train_x, val_x
-        detector = fit_ood_detector(ood_train, train.labels, cfg.ood_method, cfg.ood_knn_k)
-        val_scores = ood_scores(detector, ood_val)
-    ood_threshold = float(np.percentile(val_scores, cfg.ood_percentile))
-    # In-domain spread, the unit in which an ensemble averages its members' margins.
-    ood_scale = max(ood_threshold - float(np.median(val_scores)), 1e-12)
-    val_nll = float(F.cross_entropy(val_logits / temperature, val.labels))
-    log.info("finetune.done", val_accuracy=round(val_accuracy, 4), epoch=best_epoch, temperature=temperature)
-
-    lineage = (lineage or Lineage()).model_copy(deep=True)
-    lineage.metrics.update(
-        {"val_accuracy": val_accuracy, "val_nll_calibrated": val_nll, "train_images": float(len(train))}
+        orientation_mae = fit_orientation(model, val, embeddings, train_angles, angles, cfg)
+    binary_metrics = fit_binary_heads(model, train, val, embeddings, cfg)
+    calibration = calibrate(model, head, train, val, embeddings, cfg, device)
+    log.info(
+        "finetune.done", val_accuracy=round(val_accuracy, 4), epoch=best_epoch, temperature=calibration.temperature
     )
-    lineage.metrics.update({k: v for k, v in binary_metrics.items() if np.isfinite(v)})
-    if cfg.finetune_last_stage:
-        lineage.metrics["finetuned_last_stage"] = 1.0
-    if labels is not None:
-        changed = sum(int((d.rows["region"] != d.rows["manifest_region"]).sum()) for d in (train, val))
-        lineage.metrics["labels_changed_from_tags"] = float(changed)
-    if orientation_mae is not None and np.isfinite(orientation_mae):
-        lineage.metrics["val_orientation_mae_deg"] = orientation_mae
-    meta = ModelBundleMeta(
-        name=cfg.name,
-        arch=info["arch"],
-        ssl_method=info["ssl_method"] or "simclr",
-        embedding_dim=embedding_dim,
-        classes=list(REGIONS),
-        preprocessing=spec,
-        temperature=temperature,
-        ood_threshold=ood_threshold,
-        ood_scale=ood_scale,
-        ood_stages=list(cfg.ood_stages) if detector is not None else [],
-        confidence_threshold=cfg.confidence_threshold,
-        lineage=lineage,
-        created_at=datetime.now(timezone.utc),
-        orientation=model.orientation_head is not None,
-        orientation_source=("truth" if angles is not None else "upright") if train_angles is not None else "",
+
+    lineage = bundle_lineage(
+        lineage, cfg, train, val, labels is not None, val_accuracy, calibration, binary_metrics, orientation_mae
     )
-    save_bundle(Path(out_dir), model.cpu(), meta, detector)
-    return Path(out_dir)
+    orientation_source = ("truth" if angles is not None else "upright") if train_angles is not None else ""
+    return write_region_bundle(out_dir, model, cfg, info, embedding_dim, spec, calibration, lineage, orientation_source)
