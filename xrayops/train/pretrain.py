@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -223,6 +224,114 @@ def warm_start(model: SSLModel, path: Path, cfg: PretrainConfig) -> str:
     return "backbone"
 
 
+@dataclass
+class PretrainRun:
+    """One run's model, optimiser and position; `step`, `losses` and `epoch_sum` are what a
+    checkpoint saves with the weights and a resumed run starts from."""
+
+    cfg: PretrainConfig
+    place: Distributed
+    model: SSLModel
+    loss_module: torch.nn.Module  # DDP-wrapped when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    n_images: int
+    steps_per_epoch: int
+    total_steps: int
+    checkpoint_path: Path
+    step: int = 0
+    losses: list[float] = field(default_factory=list)  # mean loss of each completed epoch
+    epoch_sum: float = 0.0  # loss summed over this epoch's steps so far
+
+    def checkpoint(self) -> None:
+        if self.place.is_main:
+            _save_checkpoint(self.checkpoint_path, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step,
+                "epoch": self.step // self.steps_per_epoch, "losses": self.losses, "epoch_loss_sum": self.epoch_sum,
+                "rng": rng_state(), "config": self.cfg.model_dump(mode="json"), "images": self.n_images,
+            })
+
+    def flush(self, running: torch.Tensor) -> float:
+        """The loss summed since the last flush, averaged over ranks; resets `running`."""
+        if self.place.enabled:
+            dist.all_reduce(running)
+            running /= self.place.world_size
+        value = float(running)
+        running.zero_()
+        return value
+
+
+def pretrain_images(data_dir: Path, cfg: PretrainConfig, place: Distributed) -> ImageDataset:
+    """Every ok image (SupCon uses the labels, the others do not); refuses too few for a batch."""
+    dataset = ImageDataset(data_dir, split=None)
+    n = len(dataset)
+    if n < 2:
+        raise PretrainError(f"pretraining needs at least 2 images, {data_dir} has {n}")
+    if cfg.method == "supcon" and not (dataset.labels >= 0).any():
+        raise PretrainError(f"SupCon needs region labels, but no ok image of {data_dir} has a known region")
+    if min(cfg.batch_size, n) < 2 * place.world_size:
+        raise PretrainError(f"batch size {min(cfg.batch_size, n)} is too small for {place.world_size} processes")
+    return dataset
+
+
+def resume_or_warm_start(run: PretrainRun) -> None:
+    """Continue from the run's checkpoint (same config), else load cfg.init_from, else nothing."""
+    cfg, checkpoint_path = run.cfg, run.checkpoint_path
+    if checkpoint_path.exists():
+        try:
+            saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a damaged file
+            raise PretrainError(f"cannot read {checkpoint_path} ({exc}); delete it to start over") from exc
+        _check_resumable(saved, cfg, run.n_images, checkpoint_path)
+        run.model.load_state_dict(saved["model"])  # BYOL: the momentum encoder is in here too
+        run.optimizer.load_state_dict(saved["optimizer"])
+        run.scheduler.load_state_dict(saved["scheduler"])
+        run.step, run.losses = saved["step"], list(saved["losses"])
+        run.epoch_sum = saved["epoch_loss_sum"]
+        set_rng_state(saved["rng"])
+        log.info("pretrain.resume", step=run.step, of=run.total_steps)
+    elif cfg.init_from is not None:  # every rank loads the same weights, so DDP's replicas agree
+        loaded = warm_start(run.model, cfg.init_from, cfg)
+        log.info("pretrain.warm_start", init_from=str(cfg.init_from), loaded=loaded)
+
+
+def train_epoch(
+    run: PretrainRun, dataset: ImageDataset, epoch: int, views: TwoViews, device: torch.device,
+    amp_dtype: torch.dtype | None, stop_at: int,
+) -> None:
+    """The rest of `epoch` from run.step on (all of it unless resumed mid-epoch), stopping at
+    `stop_at`; checkpoints at the epoch's end and every cfg.checkpoint_every_steps."""
+    cfg, place, model, steps_per_epoch = run.cfg, run.place, run.model, run.steps_per_epoch
+    batches = epoch_batches(run.n_images, cfg.batch_size, cfg.seed, epoch)[run.step % steps_per_epoch :]
+    if place.enabled:  # every rank its strided share of the same global batch
+        batches = [shard_batch(b, place.rank, place.world_size) for b in batches]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    running = torch.zeros((), device=device)
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True) if model.needs_labels else None
+        view_a, view_b = views(images, step_generator(device, cfg.seed, run.step, place.rank))
+        running += train_step(run.loss_module, run.optimizer, run.scheduler, view_a, view_b, labels, amp_dtype)
+        run.step += 1
+        model.after_step(run.step, run.total_steps)  # BYOL: momentum update of the target network
+        if run.step % steps_per_epoch == 0:  # epoch complete
+            run.epoch_sum += run.flush(running)
+            mean = run.epoch_sum / steps_per_epoch
+            if not torch.isfinite(torch.tensor(mean)):
+                raise PretrainError(f"loss is {mean} in epoch {epoch}: training diverged (try a lower lr)")
+            run.losses.append(mean)
+            run.epoch_sum = 0.0
+            if place.is_main:
+                log.info("pretrain.epoch", epoch=epoch, loss=round(mean, 4), step=run.step)
+            run.checkpoint()
+        elif run.step % cfg.checkpoint_every_steps == 0 or run.step >= stop_at:
+            run.epoch_sum += run.flush(running)
+            run.checkpoint()
+        if run.step >= stop_at:
+            break
+
+
 def pretrain(
     data_dir: Path, out_dir: Path, cfg: PretrainConfig | None = None, progress: bool = True
 ) -> PretrainResult:
@@ -244,92 +353,28 @@ def pretrain(
     configure_threads(cfg.num_workers)
     seed_everything(cfg.seed)
 
-    dataset = ImageDataset(data_dir, split=None)  # every ok image: SupCon uses the labels, the others do not
+    dataset = pretrain_images(data_dir, cfg, place)
     n = len(dataset)
-    if n < 2:
-        raise PretrainError(f"pretraining needs at least 2 images, {data_dir} has {n}")
-    if cfg.method == "supcon" and not (dataset.labels >= 0).any():
-        raise PretrainError(f"SupCon needs region labels, but no ok image of {data_dir} has a known region")
-    if min(cfg.batch_size, n) < 2 * place.world_size:
-        raise PretrainError(f"batch size {min(cfg.batch_size, n)} is too small for {place.world_size} processes")
     steps_per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0))
     total_steps = cfg.epochs * steps_per_epoch
     model, loss_module, optimizer, scheduler = build_training(cfg, device, place, total_steps)
-    cuda = device.type == "cuda"
     amp_dtype = autocast_dtype(device, cfg)
-
-    step, losses, epoch_sum = 0, [], 0.0  # epoch_sum: loss summed over this epoch's steps so far
-    if checkpoint_path.exists():
-        try:
-            saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for a damaged file
-            raise PretrainError(f"cannot read {checkpoint_path} ({exc}); delete it to start over") from exc
-        _check_resumable(saved, cfg, n, checkpoint_path)
-        model.load_state_dict(saved["model"])  # BYOL: the momentum encoder is in here too
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        step, losses = saved["step"], list(saved["losses"])
-        epoch_sum = saved["epoch_loss_sum"]
-        set_rng_state(saved["rng"])
-        log.info("pretrain.resume", step=step, of=total_steps)
-    elif cfg.init_from is not None:  # every rank loads the same weights, so DDP's replicas agree
-        loaded = warm_start(model, cfg.init_from, cfg)
-        log.info("pretrain.warm_start", init_from=str(cfg.init_from), loaded=loaded)
-    resumed_from = step
-
-    def checkpoint() -> None:
-        if place.is_main:
-            _save_checkpoint(checkpoint_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "step": step, "epoch": step // steps_per_epoch, "losses": losses, "epoch_loss_sum": epoch_sum,
-                "rng": rng_state(), "config": cfg.model_dump(mode="json"), "images": n,
-            })
-
-    def flush(running: torch.Tensor) -> float:
-        """The loss summed since the last flush, averaged over ranks; resets `running`."""
-        if place.enabled:
-            dist.all_reduce(running)
-            running /= place.world_size
-        value = float(running)
-        running.zero_()
-        return value
+    run = PretrainRun(
+        cfg, place, model, loss_module, optimizer, scheduler, n, steps_per_epoch, total_steps, checkpoint_path
+    )
+    resume_or_warm_start(run)
+    resumed_from = run.step
 
     params = PRETRAIN_AUG.model_copy(update={"full_rotation": cfg.full_rotation})
     views = TwoViews(make_pretrain_transform(dataset.size, params))
     stop_at = min(total_steps, cfg.max_steps or total_steps)
-    epochs = range(step // steps_per_epoch, cfg.epochs)
+    epochs = range(run.step // steps_per_epoch, cfg.epochs)
     model.train()
     show = progress and place.is_main
     for epoch in track(epochs, "pretrain epochs", len(epochs)) if show else epochs:
-        if step >= stop_at:
+        if run.step >= stop_at:
             break
-        batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch)[step % steps_per_epoch :]
-        if place.enabled:  # every rank its strided share of the same global batch
-            batches = [shard_batch(b, place.rank, place.world_size) for b in batches]
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=cuda)
-        running = torch.zeros((), device=device)
-        for images, labels in loader:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True) if model.needs_labels else None
-            view_a, view_b = views(images, step_generator(device, cfg.seed, step, place.rank))
-            running += train_step(loss_module, optimizer, scheduler, view_a, view_b, labels, amp_dtype)
-            step += 1
-            model.after_step(step, total_steps)  # BYOL: momentum update of the target network
-            if step % steps_per_epoch == 0:  # epoch complete
-                epoch_sum += flush(running)
-                mean = epoch_sum / steps_per_epoch
-                if not torch.isfinite(torch.tensor(mean)):
-                    raise PretrainError(f"loss is {mean} in epoch {epoch}: training diverged (try a lower lr)")
-                losses.append(mean)
-                epoch_sum = 0.0
-                if place.is_main:
-                    log.info("pretrain.epoch", epoch=epoch, loss=round(mean, 4), step=step)
-                checkpoint()
-            elif step % cfg.checkpoint_every_steps == 0 or step >= stop_at:
-                epoch_sum += flush(running)
-                checkpoint()
-            if step >= stop_at:
-                break
+        train_epoch(run, dataset, epoch, views, device, amp_dtype, stop_at)
 
     backbone_path = out_dir / "backbone.pt"
     if place.is_main:
@@ -339,9 +384,9 @@ def pretrain(
     return PretrainResult(
         backbone_path=backbone_path,
         checkpoint_path=checkpoint_path,
-        losses=losses,
-        steps=step,
-        epochs_completed=len(losses),
+        losses=run.losses,
+        steps=run.step,
+        epochs_completed=len(run.losses),
         images=n,
         resumed_from_step=resumed_from,
         init_from=cfg.init_from,
