@@ -43,6 +43,7 @@ APPROVAL_CONFIG_KEYS = ("XRAYOPS_RELEASE_REQUIRES_APPROVAL", "XRAYOPS_DASHBOARD_
                         "XRAYOPS_GATE_SUBGROUP_MARGIN")
 
 
+# One function: the pipeline graph reads top to bottom as the DAG it compiles to.
 def build_retraining_pipeline(
     gpu: bool = False, cluster: bool = False, gpu_pool: GpuPool | None = None, source_pvc: str = ""
 ):
@@ -52,6 +53,7 @@ def build_retraining_pipeline(
     settings = get_settings()
     ingestion = build_ingestion_pipeline(cluster=cluster, source_pvc=source_pvc, version=False)
 
+    # One function: its parameters are the run form, its body the DAG, top to bottom.
     @dsl.pipeline(name=PIPELINE_NAME, description="xrayops: retrain on the site's DICOM archive, gate against the champion")
     def retraining_pipeline(
         source_dir: str = SOURCE_MOUNT,

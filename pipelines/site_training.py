@@ -36,6 +36,7 @@ PIPELINE_NAME = "xrayops-site-training"
 PAPER_000_METHODS = ["simclr", "byol", "supcon"]
 
 
+# One function: the pipeline graph reads top to bottom as the DAG it compiles to.
 def build_site_training_pipeline(
     gpu: bool = False, cluster: bool = False, gpu_pool: GpuPool | None = None, source_pvc: str = "",
     parallelism: int = 0,

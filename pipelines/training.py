@@ -49,6 +49,7 @@ def _with_cluster_env(task: dsl.PipelineTask, deid: bool) -> None:
         kubernetes.use_secret_as_env(task, DEID_SECRET, {DEID_SECRET_KEY: "XRAYOPS_DEID_KEY"})
 
 
+# One function: the pipeline graph reads top to bottom as the DAG it compiles to.
 def build_pipeline(
     gpu: bool = False,
     gpu_node_pool: str = "gpu",
@@ -65,6 +66,7 @@ def build_pipeline(
     if gpu_pool is None:
         gpu_pool = GpuPool.labelled(gpu_node_pool, gpu_count)
 
+    # One function: its parameters are the run form, its body the DAG, top to bottom.
     @dsl.pipeline(name=PIPELINE_NAME, description="xrayops: DICOM to registered, monitored region model")
     def training_pipeline(
         n_images: int = 700,

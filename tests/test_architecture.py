@@ -69,3 +69,46 @@ def test_the_cli_turns_an_xrayops_error_into_one_line_and_its_exit_code(monkeypa
         cli.main()
     assert caught.value.code == 3
     assert "the archive is not mounted" in capsys.readouterr().err
+
+
+PRODUCT = ("xrayops", "components", "pipelines", "serving")
+LONG_FUNCTION, TOO_LONG_FUNCTION = 80, 120
+
+
+def _function_lengths(source: str) -> list[tuple[str, int, int, bool]]:
+    """(name, first line, length, has_reason) of every function and method, nested ones included.
+
+    Length counts from the `def` line to the body's last line. has_reason: the line right
+    above the def, or above its first decorator, is a `#` comment."""
+    lines = source.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            top = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            above = lines[top - 2].strip() if top >= 2 else ""
+            found.append((node.name, node.lineno, node.end_lineno - node.lineno + 1, above.startswith("#")))
+    return found
+
+
+def test_the_length_rule_sees_long_functions_and_their_reasons():
+    body = "".join(f"    x{i} = {i}\n" for i in range(85))
+    source = f"def bare():\n{body}\n\n# One function: a reason.\n@staticmethod\ndef reasoned():\n{body}"
+    assert [(name, n, reason) for name, _, n, reason in _function_lengths(source)] == [
+        ("bare", 86, False), ("reasoned", 86, True)
+    ]
+
+
+def test_no_product_function_is_long_without_a_reason_or_too_long():
+    """No function over 120 lines; none over 80 without a one-line reason as the comment right
+    above its `def` (or its first decorator), e.g. "# One function: the pipeline graph reads top
+    to bottom as the DAG it compiles to."."""
+    too_long, unexplained = [], []
+    for folder in PRODUCT:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for name, line, length, reason in _function_lengths(path.read_text()):
+                where = f"{path.relative_to(ROOT)}:{line} {name} ({length} lines)"
+                if length > TOO_LONG_FUNCTION:
+                    too_long.append(where)
+                elif length > LONG_FUNCTION and not reason:
+                    unexplained.append(where)
+    assert too_long == [] and unexplained == []

@@ -750,7 +750,7 @@ def _messy(ds: Dataset, keyword_tag: int, vr: str, value: str) -> None:
 def build_dataset(plan: ImagePlan, rendered: Rendered, stored: np.ndarray, seed_key: str,
                   rng: np.random.Generator) -> Dataset:
     """A CR or DX (for presentation) object with realistic tags, fake PHI and deterministic UIDs."""
-    study, patient = plan.study, plan.study.patient
+    study = plan.study
     is_dx = study.sop_class == DigitalXRayImageStorageForPresentation
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -796,7 +796,14 @@ def build_dataset(plan: ImagePlan, rendered: Rendered, stored: np.ndarray, seed_
     elif is_dx:
         ds.AnatomicRegionSequence = []  # Type 2 in DX: present, empty when the device wrote none
     ds.KVP = f"{float(rng.uniform(50, 90)):.0f}"
+    _patient_module(ds, study)
+    _pixel_and_presentation(ds, plan, rendered, stored, view, rng)
+    return ds
 
+
+def _patient_module(ds: Dataset, study: Study) -> None:
+    """The Patient module and the patient's age at the study: the fake PHI ingestion must remove."""
+    patient = study.patient
     ds.PatientName = patient.name
     ds.PatientID = patient.patient_id
     ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d")
@@ -804,6 +811,11 @@ def build_dataset(plan: ImagePlan, rendered: Rendered, stored: np.ndarray, seed_
     age = (study.study_date - patient.birth_date).days // 365
     ds.PatientAge = f"{max(age, 0):03d}Y"
 
+
+def _pixel_and_presentation(ds: Dataset, plan: ImagePlan, rendered: Rendered, stored: np.ndarray, view: str,
+                            rng: np.random.Generator) -> None:
+    """Pixel data, spacing, rescale and VOI window; for DX also the For Presentation attributes."""
+    is_dx = plan.study.sop_class == DigitalXRayImageStorageForPresentation
     spacing = f"{rendered.pixel_spacing_mm:.4f}"
     ds.ImagerPixelSpacing = [spacing, spacing]
     if rng.random() < 0.6:
@@ -832,7 +844,6 @@ def build_dataset(plan: ImagePlan, rendered: Rendered, stored: np.ndarray, seed_
         width = max(float(hi - lo) * float(rng.uniform(1.0, 1.3)), 2.0)
         ds.WindowCenter = f"{float(lo + hi) / 2:.1f}"
         ds.WindowWidth = f"{width:.1f}"
-    return ds
 
 
 def encode(ds: Dataset, transfer_syntax: str) -> Dataset:
