@@ -6,8 +6,9 @@ cluster by the caller (CLI, pipeline component), so the same steps serve GitOps 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, SkipValidation
 
 from xrayops.bundle_meta import read_bundle_meta
 from xrayops.contracts import ModelBundleMeta
@@ -29,13 +30,16 @@ from xrayops.release.storage import open_store, read_member_meta, read_release, 
 log = get_logger(__name__)
 
 
-@dataclass(frozen=True)
-class ReleaseOutcome:
+class ReleaseResult(BaseModel):
+    """What a release or roll-back did: the release now served and the documents that point at it."""
+
+    model_config = ConfigDict(frozen=True)
+
     release: Release
     # The documents given (a manifest's, or the live InferenceService) pointed at the release, to
-    # apply or write out (None: none were given); the caller's own mapping type (a round-trip YAML
-    # map keeps a manifest's comments), so not a pydantic field.
-    documents: list[dict] | None
+    # apply or write out (None: none were given). Not validated: they are the caller's own objects
+    # (a round-trip YAML map keeps a manifest's comments), which validation would copy into dicts.
+    documents: SkipValidation[list[dict] | None]
     previous: str | None  # the release it replaces on the InferenceService
 
     @property
@@ -80,7 +84,7 @@ def release_models(
     endpoint_url: str = "",
     replace_all: bool = False,
     require_approval: bool = False,
-) -> ReleaseOutcome:
+) -> ReleaseResult:
     """Publish `refs` (with the live release's other members unless `replace_all`) to the serving
     storage and return `docs` (a manifest's documents, or the live InferenceService) pointed at the
     new release (None: publish only, with no live release to keep members from).
@@ -104,12 +108,12 @@ def release_models(
         from xrayops.release.approval import require_approval as approved
 
         approved(tracking_uri, release)
-    return ReleaseOutcome(release=release, documents=point_manifest(docs, release) if docs else None,
-                          previous=live.release_id if live is not None else None)
+    return ReleaseResult(release=release, documents=point_manifest(docs, release) if docs else None,
+                         previous=live.release_id if live is not None else None)
 
 
 def roll_back(docs: list[dict], storage_uri: str, endpoint_url: str = "", to: str | None = None,
-              require_approval: bool = False, tracking_uri: str | None = None) -> ReleaseOutcome:
+              require_approval: bool = False, tracking_uri: str | None = None) -> ReleaseResult:
     """`docs` (a manifest's, or the live InferenceService) pointed back at the release before the
     live one, or at release `to` when given (whatever the service records as previous). With
     `require_approval`, a `to` other than the recorded previous release (which served before)
@@ -126,7 +130,7 @@ def roll_back(docs: list[dict], storage_uri: str, endpoint_url: str = "", to: st
 
         approved(tracking_uri, release)
     log.info("rolling back", release=release.release_id, live=live_release_id(isvc))
-    return ReleaseOutcome(release=release, documents=point_manifest(docs, release), previous=live_release_id(isvc))
+    return ReleaseResult(release=release, documents=point_manifest(docs, release), previous=live_release_id(isvc))
 
 
 def release_to_folder(
