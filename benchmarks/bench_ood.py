@@ -7,8 +7,11 @@ The real path: a bundle from `xrayops finetune` (or one given with --bundle) is 
 the same training embeddings (labelled training images, as finetune does) and scored the same
 way: the energy of the logits (Liu et al. 2020; the old served score), Mahalanobis with class
 means and a Ledoit-Wolf-shrunk shared covariance (Lee et al. 2018) on the region embedding
-(stage 4) and on pooled ResNet stages 2-4 and 1-4 concatenated, and kNN distance on
-L2-normalised region embeddings for several k (Sun et al. 2022). Each threshold is the 95th
+(stage 4) and on pooled ResNet stages 2-4 and 1-4 concatenated, its relative form (minus the
+distance to one background Gaussian; Ren et al. 2021) on stages 2-4, both also on features
+averaged over test-time views (eight turns and mirror images at zoom 1.0 alone, and at zooms
+1.0, 1.2 and 0.85; `xrayops.models.ood_features`), and kNN distance on L2-normalised region
+embeddings for several k (Sun et al. 2022). Each threshold is the 95th
 percentile of the validation split's labelled images, as finetune sets it. AUROC intervals
 resample in-domain and out-of-domain images apart (`auroc_ci`); rates resample their images.
 
@@ -53,6 +56,7 @@ from xrayops.data.dataset import to_unit_float
 from xrayops.models.backbone import stage_features
 from xrayops.models.heads import energy_score
 from xrayops.models.ood import fit_ood_detector, ood_scores
+from xrayops.models.ood_features import DEFAULT_ZOOMS, view_features
 
 NON_RADIOGRAPH = ("CT", "MR", "US", "NM", "SC", "OT")
 KNN_KS = (1, 5, 10, 20, 50)
@@ -160,7 +164,20 @@ def main() -> None:
         multi-stage alternative."""
         responses, embeddings = predict_arrays(bundle, list(images))
         return {"score": np.array([r.ood_score for r in responses]), "flag": np.array([bool(r.ood) for r in responses]),
-                "emb": embeddings, "early": early_stages(images)}
+                "emb": embeddings, "early": early_stages(images), "views": zoom_views(images)}
+
+    zooms = tuple(meta.ood_zooms) or DEFAULT_ZOOMS
+
+    @torch.inference_mode()
+    def zoom_views(images) -> np.ndarray:
+        """(n, zooms, 896) pooled stages 2-4 averaged over the eight views at each zoom apart (their
+        mean over zooms is view_features over all zooms: every zoom has eight views)."""
+        chunks = []
+        for start in range(0, len(images), 64):
+            x = to_unit_float(torch.as_tensor(np.stack(images[start : start + 64]))).unsqueeze(1)
+            chunks.append(torch.stack([view_features(bundle.model.backbone, x, ("layer2", "layer3", "layer4"), (z,))
+                                       for z in zooms], 1).numpy())
+        return np.concatenate(chunks) if chunks else np.zeros((0, len(zooms), 896), np.float32)
 
     @torch.inference_mode()
     def early_stages(images) -> np.ndarray:
@@ -200,11 +217,17 @@ def main() -> None:
         "": lambda s: s["emb"],
         "_stages234": lambda s: np.concatenate([s["early"][:, 64:], s["emb"]], axis=1),
         "_stages1234": lambda s: np.concatenate([s["early"], s["emb"]], axis=1),
+        "_stages234_views_zoom1": lambda s: s["views"][:, list(zooms).index(1.0)] if 1.0 in zooms else None,
+        "_stages234_views": lambda s: s["views"].mean(1),
     }
     scorers = {"energy": energy}
     for suffix, feature in features.items():
-        detector = fit_ood_detector(feature(train)[train["labelled"]], train_y, "mahalanobis")
-        scorers["mahalanobis" + suffix] = lambda s, d=detector, f=feature: ood_scores(d, f(s))
+        if feature(train) is None:
+            continue
+        methods = ("mahalanobis",) if suffix in ("", "_stages1234") else ("mahalanobis", "relative_mahalanobis")
+        for method in methods:
+            detector = fit_ood_detector(feature(train)[train["labelled"]], train_y, method)
+            scorers[method + suffix] = lambda s, d=detector, f=feature: ood_scores(d, f(s))
     for k in KNN_KS:
         detector = fit_ood_detector(train["emb"][train["labelled"]], train_y, "knn", k=k)
         scorers[f"knn_k{k}"] = lambda s, d=detector: ood_scores(d, s["emb"])
@@ -237,7 +260,9 @@ def main() -> None:
 
     # The served score must be one of the rows above, bit for bit where the method matches.
     suffix = "_stages" + "".join(stage.removeprefix("layer") for stage in meta.ood_stages) if meta.ood_stages else ""
-    served_name = {"energy": "energy", "mahalanobis": "mahalanobis" + suffix, "knn": f"knn_k{meta.ood_k}"}[meta.ood_method]
+    suffix += "_views" if meta.ood_zooms else ""
+    served_name = meta.ood_method + suffix if meta.ood_method in ("mahalanobis", "relative_mahalanobis") else {
+        "energy": "energy", "knn": f"knn_k{meta.ood_k}"}[meta.ood_method]
     served_check = float(np.abs(sets["test"]["score"] - scorers[served_name](sets["test"])).max())
     report = {
         "bundle": str(bundle_dir),

@@ -29,6 +29,7 @@ from xrayops.models.ood import (
     fit_knn,
     fit_mahalanobis,
     fit_ood_detector,
+    fit_relative_mahalanobis,
     ood_scores,
     shared_covariance,
 )
@@ -96,18 +97,68 @@ def test_detectors_refuse_what_they_cannot_score():
                             "mahalanobis")
 
 
+def test_relative_mahalanobis_is_the_class_distance_minus_the_background_distance():
+    rng = np.random.default_rng(3)
+    # Two classes apart along x; every image also varies a lot along y (brightness, say).
+    x = np.c_[np.r_[rng.normal(-3, 0.5, 50), rng.normal(3, 0.5, 50)], rng.normal(0, 5, 100)]
+    y = np.r_[np.zeros(50, int), np.ones(50, int)]
+    relative = fit_relative_mahalanobis(x, y)
+    assert relative.method == "relative_mahalanobis" and relative.background_mean.shape == (1, 2)
+    assert np.allclose(relative.background_mean, x.mean(0, keepdims=True))
+    query = np.array([[0.0, 0.0], [-3.0, 12.0], [0.0, 12.0], [9.0, 0.0]])
+    expected = ood_scores(fit_mahalanobis(x, y), query) - ood_scores(fit_mahalanobis(x, np.zeros(100, int)), query)
+    assert ood_scores(relative, query) == pytest.approx(expected)
+    # Moving along the direction every training image varies in (y) adds to the class distance,
+    # and the background distance takes most of it away again.
+    plain, rel = ood_scores(fit_mahalanobis(x, y), query), ood_scores(relative, query)
+    assert plain[2] - plain[0] > 4.0 and abs(rel[2] - rel[0]) < 0.2 * (plain[2] - plain[0])
+    # Its four arrays travel in the weights and come back the same.
+    back = detector_from_state(detector_state(relative), "relative_mahalanobis")
+    assert np.array_equal(ood_scores(back, query), ood_scores(relative, query))
+    with pytest.raises(OodError, match="no ood_detector.background_mean, ood_detector.background_precision"):
+        detector_from_state(detector_state(fit_mahalanobis(x, y)), "relative_mahalanobis")
+
+
+def test_dihedral_views_at_each_zoom():
+    from xrayops.models.ood_features import dihedral_views, view_features, zoom
+
+    x = torch.rand(2, 1, 20, 20, generator=torch.Generator().manual_seed(6))
+    views = dihedral_views(x, (1.0, 2.0, 0.5))
+    assert views.shape == (8 * 3 * 2, 1, 20, 20)
+    assert torch.equal(views[:2], x) and torch.equal(views[2:4], torch.rot90(x, 1, dims=(-2, -1)))
+    assert torch.equal(views[8:10], torch.flip(x, dims=(-1,)))  # the first mirror image
+    # Zoom 2: the central half enlarged; zoom 0.5: the whole image in a black border.
+    assert torch.allclose(zoom(x, 2.0), torch.nn.functional.interpolate(x[..., 5:15, 5:15], size=(20, 20),
+                                                                          mode="bilinear", align_corners=False))
+    shrunk = zoom(x, 0.5)
+    assert shrunk[..., :5, :].abs().max() == 0 and shrunk[..., 5:15, 5:15].min() > 0
+    with pytest.raises(ValueError, match="positive"):
+        zoom(x, 0.0)
+    # Averaged over the eight views at zoom 1, the features of an image and of its turned or
+    # mirrored copy are the same.
+    model = plain_model()
+    x = torch.rand(3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        base = view_features(model.backbone, x, ("layer2", "layer4"), (1.0,))
+        turned = view_features(model.backbone, torch.rot90(torch.flip(x, dims=(-2,)), 1, dims=(-2, -1)),
+                               ("layer2", "layer4"), (1.0,))
+    assert base.shape == (3, 128 + 512) and torch.allclose(base, turned, atol=1e-5)
+
+
 # --- a small trained bundle ---
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Four shape classes at 32 px, a random frozen backbone, one bundle per detector: Mahalanobis
-    on pooled stages 2-4 (the default), kNN on the region embedding."""
+    """Four shape classes at 32 px, a random frozen backbone, one bundle per detector: relative
+    Mahalanobis on pooled stages 2-4 over test-time views (the default), Mahalanobis on the region
+    pass's pooled stages 2-4, kNN on the region embedding."""
     root = tmp_path_factory.mktemp("ood")
     data = make_data_dir(root / "data", n_per_class=30, size=SIZE, n_unknown=0)
     backbone = random_backbone(root / "backbone.pt")
-    configs = {"mahalanobis": FinetuneConfig(epochs=10, binary_heads=False),
-               "knn": FinetuneConfig(epochs=10, binary_heads=False, ood_method="knn", ood_stages=())}
+    configs = {"relative_mahalanobis": FinetuneConfig(epochs=10, binary_heads=False),
+               "mahalanobis": FinetuneConfig(epochs=10, binary_heads=False, ood_method="mahalanobis", ood_zooms=()),
+               "knn": FinetuneConfig(epochs=10, binary_heads=False, ood_method="knn", ood_stages=(), ood_zooms=())}
     bundles = {method: finetune(data.data_dir, backbone, root / method, cfg) for method, cfg in configs.items()}
     return data, bundles
 
@@ -121,7 +172,7 @@ def foreign_images() -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("method", ["mahalanobis", "knn"])
+@pytest.mark.parametrize("method", ["relative_mahalanobis", "mahalanobis", "knn"])
 def test_noise_checkerboard_and_ct_score_above_every_in_domain_test_image(trained, method):
     data, bundles = trained
     bundle = load_bundle(bundles[method])
@@ -164,6 +215,30 @@ def test_the_served_score_is_the_detector_fitted_on_the_training_features(traine
     assert np.allclose(scores, ood_scores(refit, pooled_stages_by_hand(bundle.model, val_images)), rtol=1e-3)
     assert bundle.meta.ood_threshold == pytest.approx(np.percentile(scores, 95), rel=1e-6)
     assert bundle.meta.ood_scale == pytest.approx(np.percentile(scores, 95) - np.median(scores), rel=1e-6)
+
+
+def test_the_default_detector_scores_stages_over_test_time_views(trained):
+    from xrayops.models.ood_features import DEFAULT_ZOOMS, view_features
+
+    data, bundles = trained
+    bundle = load_bundle(bundles["relative_mahalanobis"])
+    assert bundle.meta.ood_method == "relative_mahalanobis" and bundle.meta.ood_zooms == list(DEFAULT_ZOOMS)
+    assert bundle.meta.ood_stages == ["layer2", "layer3", "layer4"] and bundle.ood.dim == 128 + 256 + 512
+
+    def by_hand(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            x = torch.from_numpy(images).float().div(255).unsqueeze(1)
+            return view_features(bundle.model.backbone, x, ("layer2", "layer3", "layer4"), DEFAULT_ZOOMS).numpy()
+
+    train = read_ok_rows(data.data_dir, "train")
+    refit = fit_relative_mahalanobis(by_hand(load_images(data.data_dir, train)),
+                                     [REGIONS.index(r) for r in train["region"]])
+    assert np.allclose(refit.background_mean, bundle.ood.background_mean, atol=1e-4)
+    val_images = load_images(data.data_dir, read_ok_rows(data.data_dir, "val"))
+    answers, _ = predict_arrays(bundle, list(val_images), batch_size=7)  # batches do not change a score
+    scores = np.array([r.ood_score for r in answers])
+    assert np.allclose(scores, ood_scores(refit, by_hand(val_images)), rtol=1e-3, atol=1e-3)
+    assert bundle.meta.ood_threshold == pytest.approx(np.percentile(scores, 95), rel=1e-5)
 
 
 def test_stage_capture_records_one_pass_as_a_separate_pass_computes_it():

@@ -71,6 +71,7 @@ def save_bundle(
             "ood_method": ood.method if ood is not None else "energy",
             "ood_k": ood.k if ood is not None else 0,
             "ood_stages": list(meta.ood_stages) if ood is not None else [],
+            "ood_zooms": list(meta.ood_zooms) if ood is not None else [],
         }
     )
     (bundle_dir / META).write_text(meta.model_dump_json(indent=2))

@@ -127,14 +127,18 @@ class ModelBundleMeta(BaseModel):
     preprocessing: PreprocessingSpec
     temperature: float = 1.0
     # The served ood_score and its threshold (ood = score > threshold). "energy" of the logits
-    # (Liu et al. 2020) in older bundles; "mahalanobis" (Lee et al. 2018) or "knn" (Sun et al.
-    # 2022) on the region embedding, their arrays in weights.pt (xrayops.models.ood).
-    ood_method: Literal["energy", "mahalanobis", "knn"] = "energy"
+    # (Liu et al. 2020) in older bundles; "mahalanobis" (Lee et al. 2018), "relative_mahalanobis"
+    # (Ren et al. 2021) or "knn" (Sun et al. 2022) on frozen features, their arrays in weights.pt
+    # (xrayops.models.ood).
+    ood_method: Literal["energy", "mahalanobis", "relative_mahalanobis", "knn"] = "energy"
     ood_threshold: float | None = None
     ood_k: int = 0  # knn: the neighbour whose distance is the score
     # ResNet stages whose pooled outputs, concatenated, the detector scores (xrayops.models.
     # ood_features); empty: the region embedding.
     ood_stages: list[str] = Field(default_factory=list)
+    # Zooms at which those features are averaged over the eight turns and mirror images of the
+    # image (xrayops.models.ood_features.view_features); empty: taken from the region pass.
+    ood_zooms: list[float] = Field(default_factory=list)
     # The in-domain validation scores' 95th minus 50th percentile: an ensemble averages its
     # members' margins over their thresholds in these units (None: raw margins).
     ood_scale: float | None = None

@@ -15,7 +15,7 @@ from xrayops.inference_log import build_records
 from xrayops.data.dataset import to_unit_float
 from xrayops.models.heads import energy_score, vector_to_angle
 from xrayops.models.ood import ood_scores
-from xrayops.models.ood_features import StageCapture
+from xrayops.models.ood_features import StageCapture, view_features
 from xrayops.regions import UNKNOWN
 
 
@@ -70,8 +70,11 @@ def predict_arrays(
     size = meta.preprocessing.size
     images = [to_unit_float(validate_array(i, a, size)) for i, a in enumerate(arrays)]
     logits, embeddings, orientations, findings, ood_features = [], [], [], [], []
-    # A multi-stage detector's features come from the same backbone pass (hooks), not a second one.
-    capture = StageCapture(bundle.model.backbone, meta.ood_stages) if bundle.ood is not None and meta.ood_stages else None
+    # Features over test-time views need their own backbone pass; without views, a multi-stage
+    # detector's features come from the region pass itself (hooks), not a second one.
+    views = bundle.ood is not None and bool(meta.ood_zooms)
+    capture = (StageCapture(bundle.model.backbone, meta.ood_stages)
+               if bundle.ood is not None and meta.ood_stages and not views else None)
     for start in range(0, len(images), batch_size):
         batch = torch.stack(images[start : start + batch_size]).unsqueeze(1).to(bundle.device)
         if capture is None:
@@ -80,6 +83,8 @@ def predict_arrays(
             with capture:
                 batch_logits, batch_embeddings, batch_orientation = bundle.model.forward_all(batch)
             ood_features.append(capture.features(len(batch), bundle.model.rotation_average))
+        if views:
+            ood_features.append(view_features(bundle.model.backbone, batch, meta.ood_stages, meta.ood_zooms).float().cpu())
         logits.append(batch_logits.float().cpu())
         embeddings.append(batch_embeddings.float().cpu())
         if batch_orientation is not None:
@@ -95,7 +100,7 @@ def predict_arrays(
     # The bundle's feature-space detector (Lee et al. 2018 / Sun et al. 2022) on the region
     # embedding or pooled stages; bundles without one serve the energy of the logits as before.
     if bundle.ood is not None:
-        scores = ood_scores(bundle.ood, (torch.cat(ood_features) if capture else embeddings_t).numpy())
+        scores = ood_scores(bundle.ood, (torch.cat(ood_features) if ood_features else embeddings_t).numpy())
     else:
         scores = energy_score(logits_t, meta.temperature).numpy()
     version = version if version is not None else model_version(bundle)

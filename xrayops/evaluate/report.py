@@ -439,7 +439,8 @@ def evaluate_bundle(
     classes = list(bundle.meta.classes)
     metrics = {"split": split, "model": bundle.meta.name, "weights_sha256": bundle.meta.weights_sha256,
                "ood_method": bundle.meta.ood_method,
-               "ood_features": "+".join(bundle.meta.ood_stages) or ("" if bundle.ood is None else "region embedding")}
+               "ood_features": ("+".join(bundle.meta.ood_stages) or ("" if bundle.ood is None else "region embedding"))
+               + (f" over 8 views at zooms {', '.join(f'{z:g}' for z in bundle.meta.ood_zooms)}" if bundle.meta.ood_zooms else "")}
     metrics.update(evaluate_predictions(rows, responses, classes, truth, bundle.meta.temperature, truth_angles))
     metrics.update(binary_section(rows, finding_probabilities(responses)))
     scored = [k for k in ("vs_pacs", "vs_truth") if k in metrics]

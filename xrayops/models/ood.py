@@ -6,6 +6,11 @@ Fitted on the training split's features, higher = further from the training imag
     one covariance shared by the classes. 512 dimensions from a thousand images make the plain
     pooled covariance near-singular, so it is shrunk towards a scaled identity by the
     Ledoit-Wolf estimate (Ledoit and Wolf 2004).
+  - "relative_mahalanobis" (Ren et al. 2021): that distance minus the distance to one Gaussian
+    fitted to all training images regardless of class (the "background"). Directions in which
+    every radiograph varies count less, so images that differ from radiographs only along them
+    (brightness, field size) no longer outscore near-domain ones; better on validation for both
+    backbones measured (benchmarks/README.md, "Out-of-domain detection").
   - "knn" (Sun et al. 2022): the distance from the L2-normalised embedding to its k-th nearest
     L2-normalised training embedding; no class labels and no density assumed.
 
@@ -26,8 +31,9 @@ import torch
 
 from xrayops.errors import XrayopsError
 
-OodMethod = Literal["mahalanobis", "knn"]
-OOD_METHODS: tuple[str, ...] = ("mahalanobis", "knn")
+OodMethod = Literal["mahalanobis", "relative_mahalanobis", "knn"]
+OOD_METHODS: tuple[str, ...] = ("mahalanobis", "relative_mahalanobis", "knn")
+MAHALANOBIS_METHODS = ("mahalanobis", "relative_mahalanobis")
 STATE_PREFIX = "ood_detector."  # keys of a detector's tensors inside weights.pt
 
 
@@ -37,18 +43,21 @@ class OodError(XrayopsError, ValueError):
 
 @dataclass(frozen=True)
 class OodDetector:
-    """A fitted detector. Mahalanobis: `means` (C, D) and `precision` (D, D); kNN: `reference`
-    (N, D) unit rows and `k`."""
+    """A fitted detector. Mahalanobis: `means` (C, D) and `precision` (D, D), the relative form
+    also `background_mean` (1, D) and `background_precision` (D, D); kNN: `reference` (N, D)
+    unit rows and `k`."""
 
     method: OodMethod
     means: np.ndarray | None = None
     precision: np.ndarray | None = None
+    background_mean: np.ndarray | None = None
+    background_precision: np.ndarray | None = None
     reference: np.ndarray | None = None
     k: int = 0
 
     @property
     def dim(self) -> int:
-        return int((self.means if self.method == "mahalanobis" else self.reference).shape[1])
+        return int((self.means if self.method in MAHALANOBIS_METHODS else self.reference).shape[1])
 
 
 def _as_matrix(embeddings, what: str = "embeddings") -> np.ndarray:
@@ -94,6 +103,15 @@ def fit_mahalanobis(embeddings, labels, shrinkage: float | None = None) -> OodDe
     return OodDetector(method="mahalanobis", means=means, precision=(precision + precision.T) / 2)
 
 
+def fit_relative_mahalanobis(embeddings, labels) -> OodDetector:
+    """The class-conditional detector plus one background Gaussian over all training images,
+    each covariance shrunk by its own Ledoit-Wolf estimate (Ren et al. 2021)."""
+    classwise = fit_mahalanobis(embeddings, labels)
+    background = fit_mahalanobis(embeddings, np.zeros(len(_as_matrix(embeddings)), dtype=int))
+    return OodDetector(method="relative_mahalanobis", means=classwise.means, precision=classwise.precision,
+                       background_mean=background.means, background_precision=background.precision)
+
+
 def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -110,16 +128,26 @@ def fit_ood_detector(embeddings, labels, method: OodMethod = "mahalanobis", k: i
     """Fit the named detector on training embeddings (n, D) and their class labels (n,)."""
     if method == "mahalanobis":
         return fit_mahalanobis(embeddings, labels)
+    if method == "relative_mahalanobis":
+        return fit_relative_mahalanobis(embeddings, labels)
     if method == "knn":
         return fit_knn(embeddings, min(k, len(np.asarray(labels))))
     raise OodError(f"unknown OOD method {method!r}; choose one of {', '.join(OOD_METHODS)}")
 
 
-def mahalanobis_scores(detector: OodDetector, x: np.ndarray) -> np.ndarray:
+def min_mahalanobis(means: np.ndarray, precision: np.ndarray, x: np.ndarray) -> np.ndarray:
     """min_c (x - mu_c)^T P (x - mu_c), one class at a time (differences first: expanding the
     quadratic form cancels badly when embeddings lie far from the origin)."""
-    distances = [(((x - mu) @ detector.precision) * (x - mu)).sum(1) for mu in detector.means]
+    distances = [(((x - mu) @ precision) * (x - mu)).sum(1) for mu in means]
     return np.maximum(np.min(distances, axis=0), 0.0)
+
+
+def mahalanobis_scores(detector: OodDetector, x: np.ndarray) -> np.ndarray:
+    """The class-conditional distance; in the relative form, minus the background distance."""
+    score = min_mahalanobis(detector.means, detector.precision, x)
+    if detector.method == "relative_mahalanobis":
+        score = score - min_mahalanobis(detector.background_mean, detector.background_precision, x)
+    return score
 
 
 def knn_scores(detector: OodDetector, x: np.ndarray) -> np.ndarray:
@@ -136,20 +164,23 @@ def ood_scores(detector: OodDetector, embeddings) -> np.ndarray:
         raise OodError(f"embeddings have {x.shape[1]} dimensions, the detector was fitted on {detector.dim}")
     if len(x) == 0:
         return np.zeros(0)
-    return mahalanobis_scores(detector, x) if detector.method == "mahalanobis" else knn_scores(detector, x)
+    return mahalanobis_scores(detector, x) if detector.method in MAHALANOBIS_METHODS else knn_scores(detector, x)
 
 
 def detector_state(detector: OodDetector) -> dict[str, torch.Tensor]:
     """The detector's arrays as float64 tensors under STATE_PREFIX, for the weights file (so
     its sha256 covers them); the method and k travel in the bundle's metadata."""
-    arrays = {"means": detector.means, "precision": detector.precision, "reference": detector.reference}
+    arrays = {"means": detector.means, "precision": detector.precision, "background_mean": detector.background_mean,
+              "background_precision": detector.background_precision, "reference": detector.reference}
     return {STATE_PREFIX + k: torch.from_numpy(np.array(v, dtype=np.float64)) for k, v in arrays.items() if v is not None}
 
 
 def detector_from_state(state: dict[str, torch.Tensor], method: str, k: int = 0) -> OodDetector:
     """The inverse of detector_state; raises OodError when a tensor the method needs is missing."""
     arrays = {key.removeprefix(STATE_PREFIX): v.double().numpy() for key, v in state.items() if key.startswith(STATE_PREFIX)}
-    needed = {"mahalanobis": ("means", "precision"), "knn": ("reference",)}.get(method)
+    needed = {"mahalanobis": ("means", "precision"),
+              "relative_mahalanobis": ("means", "precision", "background_mean", "background_precision"),
+              "knn": ("reference",)}.get(method)
     if needed is None:
         raise OodError(f"unknown OOD method {method!r}; choose one of {', '.join(OOD_METHODS)}")
     missing = [name for name in needed if name not in arrays]
