@@ -30,10 +30,78 @@ release_app = typer.Typer(
 app.add_typer(release_app, name="release")
 console = Console(stderr=True)
 
-# Option types more than one verb takes, with one help text each.
+# Option types more than one verb takes, with one help text each. A verb gives the default; an
+# option whose help must say something only that verb does keeps its own typer.Option.
+
+# Data and training.
 DataDirOption = Annotated[Optional[Path], typer.Option(help="Dataset folder (default XRAYOPS_DATA_DIR).")]
-SeedOption = Annotated[int, typer.Option(help="Seed.")]
+TestSetDataDirOption = Annotated[
+    Optional[Path], typer.Option(help="Dataset whose test split is the fixed test set (default XRAYOPS_DATA_DIR).")
+]
+TestSetDvcOption = Annotated[Path, typer.Option(help=".dvc file of that dataset version: its md5 names the test set.")]
+SeedOption = Annotated[int, typer.Option(help="Random seed; the same seed gives the same result.")]
+PretrainEpochsOption = Annotated[int, typer.Option(help="SSL pretraining epochs.")]
+HeadEpochsOption = Annotated[int, typer.Option(help="Linear-head epochs.")]
+LabelsFromStoreOption = Annotated[
+    bool,
+    typer.Option("--labels-from-store", help="Train on the feature store's labels (reviewers' corrections over PACS tags)."),
+]
+BundleOption = Annotated[Path, typer.Option(help="Model bundle folder.")]
 ModelRefOption = Annotated[str, typer.Option(help="Registry ref models:/NAME@ALIAS or models:/NAME/VERSION, or a bundle folder.")]
+PromoteOption = Annotated[bool, typer.Option(help="Move the champion alias when the challenger passes the gate.")]
+
+# Serving and monitoring.
+BindHostOption = Annotated[str, typer.Option(help="Bind address (0.0.0.0 to accept connections from the network).")]
+InferenceLogOption = Annotated[
+    Optional[Path],
+    typer.Option(help="Inference log folder (default: XRAYOPS_INFERENCE_LOG_PATH, else <output_dir>/inference-log)."),
+]
+EvidentlyWorkspaceOption = Annotated[
+    Optional[Path], typer.Option(help="Evidently workspace (default XRAYOPS_EVIDENTLY_WORKSPACE, else <output_dir>/evidently).")
+]
+
+# Pipelines.
+PipelineYamlOption = Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")]
+ClusterOption = Annotated[
+    bool, typer.Option("--cluster", help="Tasks read xrayops-config and the xrayops-s3/xrayops-deid Secrets (cluster runs).")
+]
+SourcePvcOption = Annotated[str, typer.Option(help="PersistentVolumeClaim holding the DICOM archive (mounted at /mnt/dicom).")]
+GpuOption = Annotated[bool, typer.Option("--gpu", help="Schedule pretrain/finetune on the GPU node pool.")]
+GpuNodePoolOption = Annotated[str, typer.Option(help="Value of the xrayops.io/pool node label.")]
+GpuCountOption = Annotated[int, typer.Option(help="nvidia.com/gpu limit of each GPU task.")]
+GpuPoolOption = Annotated[
+    Optional[Path], typer.Option(help="JSON/YAML GpuPool of this cluster (accelerator, node selector, tolerations); implies --gpu.")
+]
+KfpRootOption = Annotated[Path, typer.Option(help="kfp.local pipeline root (artifacts).")]
+SourceArchiveOption = Annotated[Path, typer.Option(help="The site's DICOM archive, all of it (old and new studies).")]
+
+# Kubernetes manifests.
+OverlayOption = Annotated[str, typer.Option(help="Overlay under infra/k8s/overlays: local or gpu-cloud.")]
+K8sDirOption = Annotated[Path, typer.Option(help="Folder with base/ and overlays/ (kustomize).")]
+ImageOption = Annotated[Optional[str], typer.Option(help="xrayops image name:tag (default: the overlay's).")]
+
+# Releases.
+StorageOption = Annotated[
+    Optional[str], typer.Option(help="Serving storage: s3://BUCKET/PREFIX or a folder (default XRAYOPS_RELEASE_STORAGE_URI).")
+]
+ServiceManifestOption = Annotated[
+    Optional[Path],
+    typer.Option(help="InferenceService manifest to read (offline/GitOps: writes the result to --out); "
+                 "without it the live one is read from the cluster (kubeconfig or in-cluster)."),
+]
+ServiceNameOption = Annotated[Optional[str], typer.Option(help="InferenceService name (default XRAYOPS_INFERENCE_SERVICE).")]
+ServingNamespaceOption = Annotated[Optional[str], typer.Option(help="Namespace (default XRAYOPS_SERVING_NAMESPACE).")]
+RolledServiceOutOption = Annotated[
+    Optional[Path],
+    typer.Option(help="Write the rolled InferenceService here (default: over --manifest, or replace the live one)."),
+]
+ReleaseIdArgument = Annotated[str, typer.Argument(help="Release id (r-...), published to the serving storage.")]
+DeciderOption = Annotated[
+    str, typer.Option(help="Who decides: a person's name (recorded in the audit log and on every member version).")
+]
+ChangeRecordOption = Annotated[
+    Optional[Path], typer.Option(help="The change record read before deciding (its sha256 goes into the audit entry).")
+]
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from xrayops.app.cli.common import app, console, _fail, _deid_key, _print_json
+from xrayops.app.cli.common import (
+    app, console, _fail, _deid_key, _print_json, BindHostOption, DataDirOption, SeedOption,
+)
 from xrayops.config import get_settings
 
 
@@ -15,7 +17,7 @@ from xrayops.config import get_settings
 def synth(
     out: Annotated[Path, typer.Argument(help="Output folder: OUT/dicom/*.dcm and OUT/truth.csv.")],
     n: Annotated[int, typer.Option(help="Number of images.")] = 700,
-    seed: Annotated[int, typer.Option(help="Random seed; same seed, same files.")] = 0,
+    seed: SeedOption = 0,
     size: Annotated[int, typer.Option(help="Nominal image side in pixels.")] = 160,
     mislabel_rate: Annotated[float, typer.Option(help="Share of images given a wrong BodyPartExamined tag.")] = 0.05,
     shift: Annotated[float, typer.Option(help="Domain shift 0..1: share of images from a second vendor.")] = 0.0,
@@ -32,7 +34,7 @@ def synth(
 @app.command()
 def ingest(
     source: Annotated[Optional[Path], typer.Argument(help="Folder of DICOM files (recursive; DICOMDIRs followed). With --dicomweb: the landing folder.")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Dataset folder (default XRAYOPS_DATA_DIR).")] = None,
+    data_dir: DataDirOption = None,
     size: Annotated[int, typer.Option(help="Output image side (preprocessing spec).")] = 64,
     workers: Annotated[int, typer.Option(help="Decode processes.")] = 1,
     output_dtype: Annotated[str, typer.Option(help="uint8 or uint16 pixels (preprocessing spec).")] = "uint8",
@@ -104,7 +106,7 @@ def listen(
     out: Annotated[Path, typer.Option(help="Landing folder that `xrayops ingest` then reads.")] = Path("outputs/landing"),
     port: Annotated[int, typer.Option(help="DICOM port to listen on.")] = 11112,
     ae_title: Annotated[str, typer.Option(help="Our AE title; senders must call it.")] = "XRAYOPS",
-    host: Annotated[str, typer.Option(help="Bind address (0.0.0.0 to accept modalities on the network).")] = "127.0.0.1",
+    host: BindHostOption = "127.0.0.1",
 ) -> None:
     """DICOM C-STORE listener (pynetdicom): every received instance lands in OUT, atomically, named by pseudonym."""
     from xrayops.sources.listener import listen as run_listen
@@ -186,7 +188,7 @@ def keygen(
 
 @app.command("version-dataset")
 def version_dataset_cmd(
-    data_dir: Annotated[Optional[Path], typer.Option(help="Dataset folder to track (default XRAYOPS_DATA_DIR).")] = None,
+    data_dir: DataDirOption = None,
     repo: Annotated[Path, typer.Option(help="DVC/git repository root.")] = Path("."),
     remote: Annotated[Optional[str], typer.Option(help="DVC remote URL: a folder or s3://bucket/prefix.")] = None,
     endpoint_url: Annotated[Optional[str], typer.Option(help="S3 endpoint (MinIO, moto...).")] = None,

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from xrayops.app.cli.common import app, console, _fail
+from xrayops.app.cli.common import app, console, _fail, PretrainEpochsOption
 from xrayops.config import get_settings
 
 
@@ -15,7 +15,7 @@ from xrayops.config import get_settings
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for every artefact of the run.")] = Path("outputs/demo"),
     n: Annotated[int, typer.Option(help="Training images to synthesise.")] = 1400,
-    pretrain_epochs: Annotated[int, typer.Option(help="SimCLR epochs.")] = 12,
+    pretrain_epochs: PretrainEpochsOption = 12,
     skip_pipeline_run: Annotated[bool, typer.Option("--skip-pipeline-run", help="Compile the KFP pipeline but do not run it.")] = False,
     scenario: Annotated[
         str, typer.Option(help="loop: the whole loop once; drift: a vendor-shifted batch with more wrong tags -> "

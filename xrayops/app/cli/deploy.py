@@ -6,11 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from xrayops.app.cli.common import deploy_app, _fail, _print_json
+from xrayops.app.cli.common import deploy_app, _fail, _print_json, ImageOption, K8sDirOption, OverlayOption
 from xrayops.config import get_settings
-
-
-_K8S_DIR_HELP = "Folder with base/ and overlays/ (kustomize)."
 
 
 def _render_manifests(overlay: str, k8s_dir: Path, image: Optional[str]) -> str:
@@ -24,9 +21,9 @@ def _render_manifests(overlay: str, k8s_dir: Path, image: Optional[str]) -> str:
 
 @deploy_app.command("render")
 def deploy_render(
-    overlay: Annotated[str, typer.Option(help="Overlay under infra/k8s/overlays: local or gpu-cloud.")],
-    k8s_dir: Annotated[Path, typer.Option(help=_K8S_DIR_HELP)] = Path("infra/k8s"),
-    image: Annotated[Optional[str], typer.Option(help="xrayops image name:tag (default: the overlay's).")] = None,
+    overlay: OverlayOption,
+    k8s_dir: K8sDirOption = Path("infra/k8s"),
+    image: ImageOption = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the manifests here instead of stdout.")] = None,
 ) -> None:
     """Print the full manifests: `kubectl kustomize` of the overlay plus the compiled pipeline (ConfigMap xrayops-pipeline)."""
@@ -41,9 +38,9 @@ def deploy_render(
 
 @deploy_app.command("apply")
 def deploy_apply(
-    overlay: Annotated[str, typer.Option(help="Overlay under infra/k8s/overlays: local or gpu-cloud.")],
-    k8s_dir: Annotated[Path, typer.Option(help=_K8S_DIR_HELP)] = Path("infra/k8s"),
-    image: Annotated[Optional[str], typer.Option(help="xrayops image name:tag (default: the overlay's).")] = None,
+    overlay: OverlayOption,
+    k8s_dir: K8sDirOption = Path("infra/k8s"),
+    image: ImageOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="kubectl's client-side dry run: validate, change nothing.")] = False,
     server_dry_run: Annotated[bool, typer.Option("--server-dry-run", help="Server-side dry run (admission included).")] = False,
     allow_unpinned: Annotated[bool, typer.Option("--allow-unpinned", help="Apply images without a digest (development clusters only).")] = False,
@@ -62,7 +59,7 @@ def deploy_apply(
 @deploy_app.command("pin")
 def deploy_pin(
     overlay: Annotated[str, typer.Option(help="Overlay under infra/k8s/overlays whose `images:` get digests.")],
-    k8s_dir: Annotated[Path, typer.Option(help=_K8S_DIR_HELP)] = Path("infra/k8s"),
+    k8s_dir: K8sDirOption = Path("infra/k8s"),
     digest: Annotated[Optional[list[str]], typer.Option(help="IMAGE=sha256:... (the name in the overlay's images:); repeat.")] = None,
     resolve: Annotated[bool, typer.Option("--resolve", help="Ask the registry (`crane digest NAME:TAG`) for images not given.")] = False,
     dockerfile: Annotated[Optional[Path], typer.Option(help="Also pin this Dockerfile's ARG PYTHON_IMAGE base image.")] = None,

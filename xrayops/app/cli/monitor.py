@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from xrayops.app.cli.common import app, console, _fail, _print_json
+from xrayops.app.cli.common import app, console, _fail, _print_json, BindHostOption, EvidentlyWorkspaceOption
 from xrayops.config import get_settings
 
 
@@ -20,10 +20,7 @@ def monitor(
     ),
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("outputs/monitor"),
     bundle: Annotated[Optional[Path], typer.Option(help="Served bundle: its confidence and OOD thresholds.")] = None,
-    workspace: Annotated[
-        Optional[Path],
-        typer.Option(help="Evidently workspace for the window's snapshot (default XRAYOPS_EVIDENTLY_WORKSPACE, else <output_dir>/evidently)."),
-    ] = None,
+    workspace: EvidentlyWorkspaceOption = None,
     snapshot: Annotated[bool, typer.Option(help="Add the window to the workspace (the `xrayops dashboard` panels).")] = True,
     embedding_reference: Annotated[
         Optional[Path], typer.Option(help="Inference log of a baseline window for embedding drift (default: the model version's first window).")
@@ -45,10 +42,8 @@ def monitor(
 
 @app.command()
 def dashboard(
-    workspace: Annotated[
-        Optional[Path], typer.Option(help="Evidently workspace (default XRAYOPS_EVIDENTLY_WORKSPACE, else <output_dir>/evidently).")
-    ] = None,
-    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    workspace: EvidentlyWorkspaceOption = None,
+    host: BindHostOption = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the UI.")] = 8000,
     screenshot: Annotated[
         Optional[Path], typer.Option(help="Instead of serving: start the UI, save a headless-Chromium PNG of the dashboard here, stop.")

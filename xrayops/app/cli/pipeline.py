@@ -7,22 +7,22 @@ from typing import Annotated, Optional
 
 import typer
 
-from xrayops.app.cli.common import pipeline_app, _fail, _print_json
+from xrayops.app.cli.common import (
+    pipeline_app, _fail, _print_json, ClusterOption, GpuCountOption, GpuNodePoolOption, GpuOption, GpuPoolOption,
+    HeadEpochsOption, KfpRootOption, LabelsFromStoreOption, PipelineYamlOption, PretrainEpochsOption, PromoteOption,
+    SourceArchiveOption, SourcePvcOption,
+)
 from xrayops.config import get_settings
 
 
 @pipeline_app.command("compile")
 def pipeline_compile(
-    out: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path("outputs/pipeline/xrayops-training.yaml"),
-    gpu: Annotated[bool, typer.Option("--gpu", help="Schedule pretrain/finetune on the GPU node pool.")] = False,
-    gpu_node_pool: Annotated[str, typer.Option(help="Value of the xrayops.io/pool node label.")] = "gpu",
-    gpu_count: Annotated[int, typer.Option(help="nvidia.com/gpu limit of each GPU task.")] = 1,
-    cluster: Annotated[
-        bool, typer.Option("--cluster", help="Tasks read xrayops-config and the xrayops-s3/xrayops-deid Secrets (cluster runs).")
-    ] = False,
-    gpu_pool: Annotated[
-        Optional[Path], typer.Option(help="JSON/YAML GpuPool of this cluster (accelerator, node selector, tolerations); implies --gpu.")
-    ] = None,
+    out: PipelineYamlOption = Path("outputs/pipeline/xrayops-training.yaml"),
+    gpu: GpuOption = False,
+    gpu_node_pool: GpuNodePoolOption = "gpu",
+    gpu_count: GpuCountOption = 1,
+    cluster: ClusterOption = False,
+    gpu_pool: GpuPoolOption = None,
 ) -> None:
     """Compile the training pipeline to KFP v2 YAML."""
     from pipelines.gpu_pool import GpuPool
@@ -35,9 +35,9 @@ def pipeline_compile(
 
 @pipeline_app.command("compile-ingestion")
 def pipeline_compile_ingestion(
-    out: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path("outputs/pipeline/xrayops-ingestion.yaml"),
-    cluster: Annotated[bool, typer.Option("--cluster", help="Tasks read xrayops-config and the xrayops-s3/xrayops-deid Secrets.")] = False,
-    source_pvc: Annotated[str, typer.Option(help="PersistentVolumeClaim holding the DICOM folder (mounted at /mnt/dicom).")] = "",
+    out: PipelineYamlOption = Path("outputs/pipeline/xrayops-ingestion.yaml"),
+    cluster: ClusterOption = False,
+    source_pvc: SourcePvcOption = "",
     parallelism: Annotated[int, typer.Option(help="Most batches ingested at once (0: no limit).")] = 0,
 ) -> None:
     """Compile the ingestion fan-out (plan, ParallelFor ingest batches, merge, DVC version) to KFP v2 YAML."""
@@ -80,15 +80,13 @@ def _archive_compile_command(name: str, summary: str):
     """`pipeline compile-NAME` for a pipeline over a site's archive (same options, one body)."""
 
     def command(
-        out: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path(f"outputs/pipeline/xrayops-{name}.yaml"),
-        cluster: Annotated[bool, typer.Option("--cluster", help="Tasks read xrayops-config and the xrayops-s3/xrayops-deid Secrets.")] = False,
-        source_pvc: Annotated[str, typer.Option(help="PersistentVolumeClaim holding the DICOM archive (mounted at /mnt/dicom).")] = "",
-        gpu: Annotated[bool, typer.Option("--gpu", help="Schedule pretrain/finetune on the GPU node pool.")] = False,
-        gpu_node_pool: Annotated[str, typer.Option(help="Value of the xrayops.io/pool node label.")] = "gpu",
-        gpu_count: Annotated[int, typer.Option(help="nvidia.com/gpu limit of each GPU task.")] = 1,
-        gpu_pool: Annotated[
-            Optional[Path], typer.Option(help="JSON/YAML GpuPool of this cluster (accelerator, node selector, tolerations); implies --gpu.")
-        ] = None,
+        out: PipelineYamlOption = Path(f"outputs/pipeline/xrayops-{name}.yaml"),
+        cluster: ClusterOption = False,
+        source_pvc: SourcePvcOption = "",
+        gpu: GpuOption = False,
+        gpu_node_pool: GpuNodePoolOption = "gpu",
+        gpu_count: GpuCountOption = 1,
+        gpu_pool: GpuPoolOption = None,
     ) -> None:
         from pipelines.gpu_pool import GpuPool
         from pipelines.retraining import compile_retraining
@@ -112,12 +110,12 @@ pipeline_app.command("compile-site-training")(_archive_compile_command(
 
 @pipeline_app.command("site-train")
 def pipeline_site_train(
-    source_dir: Annotated[Path, typer.Option(help="The site's DICOM archive.")],
-    root: Annotated[Path, typer.Option(help="kfp.local pipeline root (artifacts).")] = Path("outputs/kfp-site"),
+    source_dir: SourceArchiveOption,
+    root: KfpRootOption = Path("outputs/kfp-site"),
     method: Annotated[Optional[list[str]], typer.Option(help="SSL method of a member; repeat (default: simclr, byol, supcon, Langer et al. 2024).")] = None,
     image_size: Annotated[int, typer.Option(help="Stored image side (Langer et al. 2024: 224).")] = 224,
-    pretrain_epochs: Annotated[int, typer.Option(help="SSL epochs of every member.")] = 100,
-    finetune_epochs: Annotated[int, typer.Option(help="Linear-head epochs.")] = 60,
+    pretrain_epochs: PretrainEpochsOption = 100,
+    finetune_epochs: HeadEpochsOption = 60,
     model_name: Annotated[str, typer.Option(help="Members register as NAME-METHOD in MLflow.")] = "xrayops-region",
     release_manifest: Annotated[Optional[Path], typer.Option(
         help="Release the members (XRAYOPS_RELEASE_STORAGE_URI) and roll this InferenceService manifest to them "
@@ -162,15 +160,13 @@ def pipeline_site_train(
 
 @pipeline_app.command("retrain")
 def pipeline_retrain(
-    source_dir: Annotated[Path, typer.Option(help="The DICOM archive to retrain on (all of it: old and new studies).")],
-    root: Annotated[Path, typer.Option(help="kfp.local pipeline root (artifacts).")] = Path("outputs/kfp-retrain"),
+    source_dir: SourceArchiveOption,
+    root: KfpRootOption = Path("outputs/kfp-retrain"),
     pretrain_epochs: Annotated[int, typer.Option(help="0: keep the champion's frozen backbone; N: continue its SSL pretraining N epochs.")] = 0,
-    finetune_epochs: Annotated[int, typer.Option(help="Linear-head epochs.")] = 60,
+    finetune_epochs: HeadEpochsOption = 60,
     model_name: Annotated[str, typer.Option(help="Registered model name in MLflow.")] = "xrayops-region",
-    promote: Annotated[bool, typer.Option(help="Move the champion alias when the challenger passes the gate.")] = True,
-    labels_from_store: Annotated[
-        bool, typer.Option("--labels-from-store", help="Train on the Feast store's labels (reviewers' corrections over PACS tags).")
-    ] = False,
+    promote: PromoteOption = True,
+    labels_from_store: LabelsFromStoreOption = False,
     release_manifest: Annotated[Optional[Path], typer.Option(
         help="Release a promoted challenger (XRAYOPS_RELEASE_STORAGE_URI) and roll this InferenceService manifest "
              "to it (written over it after the run); default: no release.")] = None,
@@ -206,10 +202,10 @@ def pipeline_retrain(
 @pipeline_app.command("run")
 def pipeline_run(
     local: Annotated[bool, typer.Option("--local", help="Run with kfp.local (SubprocessRunner) on this machine.")] = False,
-    root: Annotated[Path, typer.Option(help="kfp.local pipeline root (artifacts).")] = Path("outputs/kfp-local"),
+    root: KfpRootOption = Path("outputs/kfp-local"),
     n_images: Annotated[int, typer.Option(help="Synthetic images for the run.")] = 280,
-    pretrain_epochs: Annotated[int, typer.Option(help="Pretraining epochs.")] = 2,
-    finetune_epochs: Annotated[int, typer.Option(help="Linear-head epochs.")] = 30,
+    pretrain_epochs: PretrainEpochsOption = 2,
+    finetune_epochs: HeadEpochsOption = 30,
 ) -> None:
     """Run the pipeline. `--local` runs every stage here with kfp.local; clusters use `pipeline submit` (see docs)."""
     from pipelines.run import run_local

@@ -7,12 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from xrayops.app.cli.common import release_app, console, _fail, _print_json
+from xrayops.app.cli.common import (
+    release_app, console, _fail, _print_json, ChangeRecordOption, DeciderOption, ReleaseIdArgument,
+    RolledServiceOutOption, ServiceManifestOption, ServiceNameOption, ServingNamespaceOption, StorageOption,
+    TestSetDataDirOption, TestSetDvcOption,
+)
 from xrayops.config import get_settings
-
-
-_MANIFEST_HELP = ("InferenceService manifest to read (offline/GitOps: writes the result to --out); "
-                  "without it the live one is read from the cluster (kubeconfig or in-cluster).")
 
 
 def _release_target(manifest: Optional[Path], name: str, namespace: str) -> list[dict]:
@@ -54,11 +54,11 @@ def _print_release(outcome, where: str) -> None:
 def release_publish(
     model: Annotated[list[str], typer.Option(help="Model to serve: models:/NAME@ALIAS, models:/NAME/VERSION or a bundle "
                                                   "folder; repeat for several ensemble members (one per SSL method).")],
-    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI): s3://BUCKET/PREFIX or a folder.")] = None,
-    manifest: Annotated[Optional[Path], typer.Option(help=_MANIFEST_HELP)] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the rolled InferenceService here (default: over --manifest, or replace the live one).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="InferenceService name (default XRAYOPS_INFERENCE_SERVICE).")] = None,
-    namespace: Annotated[Optional[str], typer.Option(help="Namespace (default XRAYOPS_SERVING_NAMESPACE).")] = None,
+    storage: StorageOption = None,
+    manifest: ServiceManifestOption = None,
+    out: RolledServiceOutOption = None,
+    name: ServiceNameOption = None,
+    namespace: ServingNamespaceOption = None,
     replace_all: Annotated[bool, typer.Option(help="Serve exactly these models; by default the live release's other members stay.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Publish, but print the rolled InferenceService instead of writing or replacing it.")] = False,
 ) -> None:
@@ -86,11 +86,11 @@ def release_publish(
 @release_app.command("rollback")
 def release_rollback(
     to: Annotated[Optional[str], typer.Option(help="Release id to serve (default: the one before the live release).")] = None,
-    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
-    manifest: Annotated[Optional[Path], typer.Option(help=_MANIFEST_HELP)] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the rolled InferenceService here (default: over --manifest, or replace the live one).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="InferenceService name (default XRAYOPS_INFERENCE_SERVICE).")] = None,
-    namespace: Annotated[Optional[str], typer.Option(help="Namespace (default XRAYOPS_SERVING_NAMESPACE).")] = None,
+    storage: StorageOption = None,
+    manifest: ServiceManifestOption = None,
+    out: RolledServiceOutOption = None,
+    name: ServiceNameOption = None,
+    namespace: ServingNamespaceOption = None,
     dry_run: Annotated[bool, typer.Option(help="Print the rolled InferenceService instead of writing or replacing it.")] = False,
 ) -> None:
     """Point the InferenceService back at the release it served before (recorded on it), or at --to
@@ -110,7 +110,7 @@ def release_rollback(
 
 @release_app.command("list")
 def release_list(
-    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
+    storage: StorageOption = None,
 ) -> None:
     """The releases in the serving storage, oldest first, with their members' registry versions."""
     from xrayops.release import ReleaseError
@@ -128,8 +128,8 @@ def release_list(
 
 @release_app.command("verify")
 def release_verify(
-    release_id: Annotated[str, typer.Argument(help="Release id (r-...), e.g. from `xrayops release show`.")],
-    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
+    release_id: ReleaseIdArgument,
+    storage: StorageOption = None,
 ) -> None:
     """Hash every member's weights in the serving storage against the release (an audit: is what serving
     loads what was released?). Exit 1 when any member differs."""
@@ -148,10 +148,10 @@ def release_verify(
 
 @release_app.command("show")
 def release_show(
-    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
-    manifest: Annotated[Optional[Path], typer.Option(help=_MANIFEST_HELP)] = None,
-    name: Annotated[Optional[str], typer.Option(help="InferenceService name (default XRAYOPS_INFERENCE_SERVICE).")] = None,
-    namespace: Annotated[Optional[str], typer.Option(help="Namespace (default XRAYOPS_SERVING_NAMESPACE).")] = None,
+    storage: StorageOption = None,
+    manifest: ServiceManifestOption = None,
+    name: ServiceNameOption = None,
+    namespace: ServingNamespaceOption = None,
 ) -> None:
     """What the InferenceService serves: its release, the members' registry versions and weights, and
     the release a rollback would return to."""
@@ -177,9 +177,9 @@ def release_show(
 
 @release_app.command("record")
 def release_record(
-    release_id: Annotated[str, typer.Argument(help="The candidate release (r-...), published to the serving storage.")],
-    dataset_dvc: Annotated[Path, typer.Option(help="The .dvc file of the dataset version whose test split is the evidence.")] = Path("data.dvc"),
-    data_dir: Annotated[Optional[Path], typer.Option(help="That dataset, ingested (default XRAYOPS_DATA_DIR).")] = None,
+    release_id: ReleaseIdArgument,
+    dataset_dvc: TestSetDvcOption = Path("data.dvc"),
+    data_dir: TestSetDataDirOption = None,
     champion: Annotated[Optional[str], typer.Option(help="Model to compare with (default: the member it replaces in the previous release).")] = None,
     member: Annotated[str, typer.Option(help="The changed member to record, when the release changes several.")] = "",
     gate: Annotated[Optional[Path], typer.Option(help="gate.json of the gate's decision (default: run the gate, without promoting).")] = None,
@@ -190,7 +190,7 @@ def release_record(
     labels_from_store: Annotated[bool, typer.Option(help="Count the reviewers' label corrections in the feature store.")] = False,
     out: Annotated[Path, typer.Option(help="Folder for change_record.json/.html (and .pdf).")] = Path("outputs/change-record"),
     pdf: Annotated[bool, typer.Option(help="Also print it to PDF with headless Chromium.")] = False,
-    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
+    storage: StorageOption = None,
 ) -> None:
     """The change record of a candidate release for its approvers: what changed (dataset diff, label
     corrections, code, configuration), why (the trigger's evidence, the dashboard link), the evidence
@@ -250,17 +250,13 @@ def _decide_release(decision: str, release_id: str, by: str, note: str, record: 
     _print_json({"audit_log": str(settings.audit_log_path()), "entry": entry.model_dump(mode="json")})
 
 
-_BY_HELP = "Who decides: a person's name (recorded in the audit log and on every member version)."
-_RECORD_HELP = "The change record read before deciding (its sha256 goes into the audit entry)."
-
-
 @release_app.command("approve")
 def release_approve(
-    release_id: Annotated[str, typer.Argument(help="Release id (r-...), published to the serving storage.")],
-    by: Annotated[str, typer.Option(help=_BY_HELP)],
+    release_id: ReleaseIdArgument,
+    by: DeciderOption,
     note: Annotated[str, typer.Option(help="Why it may go live (the evidence weighed, conditions).")],
-    record: Annotated[Optional[Path], typer.Option(help=_RECORD_HELP)] = None,
-    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
+    record: ChangeRecordOption = None,
+    storage: StorageOption = None,
 ) -> None:
     """Approve a release: an entry in the hash-chained audit log (XRAYOPS_RELEASE_AUDIT_LOG) and tags on
     every member's registry version; with XRAYOPS_RELEASE_REQUIRES_APPROVAL only approved releases go live."""
@@ -269,11 +265,11 @@ def release_approve(
 
 @release_app.command("reject")
 def release_reject(
-    release_id: Annotated[str, typer.Argument(help="Release id (r-...), published to the serving storage.")],
-    by: Annotated[str, typer.Option(help=_BY_HELP)],
+    release_id: ReleaseIdArgument,
+    by: DeciderOption,
     note: Annotated[str, typer.Option(help="Why it must not go live.")],
-    record: Annotated[Optional[Path], typer.Option(help=_RECORD_HELP)] = None,
-    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
+    record: ChangeRecordOption = None,
+    storage: StorageOption = None,
 ) -> None:
     """Reject a release, recorded like an approval; a rejected release is refused by publish."""
     _decide_release("rejected", release_id, by, note, record, storage)
@@ -283,7 +279,7 @@ def release_reject(
 def release_audit(
     log: Annotated[Optional[Path], typer.Option(help="Audit log (default XRAYOPS_RELEASE_AUDIT_LOG).")] = None,
     registry: Annotated[bool, typer.Option(help="Also check that the registry's tags carry each release's latest decision.")] = True,
-    storage: Annotated[Optional[str], typer.Option(help="Serving storage (default XRAYOPS_RELEASE_STORAGE_URI).")] = None,
+    storage: StorageOption = None,
 ) -> None:
     """Verify the release audit log's hash chain (and that the registry agrees); exit 1 when broken."""
     from xrayops.release import ReleaseError

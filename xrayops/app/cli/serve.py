@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from xrayops.app.cli.common import app, console, _fail, _deid_key
+from xrayops.app.cli.common import app, console, _fail, _deid_key, BindHostOption, InferenceLogOption
 from xrayops.config import get_settings
 
 
@@ -46,7 +46,7 @@ def serve(
             "off on a cluster, where KServe's payload logger feeds `xrayops log-sink`.",
         ),
     ] = True,
-    log_path: Annotated[Optional[Path], typer.Option(help="Inference log folder (overrides XRAYOPS_INFERENCE_LOG_PATH).")] = None,
+    log_path: InferenceLogOption = None,
     model_version: Annotated[Optional[str], typer.Option("--model-version", help="Served version (default: the weights' content hash).")] = None,
     no_grpc: Annotated[bool, typer.Option("--no-grpc", help="Serve REST only.")] = False,
 ) -> None:
@@ -84,11 +84,8 @@ def serve(
 
 @app.command("log-sink")
 def log_sink(
-    log_path: Annotated[
-        Optional[Path],
-        typer.Option(help="Inference log folder (default: XRAYOPS_INFERENCE_LOG_PATH, else <output_dir>/inference-log)."),
-    ] = None,
-    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    log_path: InferenceLogOption = None,
+    host: BindHostOption = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8090,
     max_event_mb: Annotated[int, typer.Option(help="Largest CloudEvent accepted (413 above).")] = 64,
 ) -> None:

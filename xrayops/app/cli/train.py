@@ -7,17 +7,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from xrayops.app.cli.common import app, _fail, _deid_key, _print_json
+from xrayops.app.cli.common import (
+    app, _fail, _deid_key, _print_json, BundleOption, DataDirOption, HeadEpochsOption, LabelsFromStoreOption,
+    ModelRefOption, PretrainEpochsOption, PromoteOption, SeedOption, TestSetDataDirOption, TestSetDvcOption,
+)
 from xrayops.config import get_settings
 
 
 @app.command()
 def pretrain(
-    data_dir: Annotated[Optional[Path], typer.Option(help="Dataset folder.")] = None,
+    data_dir: DataDirOption = None,
     out: Annotated[Path, typer.Option(help="Output folder for backbone.pt and checkpoints.")] = Path("outputs/pretrain"),
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 8,
+    epochs: PretrainEpochsOption = 8,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    seed: SeedOption = 0,
     arch: Annotated[str, typer.Option(help="resnet18 (Langer et al. 2024) or resnet50.")] = "resnet18",
     method: Annotated[str, typer.Option(help="simclr, byol or supcon (Langer et al. 2024; supcon uses the region tags).")] = "simclr",
     lr: Annotated[float, typer.Option(help="Adam learning rate (Langer et al. 2024: 3e-4, cosine).")] = 3e-4,
@@ -50,18 +53,15 @@ def pretrain(
 @app.command()
 def finetune(
     backbone: Annotated[Path, typer.Option(help="backbone.pt from pretrain.")] = Path("outputs/pretrain/backbone.pt"),
-    data_dir: Annotated[Optional[Path], typer.Option(help="Dataset folder.")] = None,
+    data_dir: DataDirOption = None,
     out: Annotated[Path, typer.Option(help="Bundle output folder.")] = Path("outputs/bundle"),
-    epochs: Annotated[int, typer.Option(help="Epochs for the linear head.")] = 60,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    epochs: HeadEpochsOption = 60,
+    seed: SeedOption = 0,
     truth: Annotated[Optional[Path], typer.Option(help="truth.csv from synth: its angles train the orientation head.")] = None,
     finetune_last_stage: Annotated[
         bool, typer.Option("--finetune-last-stage", help="Also fine-tune the backbone's last stage (layer4) with the head.")
     ] = False,
-    labels_from_store: Annotated[
-        bool,
-        typer.Option("--labels-from-store", help="Train on the feature store's labels (reviewers' corrections over PACS tags)."),
-    ] = False,
+    labels_from_store: LabelsFromStoreOption = False,
     as_of: Annotated[
         Optional[str], typer.Option(help="With --labels-from-store: label events up to this ISO time (default: now).")
     ] = None,
@@ -103,8 +103,8 @@ def finetune(
 
 @app.command()
 def evaluate(
-    bundle: Annotated[Path, typer.Option(help="Model bundle folder.")] = Path("outputs/bundle"),
-    data_dir: Annotated[Optional[Path], typer.Option(help="Dataset folder.")] = None,
+    bundle: BundleOption = Path("outputs/bundle"),
+    data_dir: DataDirOption = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("outputs/evaluation"),
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     truth: Annotated[Optional[Path], typer.Option(help="truth.csv from synth: also score against true labels.")] = None,
@@ -127,7 +127,7 @@ def evaluate(
 
 @app.command()
 def register(
-    bundle: Annotated[Path, typer.Option(help="Model bundle folder.")] = Path("outputs/bundle"),
+    bundle: BundleOption = Path("outputs/bundle"),
     metrics: Annotated[Optional[Path], typer.Option(help="metrics.json from evaluate.")] = None,
     dataset_dvc: Annotated[Path, typer.Option(help=".dvc file of the training dataset.")] = Path("data.dvc"),
     name: Annotated[Optional[str], typer.Option(help="Registered model name.")] = None,
@@ -153,7 +153,7 @@ def audit_labels_cmd(
     backbone: Annotated[list[Path], typer.Option(
         help="Frozen backbone.pt (from pretrain). Repeat for an ensemble (e.g. SimCLR and BYOL; Langer et al. 2024).")] = [
         Path("outputs/pretrain/backbone.pt")],
-    data_dir: Annotated[Optional[Path], typer.Option(help="Dataset folder (default XRAYOPS_DATA_DIR).")] = None,
+    data_dir: DataDirOption = None,
     out: Annotated[Path, typer.Option(help="Audit folder: label_issues.csv, label_audit.json, review worklist.")] = Path(
         "outputs/label-audit"
     ),
@@ -197,7 +197,7 @@ def audit_labels_cmd(
 @app.command("import-reviews")
 def import_reviews_cmd(
     decisions: Annotated[Path, typer.Argument(help="Reviewer CSV: image_id, decision, corrected_region, reviewer, timestamp.")],
-    data_dir: Annotated[Optional[Path], typer.Option(help="Dataset folder whose manifest the reviews refer to.")] = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Feed radiologists' decisions back as timestamped label events in the Feast feature store."""
     import pandas as pd
@@ -221,12 +221,12 @@ def import_reviews_cmd(
 
 @app.command()
 def gate(
-    champion: Annotated[str, typer.Option(help="Champion: models:/NAME@champion, models:/NAME/VERSION or a bundle folder.")],
+    champion: ModelRefOption,
     challenger: Annotated[str, typer.Option(help="Challenger: models:/NAME/VERSION (promotion needs a registry version).")],
-    data_dir: Annotated[Optional[Path], typer.Option(help="Dataset whose test split is the fixed test set (default XRAYOPS_DATA_DIR).")] = None,
-    dataset_dvc: Annotated[Path, typer.Option(help=".dvc file of that dataset: its md5 names the test set.")] = Path("data.dvc"),
+    data_dir: TestSetDataDirOption = None,
+    dataset_dvc: TestSetDvcOption = Path("data.dvc"),
     truth: Annotated[Optional[Path], typer.Option(help="truth.csv (synth): score against true regions instead of the PACS tags.")] = None,
-    promote: Annotated[bool, typer.Option(help="Move the champion alias when the challenger passes.")] = True,
+    promote: PromoteOption = True,
     out: Annotated[Path, typer.Option(help="Where to write gate.json.")] = Path("outputs/gate/gate.json"),
 ) -> None:
     """Champion/challenger gate on one fixed, versioned test set: paired-bootstrap CI of the accuracy
