@@ -33,7 +33,8 @@ from pipelines.training import _with_cluster_env
 from xrayops.config import get_settings
 
 PIPELINE_NAME = "xrayops-site-training"
-PAPER_000_METHODS = ["simclr", "byol", "supcon"]
+# The three pretraining methods whose softmax-averaged ensemble Langer et al. 2024 report.
+ENSEMBLE_METHODS = ["simclr", "byol", "supcon"]
 
 
 # One function: the pipeline graph reads top to bottom as the DAG it compiles to.
@@ -54,7 +55,7 @@ def build_site_training_pipeline(
         files_per_batch: int = 2000,
         ingest_workers: int = 2,
         image_size: int = 224,
-        ssl_methods: List[str] = PAPER_000_METHODS,
+        ssl_methods: List[str] = ENSEMBLE_METHODS,
         arch: str = "resnet18",
         pretrain_epochs: int = 100,
         batch_size: int = 256,

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipelines.gpu_pool import GpuPool
-from pipelines.site_training import PAPER_000_METHODS, compile_site_training
+from pipelines.site_training import ENSEMBLE_METHODS, compile_site_training
 from tests.test_release import BASE_ISVC
 
 
@@ -27,7 +27,7 @@ def test_compiled_graph_trains_one_member_per_method_and_evaluates_them_together
     # the alias check runs before anything else: no GPU hours are spent on a run that would be refused
     assert root["ingestion"]["dependentTasks"] == ["no-champions-op"]
     assert spec["root"]["inputDefinitions"]["parameters"]["replace_champions"]["defaultValue"] is False
-    assert spec["root"]["inputDefinitions"]["parameters"]["ssl_methods"]["defaultValue"] == PAPER_000_METHODS
+    assert spec["root"]["inputDefinitions"]["parameters"]["ssl_methods"]["defaultValue"] == ENSEMBLE_METHODS
     assert root["members"]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--ssl_methods"
     members = _tasks(spec["components"][root["members"]["componentRef"]["name"]]["dag"])
     assert set(members) == {"pretrain", "finetune", "evaluate", "register"}

@@ -1,7 +1,6 @@
 """Data in: synthetic phantoms, ingestion of folders, DICOMweb and C-STORE, the routing node, keys, DVC versions."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 

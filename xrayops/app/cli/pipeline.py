@@ -126,16 +126,16 @@ def pipeline_site_train(
     """Run the site-training pipeline here with kfp.local: Langer et al. 2024's ensemble on the site's own
     archive, each member registered as NAME-METHOD with alias champion (the first champions)."""
     from pipelines.retraining import store_arguments
-    from pipelines.site_training import PAPER_000_METHODS, run_site_training_local
+    from pipelines.site_training import ENSEMBLE_METHODS, run_site_training_local
 
     settings = get_settings()
     if not source_dir.is_dir():
         _fail(f"--source-dir {source_dir} is not a folder")
-    unknown = sorted(set(method or []) - set(PAPER_000_METHODS))
+    unknown = sorted(set(method or []) - set(ENSEMBLE_METHODS))
     if unknown:
-        _fail(f"unknown SSL method {unknown[0]!r}: choose from {', '.join(PAPER_000_METHODS)}")
+        _fail(f"unknown SSL method {unknown[0]!r}: choose from {', '.join(ENSEMBLE_METHODS)}")
     release = _release_arguments(release_manifest, settings)
-    methods = list(method or PAPER_000_METHODS)
+    methods = list(method or ENSEMBLE_METHODS)
     from xrayops.registry import RegistryError, held_aliases
 
     try:  # the pipeline's first step asks the same; here it costs no ingestion
