@@ -131,6 +131,22 @@ def separation(in_scores: np.ndarray, out_scores: np.ndarray, threshold: float, 
     }
 
 
+def served_cost(bundle, images: list[np.ndarray], repeats: int = 3) -> dict:
+    """Seconds per image of predict_arrays as served, against the same bundle scoring the region
+    pass's own features (no test-time views): the price of the views, as a ratio in one run."""
+    from dataclasses import replace
+
+    variants = {"served": bundle, "region_pass_features": replace(bundle, meta=bundle.meta.model_copy(update={"ood_zooms": []}))}
+    best = {name: float("inf") for name in variants}
+    for _ in range(repeats):  # interleaved, best of `repeats`
+        for name, b in variants.items():
+            started = time.perf_counter()
+            predict_arrays(b, images)
+            best[name] = min(best[name], (time.perf_counter() - started) / len(images))
+    return {"seconds_per_image": best, "ratio": best["served"] / best["region_pass_features"],
+            "n_images": len(images), "torch_threads": torch.get_num_threads()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", type=Path, help="backbone.pt: fine-tune a bundle on --data-dir first")
@@ -282,6 +298,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - started, 1),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
     }
+    report["cost"] = served_cost(bundle, list(split_images(args.data_dir, "test")[1]))
     # What the evaluation report (the demo's evaluate step) shows for this bundle on the test split.
     evaluation = evaluate_bundle(bundle_dir, args.data_dir, Path(tempfile.mkdtemp(prefix="bench-ood-eval-")), "test",
                                  truth, gradcam_per_group=0).metrics
@@ -304,6 +321,9 @@ def main() -> None:
     e = report["evaluation_report"]
     print(f"evaluation report: {e['ood_method']} AUROC {e['ood_auroc']:.3f} [{e['ood_auroc_ci_low']:.3f}, "
           f"{e['ood_auroc_ci_high']:.3f}] on {e['n_truth_out_of_domain']} out-of-domain test images")
+    c = report["cost"]
+    print(f"cost: {1000 * c['seconds_per_image']['served']:.1f} ms/image served vs "
+          f"{1000 * c['seconds_per_image']['region_pass_features']:.1f} without views (x{c['ratio']:.2f})")
     print(f"decode failures: { {k: len(v) for k, v in failures.items()} }; wrote {args.out}")
 
 

@@ -38,7 +38,7 @@ class LoadedBundle:
     model: RegionClassifier  # in eval mode, on `device`
     meta: ModelBundleMeta
     device: torch.device
-    # The feature-space OOD detector (meta.ood_method "mahalanobis"/"knn"); None: energy score.
+    # The feature-space OOD detector (meta.ood_method other than "energy"); None: energy score.
     ood: OodDetector | None = None
 
 
