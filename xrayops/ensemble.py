@@ -5,7 +5,7 @@ a probability distribution).
 Each member is predicted by `xrayops.inference.predict_arrays`, so calibration (temperature),
 the OOD score and the region logic are each member's own; this module only combines them:
   - probabilities: the mean of the members' calibrated softmax;
-  - ood_score: each member scores with its own detector (Mahalanobis, kNN or energy) against
+  - ood_score: each member scores with its own detector (relative Mahalanobis, Mahalanobis, kNN or energy) against
     its own threshold; the ensemble's score is the mean of the members' margins
     (score - threshold), each divided by that member's in-domain spread (`ood_scale`) when every
     member has one (a Mahalanobis distance and a kNN distance live on different scales), and

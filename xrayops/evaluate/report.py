@@ -3,8 +3,8 @@ metrics.json, confusion_matrix.png, Grad-CAM overlays and a self-contained repor
 
 Beside the classification metrics (Langer et al. 2024; kappa and MCC as Acitores 2022; Ghalyan et al. report them):
 ECE before and after temperature scaling, out-of-domain AUROC against the truth's `unknown`
-images with a percentile-bootstrap 95 % CI (the served `ood_score`: the bundle's Mahalanobis or
-kNN detector, or the energy of older bundles), and orientation MAE / share within +-4 deg
+images with a percentile-bootstrap 95 % CI (the served `ood_score`: the bundle's relative Mahalanobis,
+Mahalanobis or kNN detector, or the energy of older bundles), and orientation MAE / share within +-4 deg
 (Baltruschat et al. 2018) where angles are known.
 
 Accuracy is measured against the PACS tags (noisy, what a hospital has) and, when a truth
