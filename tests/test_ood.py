@@ -402,3 +402,26 @@ def test_report_shows_the_served_ood_auroc_with_its_interval(trained, tmp_path):
     page = result.html_path.read_text()
     assert "Out-of-domain detection (vs truth)" in page and "1.0000 [1.0000, 1.0000]" in page
     assert "mahalanobis on layer2+layer3+layer4" in page
+
+
+def test_finetune_cli_chooses_the_detector_and_its_views(tmp_path):
+    from typer.testing import CliRunner
+
+    from xrayops.app.cli import app
+
+    data = make_data_dir(tmp_path / "data", n_per_class=8, size=SIZE, n_unknown=0)
+    backbone = random_backbone(tmp_path / "backbone.pt")
+    common = ["finetune", "--backbone", str(backbone), "--data-dir", str(data.data_dir), "--epochs", "2"]
+    runner = CliRunner()
+    one_zoom = runner.invoke(app, [*common, "--out", str(tmp_path / "one"), "--ood-zoom", "1"])
+    assert one_zoom.exit_code == 0, one_zoom.output
+    meta = load_bundle(tmp_path / "one").meta
+    assert meta.ood_method == "relative_mahalanobis" and meta.ood_zooms == [1.0]
+    no_views = runner.invoke(app, [*common, "--out", str(tmp_path / "none"), "--ood-zoom", "0", "--ood-method", "mahalanobis"])
+    assert no_views.exit_code == 0, no_views.output
+    meta = load_bundle(tmp_path / "none").meta
+    assert meta.ood_method == "mahalanobis" and meta.ood_zooms == [] and meta.ood_stages == ["layer2", "layer3", "layer4"]
+    bad = runner.invoke(app, [*common, "--out", str(tmp_path / "bad"), "--ood-method", "guess"])
+    assert bad.exit_code == 2 and "ood_method" in bad.output and not (tmp_path / "bad").exists()
+    too_far = runner.invoke(app, [*common, "--out", str(tmp_path / "far"), "--ood-zoom", "9"])
+    assert too_far.exit_code == 2 and "ood_zooms" in too_far.output

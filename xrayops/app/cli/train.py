@@ -65,11 +65,20 @@ def finetune(
     as_of: Annotated[
         Optional[str], typer.Option(help="With --labels-from-store: label events up to this ISO time (default: now).")
     ] = None,
+    ood_method: Annotated[str, typer.Option(
+        help="Out-of-domain score: relative_mahalanobis, mahalanobis, knn, or energy (of the logits; far weaker).")
+    ] = "relative_mahalanobis",
+    ood_zoom: Annotated[Optional[list[float]], typer.Option(
+        "--ood-zoom", help="A zoom of the test-time views the OOD features average over; repeat for several "
+        "(default 1.0 1.2 0.85). --ood-zoom 1 alone costs a third; --ood-zoom 0: no views, the region pass's "
+        "features (fastest, weakest; benchmarks/README.md, \"Out-of-domain detection\").")
+    ] = None,
 ) -> None:
     """Train the linear region head on the frozen backbone (Langer et al. 2024) and write a model bundle.
 
     With --truth, also the (cos, sin) orientation head of Baltruschat et al. 2018. With --labels-from-store,
-    the labels are the point-in-time training set of the Feast store (see `import-reviews`).
+    the labels are the point-in-time training set of the Feast store (see `import-reviews`). The bundle
+    carries its out-of-domain detector and threshold (the validation split's 95th percentile).
     """
     from datetime import datetime, timezone
 
@@ -96,7 +105,15 @@ def finetune(
         lineage = Lineage(pipeline_run=f"labels from the feature store as of {pd.Timestamp(cutoff).isoformat()}")
     elif as_of:
         _fail("--as-of needs --labels-from-store")
-    cfg = FinetuneConfig(epochs=epochs, seed=seed, finetune_last_stage=finetune_last_stage)
+    from pydantic import ValidationError
+
+    zooms = {} if ood_zoom is None else {"ood_zooms": () if list(ood_zoom) == [0.0] else tuple(ood_zoom)}
+    try:
+        cfg = FinetuneConfig(epochs=epochs, seed=seed, finetune_last_stage=finetune_last_stage, ood_method=ood_method,
+                             **zooms)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        _fail(f"finetune settings: {problems}")
     bundle = run_finetune(data, backbone, out, cfg, lineage=lineage, angles=angles, labels=labels)
     typer.echo(str(bundle))
 
