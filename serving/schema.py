@@ -19,7 +19,9 @@ v1 body: `{"instances": [{"b64": "<base64 DICOM>"}, ...], "parameters": {"gradca
 
 v2 outputs, one row per image: `region` BYTES, `confidence` FP32, `probabilities` FP32 [N, C]
 (class order in the output's `classes` parameter), `orientation_deg` FP32 (only when the model
-predicts an angle), `ood_score` FP32, `ood` BOOL (only when the model has an OOD threshold),
+predicts an angle), `ood_score` FP32 (higher = further from the training radiographs, in the
+model's own units: a relative Mahalanobis score can be negative; compare across models only through
+`ood`), `ood` BOOL (only when the model has an OOD threshold),
 `dicom_region` BYTES, `label_disagreement` BOOL, `gradcam` BYTES (base64 PNG, on request),
 `upright` BYTES (base64 PNG, on request), `embedding` FP32 [N, D] (on request), `sr` BYTES (on
 request), and one
