@@ -48,8 +48,9 @@ def forbidden_lines(text: str) -> list[tuple[int, str, str]]:
 
 
 def test_readme_is_a_short_front_door():
-    size = len(README.read_text(encoding="utf-8"))
-    assert size <= README_LIMIT, f"README.md has {size} characters (limit {README_LIMIT}): move results to docs/results.md"
+    # Bytes, not characters: arrows and dashes count as their UTF-8 length, as a reviewer's tools measure it.
+    size = len(README.read_bytes())
+    assert size <= README_LIMIT, f"README.md has {size} bytes (limit {README_LIMIT}): move results to docs/results.md"
 
 
 @pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
