@@ -143,6 +143,16 @@ def test_dihedral_views_at_each_zoom():
         turned = view_features(model.backbone, torch.rot90(torch.flip(x, dims=(-2,)), 1, dims=(-2, -1)),
                                ("layer2", "layer4"), (1.0,))
     assert base.shape == (3, 128 + 512) and torch.allclose(base, turned, atol=1e-5)
+    # The four plain turns at zoom 1, given (as the region pass captures them), are not computed again.
+    assert dihedral_views(x, (1.0, 1.2), skip_plain_turns=True).shape[0] == (16 - 4) * 3
+    with pytest.raises(ValueError, match="zoom 1.0 is not among"):
+        dihedral_views(x, (1.2,), skip_plain_turns=True)
+    with torch.no_grad():
+        four = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
+        plain = stage_features(model.backbone, four, ("layer2", "layer4")).view(4, 3, -1).mean(0)
+        full = view_features(model.backbone, x, ("layer2", "layer4"), (1.0, 1.2))
+        reused = view_features(model.backbone, x, ("layer2", "layer4"), (1.0, 1.2), plain_turns=plain)
+    assert torch.allclose(full, reused, atol=1e-5)
 
 
 # --- a small trained bundle ---

@@ -70,21 +70,27 @@ def predict_arrays(
     size = meta.preprocessing.size
     images = [to_unit_float(validate_array(i, a, size)) for i, a in enumerate(arrays)]
     logits, embeddings, orientations, findings, ood_features = [], [], [], [], []
-    # Features over test-time views need their own backbone pass; without views, a multi-stage
-    # detector's features come from the region pass itself (hooks), not a second one.
+    # A multi-stage detector's features come from the region pass itself (hooks). Test-time views
+    # need a pass of their own, but the four plain turns at zoom 1 are the rotation-averaged region
+    # pass's inputs: captured there, not computed twice.
     views = bundle.ood is not None and bool(meta.ood_zooms)
+    reuse_turns = views and bundle.model.rotation_average and 1.0 in meta.ood_zooms
     capture = (StageCapture(bundle.model.backbone, meta.ood_stages)
-               if bundle.ood is not None and meta.ood_stages and not views else None)
+               if bundle.ood is not None and meta.ood_stages and (reuse_turns or not views) else None)
     for start in range(0, len(images), batch_size):
         batch = torch.stack(images[start : start + batch_size]).unsqueeze(1).to(bundle.device)
+        captured = None
         if capture is None:
             batch_logits, batch_embeddings, batch_orientation = bundle.model.forward_all(batch)
         else:
             with capture:
                 batch_logits, batch_embeddings, batch_orientation = bundle.model.forward_all(batch)
-            ood_features.append(capture.features(len(batch), bundle.model.rotation_average))
+            captured = capture.features(len(batch), bundle.model.rotation_average)
         if views:
-            ood_features.append(view_features(bundle.model.backbone, batch, meta.ood_stages, meta.ood_zooms).float().cpu())
+            captured = view_features(bundle.model.backbone, batch, meta.ood_stages, meta.ood_zooms,
+                                     plain_turns=captured if reuse_turns else None)
+        if captured is not None:
+            ood_features.append(captured.float().cpu())
         logits.append(batch_logits.float().cpu())
         embeddings.append(batch_embeddings.float().cpu())
         if batch_orientation is not None:

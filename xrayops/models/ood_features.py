@@ -100,23 +100,40 @@ def zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
     return F.pad(small, (left, width - w - left, top, height - h - top))
 
 
-def dihedral_views(x: torch.Tensor, zooms: tuple[float, ...] | list[float]) -> torch.Tensor:
+def dihedral_views(x: torch.Tensor, zooms: tuple[float, ...] | list[float], skip_plain_turns: bool = False) -> torch.Tensor:
     """(8 * len(zooms) * B, 1, H, W): at each zoom the four right-angle turns and their mirror
-    images (the dihedral group of the square), view-major."""
+    images (the dihedral group of the square), view-major. `skip_plain_turns` leaves out the four
+    turns at zoom 1.0 (the region pass has them): 4 * B rows fewer."""
     if not zooms:
         raise ValueError("test-time views need at least one zoom")
-    views = []
+    if skip_plain_turns and 1.0 not in zooms:
+        raise ValueError(f"no plain turns to leave out: zoom 1.0 is not among {list(zooms)}")
+    views, skipped = [], False
     for factor in zooms:
         zoomed = zoom(x, float(factor))
         turns = [torch.rot90(zoomed, k, dims=(-2, -1)) for k in range(4)]
-        views += turns + [torch.flip(t, dims=(-1,)) for t in turns]
+        mirrors = [torch.flip(t, dims=(-1,)) for t in turns]
+        if skip_plain_turns and factor == 1.0 and not skipped:
+            views += mirrors
+            skipped = True
+        else:
+            views += turns + mirrors
     return torch.cat(views)
 
 
-def view_features(backbone: nn.Module, x: torch.Tensor, stages, zooms, chunk: int = 512) -> torch.Tensor:
+def view_features(
+    backbone: nn.Module, x: torch.Tensor, stages, zooms, chunk: int = 512, plain_turns: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, width) pooled `stages` features of (B, 1, H, W) images, averaged over their test-time
-    views; at most `chunk` views go through the backbone at once."""
+    views; at most `chunk` views go through the backbone at once.
+
+    `plain_turns`: the (B, width) mean features of the four turns at zoom 1.0 when a pass has
+    them already (the rotation-averaged region pass, through StageCapture); they are then not
+    computed again, which saves 4 of the 8 * len(zooms) views."""
     check_stages(stages)
-    views = dihedral_views(x, zooms)
+    views = dihedral_views(x, zooms, skip_plain_turns=plain_turns is not None)
     pooled = torch.cat([stage_features(backbone, views[i : i + chunk], stages) for i in range(0, len(views), chunk)])
-    return pooled.view(len(views) // len(x), len(x), -1).mean(0)
+    n_views = len(views) // len(x)
+    if plain_turns is None:
+        return pooled.view(n_views, len(x), -1).mean(0)
+    return (pooled.view(n_views, len(x), -1).sum(0) + 4 * plain_turns.to(pooled)) / (n_views + 4)
