@@ -52,6 +52,23 @@ def label_disagreement(dicom_region: str, region: str, confidence: float, thresh
 
 
 @torch.inference_mode()
+def forward_batch(bundle: LoadedBundle, batch: torch.Tensor, capture: StageCapture | None, reuse_turns: bool):
+    """(logits, region embedding, orientation or None, OOD features or None) of one batch: the
+    region pass, with the stages `capture` records, then the test-time views when the bundle has them."""
+    captured = None
+    if capture is None:
+        logits, embeddings, orientation = bundle.model.forward_all(batch)
+    else:
+        with capture:
+            logits, embeddings, orientation = bundle.model.forward_all(batch)
+        captured = capture.features(len(batch), bundle.model.rotation_average)
+    if bundle.ood is not None and bundle.meta.ood_zooms:
+        captured = view_features(bundle.model.backbone, batch, bundle.meta.ood_stages, bundle.meta.ood_zooms,
+                                 plain_turns=captured if reuse_turns else None)
+    return logits, embeddings, orientation, captured
+
+
+@torch.inference_mode()
 def predict_arrays(
     bundle: LoadedBundle,
     arrays: list[np.ndarray],
@@ -79,16 +96,7 @@ def predict_arrays(
                if bundle.ood is not None and meta.ood_stages and (reuse_turns or not views) else None)
     for start in range(0, len(images), batch_size):
         batch = torch.stack(images[start : start + batch_size]).unsqueeze(1).to(bundle.device)
-        captured = None
-        if capture is None:
-            batch_logits, batch_embeddings, batch_orientation = bundle.model.forward_all(batch)
-        else:
-            with capture:
-                batch_logits, batch_embeddings, batch_orientation = bundle.model.forward_all(batch)
-            captured = capture.features(len(batch), bundle.model.rotation_average)
-        if views:
-            captured = view_features(bundle.model.backbone, batch, meta.ood_stages, meta.ood_zooms,
-                                     plain_turns=captured if reuse_turns else None)
+        batch_logits, batch_embeddings, batch_orientation, captured = forward_batch(bundle, batch, capture, reuse_turns)
         if captured is not None:
             ood_features.append(captured.float().cpu())
         logits.append(batch_logits.float().cpu())
