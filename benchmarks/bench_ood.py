@@ -159,7 +159,16 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=100)  # the demo's
     parser.add_argument("--n-boot", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ood.json"))
+    parser.add_argument("--cost-only", action="store_true", help="with --bundle: only the served path's cost, to --out")
     args = parser.parse_args()
+    if args.cost_only:
+        if args.bundle is None:
+            parser.error("--cost-only needs --bundle")
+        cost = served_cost(load_bundle(args.bundle), list(split_images(args.data_dir, "test")[1]))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"bundle": str(args.bundle), "cost": cost}, indent=2))
+        print(json.dumps(cost))
+        return
     if (args.backbone is None) == (args.bundle is None):
         parser.error("give exactly one of --backbone and --bundle")
     started = time.perf_counter()
